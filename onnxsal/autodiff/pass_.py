@@ -1,0 +1,389 @@
+"""The reverse-mode pass: ONNX model in, ONNX model with its backward graph out.
+
+Contract of the augmented model (the names of its roles are in ``metadata_props``):
+
+* the original inputs and outputs stay;
+* a new float input ``onnxsal.seed`` carries the cotangent of the logits, shape [K, N, C]
+  (K seed rows; an identity seed gives every class);
+* for every requested tensor T a new output ``onnxsal.grad.<T>`` holds dS/dT contracted with
+  each seed row, shape [K] + shape(T);
+* for requested intermediate tensors the forward value is an output too
+  (``onnxsal.value.<T>``), and the logits are an output (``onnxsal.logits``).
+
+The forward pass runs once; the backward pass treats the K seed rows as one leading axis
+(folded into the batch axis for convolutions), so one run returns every class.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import ModelError, OptionError, UnsupportedOperatorError
+from .graph import Builder, Dim
+from .rules.registry import Rule, table
+
+META_SEED = "onnxsal.seed"
+META_LOGITS = "onnxsal.logits"
+META_GRAD = "onnxsal.grad."
+META_VALUE = "onnxsal.value."
+META_RULES = "onnxsal.rules"
+META_INPUT = "onnxsal.input"
+
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+MAX_IR_VERSION = 10  # onnxruntime >= 1.18 reads it; onnx >= 1.23 would write 14 otherwise
+
+
+class Context:
+    """What a rule may ask about the forward graph, plus the node builder."""
+
+    def __init__(self, b: Builder, shapes: dict[str, list[Dim] | None], dtypes: dict[str, int],
+                 consts: dict[str, np.ndarray], need: set[str], ruleset: str, options: dict):
+        self.b = b
+        self.opset = b.opset
+        self._shapes = shapes
+        self._dtypes = dtypes
+        self._consts = consts
+        self._need = need
+        self.ruleset = ruleset
+        self.options = options
+        self.node: onnx.NodeProto | None = None
+
+    # static facts ----------------------------------------------------------------------
+    def shape(self, name: str) -> list[Dim] | None:
+        return self._shapes.get(name)
+
+    def rank(self, name: str) -> int:
+        s = self._shapes.get(name)
+        if s is None:
+            raise ModelError(f"rank of tensor '{name}' is unknown (node '{self.node.name}', "
+                             f"{self.node.op_type}); shape inference could not determine it")
+        return len(s)
+
+    def dtype(self, name: str) -> int:
+        return self._dtypes.get(name, TensorProto.FLOAT)
+
+    def const(self, name: str) -> np.ndarray | None:
+        return self._consts.get(name)
+
+    def needs_grad(self, name: str) -> bool:
+        return name in self._need
+
+    def scalar(self, value: float, like: str) -> str:
+        return self.b.scalar(value, self.dtype(like))
+
+    def attr(self, node: onnx.NodeProto, name: str, default=None):
+        for a in node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+    def input(self, node: onnx.NodeProto, i: int) -> str | None:
+        return node.input[i] if len(node.input) > i and node.input[i] else None
+
+    def ensure_output(self, node: onnx.NodeProto, i: int, hint: str) -> str:
+        """Name of the forward node's i-th output, adding it when the model left it out."""
+        while len(node.output) <= i:
+            node.output.append("")
+        if not node.output[i]:
+            node.output[i] = self.b.fresh(hint)
+        return node.output[i]
+
+    # shared helpers --------------------------------------------------------------------
+    def unbroadcast(self, dy: str, x: str, y: str, skip_last: int = 0) -> str:
+        """Sum a cotangent of the broadcast result y ([K] + shape(y)) down to [K] + shape(x).
+
+        ``skip_last`` trailing axes are not broadcast axes (MatMul's matrix axes)."""
+        b = self.b
+        sx, sy = self.shape(x), self.shape(y)
+        rx, ry = self.rank(x), self.rank(y)
+        lead = ry - rx
+        out = dy
+        if lead > 0:
+            out = b.reduce("ReduceSum", out, list(range(1, lead + 1)), keepdims=False)
+        static_axes, uncertain = [], False
+        for i in range(rx - skip_last):
+            dx_, dy_ = sx[i], sy[i + lead]
+            if dx_ == 1 and dy_ != 1:
+                static_axes.append(i + 1)
+            elif dx_ == dy_ and dx_ is not None:
+                continue
+            elif isinstance(dx_, int) and dx_ != 1:
+                continue
+            elif dx_ is None or dy_ is None or isinstance(dx_, str) or isinstance(dy_, str):
+                uncertain = True
+        if uncertain:
+            # Decide at run time: reduce every axis where x has 1 and y does not.
+            shx = b.shape(x, 0, rx - skip_last) if skip_last else b.shape(x)
+            shy = b.shape(y, lead, ry - skip_last) if (lead or skip_last) else b.shape(y)
+            one = b.ints([1])
+            mask = b.op("And", [b.op("Equal", [shx, one]), b.op("Not", [b.op("Equal", [shy, one])])])
+            axes = b.op("Reshape", [b.op("NonZero", [mask]), b.ints([-1])])
+            axes = b.op("Add", [axes, one])
+            return b.reduce("ReduceSum", out, axes, keepdims=True, noop_with_empty_axes=True)
+        if static_axes:
+            out = b.reduce("ReduceSum", out, static_axes, keepdims=True)
+        return out
+
+
+def _collect_static(model: onnx.ModelProto) -> tuple[dict, dict]:
+    shapes: dict[str, list[Dim] | None] = {}
+    dtypes: dict[str, int] = {}
+
+    def add(vi):
+        t = vi.type.tensor_type
+        dtypes[vi.name] = t.elem_type
+        if t.HasField("shape"):
+            dims = []
+            for d in t.shape.dim:
+                if d.HasField("dim_value"):
+                    dims.append(int(d.dim_value))
+                elif d.HasField("dim_param"):
+                    dims.append(d.dim_param)
+                else:
+                    dims.append(None)
+            shapes[vi.name] = dims
+        else:
+            shapes[vi.name] = None
+
+    g = model.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        add(vi)
+    for init in g.initializer:
+        shapes[init.name] = list(init.dims)
+        dtypes[init.name] = init.data_type
+    return shapes, dtypes
+
+
+def _collect_consts(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    consts = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for a in node.attribute:
+                if a.name == "value":
+                    consts[node.output[0]] = numpy_helper.to_array(a.t)
+                elif a.name in ("value_float", "value_int"):
+                    consts[node.output[0]] = np.asarray(helper.get_attribute_value(a))
+                elif a.name in ("value_floats", "value_ints"):
+                    consts[node.output[0]] = np.asarray(helper.get_attribute_value(a))
+    return consts
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise ModelError("model imports no default-domain opset")
+
+
+def _convert_opset(model: onnx.ModelProto, target: int, why: str) -> onnx.ModelProto:
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, target)
+    except Exception as exc:  # onnx raises RuntimeError/ValueError with long texts
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot upgrade the model from opset {default_opset(model)} to {target} "
+                         f"({why}): {first}") from None
+    return converted
+
+
+def _path(graph: onnx.GraphProto, wrt: Sequence[str], target: str, dtypes: dict[str, int]):
+    """Nodes between the wrt tensors and the target, and the tensors that need a cotangent."""
+    fwd = set(wrt)
+    for node in graph.node:
+        if any(i in fwd for i in node.input if i):
+            for o in node.output:
+                if o and dtypes.get(o, TensorProto.FLOAT) in FLOAT_TYPES:
+                    fwd.add(o)
+    bwd = {target}
+    active = []
+    for node in reversed(graph.node):
+        if any(o in bwd for o in node.output if o):
+            if any(i in fwd for i in node.input if i):
+                active.append(node)
+            bwd.update(i for i in node.input if i)
+    need = {t for t in fwd & bwd if dtypes.get(t, TensorProto.FLOAT) in FLOAT_TYPES}
+    active.reverse()
+    return active, need
+
+
+def _probe_ranks(model: onnx.ModelProto, names: list[str], shapes: dict) -> None:
+    """Fill in unknown ranks by running the model once on a small input (onnxruntime)."""
+    import onnxruntime as ort
+
+    m = copy.deepcopy(model)
+    del m.graph.output[:]
+    for n in names:
+        m.graph.output.append(helper.make_empty_tensor_value_info(n))
+    inits = {i.name for i in m.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        t = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (2 if i == 0 else 64)
+                for i, d in enumerate(t.shape.dim)]
+        feeds[vi.name] = np.random.default_rng(0).random(dims).astype(helper.tensor_dtype_to_np_dtype(t.elem_type))
+    try:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        outs = sess.run(names, feeds)
+    except Exception as exc:
+        raise ModelError(f"shape inference left the rank of {names[:3]} unknown and a probe run "
+                         f"failed: {str(exc).splitlines()[0]}") from None
+    for n, v in zip(names, outs):
+        shapes[n] = [None] * np.ndim(v)
+
+
+def _ir_version_for(model: onnx.ModelProto) -> int:
+    try:
+        needed = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    except TypeError:
+        needed = helper.find_min_ir_version_for(list(model.opset_import))
+    return max(min(model.ir_version, MAX_IR_VERSION), needed)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "_." else "_" for c in name)
+
+
+def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str = "default",
+            logits: str | None = None, options: dict | None = None) -> onnx.ModelProto:
+    """Return a copy of ``model`` with its backward graph (see the module docstring).
+
+    ``wrt``: tensors to differentiate with respect to (default: the image input).
+    ``rules``: ``default``, ``guided`` or ``lrp``. ``logits``: the tensor whose cotangent is
+    seeded (default: found by :func:`onnxsal.model.find_logits`). ``options``: rule-set
+    parameters, e.g. ``{"epsilon": 1e-6}`` for ``lrp``.
+    """
+    from ..model import find_image_input, find_logits
+
+    try:
+        rule_table: dict[str, Rule] = table(rules)
+    except KeyError:
+        raise OptionError(f"unknown rule set '{rules}' (choose default, guided or lrp)") from None
+    options = dict(options or {})
+    model = copy.deepcopy(model)
+    opset = default_opset(model)
+    if opset < 13:
+        model = _convert_opset(model, 13, "the gradient rules need opset 13 or newer")
+        opset = 13
+    del model.graph.value_info[:]  # some exporters write wrong ones; infer them afresh
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+
+    g = model.graph
+    logits_name = logits or find_logits(model).tensor
+    wrt = list(wrt) if wrt else [find_image_input(model).name]
+    shapes, dtypes = _collect_static(model)
+    known = set(shapes) | {o for n in g.node for o in n.output}
+    for t in wrt + [logits_name]:
+        if t not in known:
+            raise OptionError(f"tensor '{t}' is not in the model's graph")
+
+    active, need = _path(g, wrt, logits_name, dtypes)
+    unsupported: dict[str, list[str]] = {}
+    for node in active:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in rule_table:
+            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+            unsupported.setdefault(key, []).append(node.name or f"#{list(g.node).index(node)}")
+    if unsupported:
+        raise UnsupportedOperatorError(unsupported)
+
+    needed_opset = max([rule_table[n.op_type].min_opset for n in active] + [opset])
+    if needed_opset > opset:
+        model = _convert_opset(model, needed_opset, "a gradient rule needs it")
+        opset = needed_opset
+        del model.graph.value_info[:]
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        g = model.graph
+        shapes, dtypes = _collect_static(model)
+        active, need = _path(g, wrt, logits_name, dtypes)
+
+    unknown = sorted({t for n in active for t in list(n.input) + list(n.output)
+                      if t and shapes.get(t) is None and t not in _collect_consts(g)})
+    if unknown:
+        _probe_ranks(model, unknown, shapes)
+
+    taken = {t for n in g.node for t in list(n.input) + list(n.output)}
+    taken |= {i.name for i in g.initializer} | {i.name for i in g.input} | {n.name for n in g.node}
+    b = Builder(opset, taken)
+    ctx = Context(b, shapes, dtypes, _collect_consts(g), need, rules, options)
+
+    # the seed input: the cotangent of the logits, [K, N, C]
+    seed_name = "onnxsal_seed" if "onnxsal_seed" not in taken else b.fresh("seed")
+    taken.add(seed_name)
+    lshape = shapes.get(logits_name) or [None, None]
+    seed_dims = ["K"] + [d if d is not None else f"logits_{i}" for i, d in enumerate(lshape)]
+    ltype = dtypes.get(logits_name, TensorProto.FLOAT)
+    g.input.append(helper.make_tensor_value_info(seed_name, ltype, seed_dims))
+    b.k_name = b.shape(seed_name, 0, 1)
+
+    cot: dict[str, list[str]] = {}
+    if len(lshape) == 2:
+        cot[logits_name] = [seed_name]
+    else:
+        cot[logits_name] = [b.reshape_cot(seed_name, logits_name)]
+
+    wrt_set, final = set(wrt), {}
+    for node in reversed(active):
+        dys = []
+        for o in node.output:
+            terms = cot.pop(o, None) if o else None
+            dys.append(b.add_all(terms) if terms else None)
+            if o in wrt_set and dys[-1] is not None:
+                final[o] = dys[-1]
+        if all(d is None for d in dys):
+            continue
+        ctx.node = node
+        grads = rule_table[node.op_type].fn(ctx, node, dys)
+        for name, gname in zip(node.input, grads):
+            if name and gname is not None and name in need:
+                cot.setdefault(name, []).append(gname)
+
+    # outputs: logits, gradients, forward values of intermediate tensors
+    out_names = {o.name for o in g.output}
+    meta = {META_SEED: seed_name, META_LOGITS: logits_name, META_RULES: rules,
+            META_INPUT: find_image_input(model).name}
+    if logits_name not in out_names:
+        g.output.append(helper.make_tensor_value_info(logits_name, ltype, lshape))
+    graph_inputs = {i.name for i in g.input}
+    for t in wrt:
+        terms = cot.get(t)
+        gsum = final.get(t) or (b.add_all(terms) if terms else b.zeros_cot(t, dtypes.get(t, TensorProto.FLOAT)))
+        out = f"onnxsal_grad_{_safe(t)}"
+        while out in taken:
+            out += "_"
+        taken.add(out)
+        b.nodes.append(helper.make_node("Identity", [gsum], [out], name=b.fresh("grad_out")))
+        tshape = shapes.get(t) or []
+        g.output.append(helper.make_tensor_value_info(
+            out, dtypes.get(t, TensorProto.FLOAT), ["K"] + [d if d is not None else f"{_safe(t)}_{i}" for i, d in enumerate(tshape)]))
+        meta[META_GRAD + t] = out
+        if t not in graph_inputs:
+            if t not in out_names:
+                g.output.append(helper.make_tensor_value_info(t, dtypes.get(t, TensorProto.FLOAT), None))
+                out_names.add(t)
+            meta[META_VALUE + t] = t
+
+    g.node.extend(b.nodes)
+    g.initializer.extend(b.initializers)
+    del g.value_info[:]
+    existing = {p.key: p for p in model.metadata_props}
+    for k, v in meta.items():
+        if k in existing:
+            existing[k].value = v
+        else:
+            model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    model.ir_version = _ir_version_for(model)
+    return model
+
+
+def augmented_roles(model: onnx.ModelProto) -> dict[str, str]:
+    """The onnxsal.* metadata of an augmented model (empty for a plain one)."""
+    return {p.key: p.value for p in model.metadata_props if p.key.startswith("onnxsal.")}

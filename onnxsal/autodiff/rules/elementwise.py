@@ -1,0 +1,369 @@
+"""Element-wise operators: activations, arithmetic with broadcasting, selection.
+
+Saved forward tensors ([N, ...]) broadcast against cotangents ([K, N, ...]) with no extra work;
+each operand's gradient of a broadcasting op is summed back to its own shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+
+from .registry import rule
+
+
+def _x(node):
+    return node.input[0]
+
+
+def _y(node):
+    return node.output[0]
+
+
+def _mul(ctx, a, b):
+    return ctx.b.op("Mul", [a, b])
+
+
+@rule("Identity", "Dropout")
+def identity(ctx, node, dys):
+    return [dys[0]] + [None] * (len(node.input) - 1)
+
+
+@rule("Cast", "CastLike")
+def cast(ctx, node, dys):
+    # float -> float only: cast the cotangent back to the input's type
+    out = ctx.b.op("Cast", [dys[0]], to=ctx.dtype(_x(node)))
+    return [out] + [None] * (len(node.input) - 1)
+
+
+@rule("Neg")
+def neg(ctx, node, dys):
+    return [ctx.b.op("Neg", [dys[0]])]
+
+
+@rule("Relu")
+def relu(ctx, node, dys):
+    b = ctx.b
+    mask = b.op("Cast", [b.op("Greater", [_x(node), ctx.scalar(0, _x(node))])], to=ctx.dtype(_x(node)))
+    return [_mul(ctx, dys[0], mask)]
+
+
+@rule("LeakyRelu")
+def leaky_relu(ctx, node, dys):
+    b = ctx.b
+    alpha = ctx.attr(node, "alpha", 0.01)
+    x = _x(node)
+    slope = b.op("Where", [b.op("Greater", [x, ctx.scalar(0, x)]), ctx.scalar(1.0, x), ctx.scalar(alpha, x)])
+    return [_mul(ctx, dys[0], slope)]
+
+
+@rule("PRelu")
+def prelu(ctx, node, dys):
+    b = ctx.b
+    x, slope = node.input[0], node.input[1]
+    pos = b.op("Greater", [x, ctx.scalar(0, x)])
+    dx = b.op("Where", [pos, dys[0], _mul(ctx, dys[0], slope)])
+    dslope = None
+    if ctx.needs_grad(slope):
+        contrib = b.op("Where", [pos, ctx.scalar(0, x), _mul(ctx, dys[0], x)])
+        dslope = ctx.unbroadcast(contrib, slope, _y(node))
+    return [dx, dslope]
+
+
+@rule("Elu")
+def elu(ctx, node, dys):
+    b = ctx.b
+    alpha = ctx.attr(node, "alpha", 1.0)
+    x, y = _x(node), _y(node)
+    neg = b.op("Add", [y, ctx.scalar(alpha, x)])  # alpha*exp(x) for x <= 0
+    slope = b.op("Where", [b.op("Greater", [x, ctx.scalar(0, x)]), ctx.scalar(1.0, x), neg])
+    return [_mul(ctx, dys[0], slope)]
+
+
+@rule("Selu")
+def selu(ctx, node, dys):
+    b = ctx.b
+    alpha = ctx.attr(node, "alpha", 1.67326319217681884765625)
+    gamma = ctx.attr(node, "gamma", 1.05070102214813232421875)
+    x, y = _x(node), _y(node)
+    neg = b.op("Add", [y, ctx.scalar(alpha * gamma, x)])  # gamma*alpha*exp(x)
+    slope = b.op("Where", [b.op("Greater", [x, ctx.scalar(0, x)]), ctx.scalar(gamma, x), neg])
+    return [_mul(ctx, dys[0], slope)]
+
+
+@rule("Celu")
+def celu(ctx, node, dys):
+    b = ctx.b
+    alpha = ctx.attr(node, "alpha", 1.0)
+    x = _x(node)
+    neg = b.op("Exp", [b.op("Div", [x, ctx.scalar(alpha, x)])])
+    slope = b.op("Where", [b.op("Greater", [x, ctx.scalar(0, x)]), ctx.scalar(1.0, x), neg])
+    return [_mul(ctx, dys[0], slope)]
+
+
+@rule("Sigmoid")
+def sigmoid(ctx, node, dys):
+    b = ctx.b
+    y = _y(node)
+    slope = _mul(ctx, y, b.op("Sub", [ctx.scalar(1.0, y), y]))
+    return [_mul(ctx, dys[0], slope)]
+
+
+@rule("HardSigmoid")
+def hard_sigmoid(ctx, node, dys):
+    b = ctx.b
+    alpha = ctx.attr(node, "alpha", 0.2)
+    beta = ctx.attr(node, "beta", 0.5)
+    x = _x(node)
+    z = b.op("Add", [_mul(ctx, x, ctx.scalar(alpha, x)), ctx.scalar(beta, x)])
+    inside = b.op("And", [b.op("Greater", [z, ctx.scalar(0, x)]), b.op("Less", [z, ctx.scalar(1, x)])])
+    slope = b.op("Where", [inside, ctx.scalar(alpha, x), ctx.scalar(0, x)])
+    return [_mul(ctx, dys[0], slope)]
+
+
+@rule("HardSwish")
+def hard_swish(ctx, node, dys):
+    # y = x * clip(x/6 + 1/2, 0, 1); dy/dx = 0 (x<-3), x/3 + 1/2 (-3<x<3), 1 (x>3)
+    b = ctx.b
+    x = _x(node)
+    mid = b.op("Add", [b.op("Div", [x, ctx.scalar(3.0, x)]), ctx.scalar(0.5, x)])
+    slope = b.op("Where", [b.op("Less", [x, ctx.scalar(-3.0, x)]), ctx.scalar(0.0, x),
+                           b.op("Where", [b.op("Greater", [x, ctx.scalar(3.0, x)]), ctx.scalar(1.0, x), mid])])
+    return [_mul(ctx, dys[0], slope)]
+
+
+@rule("Tanh")
+def tanh(ctx, node, dys):
+    b = ctx.b
+    y = _y(node)
+    slope = b.op("Sub", [ctx.scalar(1.0, y), _mul(ctx, y, y)])
+    return [_mul(ctx, dys[0], slope)]
+
+
+@rule("Softplus")
+def softplus(ctx, node, dys):
+    return [_mul(ctx, dys[0], ctx.b.op("Sigmoid", [_x(node)]))]
+
+
+@rule("Softsign")
+def softsign(ctx, node, dys):
+    b = ctx.b
+    x = _x(node)
+    d = b.op("Add", [ctx.scalar(1.0, x), b.op("Abs", [x])])
+    return [b.op("Div", [dys[0], _mul(ctx, d, d)])]
+
+
+@rule("Mish")
+def mish(ctx, node, dys):
+    # y = x tanh(sp(x)); dy/dx = tanh(sp) + x sigmoid(x) (1 - tanh(sp)^2)
+    b = ctx.b
+    x = _x(node)
+    t = b.op("Tanh", [b.op("Softplus", [x])])
+    sech2 = b.op("Sub", [ctx.scalar(1.0, x), _mul(ctx, t, t)])
+    slope = b.op("Add", [t, _mul(ctx, _mul(ctx, x, b.op("Sigmoid", [x])), sech2)])
+    return [_mul(ctx, dys[0], slope)]
+
+
+@rule("Erf")
+def erf(ctx, node, dys):
+    b = ctx.b
+    x = _x(node)
+    slope = _mul(ctx, b.op("Exp", [b.op("Neg", [_mul(ctx, x, x)])]), ctx.scalar(2.0 / math.sqrt(math.pi), x))
+    return [_mul(ctx, dys[0], slope)]
+
+
+@rule("Gelu", min_opset=20)
+def gelu(ctx, node, dys):
+    b = ctx.b
+    x = _x(node)
+    if ctx.attr(node, "approximate", "none") in ("tanh", b"tanh"):
+        # y = 0.5 x (1 + tanh(u)), u = c (x + 0.044715 x^3)
+        c = math.sqrt(2.0 / math.pi)
+        x2 = _mul(ctx, x, x)
+        u = _mul(ctx, ctx.scalar(c, x), b.op("Add", [x, _mul(ctx, ctx.scalar(0.044715, x), _mul(ctx, x2, x))]))
+        t = b.op("Tanh", [u])
+        du = _mul(ctx, ctx.scalar(c, x), b.op("Add", [ctx.scalar(1.0, x), _mul(ctx, ctx.scalar(3 * 0.044715, x), x2)]))
+        sech2 = b.op("Sub", [ctx.scalar(1.0, x), _mul(ctx, t, t)])
+        slope = b.op("Add", [_mul(ctx, ctx.scalar(0.5, x), b.op("Add", [ctx.scalar(1.0, x), t])),
+                             _mul(ctx, _mul(ctx, ctx.scalar(0.5, x), x), _mul(ctx, sech2, du))])
+    else:
+        # y = x Phi(x); dy/dx = Phi(x) + x phi(x)
+        phi_cdf = _mul(ctx, ctx.scalar(0.5, x), b.op("Add", [ctx.scalar(1.0, x),
+                                                       b.op("Erf", [_mul(ctx, x, ctx.scalar(1 / math.sqrt(2), x))])]))
+        pdf = _mul(ctx, ctx.scalar(1 / math.sqrt(2 * math.pi), x),
+                   b.op("Exp", [_mul(ctx, ctx.scalar(-0.5, x), _mul(ctx, x, x))]))
+        slope = b.op("Add", [phi_cdf, _mul(ctx, x, pdf)])
+    return [_mul(ctx, dys[0], slope)]
+
+
+@rule("Exp")
+def exp(ctx, node, dys):
+    return [_mul(ctx, dys[0], _y(node))]
+
+
+@rule("Log")
+def log(ctx, node, dys):
+    return [ctx.b.op("Div", [dys[0], _x(node)])]
+
+
+@rule("Sqrt")
+def sqrt(ctx, node, dys):
+    y = _y(node)
+    return [ctx.b.op("Div", [dys[0], _mul(ctx, y, ctx.scalar(2.0, y))])]
+
+
+@rule("Reciprocal")
+def reciprocal(ctx, node, dys):
+    y = _y(node)
+    return [ctx.b.op("Neg", [_mul(ctx, dys[0], _mul(ctx, y, y))])]
+
+
+@rule("Abs")
+def abs_(ctx, node, dys):
+    return [_mul(ctx, dys[0], ctx.b.op("Sign", [_x(node)]))]
+
+
+@rule("Sin")
+def sin(ctx, node, dys):
+    return [_mul(ctx, dys[0], ctx.b.op("Cos", [_x(node)]))]
+
+
+@rule("Cos")
+def cos(ctx, node, dys):
+    return [ctx.b.op("Neg", [_mul(ctx, dys[0], ctx.b.op("Sin", [_x(node)]))])]
+
+
+@rule("Clip")
+def clip(ctx, node, dys):
+    b = ctx.b
+    x = _x(node)
+    if ctx.opset >= 11:
+        lo, hi = ctx.input(node, 1), ctx.input(node, 2)
+    else:
+        lo_v, hi_v = ctx.attr(node, "min"), ctx.attr(node, "max")
+        lo = ctx.scalar(lo_v, x) if lo_v is not None else None
+        hi = ctx.scalar(hi_v, x) if hi_v is not None else None
+    inside = None
+    if lo is not None:
+        inside = b.op("GreaterOrEqual", [x, lo]) if ctx.opset >= 12 else b.op("Not", [b.op("Less", [x, lo])])
+    if hi is not None:
+        le = b.op("LessOrEqual", [x, hi]) if ctx.opset >= 12 else b.op("Not", [b.op("Greater", [x, hi])])
+        inside = le if inside is None else b.op("And", [inside, le])
+    if inside is None:
+        return [dys[0]] + [None] * (len(node.input) - 1)
+    mask = b.op("Cast", [inside], to=ctx.dtype(x))
+    return [_mul(ctx, dys[0], mask)] + [None] * (len(node.input) - 1)
+
+
+# -- broadcasting binary and n-ary ops --------------------------------------------------------
+
+@rule("Add")
+def add(ctx, node, dys):
+    a, c = node.input
+    y = _y(node)
+    return [ctx.unbroadcast(dys[0], a, y) if ctx.needs_grad(a) else None,
+            ctx.unbroadcast(dys[0], c, y) if ctx.needs_grad(c) else None]
+
+
+@rule("Sub")
+def sub(ctx, node, dys):
+    a, c = node.input
+    y = _y(node)
+    return [ctx.unbroadcast(dys[0], a, y) if ctx.needs_grad(a) else None,
+            ctx.unbroadcast(ctx.b.op("Neg", [dys[0]]), c, y) if ctx.needs_grad(c) else None]
+
+
+@rule("Mul")
+def mul(ctx, node, dys):
+    a, c = node.input
+    y = _y(node)
+    return [ctx.unbroadcast(_mul(ctx, dys[0], c), a, y) if ctx.needs_grad(a) else None,
+            ctx.unbroadcast(_mul(ctx, dys[0], a), c, y) if ctx.needs_grad(c) else None]
+
+
+@rule("Div")
+def div(ctx, node, dys):
+    b = ctx.b
+    a, c = node.input
+    y = _y(node)
+    da = dc = None
+    if ctx.needs_grad(a):
+        da = ctx.unbroadcast(b.op("Div", [dys[0], c]), a, y)
+    if ctx.needs_grad(c):
+        # d(a/c)/dc = -y/c
+        dc = ctx.unbroadcast(b.op("Neg", [_mul(ctx, dys[0], b.op("Div", [y, c]))]), c, y)
+    return [da, dc]
+
+
+@rule("Pow")
+def pow_(ctx, node, dys):
+    b = ctx.b
+    a, e = node.input
+    y = _y(node)
+    da = de = None
+    if ctx.needs_grad(a):
+        if ctx.dtype(e) != ctx.dtype(a):
+            e_f = b.op("Cast", [e], to=ctx.dtype(a))
+        else:
+            e_f = e
+        exp_c = ctx.const(e)
+        if exp_c is not None and exp_c.size == 1 and float(exp_c) == 2.0:
+            slope = _mul(ctx, a, ctx.scalar(2.0, a))
+        else:
+            slope = _mul(ctx, e_f, b.op("Pow", [a, b.op("Sub", [e_f, ctx.scalar(1.0, a)])]))
+        da = ctx.unbroadcast(_mul(ctx, dys[0], slope), a, y)
+    if ctx.needs_grad(e):
+        de = ctx.unbroadcast(_mul(ctx, dys[0], _mul(ctx, y, b.op("Log", [a]))), e, y)
+    return [da, de]
+
+
+@rule("Sum")
+def sum_(ctx, node, dys):
+    y = _y(node)
+    return [ctx.unbroadcast(dys[0], x, y) if ctx.needs_grad(x) else None for x in node.input]
+
+
+@rule("Mean")
+def mean(ctx, node, dys):
+    y = _y(node)
+    scaled = ctx.b.op("Div", [dys[0], ctx.scalar(float(len(node.input)), y)])
+    return [ctx.unbroadcast(scaled, x, y) if ctx.needs_grad(x) else None for x in node.input]
+
+
+@rule("Max", "Min")
+def max_min(ctx, node, dys):
+    # the cotangent goes to the inputs equal to the result, split evenly among ties
+    b = ctx.b
+    y = _y(node)
+    masks = [b.op("Cast", [b.op("Equal", [x, y])], to=ctx.dtype(y)) for x in node.input]
+    count = b.add_all(masks) if len(masks) > 1 else masks[0]
+    out = []
+    for x, m in zip(node.input, masks):
+        if not ctx.needs_grad(x):
+            out.append(None)
+            continue
+        share = b.op("Div", [m, count])
+        out.append(ctx.unbroadcast(_mul(ctx, dys[0], share), x, y))
+    return out
+
+
+@rule("Where")
+def where(ctx, node, dys):
+    b = ctx.b
+    cond, a, c = node.input
+    y = _y(node)
+    out = [None, None, None]
+    if ctx.needs_grad(a):
+        out[1] = ctx.unbroadcast(b.op("Where", [cond, dys[0], ctx.scalar(0.0, y)]), a, y)
+    if ctx.needs_grad(c):
+        out[2] = ctx.unbroadcast(b.op("Where", [cond, ctx.scalar(0.0, y), dys[0]]), c, y)
+    return out
+
+
+@rule("Sign", "Floor", "Ceil", "Round")
+def zero_derivative(ctx, node, dys):
+    # piecewise constant: zero almost everywhere; nothing flows back
+    return [None] * len(node.input)
+
+

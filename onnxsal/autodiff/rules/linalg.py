@@ -1,0 +1,71 @@
+"""Linear algebra: MatMul (batched, broadcast) and Gemm (transA, transB, alpha, beta, C).
+
+The cotangent carries the seed axis K in front, so every product is a batched MatMul; each
+operand's gradient is summed back over the batch axes it was broadcast along.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import ModelError
+from .registry import rule
+
+
+def _transposed(ctx, t: str) -> str:
+    """t with its last two axes swapped (a new initializer when t is a constant)."""
+    c = ctx.const(t)
+    if c is not None:
+        return ctx.b.const(np.ascontiguousarray(np.swapaxes(c, -1, -2)), hint="wT")
+    r = ctx.rank(t)
+    perm = list(range(r - 2)) + [r - 1, r - 2]
+    return ctx.b.op("Transpose", [t], perm=perm)
+
+
+def _swap_last(ctx, t: str, rank: int) -> str:
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    return ctx.b.op("Transpose", [t], perm=perm)
+
+
+@rule("MatMul")
+def matmul(ctx, node, dys):
+    b = ctx.b
+    a, w = node.input
+    y = node.output[0]
+    if ctx.rank(a) < 2 or ctx.rank(w) < 2:
+        raise ModelError(f"MatMul node '{node.name}' with a 1-D operand is not supported")
+    da = dw = None
+    if ctx.needs_grad(a):
+        da = ctx.unbroadcast(b.op("MatMul", [dys[0], _transposed(ctx, w)]), a, y, skip_last=2)
+    if ctx.needs_grad(w):
+        dw = ctx.unbroadcast(b.op("MatMul", [_transposed(ctx, a), dys[0]]), w, y, skip_last=2)
+    return [da, dw]
+
+
+@rule("Gemm")
+def gemm(ctx, node, dys):
+    b = ctx.b
+    a, w = node.input[0], node.input[1]
+    c = ctx.input(node, 2)
+    y = node.output[0]
+    alpha = ctx.attr(node, "alpha", 1.0)
+    beta = ctx.attr(node, "beta", 1.0)
+    trans_a = ctx.attr(node, "transA", 0)
+    trans_b = ctx.attr(node, "transB", 0)
+    dy = dys[0]
+    if alpha != 1.0:
+        dy = b.op("Mul", [dy, ctx.scalar(alpha, y)])
+    out = [None, None, None]
+    if ctx.needs_grad(a):
+        # dA' = dY @ B'^T, with B'^T = B if transB else B^T
+        wt = w if trans_b else _transposed(ctx, w)
+        da = b.op("MatMul", [dy, wt])
+        out[0] = _swap_last(ctx, da, 3) if trans_a else da
+    if ctx.needs_grad(w):
+        at = a if trans_a else _transposed(ctx, a)
+        dw = b.op("MatMul", [at, dy])
+        out[1] = _swap_last(ctx, dw, 3) if trans_b else dw
+    if c is not None and ctx.needs_grad(c):
+        dc = dys[0] if beta == 1.0 else b.op("Mul", [dys[0], ctx.scalar(beta, y)])
+        out[2] = ctx.unbroadcast(dc, c, y)
+    return out

@@ -1,0 +1,54 @@
+"""The table of backward rules: one small function per ONNX operator type.
+
+A rule receives the pass context, the forward node, and the cotangents of the node's outputs
+(``None`` where an output has no cotangent), and returns one cotangent name (or ``None``) per
+input. A cotangent of a tensor of shape S has shape [K] + S: the seed axis K leads.
+
+Rule sets (``guided``, ``lrp``) are dictionaries that override a few entries of the default
+table by name; the pass itself never changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+RuleFn = Callable[..., list]
+
+
+@dataclass(frozen=True)
+class Rule:
+    fn: RuleFn
+    min_opset: int = 0  # the default-domain opset the emitted nodes need
+
+
+DEFAULT: dict[str, Rule] = {}
+RULESETS: dict[str, dict[str, Rule]] = {"default": DEFAULT}
+
+
+def rule(*op_types: str, min_opset: int = 0, ruleset: str = "default"):
+    """Register ``fn`` as the backward rule of each op type in ``op_types``."""
+
+    def deco(fn: RuleFn) -> RuleFn:
+        table = RULESETS.setdefault(ruleset, {})
+        for op in op_types:
+            table[op] = Rule(fn, min_opset)
+        return fn
+
+    return deco
+
+
+def table(name: str = "default") -> dict[str, Rule]:
+    """The effective rule table of a rule set: the default rules with its overrides."""
+    from . import conv_pool, elementwise, linalg, norm, shape  # noqa: F401  (registration)
+    from .. import rulesets  # noqa: F401
+
+    if name not in RULESETS:
+        raise KeyError(name)
+    merged = dict(DEFAULT)
+    merged.update(RULESETS[name])
+    return merged
+
+
+def supported_ops(name: str = "default") -> list[str]:
+    return sorted(table(name))

@@ -1,0 +1,284 @@
+"""Shape and indexing operators, and reductions.
+
+Every axis attribute is shifted by one for the leading seed axis K (after normalising negative
+axes). Selections (Slice, Gather, Pad with reflect/edge) use one idea: apply the forward op to
+a tensor holding each element's flat index, then scatter the cotangent back to those indices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+from ...errors import ModelError
+from .registry import rule
+
+
+def _norm(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def _axes_of(ctx, node, input_index: int):
+    """Axes of a node given as an attribute (old opsets) or a constant input (new ones)."""
+    a = ctx.attr(node, "axes")
+    if a is not None:
+        return list(a)
+    name = ctx.input(node, input_index)
+    if name is None:
+        return None
+    c = ctx.const(name)
+    if c is None:
+        raise ModelError(f"{node.op_type} node '{node.name}' has run-time axes; only constant axes "
+                         f"are supported")
+    return [int(v) for v in np.atleast_1d(c)]
+
+
+@rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def reshape(ctx, node, dys):
+    return [ctx.b.reshape_cot(dys[0], node.input[0])] + [None] * (len(node.input) - 1)
+
+
+@rule("Transpose")
+def transpose(ctx, node, dys):
+    r = ctx.rank(node.input[0])
+    perm = list(ctx.attr(node, "perm", list(range(r))[::-1]))
+    inv = [0] * r
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return [ctx.b.op("Transpose", [dys[0]], perm=[0] + [i + 1 for i in inv])]
+
+
+@rule("Concat")
+def concat(ctx, node, dys):
+    b = ctx.b
+    r = ctx.rank(node.output[0])
+    axis = _norm(ctx.attr(node, "axis"), r)
+    sizes = [(ctx.shape(x) or [None] * r)[axis] for x in node.input]
+    out = []
+    start: int | str = 0
+    for x, size in zip(node.input, sizes):
+        if isinstance(start, int) and isinstance(size, int):
+            end = start + size
+            s_name, e_name = b.ints([start]), b.ints([end])
+        else:
+            s_name = b.ints([start]) if isinstance(start, int) else start
+            e_name = b.op("Add", [s_name, b.shape(x, axis, axis + 1)])
+            end = e_name
+        if ctx.needs_grad(x):
+            out.append(b.op("Slice", [dys[0], s_name, e_name, b.ints([axis + 1])]))
+        else:
+            out.append(None)
+        start = end
+    return out
+
+
+@rule("Split")
+def split(ctx, node, dys):
+    b = ctx.b
+    x = node.input[0]
+    r = ctx.rank(x)
+    axis = _norm(ctx.attr(node, "axis", 0), r)
+    parts = [dy if dy is not None else b.zeros_cot(y, ctx.dtype(x)) for dy, y in zip(dys, node.output)]
+    return [b.op("Concat", parts, axis=axis + 1)] + [None] * (len(node.input) - 1)
+
+
+def _index_tensor(ctx, x: str) -> str:
+    """An int64 tensor shaped like x whose elements are their own flat positions."""
+    b = ctx.b
+    size = b.op("Size", [x])
+    flat = b.op("Range", [b.const(np.asarray(0, np.int64)), size, b.const(np.asarray(1, np.int64))])
+    return b.op("Reshape", [flat, b.shape(x)], hint="flatidx")
+
+
+def _scatter_back(ctx, x: str, picked: str, dy: str, add: bool) -> str:
+    """Scatter dy ([K] + shape(picked)) into zeros of [K] + shape(x) at the flat indices picked."""
+    b = ctx.b
+    if add and ctx.opset < 16:
+        raise ModelError(f"{ctx.node.op_type} node '{ctx.node.name}' may pick an element twice; its "
+                         f"gradient needs opset 16 (the model has {ctx.opset})")
+    idx = b.op("Reshape", [picked, b.ints([1, -1])])
+    idx = b.op("Expand", [idx, b.concat([b.k_name, b.ints([1])])])
+    upd = b.op("Reshape", [dy, b.concat([b.k_name, b.ints([-1])])])
+    size = b.op("Reshape", [b.op("Size", [x]), b.ints([1])])
+    from .conv_pool import _filled
+
+    zero = b.op("ConstantOfShape", [b.concat([b.k_name, size])], value=_filled(ctx.dtype(x), 0))
+    kw = {"reduction": "add"} if add else {}
+    out = b.op("ScatterElements", [zero, idx, upd], axis=1, **kw)
+    return b.reshape_cot(out, x)
+
+
+@rule("Slice")
+def slice_(ctx, node, dys):
+    b = ctx.b
+    x = node.input[0]
+    r = ctx.rank(x)
+    consts = [ctx.const(t) if t else None for t in node.input[1:]]
+    if ctx.opset >= 10 and all(c is not None for c in consts[:2]):
+        starts, ends = [int(v) for v in consts[0]], [int(v) for v in consts[1]]
+        axes = [int(v) for v in consts[2]] if len(consts) > 2 and consts[2] is not None else list(range(len(starts)))
+        steps = [int(v) for v in consts[3]] if len(consts) > 3 and consts[3] is not None else [1] * len(starts)
+        sx = ctx.shape(x) or [None] * r
+        dims = [sx[_norm(a, r)] for a in axes]
+        if all(s == 1 for s in steps) and all(isinstance(d, int) for d in dims):
+            # a plain crop: the gradient is a zero Pad of the cotangent
+            pads = [0] * (2 * (r + 1))
+            for a, s, e, d in zip(axes, starts, ends, dims):
+                a = _norm(a, r)
+                s = min(max(s + d if s < 0 else s, 0), d)
+                e = min(max(e + d if e < 0 else e, 0), d)
+                pads[a + 1] = s
+                pads[r + 1 + a + 1] = d - max(e, s)
+            return [b.op("Pad", [dys[0], b.ints(pads)])] + [None] * (len(node.input) - 1)
+    picked = b.op("Slice", [_index_tensor(ctx, x)] + list(node.input[1:]))
+    return [_scatter_back(ctx, x, picked, dys[0], add=False)] + [None] * (len(node.input) - 1)
+
+
+@rule("Gather")
+def gather(ctx, node, dys):
+    b = ctx.b
+    x, ind = node.input
+    axis = _norm(ctx.attr(node, "axis", 0), ctx.rank(x))
+    picked = b.op("Gather", [_index_tensor(ctx, x), ind], axis=axis)
+    c = ctx.const(ind)
+    unique = c is not None and np.unique(c).size == c.size and (c >= 0).all()
+    return [_scatter_back(ctx, x, picked, dys[0], add=not unique), None]
+
+
+@rule("GatherElements")
+def gather_elements(ctx, node, dys):
+    b = ctx.b
+    x, ind = node.input
+    axis = _norm(ctx.attr(node, "axis", 0), ctx.rank(x))
+    picked = b.op("GatherElements", [_index_tensor(ctx, x), ind], axis=axis)
+    return [_scatter_back(ctx, x, picked, dys[0], add=True), None]
+
+
+@rule("Pad")
+def pad(ctx, node, dys):
+    b = ctx.b
+    x = node.input[0]
+    r = ctx.rank(x)
+    mode = ctx.attr(node, "mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if ctx.opset < 11:
+        pads = list(ctx.attr(node, "pads"))
+    else:
+        pads = ctx.const(node.input[1])
+        if pads is None:
+            raise ModelError(f"Pad node '{node.name}' has run-time pads; not supported")
+        pads = [int(v) for v in pads]
+    axes = _axes_of(ctx, node, 3) if ctx.opset >= 18 else None
+    axes = [_norm(a, r) for a in axes] if axes else list(range(r))
+    n = len(axes)
+    begin, end = pads[:n], pads[n:]
+    if mode == "constant" and all(p >= 0 for p in pads):
+        starts = b.ints(begin)
+        ends = b.op("Add", [starts, b.op("Gather", [b.shape(x), b.ints(axes)])])
+        out = b.op("Slice", [dys[0], starts, ends, b.ints([a + 1 for a in axes])])
+        return [out] + [None] * (len(node.input) - 1)
+    if mode in ("reflect", "edge") and all(p >= 0 for p in pads):
+        picked = b.op("Pad", [_index_tensor(ctx, x)] + list(node.input[1:2]) + [""] +
+                      (list(node.input[3:4]) if ctx.opset >= 18 else []), mode=mode)
+        return [_scatter_back(ctx, x, picked, dys[0], add=True)] + [None] * (len(node.input) - 1)
+    raise ModelError(f"Pad node '{node.name}' (mode {mode}, pads {pads}) is not supported")
+
+
+@rule("Expand")
+def expand(ctx, node, dys):
+    return [ctx.unbroadcast(dys[0], node.input[0], node.output[0]), None]
+
+
+@rule("Tile")
+def tile(ctx, node, dys):
+    b = ctx.b
+    x = node.input[0]
+    reps = ctx.const(node.input[1])
+    if reps is None:
+        raise ModelError(f"Tile node '{node.name}' has run-time repeats; not supported")
+    r = ctx.rank(x)
+    parts = [b.ints([-1])]
+    for i, rep in enumerate(reps):
+        parts += [b.ints([int(rep)]), b.shape(x, i, i + 1)]
+    split = b.op("Reshape", [dys[0], b.concat(parts)])
+    summed = b.reduce("ReduceSum", split, [1 + 2 * i for i in range(r)], keepdims=False)
+    return [summed, None]
+
+
+# -- reductions ------------------------------------------------------------------------------
+
+def _reduce_axes(ctx, node):
+    """Normalised reduced axes of a Reduce* node (None: all axes)."""
+    r = ctx.rank(node.input[0])
+    axes = _axes_of(ctx, node, 1)
+    if not axes:
+        if ctx.attr(node, "noop_with_empty_axes", 0):
+            return []
+        return list(range(r))
+    return sorted(_norm(a, r) for a in axes)
+
+
+def _expand_back(ctx, node, dy, axes):
+    """dy of the reduced result, broadcast to [K] + shape(x)."""
+    b = ctx.b
+    x = node.input[0]
+    if not ctx.attr(node, "keepdims", 1) and axes:
+        dy = b.unsqueeze(dy, [a + 1 for a in axes])
+    return b.op("Expand", [dy, b.concat([b.ints([1]), b.shape(x)])])
+
+
+def _count(ctx, x, axes):
+    b = ctx.b
+    sx = ctx.shape(x) or [None] * ctx.rank(x)
+    dims = [sx[a] for a in axes]
+    if all(isinstance(d, int) for d in dims):
+        return ctx.scalar(float(np.prod(dims)) if dims else 1.0, x)
+    picked = b.op("Gather", [b.shape(x), b.ints(axes)])
+    return b.op("Cast", [b.reduce("ReduceProd", picked, [0], keepdims=False)], to=ctx.dtype(x))
+
+
+@rule("ReduceSum")
+def reduce_sum(ctx, node, dys):
+    axes = _reduce_axes(ctx, node)
+    return [_expand_back(ctx, node, dys[0], axes)] + [None] * (len(node.input) - 1)
+
+
+@rule("ReduceMean")
+def reduce_mean(ctx, node, dys):
+    axes = _reduce_axes(ctx, node)
+    dx = _expand_back(ctx, node, dys[0], axes)
+    return [ctx.b.op("Div", [dx, _count(ctx, node.input[0], axes)])] + [None] * (len(node.input) - 1)
+
+
+@rule("ReduceSumSquare")
+def reduce_sum_square(ctx, node, dys):
+    axes = _reduce_axes(ctx, node)
+    x = node.input[0]
+    dx = _expand_back(ctx, node, dys[0], axes)
+    return [ctx.b.op("Mul", [dx, ctx.b.op("Mul", [x, ctx.scalar(2.0, x)])])] + [None] * (len(node.input) - 1)
+
+
+@rule("ReduceL2")
+def reduce_l2(ctx, node, dys):
+    b = ctx.b
+    axes = _reduce_axes(ctx, node)
+    x, y = node.input[0], node.output[0]
+    if not ctx.attr(node, "keepdims", 1) and axes:
+        y = b.unsqueeze(y, axes)
+    dx = _expand_back(ctx, node, dys[0], axes)
+    return [b.op("Mul", [dx, b.op("Div", [x, y])])] + [None] * (len(node.input) - 1)
+
+
+@rule("ReduceMax", "ReduceMin")
+def reduce_max(ctx, node, dys):
+    b = ctx.b
+    axes = _reduce_axes(ctx, node)
+    x, y = node.input[0], node.output[0]
+    if not ctx.attr(node, "keepdims", 1) and axes:
+        y = b.unsqueeze(y, axes)
+    mask = b.op("Cast", [b.op("Equal", [x, y])], to=ctx.dtype(x))
+    share = b.op("Div", [mask, b.reduce("ReduceSum", mask, axes, keepdims=True)])
+    dx = _expand_back(ctx, node, dys[0], axes)
+    return [b.op("Mul", [dx, share])] + [None] * (len(node.input) - 1)
+
+

@@ -1,0 +1,111 @@
+"""The ``onnxsal`` command: a thin click layer over the packages; no logic of its own.
+
+Errors a user can cause (:class:`onnxsal.errors.OnnxsalError`) print one line and exit with
+status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .errors import OnnxsalError
+
+_DEBUG = {"on": False}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(package_name="onnxsal")
+def cli(debug: bool) -> None:
+    """Saliency maps for any ONNX image classifier, computed by onnxruntime."""
+    _DEBUG["on"] = debug
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--output", default=None, help="The output to explain when the model has several.")
+def inspect(model: str, as_json: bool, output: str | None) -> None:
+    """Print a model's input, logits, opset, parameters and operators."""
+    from .model import load_model, summarize
+
+    s = summarize(load_model(model), path=model, output=output)
+    if as_json:
+        click.echo(json.dumps(s.to_dict(), indent=2))
+        return
+    click.echo(f"model       {model}")
+    click.echo(f"producer    {s.producer or '-'}")
+    click.echo(f"opset       {s.opset}   IR version {s.ir_version}")
+    click.echo(f"parameters  {s.parameters:,}")
+    click.echo(f"input       {s.input.name}  shape {s.input.shape}  layout {s.input.layout}")
+    click.echo(f"logits      {s.logits.tensor}  (output {s.logits.output}, "
+               f"{s.logits.num_classes or '?'} classes)")
+    if s.logits.note:
+        click.echo(f"note        {s.logits.note}")
+    bad = [op for op, v in s.operators.items() if not v["differentiable"]]
+    click.echo(f"operators   {sum(v['count'] for v in s.operators.values())} nodes, "
+               f"{len(s.operators)} types ({len(bad)} without a gradient rule)")
+    for op, v in s.operators.items():
+        click.echo(f"  {op:<24}{v['count']:>6}  {'yes' if v['differentiable'] else 'NO (no rule)'}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the augmented model.")
+@click.option("--wrt", multiple=True, help="Tensor to differentiate with respect to "
+              "(repeatable; default: the image input).")
+@click.option("--rules", type=click.Choice(["default", "guided", "lrp"]), default="default",
+              show_default=True, help="Rule set of the backward pass.")
+@click.option("--epsilon", type=float, default=None, help="Epsilon of the lrp rule set.")
+@click.option("--output", default=None, help="The output to explain when the model has several.")
+def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: float | None,
+            output: str | None) -> None:
+    """Add the backward graph: one run returns logits and the gradient of every class."""
+    from .autodiff import augment as augment_model
+    from .model import find_logits, load_model, save_model
+
+    t0 = time.perf_counter()
+    m = load_model(model)
+    logits = find_logits(m, output)
+    options = {"epsilon": epsilon} if epsilon is not None else {}
+    aug = augment_model(m, wrt=list(wrt) or None, rules=rules, logits=logits.tensor, options=options)
+    save_model(aug, out)
+    dt = time.perf_counter() - t0
+    if logits.note:
+        click.echo(f"note: {logits.note}", err=True)
+    added = len(aug.graph.node) - len(m.graph.node)
+    click.echo(f"wrote {out}: {added} backward nodes, seed input "
+               f"'{_meta(aug, 'onnxsal.seed')}' [K, N, C], in {dt:.2f} s")
+
+
+def _meta(model, key: str) -> str:
+    return next((p.value for p in model.metadata_props if p.key == key), "")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except OnnxsalError as exc:
+        if _DEBUG["on"]:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Load, validate and inspect an ONNX image classifier.
+
+A model file is untrusted data: nothing in it is executed, and external-data paths that point
+outside the model's folder are refused before anything is read.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .errors import ModelError, OptionError
+
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+MAX_MODEL_BYTES = 4 << 30  # refuse files (with their external data) beyond 4 GiB
+
+
+@dataclass
+class InputSpec:
+    name: str
+    shape: list  # ints, symbolic names (str) or None
+    layout: str  # "NCHW" or "NHWC"
+    elem_type: int
+
+    @property
+    def channels(self):
+        return self.shape[1] if self.layout == "NCHW" else self.shape[3]
+
+    @property
+    def spatial(self):
+        return tuple(self.shape[2:4]) if self.layout == "NCHW" else tuple(self.shape[1:3])
+
+
+@dataclass
+class LogitsSpec:
+    tensor: str  # the tensor whose gradient is taken
+    output: str  # the graph output the model returns
+    after: str | None  # "Softmax"/"LogSoftmax" when the output is a probability of `tensor`
+    num_classes: int | None
+    note: str = ""
+
+
+@dataclass
+class ModelSummary:
+    path: str | None
+    input: InputSpec
+    logits: LogitsSpec
+    opset: int
+    ir_version: int
+    parameters: int
+    producer: str
+    operators: dict = field(default_factory=dict)  # op type -> {"count": n, "differentiable": bool}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input"]["elem_type"] = TensorProto.DataType.Name(self.input.elem_type)
+        return d
+
+
+def _dims(vi) -> list:
+    out = []
+    for d in vi.type.tensor_type.shape.dim:
+        out.append(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None))
+    return out
+
+
+def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
+    base = base.resolve()
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    for t in _get_all_tensors(model):
+        if not uses_external_data(t):
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        p = Path(loc)
+        if not loc or p.is_absolute() or ".." in p.parts:
+            raise ModelError(f"tensor '{t.name}' keeps its data at '{loc}', outside the model's "
+                             f"folder: refused")
+        full = (base / p)
+        if full.is_symlink() or not full.resolve().is_relative_to(base):
+            raise ModelError(f"tensor '{t.name}' keeps its data at '{loc}', a link leading outside "
+                             f"the model's folder: refused")
+        if not full.is_file():
+            raise ModelError(f"tensor '{t.name}' keeps its data in '{loc}', which is missing")
+
+
+def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file safely and validate it with onnx's checker."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    size = path.stat().st_size
+    if size > MAX_MODEL_BYTES:
+        raise ModelError(f"{path}: {size / 2**30:.1f} GiB exceeds the {MAX_MODEL_BYTES >> 30} GiB limit")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+    if not model.graph.node:
+        raise ModelError(f"{path}: the ONNX graph has no nodes")
+    _check_external_data(model, path.parent)
+    try:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot read external data ({exc})") from None
+    if check:
+        validate(model, str(path))
+    return model
+
+
+def validate(model: onnx.ModelProto, where: str = "model") -> None:
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
+                     if n.domain not in ("", "ai.onnx", "ai.onnx.ml")})
+    if custom:
+        raise ModelError(f"{where}: custom operator domains are not supported: {', '.join(custom)}")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()
+        raise ModelError(f"{where}: invalid ONNX model: {msg[0] if msg else type(exc).__name__}") from None
+
+
+def content_hash(model: onnx.ModelProto) -> str:
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def find_image_input(model: onnx.ModelProto) -> InputSpec:
+    """The image input: the one float graph input of rank 4, NCHW or NHWC."""
+    inits = {i.name for i in model.graph.initializer}
+    cands = [vi for vi in model.graph.input if vi.name not in inits]
+    floats = [vi for vi in cands if vi.type.tensor_type.elem_type in FLOAT_TYPES]
+    images = [vi for vi in floats if len(vi.type.tensor_type.shape.dim) == 4]
+    if not images:
+        found = ", ".join(f"{vi.name} {TensorProto.DataType.Name(vi.type.tensor_type.elem_type)}"
+                          f"{_dims(vi)}" for vi in cands) or "none"
+        raise ModelError(f"no float image input of rank 4 (N,C,H,W or N,H,W,C); inputs: {found}")
+    vi = images[0]
+    dims = _dims(vi)
+    small = (1, 3, 4)
+    if dims[1] in small and dims[3] not in small:
+        layout = "NCHW"
+    elif dims[3] in small and dims[1] not in small:
+        layout = "NHWC"
+    else:
+        layout = "NCHW"
+    return InputSpec(vi.name, dims, layout, vi.type.tensor_type.elem_type)
+
+
+def find_logits(model: onnx.ModelProto, output: str | None = None) -> LogitsSpec:
+    """The logits: the classifier's output, or the input of a final Softmax/LogSoftmax."""
+    g = model.graph
+    outs = [o for o in g.output if o.type.tensor_type.elem_type in FLOAT_TYPES]
+    if output is not None:
+        match = [o for o in g.output if o.name == output]
+        if not match:
+            raise OptionError(f"the model has no output '{output}'; outputs: "
+                              f"{', '.join(o.name for o in g.output)}")
+        out = match[0]
+    elif not outs:
+        raise ModelError("the model has no float output")
+    elif len(outs) == 1:
+        out = outs[0]
+    else:
+        two_d = [o for o in outs if len(o.type.tensor_type.shape.dim) == 2]
+        if len(two_d) != 1:
+            raise OptionError(f"the model has several outputs ({', '.join(o.name for o in outs)}): "
+                              f"choose one with --output")
+        out = two_d[0]
+    producers = {o: n for n in g.node for o in n.output}
+    tensor, after, note = out.name, None, ""
+    node = producers.get(tensor)
+    # look through shape-only wrappers at the end (Identity, Flatten, Reshape, Squeeze)
+    while node is not None and node.op_type in ("Identity", "Flatten", "Reshape", "Squeeze"):
+        node = producers.get(node.input[0])
+    if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+        tensor, after = node.input[0], node.op_type
+        note = f"the model ends in {node.op_type}; gradients are taken of its input '{tensor}'"
+    elif node is not None and node.op_type == "Sigmoid":
+        note = "the output is a Sigmoid probability with no logit inside: explained as is"
+    dims = _dims(out)
+    classes = dims[-1] if dims and isinstance(dims[-1], int) else None
+    return LogitsSpec(tensor, out.name, after, classes, note)
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    return int(sum(np.prod(i.dims, dtype=np.int64) for i in model.graph.initializer
+                   if i.data_type in FLOAT_TYPES))
+
+
+def summarize(model: onnx.ModelProto, path: str | None = None, output: str | None = None,
+              rules: str = "default") -> ModelSummary:
+    from .autodiff import supported_ops
+    from .autodiff.pass_ import default_opset
+
+    supported = set(supported_ops(rules))
+    counts = collections.Counter(
+        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph.node)
+    ops = {op: {"count": c, "differentiable": op in supported} for op, c in sorted(counts.items())}
+    return ModelSummary(
+        path=path,
+        input=find_image_input(model),
+        logits=find_logits(model, output),
+        opset=default_opset(model),
+        ir_version=model.ir_version,
+        parameters=parameter_count(model),
+        producer=f"{model.producer_name} {model.producer_version}".strip(),
+        operators=ops,
+    )
+
+
+def set_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give a model built or edited here an IR version onnxruntime reads (see DATA.md)."""
+    from .autodiff.pass_ import _ir_version_for
+
+    model.ir_version = _ir_version_for(model)
+    return model
+
+
+def save_model(model, path: str) -> None:
+    """Write a model atomically; large ones keep their weights in a .data file beside it."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    big = model.ByteSize() > (1 << 30)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        if big:
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data")
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+__all__ = ["InputSpec", "LogitsSpec", "ModelSummary", "load_model", "validate", "content_hash",
+           "find_image_input", "find_logits", "parameter_count", "summarize", "set_ir_version", "save_model"]
