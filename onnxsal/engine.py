@@ -1,0 +1,344 @@
+"""The onnxruntime engine: one object per model, owning its sessions.
+
+Every method and metric runs the model through an :class:`Engine`; nothing else builds an
+onnxruntime session. The engine
+
+* prepends the model's preprocessing, so its input space is float32 [0, 1] NCHW;
+* picks providers (``auto`` uses CUDA only when a session really loads on it) and reports them;
+* batches under a memory budget, and computes per-class Jacobians in chunks of seed rows;
+* caches augmented (gradient) models on disk, keyed by the model's content hash and options,
+  in ``$ONNXSAL_CACHE`` or the user cache folder (``~/.cache/onnxsal``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from . import __version__
+from .autodiff import META_GRAD, META_LOGITS, META_SEED, META_VALUE, augment
+from .errors import InputError, ModelError, OptionError
+from .model import content_hash, find_image_input, find_logits, load_model
+from .preprocess import (PreprocessSpec, labels_from_model, parse, prepend, raw_shape)
+from .preprocess import from_model as preprocess_from_model
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class VJP:
+    """Result of one augmented run: logits [N, C], gradients {tensor: [K, N, ...]}, and the
+    forward values {tensor: [N, ...]} of intermediate tensors that were differentiated."""
+
+    logits: np.ndarray
+    grads: dict[str, np.ndarray]
+    values: dict[str, np.ndarray]
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    if override:
+        return Path(override)
+    env = os.environ.get("ONNXSAL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "onnxsal"
+
+
+_PROVIDER_PROBE: dict[str, bool] = {}
+
+
+def _cuda_works() -> bool:
+    """Whether a session really runs on CUDA here (probed once, quietly)."""
+    if "cuda" in _PROVIDER_PROBE:
+        return _PROVIDER_PROBE["cuda"]
+    import onnxruntime as ort
+
+    ok = False
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        from onnx import helper
+
+        g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+        m.ir_version = 8
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        ort.set_default_logger_severity(4)
+        try:
+            s = ort.InferenceSession(m.SerializeToString(), so,
+                                     providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+            ok = s.get_providers()[0] == "CUDAExecutionProvider"
+        except Exception:
+            ok = False
+        finally:
+            ort.set_default_logger_severity(3)
+    _PROVIDER_PROBE["cuda"] = ok
+    return ok
+
+
+def pick_providers(device: str = "auto") -> list[str]:
+    if device not in DEVICES:
+        raise OptionError(f"device '{device}' is not one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if _cuda_works():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise OptionError("device 'cuda' asked for, but onnxruntime cannot run on CUDA here "
+                          "(no GPU, or CUDA/cuDNN libraries missing); use --device cpu or auto")
+    return ["CPUExecutionProvider"]
+
+
+def _float_bytes_per_image(model: onnx.ModelProto) -> int:
+    """Rough bytes of all float activations for one image (the batching estimate)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:
+        return 16 << 20
+    total = 0
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        if t.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
+        total += int(np.prod(dims, dtype=np.int64)) * 4
+    return max(total, 1 << 16)
+
+
+class Engine:
+    """An ONNX image classifier on onnxruntime, with gradients (see the module docstring)."""
+
+    def __init__(self, model: str | os.PathLike | onnx.ModelProto, *,
+                 preprocess: str | PreprocessSpec | None = None, device: str = "auto",
+                 output: str | None = None, memory_budget_mb: int = 2048,
+                 cache_dir: str | os.PathLike | None = None, threads: int | None = None,
+                 use_disk_cache: bool = True):
+        if isinstance(model, onnx.ModelProto):
+            self.path = None
+            source = model
+        else:
+            self.path = str(model)
+            source = load_model(model)
+        self.source_model = source
+        spec = parse(preprocess) if isinstance(preprocess, str) else preprocess
+        if spec is None:
+            spec = preprocess_from_model(source)
+        self.preprocess = spec or PreprocessSpec()
+        self.input_spec = find_image_input(source)
+        self.logits_spec = find_logits(source, output)
+        self.labels = labels_from_model(source)
+        self.input_shape = raw_shape(self.input_spec, self.preprocess)
+        self.model = prepend(source, self.preprocess, self.input_spec)
+        self.input_name = find_image_input(self.model).name
+        self.model_hash = content_hash(source)
+        self._key = hashlib.sha256((self.model_hash + self.preprocess.to_json() + (output or "")).encode()).hexdigest()
+        self.providers = pick_providers(device)
+        self.provider = self.providers[0]
+        self.threads = threads
+        self.memory_budget = int(memory_budget_mb) << 20
+        self._cache_dir = cache_dir
+        self._use_disk_cache = use_disk_cache
+        self._bytes_per_image = _float_bytes_per_image(self.model)
+        self._sessions: dict = {}
+        self._forward = self._make_forward()
+        nc = self.logits_spec.num_classes
+        if nc is None:
+            nc = int(self.logits(np.zeros((1,) + self.input_shape, np.float32)).shape[-1])
+        self.num_classes = int(nc)
+        if self.labels is not None and len(self.labels) != self.num_classes:
+            self.labels = None
+
+    # -- sessions ------------------------------------------------------------------------
+    def _session(self, model: onnx.ModelProto):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if self.threads:
+            so.intra_op_num_threads = int(self.threads)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            return ort.InferenceSession(model.SerializeToString(), so, providers=self.providers)
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()
+            raise ModelError(f"onnxruntime cannot load the model: {msg[0] if msg else type(exc).__name__}") from None
+
+    def _make_forward(self):
+        m = self.model
+        tensor = self.logits_spec.tensor
+        if tensor not in {o.name for o in m.graph.output}:
+            m = onnx.ModelProto.FromString(m.SerializeToString())
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor))
+        return self._session(m)
+
+    def augmented(self, rules: str = "default", wrt: Sequence[str] | None = None,
+                  epsilon: float | None = None):
+        """(session, metadata) of the gradient model for these options (memory and disk cached)."""
+        opts = {"epsilon": epsilon} if epsilon is not None else {}
+        key = json.dumps([self._key, rules, list(wrt or []), opts, __version__], sort_keys=True)
+        if key in self._sessions:
+            return self._sessions[key]
+        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+        path = cache_dir(self._cache_dir) / f"{digest}.onnx"
+        aug = None
+        if self._use_disk_cache and path.is_file():
+            try:
+                aug = onnx.load(str(path))
+            except Exception:
+                aug = None
+        if aug is None:
+            aug = augment(self.model, wrt=list(wrt) if wrt else None, rules=rules,
+                          logits=self.logits_spec.tensor, options=opts)
+            if self._use_disk_cache:
+                self._write_cache(aug, path)
+        meta = {p.key: p.value for p in aug.metadata_props}
+        entry = (self._session(aug), meta)
+        self._sessions[key] = entry
+        return entry
+
+    @staticmethod
+    def _write_cache(model: onnx.ModelProto, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if model.ByteSize() > (1 << 30):
+                return  # too big for one protobuf file; rebuilt each time instead
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(model.SerializeToString())
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache folder only costs time
+
+    # -- batching ------------------------------------------------------------------------
+    def _check_images(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.input_shape):
+            raise InputError(f"images have shape {tuple(x.shape)}; the model takes [N, "
+                             f"{', '.join(map(str, self.input_shape))}] pixels in [0, 1]")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def batch_size(self, seeds: int = 0) -> int:
+        """Images per run so that (seeds + 1) copies of the activations fit the budget."""
+        per = self._bytes_per_image * (seeds + 1) * (2 if seeds else 1)
+        return max(1, int(self.memory_budget // per))
+
+    # -- forward -------------------------------------------------------------------------
+    def logits(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        x = self._check_images(x)
+        bs = batch_size or self.batch_size()
+        out = []
+        for i in range(0, len(x), bs):
+            out.append(self._forward.run([self.logits_spec.tensor], {self.input_name: x[i:i + bs]})[0])
+        if not out:
+            return np.zeros((0, self.num_classes), np.float32)
+        return np.concatenate(out).reshape(len(x), -1)
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        return softmax(self.logits(x))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.logits(x).argmax(axis=1)
+
+    # -- gradients -----------------------------------------------------------------------
+    def vjp(self, x: np.ndarray, seeds: np.ndarray, wrt: Sequence[str] | None = None,
+            rules: str = "default", epsilon: float | None = None) -> VJP:
+        """Contract each seed row [N, C] with the Jacobian of the logits: grads [K, N, ...]."""
+        x = self._check_images(x)
+        seeds = np.asarray(seeds, np.float32)
+        if seeds.ndim != 3 or seeds.shape[1] != len(x) or seeds.shape[2] != self.num_classes:
+            raise OptionError(f"seeds have shape {seeds.shape}; expected [K, {len(x)}, {self.num_classes}]")
+        sess, meta = self.augmented(rules, wrt, epsilon)
+        grad_keys = [k[len(META_GRAD):] for k in meta if k.startswith(META_GRAD)]
+        value_keys = [k[len(META_VALUE):] for k in meta if k.startswith(META_VALUE)]
+        names = [meta[META_LOGITS]] + [meta[META_GRAD + k] for k in grad_keys] + \
+                [meta[META_VALUE + k] for k in value_keys]
+        bs = self.batch_size(len(seeds))
+        parts = []
+        for i in range(0, len(x), bs):
+            parts.append(sess.run(names, {self.input_name: x[i:i + bs],
+                                          meta[META_SEED]: np.ascontiguousarray(seeds[:, i:i + bs])}))
+        logits = np.concatenate([p[0] for p in parts]).reshape(len(x), -1)
+        grads = {k: np.concatenate([p[1 + j] for p in parts], axis=1) for j, k in enumerate(grad_keys)}
+        values = {k: np.concatenate([p[1 + len(grad_keys) + j] for p in parts])
+                  for j, k in enumerate(value_keys)}
+        return VJP(logits, grads, values)
+
+    def targets_or_predicted(self, x: np.ndarray, targets=None) -> np.ndarray:
+        if targets is None:
+            return self.predict(x)
+        t = np.broadcast_to(np.asarray(targets, np.int64), (len(x),)).copy()
+        if (t < 0).any() or (t >= self.num_classes).any():
+            raise OptionError(f"target class out of range 0..{self.num_classes - 1}: {sorted(set(t.tolist()))[:5]}")
+        return t
+
+    def gradient(self, x: np.ndarray, targets=None, rules: str = "default",
+                 epsilon: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(logits [N, C], dS_target/dx [N, C, H, W]); targets default to the predicted class."""
+        x = self._check_images(x)
+        t = self.targets_or_predicted(x, targets)
+        seeds = np.zeros((1, len(x), self.num_classes), np.float32)
+        seeds[0, np.arange(len(x)), t] = 1.0
+        r = self.vjp(x, seeds, rules=rules, epsilon=epsilon)
+        return r.logits, r.grads[self.input_name][0]
+
+    def class_gradients(self, x: np.ndarray, classes: Sequence[int] | None = None,
+                        chunk: int | None = None, rules: str = "default"
+                        ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (class indices [k], gradients [k, N, C, H, W]) over all (or the given) classes,
+        k seed rows per run so that memory stays within the budget."""
+        x = self._check_images(x)
+        classes = np.arange(self.num_classes) if classes is None else np.asarray(classes, np.int64)
+        if chunk is None:
+            per_image = self._bytes_per_image * 2
+            chunk = max(1, int(self.memory_budget // (per_image * max(len(x), 1))) - 1)
+            img_bytes = int(np.prod(self.input_shape)) * 4 * max(len(x), 1)
+            chunk = max(1, min(chunk, len(classes), int(self.memory_budget // (4 * img_bytes)) or 1))
+        for i in range(0, len(classes), chunk):
+            cls = classes[i:i + chunk]
+            seeds = np.zeros((len(cls), len(x), self.num_classes), np.float32)
+            seeds[np.arange(len(cls)), :, cls] = 1.0
+            r = self.vjp(x, seeds, rules=rules)
+            yield cls, r.grads[self.input_name]
+
+    # -- graph facts for methods ---------------------------------------------------------
+    def default_cam_layer(self) -> str:
+        """The last 4-D activation before global pooling (Grad-CAM's default layer)."""
+        m = self.model
+        try:
+            inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False)
+        except Exception:
+            inferred = m
+        ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in inferred.graph.value_info}
+        pools = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "AveragePool", "Flatten", "Reshape")
+        inits = {i.name for i in m.graph.initializer}
+        best = None
+        for node in inferred.graph.node:
+            if node.op_type in pools and node.input and ranks.get(node.input[0]) == 4 \
+                    and node.input[0] not in inits and node.input[0] != self.input_name:
+                best = node.input[0]
+        if best is None:
+            cands = [n.output[0] for n in inferred.graph.node if n.output and ranks.get(n.output[0]) == 4]
+            if not cands:
+                raise ModelError("the model has no 4-D activation for Grad-CAM; name one with --layer")
+            best = cands[-1]
+        return best
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)

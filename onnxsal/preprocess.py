@@ -1,0 +1,244 @@
+"""Preprocessing specs, and the ONNX prefix that applies them inside the graph.
+
+Every method and metric works in one input space: float32 images in [0, 1], NCHW. A model's
+own preprocessing (scaling to 0..255, mean/std, BGR order, NHWC layout) is prepended to its
+graph as ONNX operators, so gradients are taken with respect to the raw pixels and deletion
+happens before normalisation (SPEC.md section 3).
+
+The model input receives ``(x' * scale - mean) / std`` where x' is x with its channels reversed
+when ``bgr`` (so mean and std are in the model's channel order), transposed to NHWC when the
+model wants that layout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import ModelError, OptionError
+from .model import FLOAT_TYPES, InputSpec
+
+META_PREPROCESS = "onnxsal.preprocess"
+META_LABELS = "onnxsal.labels"
+RAW_INPUT = "onnxsal_image"
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    scale: float = 1.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    bgr: bool = False
+    layout: str | None = None  # "NCHW" or "NHWC"; None: as the model's input says
+    size: tuple[int, int] | None = None  # (H, W) for models with a dynamic spatial size
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 and self.mean is None and self.std is None and not self.bgr
+
+    def to_json(self) -> str:
+        d = {k: v for k, v in asdict(self).items() if k != "notes" and v not in (None, False)}
+        return json.dumps(d, sort_keys=True)
+
+    def describe(self) -> str:
+        parts = []
+        if self.scale != 1.0:
+            parts.append(f"x*{self.scale:g}")
+        if self.mean is not None:
+            parts.append("-mean(" + ",".join(f"{m:g}" for m in self.mean) + ")")
+        if self.std is not None:
+            parts.append("/std(" + ",".join(f"{s:g}" for s in self.std) + ")")
+        if self.bgr:
+            parts.append("RGB->BGR")
+        if self.layout:
+            parts.append(self.layout)
+        return " ".join(parts) or "none (model takes [0,1] pixels)"
+
+
+PRESETS: dict[str, PreprocessSpec] = {
+    "none": PreprocessSpec(),
+    # torchvision's ImageNet models
+    "imagenet": PreprocessSpec(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    # the same statistics on 0..255 pixels
+    "imagenet255": PreprocessSpec(scale=255.0, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375)),
+    # Keras "tf" mode: [-1, 1]
+    "tf": PreprocessSpec(scale=2.0, mean=(1.0,), std=(1.0,)),
+    # Keras "caffe" mode: BGR, 0..255, ImageNet means subtracted
+    "caffe": PreprocessSpec(scale=255.0, mean=(103.939, 116.779, 123.68), bgr=True),
+    # EfficientNet-Lite: (x*255 - 127) / 128
+    "lite": PreprocessSpec(scale=255.0, mean=(127.0,), std=(128.0,)),
+    "x255": PreprocessSpec(scale=255.0),
+}
+
+
+def _floats(text: str, key: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise OptionError(f"preprocessing: '{key}={text}' is not a list of numbers") from None
+
+
+def parse(text: str | None) -> PreprocessSpec | None:
+    """A preset name, JSON, or tokens such as ``scale=255 mean=123.7,116.3,103.5 std=58.4 bgr nhwc``."""
+    if text is None or not str(text).strip():
+        return None
+    text = str(text).strip()
+    if text in PRESETS:
+        return PRESETS[text]
+    if text.startswith("{"):
+        return from_json(text)
+    spec = PreprocessSpec()
+    for tok in text.replace(";", " ").split():
+        key, _, val = tok.partition("=")
+        key = key.lower()
+        if key in PRESETS and not val:
+            spec = replace(PRESETS[key], layout=spec.layout, size=spec.size)
+        elif key == "scale":
+            spec = replace(spec, scale=_floats(val, key)[0])
+        elif key in ("mean", "std"):
+            spec = replace(spec, **{key: _floats(val, key)})
+        elif key in ("bgr", "rgb") and not val:
+            spec = replace(spec, bgr=key == "bgr")
+        elif key in ("nhwc", "nchw") and not val:
+            spec = replace(spec, layout=key.upper())
+        elif key == "size":
+            dims = [int(v) for v in val.replace("x", ",").split(",") if v]
+            spec = replace(spec, size=(dims[0], dims[-1]))
+        else:
+            raise OptionError(f"preprocessing: unknown item '{tok}' (presets: {', '.join(PRESETS)}; "
+                              f"keys: scale=, mean=, std=, bgr, nhwc, nchw, size=HxW)")
+    return spec
+
+
+def from_json(text: str) -> PreprocessSpec:
+    try:
+        d = json.loads(text)
+        return PreprocessSpec(
+            scale=float(d.get("scale", 1.0)),
+            mean=tuple(float(v) for v in d["mean"]) if d.get("mean") is not None else None,
+            std=tuple(float(v) for v in d["std"]) if d.get("std") is not None else None,
+            bgr=bool(d.get("bgr", False)),
+            layout=d.get("layout"),
+            size=tuple(int(v) for v in d["size"]) if d.get("size") else None,
+        )
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise OptionError(f"preprocessing: invalid JSON spec ({exc})") from None
+
+
+def from_model(model: onnx.ModelProto) -> PreprocessSpec | None:
+    """The spec a converter wrote into the model's metadata, if any."""
+    for p in model.metadata_props:
+        if p.key == META_PREPROCESS:
+            return from_json(p.value)
+    return None
+
+
+def labels_from_model(model: onnx.ModelProto) -> list[str] | None:
+    for p in model.metadata_props:
+        if p.key == META_LABELS:
+            try:
+                labels = json.loads(p.value)
+            except ValueError:
+                return None
+            return [str(v) for v in labels] if isinstance(labels, list) else None
+    return None
+
+
+def raw_shape(inp: InputSpec, spec: PreprocessSpec | None) -> tuple[int, int, int]:
+    """(C, H, W) of the [0, 1] input space for this model and spec."""
+    c = inp.channels
+    h, w = inp.spatial
+    if spec is not None and spec.size is not None:
+        h, w = spec.size
+    if not isinstance(c, int):
+        raise ModelError(f"input '{inp.name}' has a dynamic channel count; cannot tell grey from RGB")
+    if not isinstance(h, int) or not isinstance(w, int):
+        raise OptionError(f"input '{inp.name}' has a dynamic image size {inp.shape}; give one with "
+                          f"--preprocess 'size=HxW'")
+    return c, h, w
+
+
+def prepend(model: onnx.ModelProto, spec: PreprocessSpec | None, inp: InputSpec) -> onnx.ModelProto:
+    """A copy of ``model`` whose image input takes [0, 1] NCHW float32 pixels."""
+    spec = spec or PreprocessSpec()
+    layout = spec.layout or inp.layout
+    c, h, w = raw_shape(inp, spec)
+    needs_cast = inp.elem_type != TensorProto.FLOAT
+    if spec.is_identity() and layout == "NCHW" and not needs_cast:
+        return model
+    for name, vals in (("mean", spec.mean), ("std", spec.std)):
+        if vals is not None and len(vals) not in (1, c):
+            raise OptionError(f"preprocessing: {name} has {len(vals)} values for a {c}-channel input")
+    if spec.bgr and c != 3:
+        raise OptionError(f"preprocessing: BGR order needs 3 channels, the model has {c}")
+    if inp.elem_type not in FLOAT_TYPES:
+        raise ModelError(f"input '{inp.name}' is {TensorProto.DataType.Name(inp.elem_type)}; only float "
+                         f"inputs can be explained by gradients")
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    names = {t for n in g.node for t in list(n.input) + list(n.output)} | {i.name for i in g.initializer}
+    raw = RAW_INPUT
+    while raw in names:
+        raw += "_"
+    nodes, inits = [], []
+    counter = [0]
+
+    def fresh(hint):
+        counter[0] += 1
+        name = f"onnxsal_pre_{hint}_{counter[0]}"
+        while name in names:
+            name += "_"
+        names.add(name)
+        return name
+
+    def const(arr):
+        name = fresh("c")
+        inits.append(numpy_helper.from_array(np.asarray(arr, np.float32), name))
+        return name
+
+    cur = raw
+    if spec.bgr:  # first, so that mean and std are given in the model's channel order
+        out = fresh("bgr")
+        idx = fresh("idx")
+        inits.append(numpy_helper.from_array(np.asarray([2, 1, 0], np.int64), idx))
+        nodes.append(helper.make_node("Gather", [cur, idx], [out], axis=1, name=fresh("Gather")))
+        cur = out
+    steps = []
+    if spec.scale != 1.0:
+        steps.append(("Mul", const(spec.scale)))
+    if spec.mean is not None:
+        steps.append(("Sub", const(np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1))))
+    if spec.std is not None:
+        steps.append(("Div", const(np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1))))
+    for op, c_name in steps:
+        out = fresh(op.lower())
+        nodes.append(helper.make_node(op, [cur, c_name], [out], name=fresh(op)))
+        cur = out
+    if layout == "NHWC":
+        out = fresh("nhwc")
+        nodes.append(helper.make_node("Transpose", [cur], [out], perm=[0, 2, 3, 1], name=fresh("Transpose")))
+        cur = out
+    if needs_cast:
+        out = fresh("cast")
+        nodes.append(helper.make_node("Cast", [cur], [out], to=inp.elem_type, name=fresh("Cast")))
+        cur = out
+    # the last prefix node writes the model's original input tensor
+    if nodes:
+        nodes[-1].output[0] = inp.name
+    else:
+        nodes.append(helper.make_node("Identity", [raw], [inp.name], name=fresh("Identity")))
+    old = [vi for vi in g.input if vi.name == inp.name][0]
+    new_inputs = [helper.make_tensor_value_info(raw, TensorProto.FLOAT, [inp.shape[0], c, h, w])]
+    new_inputs += [vi for vi in g.input if vi.name != inp.name]
+    del g.input[:]
+    g.input.extend(new_inputs)
+    g.value_info.append(old)
+    all_nodes = nodes + list(g.node)
+    del g.node[:]
+    g.node.extend(all_nodes)
+    g.initializer.extend(inits)
+    return model
