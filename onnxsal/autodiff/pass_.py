@@ -204,7 +204,9 @@ def _path(graph: onnx.GraphProto, wrt: Sequence[str], target: str, dtypes: dict[
     active = []
     for node in reversed(graph.node):
         if any(o in bwd for o in node.output if o):
-            if any(i in fwd for i in node.input if i):
+            # active: a differentiable input feeds a differentiable output that reaches the
+            # target (Shape(x) and other integer paths carry no gradient)
+            if any(i in fwd for i in node.input if i) and any(o in fwd and o in bwd for o in node.output if o):
                 active.append(node)
             bwd.update(i for i in node.input if i)
     need = {t for t in fwd & bwd if dtypes.get(t, TensorProto.FLOAT) in FLOAT_TYPES}
