@@ -165,12 +165,19 @@ def pad(ctx, node, dys):
         pads = list(ctx.attr(node, "pads"))
     else:
         pads = ctx.const(node.input[1])
-        if pads is None:
-            raise ModelError(f"Pad node '{node.name}' has run-time pads; not supported")
-        pads = [int(v) for v in pads]
+        pads = [int(v) for v in pads] if pads is not None else None
     axes = _axes_of(ctx, node, 3) if ctx.opset >= 18 else None
     axes = [_norm(a, r) for a in axes] if axes else list(range(r))
     n = len(axes)
+    if pads is None:
+        if mode != "constant":
+            raise ModelError(f"Pad node '{node.name}' has run-time pads in mode {mode}; not supported")
+        # run-time pads (legacy exports compute them): crop the cotangent at run time;
+        # non-negative pads are assumed, as every exporter emits for padding
+        starts = b.op("Slice", [node.input[1], b.ints([0]), b.ints([n])])
+        ends = b.op("Add", [starts, b.op("Gather", [b.shape(x), b.ints(axes)])])
+        out = b.op("Slice", [dys[0], starts, ends, b.ints([a + 1 for a in axes])])
+        return [out] + [None] * (len(node.input) - 1)
     begin, end = pads[:n], pads[n:]
     if mode == "constant" and all(p >= 0 for p in pads):
         starts = b.ints(begin)
