@@ -1,0 +1,522 @@
+"""Model-parameter randomisation of ONNX classifiers (Adebayo et al. 2018; SPEC.md section 5).
+
+Working on the ONNX weights gives one randomisation rule for models from every framework.
+
+* A *layer* is a node with learnable constants: Conv, ConvTranspose, Gemm, MatMul with a
+  constant operand, and the affine parameters of BatchNormalization, LayerNormalization,
+  InstanceNormalization and GroupNormalization. It is named after its node (``Op_<index>`` when
+  the node has no name). Its data operand must depend on the image input (constant-folding
+  leftovers are not layers).
+* Layers are ordered top first by their graph distance from the logits, measured as the
+  *longest* path (in nodes) to the node producing the logits. With the longest path a layer
+  always comes after every layer downstream of it, so cascading randomisation never leaves a
+  trained layer above a randomised one (shortest paths would, through residual skips).
+* Randomising a layer re-draws its weights from a zero-mean normal with a fan-in scaled std:
+  He, sqrt(2 / fan_in), when the layer is followed by a ReLU-like activation (Relu, LeakyRelu,
+  PRelu, Clip with min 0), else Glorot, sqrt(2 / (fan_in + fan_out)). Its biases become 0.
+  Normalisation scales count as weights with fan_in = fan_out = 1 (std 1, or sqrt(2) before a
+  ReLU); batch-norm running mean and variance are kept (resetting them gives NaNs and is not
+  what the paper did). A MatMul/Gemm/Conv without a bias input whose only consumer is an Add
+  of a constant with one value per output feature gets that constant as its bias.
+* Draws are seeded per (seed, layer, tensor), so a layer gets the same weights in every
+  cascading step and in independent randomisation.
+* Weights reached through Identity/Transpose/Reshape/Cast/Flatten/Squeeze/Unsqueeze nodes
+  (dynamo exports) or held in Constant nodes are followed to the tensor that stores them; the
+  fan-in is computed from the shape the layer reads. A stored tensor that is also read by
+  anything else (tied or shared weights) is not changed: the layer gets a private random copy
+  (a new initializer named ``<tensor>.onnxsal_random.<layer>``) and only its input is rewired,
+  so the other readers stay trained.
+
+Inputs are never modified: :func:`randomize` returns a new ``ModelProto``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import ModelError, OptionError
+
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization",
+             "LayerNormalization", "InstanceNormalization", "GroupNormalization")
+NORM_OPS = ("BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization")
+# nodes that only move a stored weight around on its way to the layer that reads it
+WEIGHT_CHAIN_OPS = ("Identity", "Transpose", "Reshape", "Cast", "Flatten", "Squeeze", "Unsqueeze")
+# nodes looked through when deciding whether a layer is followed by a ReLU
+_TRANSPARENT = ("BatchNormalization", "InstanceNormalization", "LayerNormalization",
+                "GroupNormalization", "Identity", "Reshape", "Flatten", "Transpose", "Squeeze",
+                "Unsqueeze", "Add", "Sub", "Mul", "Div", "MaxPool", "AveragePool", "Cast")
+
+
+@dataclass(frozen=True)
+class Operand:
+    """One stored tensor a layer reads: where it is read and where it is stored."""
+
+    role: str  # "weight" or "bias"
+    node_index: int  # the node that reads it (the layer, or its bias Add)
+    input_index: int  # position in that node's inputs
+    tensor: str  # the name the reading node uses
+    source: str  # the initializer name, or the output name of the Constant node holding it
+    source_kind: str  # "initializer" or "constant"
+    private: bool  # nothing else reads the stored tensor: it is changed in place
+    shape: tuple[int, ...]  # the shape the layer reads (after the weight chain)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A learnable node; ``distance`` is the longest path (in nodes) to the logits' producer."""
+
+    name: str
+    op_type: str
+    node_index: int
+    distance: int
+    weights: tuple[Operand, ...]
+    biases: tuple[Operand, ...]
+    fan_in: int
+    fan_out: int
+    init: str  # "he" or "glorot"
+
+    @property
+    def std(self) -> float:
+        if self.init == "he":
+            return math.sqrt(2.0 / max(self.fan_in, 1))
+        return math.sqrt(2.0 / max(self.fan_in + self.fan_out, 1))
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        """The stored tensors this layer's randomisation touches."""
+        return tuple(o.source for o in self.weights + self.biases)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "op_type": self.op_type, "distance": self.distance,
+                "init": self.init, "std": self.std, "fan_in": self.fan_in, "fan_out": self.fan_out,
+                "weights": [o.source for o in self.weights], "biases": [o.source for o in self.biases]}
+
+
+# -- graph facts ------------------------------------------------------------------------------
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.nodes = list(g.node)
+        self.inits = {t.name: t for t in g.initializer}
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = {}
+        for i, n in enumerate(self.nodes):
+            for o in n.output:
+                if o:
+                    self.producer[o] = i
+            for t in n.input:
+                if t:
+                    self.consumers.setdefault(t, []).append(i)
+        self.outputs = {o.name for o in g.output}
+        # tensors that depend on a (non-initializer) graph input
+        dyn = {vi.name for vi in g.input if vi.name not in self.inits}
+        for n in self.nodes:
+            if any(t in dyn for t in n.input if t):
+                dyn.update(o for o in n.output if o)
+        self.dynamic = dyn
+
+    def n_readers(self, tensor: str) -> int:
+        return len(self.consumers.get(tensor, [])) + (tensor in self.outputs)
+
+    def constant_value(self, tensor: str) -> np.ndarray | None:
+        if tensor in self.inits:
+            return numpy_helper.to_array(self.inits[tensor])
+        p = self.producer.get(tensor)
+        if p is not None and self.nodes[p].op_type == "Constant":
+            return _constant_node_value(self.nodes[p])
+        return None
+
+    def resolve(self, tensor: str):
+        """Follow a node input back through weight-chain nodes to its stored tensor:
+        (source, kind, chain nodes from the source towards the reader) or None."""
+        chain = []
+        t = tensor
+        while True:
+            if t in self.inits:
+                return t, "initializer", chain[::-1]
+            p = self.producer.get(t)
+            if p is None:
+                return None
+            node = self.nodes[p]
+            if node.op_type == "Constant":
+                if _constant_node_value(node) is None:
+                    return None
+                return t, "constant", chain[::-1]
+            if node.op_type in WEIGHT_CHAIN_OPS and node.input and node.input[0]:
+                chain.append(p)
+                t = node.input[0]
+                continue
+            return None
+
+    def read_array(self, tensor: str):
+        """The value a node input receives, if it is a stored constant (through the chain)."""
+        r = self.resolve(tensor)
+        if r is None:
+            return None
+        source, _, chain = r
+        arr = self.constant_value(source)
+        for p in chain:
+            arr = _apply(self.nodes[p], arr, self)
+            if arr is None:
+                return None
+        return arr, r
+
+    def is_private(self, tensor: str, reader: int) -> bool:
+        """Whether the stored tensor behind ``tensor`` reaches nothing but node ``reader``."""
+        source, _, chain = self.resolve(tensor)
+        path = [source] + [self.nodes[p].output[0] for p in chain]
+        for i, t in enumerate(path):
+            cons = self.consumers.get(t, [])
+            expected = chain[i] if i < len(chain) else reader
+            if t in self.outputs or len(cons) != 1 or cons[0] != expected:
+                return False
+        # the reader must read it once
+        return list(self.nodes[reader].input).count(tensor) == 1
+
+
+def _constant_node_value(node) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+            return numpy_helper.to_array(a.t)
+    return None
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _apply(node, arr: np.ndarray, g: _Graph) -> np.ndarray | None:
+    """Evaluate one weight-chain node on a constant (numpy), None when it cannot be done."""
+    op = node.op_type
+    if op == "Identity":
+        return arr
+    if op == "Cast":
+        return arr.astype(helper.tensor_dtype_to_np_dtype(_attr(node, "to")))
+    if op == "Transpose":
+        perm = _attr(node, "perm")
+        return np.transpose(arr, perm if perm is not None else None)
+    if op == "Flatten":
+        axis = _attr(node, "axis", 1)
+        axis = axis + arr.ndim if axis < 0 else axis
+        return arr.reshape(int(np.prod(arr.shape[:axis], dtype=np.int64)), -1)
+    if op == "Reshape":
+        if len(node.input) < 2:
+            return None
+        shape = g.constant_value(node.input[1])
+        if shape is None:
+            return None
+        shape = [int(s) for s in shape.tolist()]
+        if not _attr(node, "allowzero", 0):
+            shape = [arr.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+        return arr.reshape(shape)
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = _attr(node, "axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            v = g.constant_value(node.input[1])
+            if v is None:
+                return None
+            axes = [int(a) for a in np.ravel(v)]
+        if op == "Squeeze":
+            if axes is None:
+                return np.squeeze(arr)
+            return np.squeeze(arr, axis=tuple(a + arr.ndim if a < 0 else a for a in axes))
+        if axes is None:
+            return None
+        rank = arr.ndim + len(axes)
+        out = arr
+        for a in sorted(a + rank if a < 0 else a for a in axes):
+            out = np.expand_dims(out, a)
+        return out
+    return None
+
+
+def _operand(g: _Graph, role: str, node_index: int, input_index: int) -> Operand | None:
+    node = g.nodes[node_index]
+    if input_index >= len(node.input) or not node.input[input_index]:
+        return None
+    tensor = node.input[input_index]
+    got = g.read_array(tensor)
+    if got is None:
+        return None
+    arr, (source, kind, _) = got
+    if not np.issubdtype(np.asarray(arr).dtype, np.floating) and str(np.asarray(arr).dtype) != "bfloat16":
+        return None
+    return Operand(role, node_index, input_index, tensor, source, kind,
+                   g.is_private(tensor, node_index), tuple(int(d) for d in np.shape(arr)))
+
+
+def _follow_bias_add(g: _Graph, node_index: int, features: int) -> Operand | None:
+    """The constant of an Add that is the layer's only consumer, with one value per feature."""
+    out = g.nodes[node_index].output[0]
+    cons = g.consumers.get(out, [])
+    if len(cons) != 1 or out in g.outputs:
+        return None
+    add = g.nodes[cons[0]]
+    if add.op_type != "Add" or len(add.input) != 2:
+        return None
+    other = 1 if add.input[0] == out else 0
+    if add.input[other] == out:
+        return None
+    op = _operand(g, "bias", cons[0], other)
+    if op is None or int(np.prod(op.shape, dtype=np.int64)) != features:
+        return None
+    return op
+
+
+def _relu_follows(g: _Graph, node_index: int, depth: int = 5) -> bool:
+    frontier = [o for o in g.nodes[node_index].output if o]
+    seen: set[int] = set()
+    for _ in range(depth):
+        nxt = []
+        for t in frontier:
+            for c in g.consumers.get(t, []):
+                if c in seen:
+                    continue
+                seen.add(c)
+                n = g.nodes[c]
+                if n.op_type in ("Relu", "LeakyRelu", "PRelu"):
+                    return True
+                if n.op_type == "Clip":
+                    lo = _attr(n, "min")
+                    if lo is None and len(n.input) > 1 and n.input[1]:
+                        v = g.constant_value(n.input[1])
+                        lo = None if v is None else float(np.ravel(v)[0])
+                    if lo is not None and lo == 0.0:
+                        return True
+                    continue
+                if n.op_type in _TRANSPARENT:
+                    # an Add/Mul/... of two activations is a merge point: look no further
+                    if n.op_type in ("Add", "Sub", "Mul", "Div") and \
+                            sum(1 for i in n.input if i in g.dynamic) > 1:
+                        continue
+                    nxt.extend(o for o in n.output if o)
+        frontier = nxt
+    return False
+
+
+def _distances(g: _Graph, logits: str) -> dict[int, int]:
+    """Longest path (in nodes) from each node to the node producing ``logits``."""
+    dist: dict[int, int] = {}
+    for i in range(len(g.nodes) - 1, -1, -1):
+        n = g.nodes[i]
+        if logits in n.output:
+            dist[i] = 0
+            continue
+        best = None
+        for o in n.output:
+            for c in g.consumers.get(o, []):
+                if c in dist and (best is None or dist[c] + 1 > best):
+                    best = dist[c] + 1
+        if best is not None:
+            dist[i] = best
+    return dist
+
+
+def _layer_of(g: _Graph, i: int, distance: int, name: str) -> Layer | None:
+    n = g.nodes[i]
+    op = n.op_type
+    weights: list[Operand] = []
+    biases: list[Operand] = []
+    fan_in = fan_out = 1
+    if op in ("Conv", "ConvTranspose"):
+        if not n.input or n.input[0] not in g.dynamic:
+            return None
+        w = _operand(g, "weight", i, 1)
+        if w is None or len(w.shape) < 3:
+            return None
+        weights.append(w)
+        receptive = int(np.prod(w.shape[2:], dtype=np.int64))
+        group = int(_attr(n, "group", 1) or 1)
+        if op == "Conv":
+            fan_in, fan_out = w.shape[1] * receptive, w.shape[0] * receptive
+            features = w.shape[0]
+        else:
+            fan_in, fan_out = max(w.shape[0] // group, 1) * receptive, w.shape[1] * receptive
+            features = w.shape[1] * group
+        b = _operand(g, "bias", i, 2) if len(n.input) > 2 and n.input[2] else _follow_bias_add(g, i, features)
+        if b is not None:
+            biases.append(b)
+    elif op in ("Gemm", "MatMul"):
+        cand = []
+        for k in (1, 0):
+            if len(n.input) > k and n.input[k] and n.input[k] not in g.dynamic:
+                other = n.input[1 - k] if len(n.input) > 1 - k else ""
+                if other in g.dynamic:
+                    cand.append(k)
+        w = None
+        for k in cand:
+            w = _operand(g, "weight", i, k)
+            if w is not None:
+                break
+        if w is None:
+            return None
+        weights.append(w)
+        shape = w.shape
+        if op == "Gemm":
+            trans = _attr(n, "transB" if w.input_index == 1 else "transA", 0)
+            eff = shape[::-1] if trans else shape  # B': [K, N]; A': [M, K]
+            fan_in, fan_out = (eff[0], eff[1]) if w.input_index == 1 else (eff[1], eff[0])
+            features = fan_out
+            b = _operand(g, "bias", i, 2) if len(n.input) > 2 and n.input[2] else _follow_bias_add(g, i, features)
+        else:
+            if len(shape) == 1:
+                fan_in, fan_out = shape[0], 1
+            elif w.input_index == 1:
+                fan_in, fan_out = shape[-2], shape[-1]
+            else:
+                fan_in, fan_out = shape[-1], shape[-2]
+            b = _follow_bias_add(g, i, fan_out) if w.input_index == 1 else None
+        if b is not None:
+            biases.append(b)
+    elif op in NORM_OPS:
+        if not n.input or n.input[0] not in g.dynamic:
+            return None
+        s = _operand(g, "weight", i, 1)
+        if s is not None:
+            weights.append(s)
+        b = _operand(g, "bias", i, 2)
+        if b is not None:
+            biases.append(b)
+        if not weights and not biases:
+            return None
+    else:
+        return None
+    init = "he" if _relu_follows(g, i) else "glorot"
+    return Layer(name, op, i, distance, tuple(weights), tuple(biases), int(fan_in), int(fan_out), init)
+
+
+def find_layers(model: onnx.ModelProto, logits: str | None = None) -> list[Layer]:
+    """The learnable layers of ``model``, top (nearest the logits) first."""
+    if logits is None:
+        from ..model import find_logits
+
+        logits = find_logits(model).tensor
+    g = _Graph(model)
+    dist = _distances(g, logits)
+    if not dist:
+        raise ModelError(f"no node produces the logits tensor '{logits}'")
+    names: dict[str, int] = {}
+    layers = []
+    for i, n in enumerate(g.nodes):
+        if n.op_type not in LAYER_OPS or n.domain not in ("", "ai.onnx") or i not in dist:
+            continue
+        base = n.name or f"{n.op_type}_{i}"
+        k = names.get(base, 0)
+        names[base] = k + 1
+        name = base if k == 0 else f"{base}#{k}"
+        layer = _layer_of(g, i, dist[i], name)
+        if layer is not None:
+            layers.append(layer)
+    layers.sort(key=lambda L: (L.distance, -L.node_index))
+    return layers
+
+
+# -- randomisation ----------------------------------------------------------------------------
+
+def _rng(seed: int, layer: str, tensor: str) -> np.random.Generator:
+    h = hashlib.sha256(f"{layer}\x00{tensor}".encode()).digest()
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int.from_bytes(h[:8], "little")])
+
+
+def _stored_dtype(model_g: _Graph, op: Operand) -> np.dtype:
+    return np.asarray(model_g.constant_value(op.source)).dtype
+
+
+def _new_value(layer: Layer, op: Operand, shape, dtype, seed: int) -> np.ndarray:
+    if op.role == "bias":
+        return np.zeros(shape, dtype=dtype)
+    v = _rng(seed, layer.name, op.source).standard_normal(size=shape) * layer.std
+    return v.astype(dtype)
+
+
+def randomize(model: onnx.ModelProto, layers: Iterable[Layer | str], seed: int = 0,
+              logits: str | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` with the given layers re-initialised (see the module docstring).
+
+    ``layers`` are :class:`Layer` objects from :func:`find_layers` on this model, or their names.
+    """
+    if seed < 0:
+        raise OptionError(f"seed must be >= 0, got {seed}")
+    layers = list(layers)
+    if any(isinstance(L, str) for L in layers):
+        known = {L.name: L for L in find_layers(model, logits)}
+        missing = [L for L in layers if isinstance(L, str) and L not in known]
+        if missing:
+            raise OptionError(f"no learnable layer named {', '.join(map(repr, missing[:5]))}; "
+                              f"layers: {', '.join(list(known)[:10])}{' ...' if len(known) > 10 else ''}")
+        layers = [known[L] if isinstance(L, str) else L for L in layers]
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = _Graph(model)  # facts of the untouched input
+    init_pos = {t.name: k for k, t in enumerate(out.graph.initializer)}
+    taken = set(init_pos) | {o for n in out.graph.node for o in n.output} | {i.name for i in out.graph.input}
+    for layer in layers:
+        for op in layer.weights + layer.biases:
+            node = out.graph.node[op.node_index]
+            if node.input[op.input_index] != op.tensor:
+                raise ModelError(f"layer '{layer.name}' does not match this model (was it found "
+                                 f"on another model?)")
+            dtype = _stored_dtype(g, op)
+            if op.private:
+                stored = g.constant_value(op.source)
+                # draw in the shape the layer reads, stored back in the stored layout
+                value = _new_value(layer, op, op.shape, dtype, seed)
+                value = value.reshape(stored.shape) if value.size == stored.size else value
+                tensor = numpy_helper.from_array(np.ascontiguousarray(value), op.source)
+                if op.source_kind == "initializer":
+                    out.graph.initializer[init_pos[op.source]].CopyFrom(tensor)
+                else:
+                    const = out.graph.node[g.producer[op.source]]
+                    for a in const.attribute:
+                        if a.name == "value":
+                            a.t.CopyFrom(tensor)
+            else:
+                read_dtype = np.asarray(g.read_array(op.tensor)[0]).dtype
+                value = _new_value(layer, op, op.shape, read_dtype, seed)
+                base = f"{op.source}.onnxsal_random.{layer.name}"
+                name, k = base, 1
+                while name in taken:
+                    name, k = f"{base}.{k}", k + 1
+                taken.add(name)
+                out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+                if out.ir_version and out.ir_version < 4:
+                    out.graph.input.append(helper.make_tensor_value_info(
+                        name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
+                node.input[op.input_index] = name
+    return out
+
+
+def cascading_steps(layers: Sequence[Layer]) -> list[list[Layer]]:
+    """Step i (1-based) randomises layers 1..i counted from the top."""
+    return [list(layers[:i]) for i in range(1, len(layers) + 1)]
+
+
+def independent_steps(layers: Sequence[Layer]) -> list[list[Layer]]:
+    """Step i randomises layer i alone."""
+    return [[L] for L in layers]
+
+
+def pick_steps(n: int, max_steps: int | None) -> list[int]:
+    """Indices (0-based) of at most ``max_steps`` of ``n`` steps, evenly spread, always
+    including the first and the last."""
+    if not max_steps or max_steps >= n:
+        return list(range(n))
+    if max_steps == 1:
+        return [n - 1]
+    idx = np.unique(np.round(np.linspace(0, n - 1, max_steps)).astype(int))
+    return [int(i) for i in idx]
+
+
+__all__ = ["Layer", "Operand", "LAYER_OPS", "find_layers", "randomize", "cascading_steps",
+           "independent_steps", "pick_steps"]
