@@ -1,0 +1,160 @@
+"""What every saliency method shares: the result type, the method base class, input checks.
+
+Every method is called the same way::
+
+    maps = METHOD(engine, images, targets=None, **options)   # -> Maps
+
+``images`` are float32 [N, C, H, W] (or one [C, H, W] image) in the engine's raw input space,
+values in [0, 1]. ``targets`` are class indices (one int for all images, or one per image);
+by default the predicted class argmax_q S_q(x) of each image (SPEC.md section 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import InputError, OptionError
+
+#: What a method may declare it needs from the engine.
+NEEDS = frozenset({"forward", "gradients", "class_gradients", "intermediate_gradients"})
+
+
+@dataclass
+class Maps:
+    """The result of one method on a batch of images.
+
+    * ``maps``: float32 [N, H, W], one 2-D map per image, as displayed and ranked (the
+      channel reduction is already applied; not normalised, see :mod:`.normalize`);
+    * ``targets``: int64 [N], the explained class of each image;
+    * ``signed``: True when ``maps`` carries a meaningful sign (use a diverging colour map
+      centred at 0), False for magnitudes (sequential colour map);
+    * ``raw``: the attribution before the channel reduction when the method has one
+      (float32 [N, C, H, W]; Grad-CAM: the coarse map [N, h, w]), else None;
+    * ``logits``: float32 [N, classes] of the clean images when the method computed them;
+    * ``info``: method-specific extras (e.g. integrated gradients' completeness error).
+    """
+
+    method: str
+    maps: np.ndarray
+    targets: np.ndarray
+    signed: bool
+    raw: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+
+class Method:
+    """Base class: a named saliency method with declared needs and default options.
+
+    Subclasses set ``name``, ``needs`` (a subset of :data:`NEEDS`), ``signed``, ``defaults``
+    (every option the method accepts, with its default) and implement :meth:`run`.
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    signed: ClassVar[bool] = False
+    defaults: ClassVar[dict[str, Any]] = {}
+    aliases: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+
+    def __call__(self, engine, images, targets=None, **options) -> Maps:
+        x = as_batch(engine, images)
+        opts = self.options(options)
+        shared = options.get("_shared")
+        t, logits = resolve_targets(engine, x, targets, shared)
+        return self.run(engine, x, t, logits, opts, shared if shared is not None else {})
+
+    def options(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Defaults updated by ``given``; unknown options raise OptionError."""
+        given = {k: v for k, v in given.items() if not k.startswith("_")}
+        unknown = sorted(set(given) - set(self.defaults))
+        if unknown:
+            known = ", ".join(sorted(self.defaults)) or "none"
+            raise OptionError(f"method '{self.name}' has no option {', '.join(map(repr, unknown))} "
+                              f"(its options: {known})")
+        opts = dict(self.defaults)
+        opts.update(given)
+        return opts
+
+    def run(self, engine, x: np.ndarray, targets: np.ndarray, logits: np.ndarray | None,
+            opts: dict[str, Any], shared: dict) -> Maps:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<method {self.name} needs={sorted(self.needs)} signed={self.signed}>"
+
+
+def as_batch(engine, images) -> np.ndarray:
+    """Check and return images as a float32 [N, C, H, W] batch in the engine's input space."""
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[None]
+    expected = tuple(engine.input_shape)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise InputError(f"images have shape {tuple(np.shape(images))}; the model takes "
+                         f"[N, {', '.join(map(str, expected))}] (float32 in [0, 1], NCHW)")
+    if len(x) == 0:
+        raise InputError("no images given")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise InputError(f"images must be floating point in [0, 1], got dtype {x.dtype}")
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        raise InputError("images contain NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1e-4 or hi > 1 + 1e-4:
+        raise InputError(f"image values span [{lo:.4g}, {hi:.4g}]; onnxsal takes raw pixels "
+                         "scaled to [0, 1] (the model's own preprocessing goes in --preprocess)")
+    return x
+
+
+def resolve_targets(engine, x: np.ndarray, targets, shared: dict | None = None
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Targets as int64 [N] (default: argmax of the logits) and the logits if computed."""
+    n = len(x)
+    logits = None
+    if shared is not None and "logits" in shared:
+        logits = shared["logits"]
+    if targets is None:
+        if logits is None:
+            logits = np.asarray(engine.logits(x), dtype=np.float32)
+            if shared is not None:
+                shared["logits"] = logits
+        return logits.argmax(axis=1).astype(np.int64), logits
+    t = np.asarray(targets)
+    if t.ndim == 0:
+        t = np.full(n, int(t), dtype=np.int64)
+    if t.ndim != 1 or len(t) != n or not np.issubdtype(t.dtype, np.integer):
+        raise OptionError(f"targets must be one class index or one per image ({n}), "
+                          f"got {np.asarray(targets).tolist()!r}")
+    t = t.astype(np.int64)
+    classes = int(engine.num_classes)
+    if (t < 0).any() or (t >= classes).any():
+        raise OptionError(f"target class out of range: {t.tolist()} (the model has {classes} "
+                          "classes, 0.." f"{classes - 1})")
+    return t, logits
+
+
+def one_hot_seed(targets: np.ndarray, num_classes: int) -> np.ndarray:
+    """[1, N, classes] seed selecting each image's target logit."""
+    seed = np.zeros((1, len(targets), num_classes), dtype=np.float32)
+    seed[0, np.arange(len(targets)), targets] = 1.0
+    return seed
+
+
+def target_scores(logits: np.ndarray, targets: np.ndarray, score: str = "logit") -> np.ndarray:
+    """S_target per row: the raw logit (SPEC.md section 1) or the softmax probability."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if score == "logit":
+        return logits[np.arange(len(targets)), targets]
+    if score == "probability":
+        z = logits - logits.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        return p[np.arange(len(targets)), targets]
+    raise OptionError(f"score must be 'logit' or 'probability', got {score!r}")
