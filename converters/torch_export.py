@@ -1,0 +1,230 @@
+"""Export a PyTorch image classifier to ONNX with its preprocessing and class names recorded.
+
+``export`` runs either torch exporter with a dynamic batch axis, gives the file an IR version
+onnxruntime 1.31 reads, runs onnx's full checker and writes two metadata entries that
+``onnxsal`` reads back:
+
+- ``onnxsal.preprocess``: JSON ``{"scale": s, "mean": [...], "std": [...], "bgr": false,
+  "layout": "NCHW"}``: the model input is ``((x * scale) - mean) / std`` of images ``x`` with
+  pixels in [0, 1] (channels reversed first when ``bgr``, transposed to NHWC when ``layout`` says
+  so). The preprocessing is recorded, not baked into the graph.
+- ``onnxsal.labels``: JSON list of class names.
+
+``parity`` compares the ONNX file with the torch module on the same inputs.
+torch is imported lazily: importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxsal.errors import OptionError
+
+PREPROCESS_KEY = "onnxsal.preprocess"
+LABELS_KEY = "onnxsal.labels"
+LEGACY_OPSETS = range(13, 21)          # torch.onnx.export(dynamo=False)
+DYNAMO_MIN_OPSET = 18                  # torch.onnx.export(dynamo=True)
+MAX_IR_VERSION = 10                    # onnxruntime 1.31 reads <= 13; 10 is safe and covers opset 21
+
+_IMAGENET_MEAN = [0.485, 0.456, 0.406]
+_IMAGENET_STD = [0.229, 0.224, 0.225]
+PRESETS: dict[str, dict] = {
+    "identity": {"scale": 1.0, "mean": [0.0], "std": [1.0], "bgr": False, "layout": "NCHW"},
+    "imagenet": {"scale": 1.0, "mean": _IMAGENET_MEAN, "std": _IMAGENET_STD, "bgr": False, "layout": "NCHW"},
+    "x255": {"scale": 255.0, "mean": [0.0], "std": [1.0], "bgr": False, "layout": "NCHW"},
+    "caffe": {"scale": 255.0, "mean": [103.939, 116.779, 123.68], "std": [1.0], "bgr": True, "layout": "NCHW"},
+}
+PRESETS["none"] = PRESETS["identity"]
+
+
+def preprocess_spec(spec: str | dict | None) -> dict | None:
+    """Normalise a preprocessing spec: a dict, a JSON string, or a preset name
+    (identity/none, imagenet, x255, caffe). Returns the canonical dict or None."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        s = spec.strip()
+        if s.lower() in PRESETS:
+            return dict(PRESETS[s.lower()])
+        try:
+            spec = json.loads(s)
+        except json.JSONDecodeError:
+            raise OptionError(f"preprocess spec {spec!r}: not a preset ({', '.join(sorted(PRESETS))}) "
+                              "and not JSON") from None
+    if not isinstance(spec, dict):
+        raise OptionError(f"preprocess spec must be a dict, JSON or preset name, got {type(spec).__name__}")
+    unknown = set(spec) - {"scale", "mean", "std", "bgr", "layout"}
+    if unknown:
+        raise OptionError(f"preprocess spec: unknown keys {sorted(unknown)}")
+    out = dict(PRESETS["identity"])
+    out.update(spec)
+    try:
+        out["scale"] = float(out["scale"])
+        out["mean"] = [float(v) for v in np.atleast_1d(out["mean"])]
+        out["std"] = [float(v) for v in np.atleast_1d(out["std"])]
+    except (TypeError, ValueError):
+        raise OptionError("preprocess spec: scale, mean and std must be numbers") from None
+    if any(v == 0 for v in out["std"]) or out["scale"] == 0:
+        raise OptionError("preprocess spec: scale and std must be non-zero")
+    out["bgr"] = bool(out["bgr"])
+    out["layout"] = str(out["layout"]).upper()
+    if out["layout"] not in ("NCHW", "NHWC"):
+        raise OptionError(f"preprocess spec: layout must be NCHW or NHWC, got {out['layout']!r}")
+    return out
+
+
+def read_labels(labels: str | os.PathLike | Sequence[str] | None) -> list[str] | None:
+    """Class names from a list, or a file: a JSON list or one name per line."""
+    if labels is None:
+        return None
+    if isinstance(labels, (str, os.PathLike)):
+        p = Path(labels)
+        if not p.is_file():
+            raise OptionError(f"{p}: labels file not found")
+        text = p.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+            if isinstance(data, list):
+                return [str(v) for v in data]
+            if isinstance(data, dict):  # {"0": "cat", ...}
+                return [str(data[k]) for k in sorted(data, key=lambda k: int(k))]
+        except (json.JSONDecodeError, ValueError):
+            pass
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    return [str(v) for v in labels]
+
+
+def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> onnx.ModelProto:
+    """Set (replace) metadata_props entries."""
+    keep = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for k, v in entries.items():
+        model.metadata_props.add(key=k, value=v)
+    return model
+
+
+def _ir_version_for(model: onnx.ModelProto) -> int:
+    """The smallest IR version that carries the model's opsets, capped at MAX_IR_VERSION."""
+    need = 3
+    table = onnx.helper.VERSION_TABLE  # (release, ir, ai.onnx opset, ai.onnx.ml, training)
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            need = max(need, min((row[1] for row in table if row[2] >= imp.version), default=MAX_IR_VERSION))
+    return min(max(need, 7), MAX_IR_VERSION)
+
+
+def _example(module, example_input, batch: int = 2):
+    import torch
+
+    if isinstance(example_input, torch.Tensor):
+        return example_input.detach().float()
+    if isinstance(example_input, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(example_input, dtype=np.float32))
+    shape = tuple(int(v) for v in example_input)
+    if len(shape) == 3:  # (C, H, W): add a batch axis of 2 so no exporter specialises batch 1
+        shape = (batch,) + shape
+    if len(shape) != 4 or min(shape) < 1:
+        raise OptionError(f"input shape {shape}: expected (C, H, W) or (N, C, H, W)")
+    return torch.rand(shape, generator=torch.Generator().manual_seed(0))
+
+
+def export(module, example_input, path: str | os.PathLike | None = None, opset: int = 17,
+           dynamo: bool = False, preprocess: str | dict | None = None,
+           labels: str | os.PathLike | Sequence[str] | None = None,
+           input_name: str = "input", output_name: str = "logits", check: bool = True) -> onnx.ModelProto:
+    """Export ``module`` to ONNX (dynamic batch) and write it to ``path`` when given.
+
+    ``example_input``: a tensor/array, or an input shape (C, H, W) or (N, C, H, W).
+    ``dynamo=False`` uses the TorchScript exporter (opset 13..20); ``dynamo=True`` the
+    torch.export-based one (opset >= 18, needs onnxscript). Returns the ModelProto written.
+    """
+    import torch
+
+    opset = int(opset)
+    if dynamo and opset < DYNAMO_MIN_OPSET:
+        raise OptionError(f"opset {opset}: the dynamo exporter needs opset >= {DYNAMO_MIN_OPSET}")
+    if not dynamo and opset not in LEGACY_OPSETS:
+        raise OptionError(f"opset {opset}: the legacy exporter supports opsets "
+                          f"{LEGACY_OPSETS.start}..{LEGACY_OPSETS.stop - 1}; use dynamo=True for newer")
+    pre = preprocess_spec(preprocess)
+    names = read_labels(labels)
+    module = module.eval()
+    x = _example(module, example_input)
+    with torch.no_grad():
+        out = module(x)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise OptionError("the module must return one [N, classes] tensor of logits")
+    if names is not None and len(names) != out.shape[1]:
+        raise OptionError(f"{len(names)} labels for a model with {out.shape[1]} classes")
+    if dynamo:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        prog = torch.onnx.export(module, (x,), dynamo=True, opset_version=opset,
+                                 input_names=[input_name], output_names=[output_name],
+                                 dynamic_shapes=({0: batch},), optimize=True, verbose=False)
+        model = prog.model_proto
+        onnx.shape_inference.infer_shapes(model)  # raises on an inconsistent graph
+    else:
+        f = io.BytesIO()
+        torch.onnx.export(module, (x,), f, opset_version=opset, input_names=[input_name],
+                          output_names=[output_name], dynamo=False,
+                          dynamic_axes={input_name: {0: "N"}, output_name: {0: "N"}})
+        model = onnx.load_from_string(f.getvalue())
+    model.ir_version = _ir_version_for(model)
+    entries = {}
+    if pre is not None:
+        entries[PREPROCESS_KEY] = json.dumps(pre)
+    if names is not None:
+        entries[LABELS_KEY] = json.dumps(names)
+    set_metadata(model, entries)
+    if check:
+        onnx.checker.check_model(model, full_check=True)
+    if path is not None:
+        from onnxsal.model import save_model
+
+        save_model(model, str(path))
+    return model
+
+
+def _run_onnx(model: str | os.PathLike | onnx.ModelProto, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i:i + 256]})[0] for i in range(0, len(x), 256)])
+
+
+def parity(module, onnx_model: str | os.PathLike | onnx.ModelProto, inputs: Any,
+           threads: int = 1) -> dict[str, float]:
+    """Compare torch and onnxruntime logits on ``inputs`` (array/tensor [N, ...] in the model's
+    input space): ``max_abs_logit_diff``, ``max_rel_logit_diff`` (over the logit range) and
+    ``argmax_agreement`` (fraction of inputs with the same top class)."""
+    import torch
+
+    x = inputs.detach().cpu().numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    module = module.eval()
+    with torch.no_grad():
+        ref = np.concatenate([module(torch.from_numpy(x[i:i + 256])).numpy() for i in range(0, len(x), 256)])
+    got = _run_onnx(onnx_model, x, threads)
+    diff = np.abs(ref - got)
+    span = float(ref.max() - ref.min()) or 1.0
+    return {"max_abs_logit_diff": float(diff.max()), "max_rel_logit_diff": float(diff.max() / span),
+            "argmax_agreement": float((ref.argmax(1) == got.argmax(1)).mean()), "n": int(len(x))}
+
+
+__all__ = ["export", "parity", "preprocess_spec", "read_labels", "set_metadata", "PRESETS",
+           "PREPROCESS_KEY", "LABELS_KEY"]
