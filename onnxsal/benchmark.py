@@ -1,0 +1,315 @@
+"""The black/white-deletion benchmark driver: several models x several methods x one data set.
+
+Work is split into shards (model x method x a slice of images). Each shard's per-image
+predictions are written atomically to ``OUT/shards/`` as soon as it finishes, under a key
+that hashes everything the shard depends on (model content, preprocessing, data fingerprint,
+metric, fractions, seed, shard size), so an interrupted run resumes from its finished shards
+and gives the same final results as an uninterrupted one. The final files (``results.json``,
+``results.md``, ``curves.csv``, ``curves.png``) are computed from the shards alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .data import Dataset, RawImages, conform, load_raw
+from .errors import InputError, OnnxsalError, OptionError
+from .metrics.deletion import FRACTIONS, MODES, BlackWhiteDeletion
+from .report import (atomic_savez, atomic_write_json, atomic_write_text, deletion_csv_rows,
+                     deletion_markdown, plot_deletion_curves, write_csv)
+
+MapsFn = Callable[[Any, str, np.ndarray], np.ndarray]
+SHARD_FORMAT = 1
+
+
+def default_maps(engine, method: str, images: np.ndarray, shared: dict | None = None,
+                 seed: int | None = None) -> np.ndarray:
+    """Maps [N, H, W] of ``onnxsal.methods.get(method)`` (seeded when the method takes a seed)."""
+    from . import methods
+
+    m = methods.get(method)
+    opts: dict[str, Any] = {}
+    if seed is not None and "seed" in getattr(m, "defaults", {}):
+        opts["seed"] = seed
+    if shared is not None:
+        opts["_shared"] = shared
+    return m(engine, images, **opts)
+
+
+def _as_maps(out: Any, n: int, hw: tuple[int, int], method: str) -> np.ndarray:
+    maps = np.asarray(getattr(out, "maps", out))
+    if maps.ndim == 4 and maps.shape[1] == 1:
+        maps = maps[:, 0]
+    if maps.shape != (n,) + tuple(hw):
+        raise OnnxsalError(f"method '{method}' returned maps of shape {maps.shape}; expected "
+                           f"({n}, {hw[0]}, {hw[1]})")
+    return maps.astype(np.float32, copy=False)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("onnxsal", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "scikit-image",
+                 "scipy", "matplotlib"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:64] or "_"
+
+
+def _model_names(paths: Sequence[str]) -> list[str]:
+    stems = [Path(p).stem if isinstance(p, (str, os.PathLike)) else f"model{i}"
+             for i, p in enumerate(paths)]
+    out = []
+    for i, s in enumerate(stems):
+        out.append(s if stems.count(s) == 1 else f"{s}#{i + 1}")
+    return out
+
+
+def _parse_methods(methods: Sequence[str] | str) -> list[str]:
+    if isinstance(methods, str):
+        methods = [methods]
+    out: list[str] = []
+    for m in methods:
+        for part in str(m).split(","):
+            part = part.strip()
+            if part and part not in out:
+                out.append(part)
+    if not out:
+        raise OptionError("no methods given (e.g. --methods original,positive,negative)")
+    return out
+
+
+def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Sequence[str] | str,
+                  metric: str = "accuracy", limit: int | None = None,
+                  out_dir: str | os.PathLike = "benchmark", maps_fn: MapsFn | None = None, *,
+                  preprocess: Any = None, device: str = "auto", seed: int = 0,
+                  shard_size: int = 256, fractions: Sequence[float] = FRACTIONS,
+                  modes: Sequence[str] = MODES, threads: int | None = None,
+                  output: str | None = None, split: str | None = None,
+                  engine_factory: Callable[[Any], Any] | None = None,
+                  progress: bool = True, max_batch_bytes: int = 256 << 20,
+                  command: str | None = None, stop_after: int | None = None) -> dict:
+    """Run black/white deletion for every model x method; write the result files; return the
+    results dictionary (the content of ``results.json``).
+
+    ``maps_fn(engine, method, images) -> [N, H, W]`` computes the maps (default: the method
+    registered under that name in :mod:`onnxsal.methods`). ``engine_factory(model)`` builds
+    an engine (default :class:`onnxsal.engine.Engine` with ``preprocess``, ``device``,
+    ``threads``, ``output``). ``stop_after`` stops after that many newly computed shards,
+    without writing the final files (what an interruption does; used by tests).
+    """
+    t_start = time.time()
+    models = list(models)
+    if not models:
+        raise OptionError("no models given")
+    method_names = _parse_methods(methods)
+    if shard_size < 1:
+        raise OptionError(f"shard size must be positive, got {shard_size}")
+    metric_obj = BlackWhiteDeletion(metric, fractions, modes, max_batch_bytes)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if engine_factory is None:
+        from .engine import Engine
+
+        def engine_factory(m):
+            return Engine(m, preprocess=preprocess, device=device, threads=threads, output=output)
+
+    engines = [engine_factory(m) for m in models]
+    names = _model_names(models)
+
+    # the data: read once, conformed to each model's input shape
+    if isinstance(data, Dataset):
+        base: Dataset | RawImages = data if limit is None else data.subset(slice(0, limit))
+    elif isinstance(data, RawImages):
+        base = data
+    else:
+        base = load_raw(data, limit=limit, split=split)
+    conformed: dict[tuple, Dataset] = {}
+
+    def data_for(eng) -> Dataset:
+        shape = tuple(eng.input_shape)
+        if shape not in conformed:
+            if isinstance(base, Dataset) and base.shape == shape:
+                conformed[shape] = base
+            else:
+                raw = base
+                if isinstance(base, Dataset):
+                    raw = RawImages([im.transpose(1, 2, 0) for im in base.images], base.labels,
+                                    list(base.names), base.source, base.class_names,
+                                    list(base.notes), list(base.failures))
+                conformed[shape] = conform(raw, shape)
+        return conformed[shape]
+
+    # plan the shards
+    plan = []  # (model index, slice, method, path)
+    model_info = []
+    for i, (eng, name) in enumerate(zip(engines, names)):
+        ds = data_for(eng)
+        if metric == "accuracy":
+            if ds.labels is None:
+                raise OptionError(f"{ds.source} has no labels: metric 'accuracy' needs them "
+                                  "(use --metric allegiance)")
+            bad = (ds.labels < 0) | (ds.labels >= eng.num_classes)
+            if bad.any():
+                raise InputError(f"labels out of range for {name} ({eng.num_classes} classes): "
+                                 f"{sorted(set(ds.labels[bad].tolist()))[:5]}")
+        pre = getattr(eng, "preprocess", None)
+        pre_json = pre.to_json() if hasattr(pre, "to_json") else json.dumps(str(pre))
+        key_src = json.dumps({"format": SHARD_FORMAT, "model": eng.model_hash,
+                              "preprocess": pre_json, "output": output,
+                              "data": ds.fingerprint(), "metric": metric,
+                              "fractions": list(map(float, fractions)), "modes": list(modes),
+                              "seed": seed, "shard_size": shard_size,
+                              "maps_fn": "default" if maps_fn is None else
+                              getattr(maps_fn, "__qualname__", repr(type(maps_fn)))},
+                             sort_keys=True)
+        key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+        sdir = out / "shards" / f"{_safe(name)}-{key}"
+        model_info.append({"dir": sdir, "key_src": key_src, "data": ds})
+        for s in range(0, len(ds), shard_size):
+            sl = slice(s, min(len(ds), s + shard_size))
+            for meth in method_names:
+                plan.append((i, sl, meth, sdir / f"{_safe(meth)}-{sl.start:07d}-{sl.stop:07d}.npz"))
+
+    for info in model_info:
+        info["dir"].mkdir(parents=True, exist_ok=True)
+        kp = info["dir"] / "key.json"
+        if not kp.is_file():
+            atomic_write_text(kp, info["key_src"] + "\n")
+
+    parts: dict[tuple[int, str, int], dict] = {}
+    todo = []
+    for item in plan:
+        loaded = _load_shard(item[3], metric_obj)
+        if loaded is None:
+            todo.append(item)
+        else:
+            parts[(item[0], item[2], item[1].start)] = loaded
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan), initial=len(plan) - len(todo), unit="shard",
+                   desc="benchmark", dynamic_ncols=True)
+    computed = 0
+    shared_key = None
+    shared: dict = {}
+    try:
+        for i, sl, meth, path in todo:
+            if stop_after is not None and computed >= stop_after:
+                break
+            eng = engines[i]
+            ds = model_info[i]["data"]
+            x = ds.images[sl]
+            y = None if ds.labels is None else ds.labels[sl]
+            if (i, sl.start) != shared_key:
+                shared_key, shared = (i, sl.start), {}
+            if bar is not None:
+                bar.set_postfix_str(f"{names[i]} {meth} {sl.start}:{sl.stop}")
+            if maps_fn is None:
+                raw_maps = default_maps(eng, meth, x, shared=shared, seed=seed)
+            else:
+                raw_maps = maps_fn(eng, meth, x)
+            maps = _as_maps(raw_maps, len(x), x.shape[2:], meth)
+            part = metric_obj.evaluate_batch(eng.logits, x, maps, y)
+            atomic_savez(path, **part)
+            parts[(i, meth, sl.start)] = part
+            computed += 1
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if len(parts) < len(plan):
+        return {"complete": False, "shards": len(plan), "done": len(parts)}
+
+    # aggregate
+    results = []
+    models_out = []
+    for i, (eng, name) in enumerate(zip(engines, names)):
+        ds = model_info[i]["data"]
+        starts = sorted({sl.start for (j, sl, _, _) in plan if j == i})
+        clean = None
+        for meth in method_names:
+            res = metric_obj.aggregate([parts[(i, meth, s)] for s in starts])
+            results.append({"model": name, "method": meth, "images": len(res.errors),
+                            "valid_images": res.n_valid, "fractions": res.fractions,
+                            "curves": res.curves, "auc": res.auc,
+                            "failures": [{"name": n, "error": e}
+                                         for n, e in res.failures(ds.names)]})
+            if clean is None and res.n_valid:
+                ok = res.valid
+                c0 = res.predictions[modes[0]][ok][:, 0] == res.reference[ok]
+                clean = {"score": float(c0.mean()), "images": int(ok.sum())}
+        pre = getattr(eng, "preprocess", None)
+        models_out.append({
+            "name": name, "path": str(models[i]) if isinstance(models[i], (str, os.PathLike)) else None,
+            "hash": eng.model_hash, "input_shape": list(map(int, eng.input_shape)),
+            "num_classes": int(eng.num_classes),
+            "preprocess": json.loads(pre.to_json()) if hasattr(pre, "to_json") else str(pre),
+            "provider": getattr(eng, "provider", None),
+            "clean": clean or {"score": float("nan"), "images": 0},
+            "shards": str(model_info[i]["dir"].relative_to(out)),
+        })
+    first = model_info[0]["data"]
+    data_desc = first.describe()
+    data_desc.pop("fingerprint")
+    data_desc["fingerprint"] = first.fingerprint()
+    if len({tuple(e.input_shape) for e in engines}) > 1:
+        data_desc["per_model_fingerprint"] = {n: model_info[i]["data"].fingerprint()
+                                              for i, n in enumerate(names)}
+    summary = {
+        "tool": "onnxsal benchmark",
+        "command": command,
+        "settings": {"metric": metric, "methods": method_names,
+                     "fractions": [float(p) for p in fractions], "modes": list(modes),
+                     "auc": "trapezoid, dx = 0.1, not normalised", "limit": limit, "seed": seed,
+                     "preprocess": preprocess if isinstance(preprocess, (str, type(None)))
+                     else str(preprocess), "shard_size": shard_size, "device": device},
+        "data": data_desc,
+        "models": models_out,
+        "results": results,
+        "versions": package_versions(),
+        "timing": {"seconds_this_run": round(time.time() - t_start, 3),
+                   "shards_computed_this_run": computed, "shards_total": len(plan)},
+    }
+    atomic_write_json(out / "results.json", summary)
+    atomic_write_text(out / "results.md", deletion_markdown(summary))
+    headers, rows = deletion_csv_rows(summary)
+    write_csv(out / "curves.csv", headers, rows)
+    plot_deletion_curves(summary, out / "curves.png")
+    summary["complete"] = True
+    return summary
+
+
+def _load_shard(path: Path, metric: BlackWhiteDeletion) -> dict | None:
+    """A finished shard, or None when it is missing or unreadable (then it is recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            part = {k: z[k] for k in z.files}
+    except Exception:
+        return None
+    need = {"reference", "errors"} | {f"pred_{m}" for m in metric.modes}
+    if not need <= set(part):
+        return None
+    return part

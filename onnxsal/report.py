@@ -1,0 +1,245 @@
+"""Tables (Markdown, CSV, JSON) and curve plots, written atomically.
+
+Every file is written to a temporary file in the same folder and moved into place with
+``os.replace``, so an interrupted run never leaves a half-written result. Plots use
+matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+# --------------------------------------------------------------------------------------------
+# atomic writes
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(o: Any):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def to_json(obj: Any) -> str:
+    """Stable JSON (sorted keys are not used: insertion order is the documented order)."""
+    return json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n"
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, to_json(obj))
+
+
+def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """``np.savez`` through a temporary file (no pickled objects: plain arrays only)."""
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------
+# tables
+
+
+def fmt(v: float | None, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.{digits}f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
+                   align: str | None = None) -> str:
+    """A GitHub Markdown table; ``align`` is one of 'l', 'r', 'c' per column."""
+    headers = [str(h) for h in headers]
+    align = align or "l" + "r" * (len(headers) - 1)
+    sep = {"l": ":---", "r": "---:", "c": ":---:"}
+    lines = ["| " + " | ".join(headers) + " |",
+             "| " + " | ".join(sep[a] for a in align) + " |"]
+    for r in rows:
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: str | os.PathLike, headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(headers)
+    for r in rows:
+        w.writerow(r)
+    atomic_write_text(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------
+# the deletion benchmark's outputs
+
+
+def deletion_table(results: dict) -> str:
+    """The paper-shaped table: rows methods, columns model x black/white AUC (lowest bold)."""
+    models = [m["name"] for m in results["models"]]
+    methods = results["settings"]["methods"]
+    modes = results["settings"].get("modes", ["black", "white"])
+    by = {(r["model"], r["method"]): r for r in results["results"]}
+    headers = ["method"] + [f"{m} {mode}" for m in models for mode in modes]
+    best = {}
+    for m in models:
+        for mode in modes:
+            vals = [by[(m, meth)]["auc"][mode] for meth in methods if (m, meth) in by]
+            vals = [v for v in vals if not math.isnan(v)]
+            best[(m, mode)] = min(vals) if vals else None
+    rows = []
+    for meth in methods:
+        row = [meth]
+        for m in models:
+            for mode in modes:
+                r = by.get((m, meth))
+                if r is None:
+                    row.append("-")
+                    continue
+                v = r["auc"][mode]
+                s = fmt(v)
+                if best[(m, mode)] is not None and v == best[(m, mode)]:
+                    s = f"**{s}**"
+                row.append(s)
+        rows.append(row)
+    return markdown_table(headers, rows)
+
+
+def deletion_markdown(results: dict) -> str:
+    """results.md: the AUC table, clean scores, settings, notes and failures."""
+    s = results["settings"]
+    d = results["data"]
+    metric = s["metric"]
+    out = ["# Black- and white-deletion benchmark", ""]
+    out.append(f"Data: {d['source']}, {d['count']} images of shape "
+               f"{'x'.join(map(str, d['shape']))} (fingerprint `{d['fingerprint'][:16]}`). "
+               f"Metric: top-1 {metric} "
+               + ("against the true labels." if metric == "accuracy" else
+                  "(agreement with the clean image's prediction).")
+               + f" Fractions deleted: {', '.join(f'{p:g}' for p in s['fractions'])}. "
+               f"AUC: trapezoid rule, dx = 0.1, not normalised (maximum 0.9 x the clean "
+               f"score). Lower black-deletion AUC: the map finds the pixels that support the "
+               f"class; lower white-deletion AUC: the pixels that oppose it. Lowest per column "
+               f"in bold.")
+    out.append("")
+    out.append(deletion_table(results))
+    rows = []
+    for m in results["models"]:
+        rows.append([m["name"], f"`{m['hash'][:16]}`", "x".join(map(str, m["input_shape"])),
+                     m["num_classes"], fmt(m["clean"]["score"]), m["clean"]["images"]])
+    out.append(f"Models (clean {metric} on the images used):")
+    out.append("")
+    out.append(markdown_table(["model", "content hash", "input", "classes",
+                               f"clean {metric}", "images"], rows))
+    out.append("Curves (" + metric + " at each fraction deleted):")
+    out.append("")
+    frs = s["fractions"]
+    rows = []
+    for r in results["results"]:
+        for mode, curve in r["curves"].items():
+            rows.append([r["model"], r["method"], mode] + [fmt(v, 3) for v in curve])
+    out.append(markdown_table(["model", "method", "mode"] + [f"{p:g}" for p in frs], rows,
+                              "lll" + "r" * len(frs)))
+    notes = list(d.get("notes", []))
+    if notes:
+        out.append("Data notes: " + "; ".join(notes) + ".")
+        out.append("")
+    fails = [(f["name"], f["error"]) for f in d.get("failures", [])]
+    img_fails = [(r["model"], r["method"], f["name"], f["error"])
+                 for r in results["results"] for f in r.get("failures", [])]
+    if fails or img_fails:
+        out.append("## Failures")
+        out.append("")
+        for n, e in fails:
+            out.append(f"- data: {n}: {e}")
+        for m, meth, n, e in img_fails[:200]:
+            out.append(f"- {m} / {meth}: {n}: {e}")
+        if len(img_fails) > 200:
+            out.append(f"- ... {len(img_fails) - 200} more in results.json")
+        out.append("")
+    out.append(f"Settings: seed {s['seed']}, limit {s['limit']}, preprocess "
+               f"{s['preprocess'] or 'from the model'}, shard size {s['shard_size']}. "
+               "Everything else is in results.json.")
+    return "\n".join(out) + "\n"
+
+
+def deletion_csv_rows(results: dict) -> tuple[list[str], list[list[Any]]]:
+    headers = ["model", "model_hash", "method", "mode", "fraction", "value", "metric",
+               "valid_images"]
+    hashes = {m["name"]: m["hash"] for m in results["models"]}
+    rows = []
+    for r in results["results"]:
+        for mode, curve in r["curves"].items():
+            for p, v in zip(r["fractions"], curve):
+                rows.append([r["model"], hashes[r["model"]], r["method"], mode, f"{p:g}",
+                             repr(float(v)), results["settings"]["metric"], r["valid_images"]])
+    return headers, rows
+
+
+def plot_deletion_curves(results: dict, path: str | os.PathLike) -> None:
+    """curves.png: metric against fraction deleted, one line per method; black | white."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    models = [m["name"] for m in results["models"]]
+    modes = results["settings"].get("modes", ["black", "white"])
+    metric = results["settings"]["metric"]
+    fig, axes = plt.subplots(len(models), len(modes), figsize=(5.2 * len(modes), 3.8 * len(models)),
+                             squeeze=False, sharey=True)
+    for i, m in enumerate(models):
+        for j, mode in enumerate(modes):
+            ax = axes[i][j]
+            for r in results["results"]:
+                if r["model"] != m:
+                    continue
+                ax.plot(r["fractions"], r["curves"][mode], marker="o", markersize=3,
+                        label=f"{r['method']} ({fmt(r['auc'][mode])})")
+            ax.set_title(f"{m}: {mode} deletion")
+            ax.set_xlabel("fraction of pixels deleted")
+            if j == 0:
+                ax.set_ylabel(metric)
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, title="method (AUC)", title_fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
