@@ -325,10 +325,15 @@ class Engine:
         pools = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "AveragePool", "Flatten", "Reshape")
         inits = {i.name for i in m.graph.initializer}
         best = None
-        for node in inferred.graph.node:
-            if node.op_type in pools and node.input and ranks.get(node.input[0]) == 4 \
-                    and node.input[0] not in inits and node.input[0] != self.input_name:
-                best = node.input[0]
+        # global pooling first: the Flatten/Reshape after it would otherwise pick the
+        # pooled [N, K, 1, 1] tensor
+        for group in (pools[:3], pools[3:]):
+            for node in inferred.graph.node:
+                if node.op_type in group and node.input and ranks.get(node.input[0]) == 4 \
+                        and node.input[0] not in inits and node.input[0] != self.input_name:
+                    best = node.input[0]
+            if best is not None:
+                break
         if best is None:
             cands = [n.output[0] for n in inferred.graph.node if n.output and ranks.get(n.output[0]) == 4]
             if not cands:
