@@ -31,18 +31,16 @@ MapsFn = Callable[[Any, str, np.ndarray], np.ndarray]
 SHARD_FORMAT = 1
 
 
-def default_maps(engine, method: str, images: np.ndarray, shared: dict | None = None,
-                 seed: int | None = None) -> np.ndarray:
-    """Maps [N, H, W] of ``onnxsal.methods.get(method)`` (seeded when the method takes a seed)."""
+def default_maps_many(engine, method_names: Sequence[str], images: np.ndarray,
+                      seed: int | None = None) -> dict[str, Any]:
+    """{method: Maps} from :func:`onnxsal.methods.compute`, which shares the gradient work
+    of methods run on the same images; seeded methods get ``seed``."""
     from . import methods
 
-    m = methods.get(method)
     opts: dict[str, Any] = {}
-    if seed is not None and "seed" in getattr(m, "defaults", {}):
+    if seed is not None and any("seed" in methods.get(m).defaults for m in method_names):
         opts["seed"] = seed
-    if shared is not None:
-        opts["_shared"] = shared
-    return m(engine, images, **opts)
+    return methods.compute(engine, images, list(method_names), **opts)
 
 
 def _as_maps(out: Any, n: int, hw: tuple[int, int], method: str) -> np.ndarray:
@@ -119,6 +117,10 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
     if not models:
         raise OptionError("no models given")
     method_names = _parse_methods(methods)
+    if maps_fn is None:
+        from . import methods as _methods
+
+        method_names = _methods.resolve(method_names)
     if shard_size < 1:
         raise OptionError(f"shard size must be positive, got {shard_size}")
     metric_obj = BlackWhiteDeletion(metric, fractions, modes, max_batch_bytes)
@@ -210,31 +212,38 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
         bar = tqdm(total=len(plan), initial=len(plan) - len(todo), unit="shard",
                    desc="benchmark", dynamic_ncols=True)
     computed = 0
-    shared_key = None
-    shared: dict = {}
+    groups: dict[tuple[int, int], list] = {}
+    for item in todo:
+        groups.setdefault((item[0], item[1].start), []).append(item)
     try:
-        for i, sl, meth, path in todo:
+        for (i, _), items in groups.items():
             if stop_after is not None and computed >= stop_after:
                 break
             eng = engines[i]
             ds = model_info[i]["data"]
+            sl = items[0][1]
             x = ds.images[sl]
             y = None if ds.labels is None else ds.labels[sl]
-            if (i, sl.start) != shared_key:
-                shared_key, shared = (i, sl.start), {}
+            pending = [meth for _, _, meth, _ in items]
             if bar is not None:
-                bar.set_postfix_str(f"{names[i]} {meth} {sl.start}:{sl.stop}")
+                bar.set_postfix_str(f"{names[i]} {sl.start}:{sl.stop} maps")
             if maps_fn is None:
-                raw_maps = default_maps(eng, meth, x, shared=shared, seed=seed)
+                all_maps = default_maps_many(eng, pending, x, seed)
             else:
-                raw_maps = maps_fn(eng, meth, x)
-            maps = _as_maps(raw_maps, len(x), x.shape[2:], meth)
-            part = metric_obj.evaluate_batch(eng.logits, x, maps, y)
-            atomic_savez(path, **part)
-            parts[(i, meth, sl.start)] = part
-            computed += 1
-            if bar is not None:
-                bar.update(1)
+                all_maps = None
+            for _, _, meth, path in items:
+                if stop_after is not None and computed >= stop_after:
+                    break
+                if bar is not None:
+                    bar.set_postfix_str(f"{names[i]} {meth} {sl.start}:{sl.stop}")
+                raw_maps = all_maps[meth] if all_maps is not None else maps_fn(eng, meth, x)
+                maps = _as_maps(raw_maps, len(x), x.shape[2:], meth)
+                part = metric_obj.evaluate_batch(eng.logits, x, maps, y)
+                atomic_savez(path, **part)
+                parts[(i, meth, sl.start)] = part
+                computed += 1
+                if bar is not None:
+                    bar.update(1)
     finally:
         if bar is not None:
             bar.close()

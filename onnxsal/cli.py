@@ -84,6 +84,61 @@ def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: flo
                f"'{_meta(aug, 'onnxsal.seed')}' [K, N, C], in {dt:.2f} s")
 
 
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--data", "data", multiple=True, required=True,
+              help="A folder (one subfolder per class), an .npz (x, y), image files "
+              "(repeatable), or fashion-mnist[:train|test], digits, skimage-samples.")
+@click.option("-m", "--methods", "methods", multiple=True,
+              default=["original,positive,negative,active,inactive"], show_default=True,
+              help="Method names (repeatable, comma lists allowed), or 'all'.")
+@click.option("--metric", type=click.Choice(["accuracy", "allegiance"]), default="accuracy",
+              show_default=True, help="Top-1 accuracy against labels, or agreement with the "
+              "clean prediction (needs no labels).")
+@click.option("--limit", type=int, default=None, help="Use the first N images.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder "
+              "(results.json, results.md, curves.csv, curves.png; shards/ for resuming).")
+@click.option("--preprocess", default=None, help="Model preprocessing (as for explain).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of seeded methods.")
+@click.option("--output", default=None, help="The output to explain when the model has several.")
+@click.option("--shard-size", type=int, default=256, show_default=True,
+              help="Images per shard (the unit of resuming).")
+@click.option("--threads", type=int, default=None, help="onnxruntime threads per session.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def benchmark(models, data, methods, metric, limit, out, preprocess, device, seed, output,
+              shard_size, threads, quiet):
+    """Black/white-deletion AUCs of saliency METHODS on MODELS (SPEC.md section 3)."""
+    import shlex
+
+    from .benchmark import run_benchmark
+
+    command = None
+    if Path(sys.argv[0]).name == "onnxsal":
+        command = " ".join(["onnxsal"] + [shlex.quote(a) for a in sys.argv[1:]])
+    try:
+        res = run_benchmark(list(models), data[0] if len(data) == 1 else list(data),
+                            list(methods), metric, limit, out, preprocess=preprocess,
+                            device=device, seed=seed, output=output, shard_size=shard_size,
+                            threads=threads, progress=not quiet, command=command)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: finished shards are kept in {out}/shards; run the same "
+                   "command again to resume", err=True)
+        raise
+    for note in res["data"]["notes"]:
+        click.echo(f"note: {note}", err=True)
+    for f in res["data"]["failures"]:
+        click.echo(f"failed: {f['name']}: {f['error']}", err=True)
+    nfail = sum(len(r["failures"]) for r in res["results"])
+    if nfail:
+        click.echo(f"note: {nfail} per-image failures (listed in {out}/results.md)", err=True)
+    from .report import deletion_table
+
+    click.echo(deletion_table(res), nl=False)
+    click.echo(f"wrote {out}/results.json, results.md, curves.csv, curves.png "
+               f"({res['data']['count']} images, {res['timing']['seconds_this_run']:.1f} s)")
+
+
 def _meta(model, key: str) -> str:
     return next((p.value for p in model.metadata_props if p.key == key), "")
 
