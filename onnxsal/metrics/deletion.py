@@ -44,6 +44,9 @@ def deletion_masks(maps: np.ndarray, fractions=FRACTIONS) -> np.ndarray:
     ks = deletion_counts(h, w, fractions)
     flat = maps.reshape(n, h * w)
     desc = -np.sort(-flat, axis=1)  # descending
+    # k = H*W only happens for maps of at most 4 pixels (round(0.9 * 4) = 4): then every
+    # non-zero pixel may go, as if the sorted map ended with -inf
+    desc = np.concatenate([desc.astype(np.float64), np.full((n, 1), -np.inf)], axis=1)
     v = desc[:, ks]  # [N, P]
     s = maps[:, None]  # [N, 1, H, W]
     return (s > v[:, :, None, None]) & (s != 0)
