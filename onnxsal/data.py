@@ -350,9 +350,13 @@ def _from_folder(root: Path, limit: int | None) -> RawImages:
 
 
 def _read_image(path: Path) -> np.ndarray:
+    import warnings
+
     from skimage import io as skio
 
-    arr = skio.imread(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # imageio's plugin probing on unreadable files
+        arr = skio.imread(str(path))
     if arr.ndim == 4:  # animated image: the first frame
         arr = arr[0]
     return arr
