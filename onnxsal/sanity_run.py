@@ -1,0 +1,447 @@
+"""The model-parameter randomisation test of Adebayo et al. (2018) on ONNX weights.
+
+:func:`run_sanity` answers, for one model and several saliency methods: does the method's map
+depend on what the model learned? For each step of cascading (top layer first, then the next
+one down as well, ...) or independent (one layer at a time) randomisation
+(:mod:`onnxsal.metrics.sanity`) it builds the randomised model, runs it in a fresh
+:class:`~onnxsal.engine.Engine`, re-predicts the explained class, computes every method's maps
+and compares them with the trained model's maps (:mod:`onnxsal.metrics.similarity`); each
+similarity is reported as mean and std over images per step, method and metric.
+
+Step 0 ("trained") recomputes the maps on an untouched copy of the model: it is the
+self-similarity baseline. Methods with a ``seed`` option (SmoothGrad, RISE, LIME, ...) run it
+with seed + 1, so their baseline measures their own noise; deterministic methods give 1.
+
+Pass/fail rule (:data:`RULE`): a method **passes** when its mean Spearman rank correlation of the
+absolute maps (``spearman_abs``) at the end of the test (cascading: every layer randomised;
+independent: the layer whose randomisation lowers it most) is below ``threshold`` (0.5) *and*
+at least ``margin`` (0.3) below its step-0 self-similarity. Otherwise it **fails**: its maps
+stay similar to the trained model's, so they do not reflect what the model learned (or, when
+the baseline itself is low, the method's own noise hides any dependence on the model).
+Lower similarity is better here (the metric's direction is "lower").
+
+Outputs in ``out``: ``sanity.json`` (settings, layers, per-step mean/std/n per method and
+metric, verdicts), ``sanity.md``, ``cascading.png`` (or ``independent.png``: similarity against
+the randomisation step, one line per method, one panel per metric), ``maps_grid.png`` (rows
+methods, columns steps, for one image) and ``steps/step_NNN.npz`` (per-image similarities and
+the grid image's maps). Every file is written atomically; a run that stops resumes from the
+step files whose fingerprint matches the settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .errors import InputError, OptionError
+from .metrics import similarity as sim
+from .metrics.sanity import Layer, cascading_steps, find_layers, independent_steps, pick_steps, randomize
+from .model import content_hash, load_model
+
+MODES = ("cascading", "independent")
+METRIC_LABELS = {"spearman_abs": "Spearman (absolute maps)",
+                 "spearman_signed": "Spearman (signed maps)",
+                 "ssim": "SSIM", "hog": "HOG similarity"}
+DIRECTION = "lower"  # lower similarity to the trained model's maps = more model-dependent
+RULE = ("a method passes when its mean Spearman rank correlation of the absolute maps "
+        "(spearman_abs) at the end of the test (cascading: all layers randomised; independent: "
+        "the layer whose randomisation lowers it most) is below {threshold} and at least "
+        "{margin} below its trained-model self-similarity (step 0); otherwise it fails")
+
+MethodFn = Callable[..., Any]
+
+
+@dataclass
+class Step:
+    index: int  # 0 = trained (no layer randomised)
+    label: str  # the layer randomised last (cascading) or alone (independent)
+    layers: list[Layer]
+
+    @property
+    def names(self) -> list[str]:
+        return [L.name for L in self.layers]
+
+
+def _method_callable(name: str, given: MethodFn | None) -> MethodFn:
+    if given is not None:
+        return given
+    from . import methods
+
+    return methods.get(name)
+
+
+def _canonical(names: Sequence[str] | Mapping[str, MethodFn]) -> dict[str, MethodFn | None]:
+    if isinstance(names, Mapping):
+        return dict(names)
+    from . import methods
+
+    return {n: None for n in methods.resolve(list(names))}
+
+
+def comparable(result: Any, hw: tuple[int, int]) -> np.ndarray:
+    """The array the similarities compare, from a method's result: the per-channel attribution
+    ``raw`` [N, C, H, W] when the method has one at image size, else its 2-D maps [N, H, W]."""
+    raw = getattr(result, "raw", None)
+    if raw is not None and np.ndim(raw) == 4 and tuple(np.shape(raw)[2:]) == tuple(hw):
+        return np.asarray(raw, np.float32)
+    arr = np.asarray(getattr(result, "maps", result), np.float32)
+    if arr.ndim not in (3, 4) or tuple(arr.shape[-2:]) != tuple(hw):
+        raise InputError(f"a method returned maps of shape {arr.shape}; expected [N, H, W] or "
+                         f"[N, C, H, W] with H x W = {hw[0]} x {hw[1]}")
+    return arr
+
+
+def _has_seed(fn: Any) -> bool:
+    return "seed" in getattr(fn, "defaults", {})
+
+
+def _compute_maps(engine, x: np.ndarray, targets: np.ndarray, methods: dict[str, MethodFn],
+                  options: dict[str, dict], seed_shift: int = 0) -> dict[str, np.ndarray]:
+    hw = tuple(x.shape[2:])
+    out = {}
+    for name, fn in methods.items():
+        opts = dict(options.get(name, {}))
+        if seed_shift and _has_seed(fn):
+            opts["seed"] = int(opts.get("seed", fn.defaults["seed"]) or 0) + seed_shift
+        out[name] = comparable(fn(engine, x, targets, **opts), hw)
+    return out
+
+
+def _similarities(orig: np.ndarray, new: np.ndarray, hog_correlation: str) -> dict[str, np.ndarray]:
+    res = {m: np.full(len(orig), np.nan) for m in sim.METRICS}
+    for i in range(len(orig)):
+        for m, v in sim.compare(orig[i], new[i], hog_correlation).items():
+            res[m][i] = v
+    return res
+
+
+def _summary(values: np.ndarray) -> dict:
+    v = np.asarray(values, np.float64)
+    ok = v[np.isfinite(v)]
+    return {"mean": float(ok.mean()) if len(ok) else None,
+            "std": float(ok.std()) if len(ok) else None,
+            "n": int(len(ok)), "n_nan": int(len(v) - len(ok)),
+            "nan_images": [int(i) for i in np.flatnonzero(~np.isfinite(v))][:50]}
+
+
+def verdict(steps: list[dict], method: str, mode: str, threshold: float, margin: float) -> dict:
+    """Apply :data:`RULE` to one method's per-step summaries (step 0 first)."""
+    base = steps[0]["methods"][method]["spearman_abs"]["mean"]
+    later = [s["methods"][method]["spearman_abs"]["mean"] for s in steps[1:]]
+    later = [v for v in later if v is not None]
+    if base is None or not later:
+        return {"passes": None, "baseline": base, "final": None, "reason": "no finite similarity"}
+    final = later[-1] if mode == "cascading" else min(later)
+    passes = bool(final < threshold and base - final >= margin)
+    if passes:
+        reason = f"similarity falls from {base:.3f} to {final:.3f}"
+    elif final >= threshold:
+        reason = f"similarity stays at {final:.3f} (>= {threshold}) after randomisation"
+    else:
+        reason = f"similarity {final:.3f} is within {margin} of the self-similarity {base:.3f}"
+    return {"passes": passes, "baseline": base, "final": final, "reason": reason}
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    from .report import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
+
+
+def _save_step(path: Path, fp: str, targets: np.ndarray, agree: float,
+               sims: dict[str, dict[str, np.ndarray]], grid: dict[str, np.ndarray]) -> None:
+    arrays = {"fingerprint": np.array(fp), "targets": targets, "agreement": np.array(agree)}
+    for m, d in sims.items():
+        for k, v in d.items():
+            arrays[f"sim/{m}/{k}"] = v
+    for m, v in grid.items():
+        arrays[f"grid/{m}"] = v
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    _atomic_bytes(path, buf.getvalue())
+
+
+def _load_step(path: Path, fp: str, methods: Sequence[str]):
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["fingerprint"]) != fp:
+                return None
+            sims = {m: {k: np.array(z[f"sim/{m}/{k}"]) for k in sim.METRICS} for m in methods}
+            grid = {m: np.array(z[f"grid/{m}"]) for m in methods}
+            return np.array(z["targets"]), float(z["agreement"]), sims, grid
+    except Exception:
+        return None  # missing, partial or from other settings: recompute
+
+
+def run_sanity(model: str | os.PathLike | onnx.ModelProto, images: np.ndarray,
+               methods: Sequence[str] | Mapping[str, MethodFn], out: str | os.PathLike, *,
+               mode: str = "cascading", seed: int = 0, preprocess=None, device: str = "auto",
+               threads: int | None = None, output: str | None = None,
+               max_steps: int | None = None, method_options: Mapping[str, dict] | None = None,
+               threshold: float = 0.5, margin: float = 0.3, hog_correlation: str = "pearson",
+               grid_image: int = 0, data: dict | None = None,
+               engine_factory: Callable[[onnx.ModelProto], Any] | None = None,
+               progress: Callable[[str], None] | None = None, plots: bool = True) -> dict:
+    """Run the test and write its results in ``out`` (see the module docstring); return the
+    contents of ``sanity.json``.
+
+    ``methods``: names from :mod:`onnxsal.methods` or ``{name: callable}`` with the method call
+    shape ``fn(engine, images, targets, **options)`` returning ``Maps`` or an array.
+    ``images``: float32 [N, C, H, W] in [0, 1]. ``max_steps`` spreads at most that many
+    randomisation steps over the layers (the last, full randomisation always included).
+    """
+    from .report import atomic_write_json, atomic_write_text
+
+    if mode not in MODES:
+        raise OptionError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
+    if hog_correlation not in ("pearson", "spearman"):
+        raise OptionError(f"hog correlation must be 'pearson' or 'spearman', got '{hog_correlation}'")
+    if seed < 0:
+        raise OptionError(f"seed must be >= 0, got {seed}")
+    if max_steps is not None and max_steps < 1:
+        raise OptionError(f"max steps must be >= 1, got {max_steps}")
+    say = progress or (lambda s: None)
+    out = Path(out)
+    source = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    model_name = "<in memory>" if isinstance(model, onnx.ModelProto) else str(model)
+    chosen = _canonical(methods)
+    fns = {n: _method_callable(n, f) for n, f in chosen.items()}
+    options = {k: dict(v) for k, v in (method_options or {}).items()}
+    unknown = sorted(set(options) - set(fns))
+    if unknown:
+        raise OptionError(f"options given for methods not selected: {', '.join(unknown)}")
+
+    if engine_factory is None:
+        from .engine import Engine
+
+        def engine_factory(m: onnx.ModelProto):
+            return Engine(m, preprocess=preprocess, device=device, output=output, threads=threads,
+                          use_disk_cache=False)
+
+    engine = engine_factory(source)
+    x = np.asarray(images)
+    if x.ndim != 4 or len(x) == 0:
+        raise InputError(f"images must be a non-empty [N, C, H, W] batch, got shape {x.shape}")
+    if tuple(x.shape[1:]) != tuple(engine.input_shape):
+        raise InputError(f"images have shape {tuple(x.shape)}; the model takes [N, "
+                         f"{', '.join(map(str, engine.input_shape))}]")
+    x = np.ascontiguousarray(x, np.float32)
+    if not 0 <= grid_image < len(x):
+        raise OptionError(f"grid image {grid_image} is outside 0..{len(x) - 1}")
+    logits_name = engine.logits_spec.tensor if hasattr(engine, "logits_spec") else None
+    layers = find_layers(source, logits_name)
+    if not layers:
+        raise InputError("the model has no learnable layer to randomise (Conv, Gemm, MatMul with "
+                         "a constant, normalisation scales)")
+    all_steps = cascading_steps(layers) if mode == "cascading" else independent_steps(layers)
+    picked = pick_steps(len(all_steps), max_steps)
+    steps = [Step(0, "trained", [])] + [
+        Step(k + 1, all_steps[k][-1].name, list(all_steps[k])) for k in picked]
+
+    model_hash = content_hash(source)
+    data_hash = hashlib.sha256(x.tobytes() + repr(x.shape).encode()).hexdigest()
+    settings = {"model_hash": model_hash, "data_hash": data_hash, "mode": mode, "seed": seed,
+                "methods": list(fns), "method_options": options, "hog_correlation": hog_correlation,
+                "preprocess": getattr(getattr(engine, "preprocess", None), "to_json", lambda: None)(),
+                "output": output, "version": __version__, "grid_image": grid_image,
+                "layers": [L.name for L in layers]}
+    step_dir = out / "steps"
+    step_dir.mkdir(parents=True, exist_ok=True)
+
+    # the trained model's maps: what every step is compared with
+    targets0 = np.asarray(engine.predict(x), np.int64)
+    say(f"trained model: {len(x)} images, {len(layers)} layers, {len(steps) - 1} {mode} steps")
+    original = _compute_maps(engine, x, targets0, fns, options)
+    results = []
+    grids = {}
+    for step in steps:
+        fp = _fingerprint({**settings, "step": step.index, "step_layers": step.names})
+        path = step_dir / f"step_{step.index:03d}.npz"
+        got = _load_step(path, fp, list(fns))
+        if got is None:
+            say(f"step {step.index}/{len(steps) - 1}: {step.label}"
+                + (f" ({len(step.layers)} layers randomised)" if step.layers else ""))
+            rmodel = randomize(source, step.layers, seed=seed)
+            reng = engine_factory(rmodel)
+            t = np.asarray(reng.predict(x), np.int64)
+            maps = _compute_maps(reng, x, t, fns, options, seed_shift=1 if step.index == 0 else 0)
+            sims = {m: _similarities(original[m], maps[m], hog_correlation) for m in fns}
+            grid = {m: maps[m][grid_image] for m in fns}
+            agree = float(np.mean(t == targets0))
+            _save_step(path, fp, t, agree, sims, grid)
+            del reng, rmodel
+        else:
+            say(f"step {step.index}/{len(steps) - 1}: {step.label} (done before, reused)")
+            t, agree, sims, grid = got
+        grids[step.index] = grid
+        results.append({
+            "step": step.index, "label": step.label, "layers_randomised": len(step.layers),
+            "layers": step.names, "class_agreement": agree,
+            "methods": {m: {k: _summary(sims[m][k]) for k in sim.METRICS} for m in fns},
+        })
+
+    verdicts = {m: verdict(results, m, mode, threshold, margin) for m in fns}
+    report = {
+        "model": model_name, "model_hash": model_hash, "data": data or {"count": len(x)},
+        "images": len(x), "mode": mode, "seed": seed, "methods": list(fns),
+        "method_options": options, "hog_correlation": hog_correlation,
+        "normalisation": {"abs": "sum |m| over channels, (s - min) / (p99 - min) clipped to [0, 1]",
+                          "signed": "sum over channels / p99(|s|), clipped to [-1, 1]"},
+        "rule": RULE.format(threshold=threshold, margin=margin),
+        "threshold": threshold, "margin": margin, "direction": DIRECTION,
+        "provider": getattr(engine, "provider", None),
+        "layers": [L.to_dict() for L in layers],
+        "steps": results, "verdicts": verdicts, "version": __version__,
+    }
+    atomic_write_json(out / "sanity.json", report)
+    atomic_write_text(out / "sanity.md", markdown(report))
+    if plots:
+        plot_curves(report, out / f"{mode}.png")
+        plot_grid(report, x[grid_image], original, grids, out / "maps_grid.png", grid_image)
+    say(f"wrote {out / 'sanity.json'}")
+    return report
+
+
+# -- reports ----------------------------------------------------------------------------------
+
+def _f(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    """sanity.md: verdicts, then per metric a table of mean (std) per step and method."""
+    from .report import markdown_table
+
+    methods = report["methods"]
+    lines = [f"# Sanity check ({report['mode']} model-parameter randomisation)", "",
+             f"- model: `{report['model']}` (sha256 {report['model_hash'][:12]})",
+             f"- images: {report['images']}; seed {report['seed']}; "
+             f"{len(report['layers'])} learnable layers; {len(report['steps']) - 1} steps",
+             f"- similarity of each randomised model's maps to the trained model's maps "
+             f"(lower = the map depends more on the learned weights); HOG correlation: "
+             f"{report['hog_correlation']}",
+             f"- rule: {report['rule']}", ""]
+    lines.append("## Verdicts\n")
+    rows = []
+    for m in methods:
+        v = report["verdicts"][m]
+        word = {True: "**pass**", False: "**fail**", None: "undecided"}[v["passes"]]
+        rows.append([m, word, _f(v["baseline"]), _f(v["final"]), v["reason"]])
+    lines.append(markdown_table(["method", "verdict", "self-similarity (step 0)",
+                                 "final spearman_abs", "why"], rows, "llrrl"))
+    for metric in sim.METRICS:
+        lines.append(f"## {METRIC_LABELS[metric]}: mean (std) over images\n")
+        rows = []
+        for s in report["steps"]:
+            row = [s["step"], f"`{s['label']}`", s["layers_randomised"], _f(s["class_agreement"], 2)]
+            for m in methods:
+                d = s["methods"][m][metric]
+                cell = f"{_f(d['mean'])} ({_f(d['std'])})"
+                if d["n_nan"]:
+                    cell += f" [{d['n_nan']} NaN]"
+                row.append(cell)
+            rows.append(row)
+        lines.append(markdown_table(["step", "layer", "randomised", "same class"] + list(methods),
+                                    rows, "rlrr" + "r" * len(methods)))
+    lines.append("\"same class\": fraction of images whose predicted class is unchanged (the "
+                 "explained class is re-predicted on every randomised model).\n")
+    return "\n".join(lines)
+
+
+def _save_fig(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    _atomic_bytes(path, buf.getvalue())
+
+
+def plot_curves(report: dict, path: str | os.PathLike) -> None:
+    """Similarity against the randomisation step; one line per method, one panel per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = report["steps"]
+    xs = np.arange(len(steps))
+    labels = [s["label"] if len(s["label"]) <= 24 else "..." + s["label"][-21:] for s in steps]
+    fig, axes = plt.subplots(1, len(sim.METRICS), figsize=(4.2 * len(sim.METRICS), 4.2), sharey=True)
+    for ax, metric in zip(axes, sim.METRICS):
+        for m in report["methods"]:
+            mean = np.array([np.nan if s["methods"][m][metric]["mean"] is None
+                             else s["methods"][m][metric]["mean"] for s in steps])
+            std = np.array([np.nan if s["methods"][m][metric]["std"] is None
+                            else s["methods"][m][metric]["std"] for s in steps])
+            line, = ax.plot(xs, mean, marker="o", ms=3, label=m)
+            ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.12)
+        ax.set_title(METRIC_LABELS[metric])
+        ax.axhline(0, color="0.7", lw=0.8)
+        ax.set_ylim(-1.05, 1.05)
+        step = max(1, len(xs) // 14)
+        ax.set_xticks(xs[::step])
+        ax.set_xticklabels(labels[::step], rotation=70, ha="right", fontsize=7)
+        ax.set_xlabel("cascading: randomised down to layer" if report["mode"] == "cascading"
+                      else "independently randomised layer")
+    axes[0].set_ylabel("similarity to the trained model's map")
+    axes[-1].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"{report['mode']} randomisation, {report['images']} images "
+                 f"(mean and std over images)", fontsize=10)
+    _save_fig(fig, Path(path))
+
+
+def plot_grid(report: dict, image: np.ndarray, original: dict[str, np.ndarray],
+              grids: dict[int, dict[str, np.ndarray]], path: str | os.PathLike,
+              index: int = 0, max_columns: int = 10) -> None:
+    """Rows methods, columns: the image, the trained model's map, then the steps (at most
+    ``max_columns`` spread evenly, the last always shown); maps absolute-normalised."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = report["steps"][1:]
+    cols = [steps[i] for i in pick_steps(len(steps), max_columns)] if steps else []
+    methods = report["methods"]
+    n_cols = 2 + len(cols)
+    fig, axes = plt.subplots(len(methods), n_cols, figsize=(1.5 * n_cols, 1.6 * len(methods) + 0.4),
+                             squeeze=False)
+    img = np.asarray(image, np.float32)
+    show = img[0] if img.shape[0] == 1 else np.clip(img.transpose(1, 2, 0), 0, 1)
+    for r, m in enumerate(methods):
+        cells = [("image", None), ("trained", original[m][index])] + \
+                [(s["label"], grids[s["step"]][m]) for s in cols]
+        for c, (title, arr) in enumerate(cells):
+            ax = axes[r, c]
+            if arr is None:
+                ax.imshow(show, cmap="gray" if show.ndim == 2 else None, vmin=0, vmax=1)
+            else:
+                ax.imshow(sim.normalize_abs(arr), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                t = title if len(title) <= 16 else "..." + title[-13:]
+                ax.set_title(t, fontsize=6, rotation=30 if c > 1 else 0)
+            if c == 0:
+                ax.set_ylabel(m, fontsize=7)
+    fig.suptitle(f"image {index}: maps as layers are randomised ({report['mode']})", fontsize=9)
+    _save_fig(fig, Path(path))
+
+
+__all__ = ["run_sanity", "verdict", "comparable", "markdown", "plot_curves", "plot_grid",
+           "MODES", "RULE", "DIRECTION"]
