@@ -139,6 +139,61 @@ def benchmark(models, data, methods, metric, limit, out, preprocess, device, see
                f"({res['data']['count']} images, {res['timing']['seconds_this_run']:.1f} s)")
 
 
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", "data", required=True,
+              help="A folder, an .npz (x, y), an image file, or fashion-mnist[:train|test], "
+              "digits, skimage-samples.")
+@click.option("-m", "--methods", "methods", multiple=True,
+              default=["vanilla,original,gradient_x_input,guided_backprop,gradcam,smoothgrad"],
+              show_default=True, help="Method names (repeatable, comma lists allowed), or 'all'.")
+@click.option("--mode", type=click.Choice(["cascading", "independent"]), default="cascading",
+              show_default=True, help="Randomise layers top-down cumulatively, or one at a time.")
+@click.option("--limit", type=int, default=16, show_default=True, help="Use the first N images.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder "
+              "(sanity.json, sanity.md, <mode>.png, maps_grid.png; steps/ for resuming).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the re-initialisation.")
+@click.option("--max-steps", type=int, default=None,
+              help="At most this many randomisation steps, spread over the layers (default: all).")
+@click.option("--threshold", type=float, default=0.5, show_default=True,
+              help="Pass rule: final mean Spearman(abs) similarity must fall below this.")
+@click.option("--margin", type=float, default=0.3, show_default=True,
+              help="Pass rule: ... and at least this far below the self-similarity.")
+@click.option("--hog-correlation", type=click.Choice(["pearson", "spearman"]), default="pearson",
+              show_default=True, help="Correlation of the HOG vectors.")
+@click.option("--grid-image", type=int, default=0, show_default=True,
+              help="Index of the image shown in maps_grid.png.")
+@click.option("--preprocess", default=None, help="Model preprocessing (as for explain).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--output", default=None, help="The output to explain when the model has several.")
+@click.option("--threads", type=int, default=None, help="onnxruntime threads per session.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def sanity(model, data, methods, mode, limit, out, seed, max_steps, threshold, margin,
+           hog_correlation, grid_image, preprocess, device, output, threads, quiet):
+    """Model-parameter randomisation test of Adebayo et al. (SPEC.md section 5): do the METHODS'
+    maps change when MODEL's learned weights are re-initialised?"""
+    from .sanity_run import run_sanity
+
+    names = [m.strip() for spec in methods for m in spec.split(",") if m.strip()]
+    say = None if quiet else (lambda s: click.echo(s, err=True))
+    try:
+        rep = run_sanity(model, data, names, out, mode=mode, seed=seed, preprocess=preprocess,
+                         device=device, threads=threads, output=output, max_steps=max_steps,
+                         threshold=threshold, margin=margin, hog_correlation=hog_correlation,
+                         grid_image=grid_image, limit=limit, progress=say)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: finished steps are kept in {out}/steps; run the same command "
+                   "again to resume", err=True)
+        raise
+    for note in (rep.get("data") or {}).get("notes", []):
+        click.echo(f"note: {note}", err=True)
+    for m, v in rep["verdicts"].items():
+        word = {True: "pass", False: "FAIL", None: "undecided"}[v["passes"]]
+        click.echo(f"{m:<24}{word:<10}{v['reason']}")
+    click.echo(f"wrote {out}/sanity.json, sanity.md, {mode}.png, maps_grid.png "
+               f"({rep['images']} images, {len(rep['steps']) - 1} steps)")
+
+
 def _meta(model, key: str) -> str:
     return next((p.value for p in model.metadata_props if p.key == key), "")
 

@@ -187,13 +187,13 @@ def _load_step(path: Path, fp: str, methods: Sequence[str]):
         return None  # missing, partial or from other settings: recompute
 
 
-def run_sanity(model: str | os.PathLike | onnx.ModelProto, images: np.ndarray,
+def run_sanity(model: str | os.PathLike | onnx.ModelProto, images: Any,
                methods: Sequence[str] | Mapping[str, MethodFn], out: str | os.PathLike, *,
                mode: str = "cascading", seed: int = 0, preprocess=None, device: str = "auto",
                threads: int | None = None, output: str | None = None,
                max_steps: int | None = None, method_options: Mapping[str, dict] | None = None,
                threshold: float = 0.5, margin: float = 0.3, hog_correlation: str = "pearson",
-               grid_image: int = 0, data: dict | None = None,
+               grid_image: int = 0, limit: int | None = None, data: dict | None = None,
                engine_factory: Callable[[onnx.ModelProto], Any] | None = None,
                progress: Callable[[str], None] | None = None, plots: bool = True) -> dict:
     """Run the test and write its results in ``out`` (see the module docstring); return the
@@ -201,7 +201,9 @@ def run_sanity(model: str | os.PathLike | onnx.ModelProto, images: np.ndarray,
 
     ``methods``: names from :mod:`onnxsal.methods` or ``{name: callable}`` with the method call
     shape ``fn(engine, images, targets, **options)`` returning ``Maps`` or an array.
-    ``images``: float32 [N, C, H, W] in [0, 1]. ``max_steps`` spreads at most that many
+    ``images``: float32 [N, C, H, W] in [0, 1], or anything :func:`onnxsal.data.load_dataset`
+    reads (a folder, an .npz, a built-in name), brought to the model's input shape; ``limit``
+    keeps the first N images. ``max_steps`` spreads at most that many
     randomisation steps over the layers (the last, full randomisation always included).
     """
     from .report import atomic_write_json, atomic_write_text
@@ -233,6 +235,14 @@ def run_sanity(model: str | os.PathLike | onnx.ModelProto, images: np.ndarray,
                           use_disk_cache=False)
 
     engine = engine_factory(source)
+    if not isinstance(images, np.ndarray):
+        from .data import load_dataset
+
+        ds = load_dataset(images, shape=tuple(engine.input_shape), limit=limit)
+        data = data or ds.describe()
+        images = ds.images
+    elif limit is not None:
+        images = images[:limit]
     x = np.asarray(images)
     if x.ndim != 4 or len(x) == 0:
         raise InputError(f"images must be a non-empty [N, C, H, W] batch, got shape {x.shape}")
