@@ -362,3 +362,23 @@ def test_independent_mode(digits_model, tmp_path):
     assert rep["verdicts"]["edges"]["passes"] is False
     assert rep["verdicts"]["gradient"]["passes"] is True
     assert (tmp_path / "independent.png").is_file()
+
+
+def test_cli_sanity(digits_model, tmp_path):
+    from click.testing import CliRunner
+
+    from onnxsal.cli import cli
+
+    model, x = digits_model
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "d.npz", x=x[:6], y=np.arange(6))
+    out = tmp_path / "out"
+    args = ["sanity", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npz"), "-m", "vanilla",
+            "--limit", "4", "--max-steps", "2", "--out", str(out), "--device", "cpu", "--threads", "1"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert "vanilla" in res.output and "pass" in res.output
+    rep = json.loads((out / "sanity.json").read_text())
+    assert rep["images"] == 4 and len(rep["steps"]) == 3 and rep["data"]["count"] == 4
+    bad = CliRunner().invoke(cli, args[:-6] + ["--out", str(out), "--mode", "sideways"])
+    assert bad.exit_code != 0
