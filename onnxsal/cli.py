@@ -85,6 +85,41 @@ def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: flo
 
 
 @cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True)
+@click.option("-m", "--method", "methods", multiple=True, default=["all"], show_default=True,
+              help="Method name (repeatable, comma lists allowed), or 'all'.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--target", type=int, default=None, help="Class to explain (default: predicted).")
+@click.option("--preprocess", default=None, help="Model preprocessing: a preset (imagenet, "
+              "imagenet255, tf, caffe, lite, x255) or 'scale=255 mean=.. std=.. bgr nhwc'.")
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Class names: JSON list or one per line.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--output", default=None, help="The output to explain when the model has several.")
+@click.option("--layer", default=None, help="Grad-CAM layer (tensor name; default: found).")
+@click.option("--limit", type=int, default=None, help="At most this many images per source.")
+def explain(model, images, methods, out, target, preprocess, labels_file, device, output, layer, limit):
+    """Saliency maps of MODEL for IMAGES (files, folders, .npz or built-in data names)."""
+    from .engine import Engine
+    from .explain import read_labels, run_explain
+
+    eng = Engine(model, preprocess=preprocess, device=device, output=output)
+    names = [m.strip() for spec in methods for m in spec.split(",") if m.strip()]
+    labels = read_labels(labels_file) if labels_file else None
+    opts = {"gradcam": {"layer": layer}} if layer else {}
+    if eng.logits_spec.note:
+        click.echo(f"note: {eng.logits_spec.note}", err=True)
+    res = run_explain(eng, images, names, out, targets=target, labels=labels, limit=limit, options=opts)
+    for note in res.notes:
+        click.echo(f"note: {note}", err=True)
+    for f in res.failures:
+        click.echo(f"failed: {f['image']}: {f['error']}", err=True)
+    click.echo(f"{res.images} images x {len(res.methods)} methods on {eng.provider} in "
+               f"{res.seconds:.1f} s ({res.per_image_seconds:.2f} s/image); wrote {out}/")
+
+
+@cli.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--data", "data", multiple=True, required=True,
               help="A folder (one subfolder per class), an .npz (x, y), image files "

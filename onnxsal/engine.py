@@ -100,20 +100,48 @@ def pick_providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _float_bytes_per_image(model: onnx.ModelProto) -> int:
-    """Rough bytes of all float activations for one image (the batching estimate)."""
+def _float_bytes_per_image(model: onnx.ModelProto, input_name: str, shape) -> tuple[int, int]:
+    """(bytes of all float activations, bytes of the largest one) for one image: the
+    batching estimate.
+
+    From shape inference when it knows every dimension; otherwise measured by one run at
+    batch 1 with every float tensor exposed (exporters' run-time shapes defeat inference)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception:
-        return 16 << 20
-    total = 0
+        inferred = model
+    total, largest, unknown = 0, 0, False
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
         t = vi.type.tensor_type
         if t.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
             continue
-        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
-        total += int(np.prod(dims, dtype=np.int64)) * 4
-    return max(total, 1 << 16)
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if not t.HasField("shape") or any(d is None for d in dims[1:]):
+            unknown = True
+            break
+        size = int(np.prod([d or 1 for d in dims], dtype=np.int64)) * 4
+        total, largest = total + size, max(largest, size)
+    if not unknown:
+        return max(total, 1 << 16), max(largest, 1 << 12)
+    import onnxruntime as ort
+
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    outputs = {o.name for o in m.graph.output}
+    for node in m.graph.node:
+        for o in node.output:
+            if o and o not in outputs:
+                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(o))
+                outputs.add(o)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        outs = sess.run(None, {input_name: np.zeros((1,) + tuple(shape), np.float32)})
+    except Exception:
+        return 64 << 20, 8 << 20
+    sizes = [o.nbytes for o in outs if isinstance(o, np.ndarray) and o.dtype.kind == "f"] or [0]
+    return max(sum(sizes), 1 << 16), max(max(sizes), 1 << 12)
 
 
 class Engine:
@@ -149,7 +177,7 @@ class Engine:
         self.memory_budget = int(memory_budget_mb) << 20
         self._cache_dir = cache_dir
         self._use_disk_cache = use_disk_cache
-        self._bytes_per_image = _float_bytes_per_image(self.model)
+        self._bytes_per_image, self._largest_tensor = _float_bytes_per_image(self.model, self.input_name, self.input_shape)
         self._sessions: dict = {}
         self._forward = self._make_forward()
         nc = self.logits_spec.num_classes
@@ -230,10 +258,14 @@ class Engine:
                              f"{', '.join(map(str, self.input_shape))}] pixels in [0, 1]")
         return np.ascontiguousarray(x, dtype=np.float32)
 
+    def _bytes_per_run_image(self, seeds: int) -> int:
+        """Estimated peak bytes per image of a run with `seeds` seed rows: the saved forward
+        activations plus a few live cotangents of the largest tensor per seed row."""
+        return self._bytes_per_image + seeds * 4 * self._largest_tensor
+
     def batch_size(self, seeds: int = 0) -> int:
-        """Images per run so that (seeds + 1) copies of the activations fit the budget."""
-        per = self._bytes_per_image * (seeds + 1) * (2 if seeds else 1)
-        return max(1, int(self.memory_budget // per))
+        """Images per run that fit the memory budget."""
+        return max(1, int(self.memory_budget // self._bytes_per_run_image(seeds)))
 
     # -- forward -------------------------------------------------------------------------
     def logits(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
@@ -302,10 +334,10 @@ class Engine:
         x = self._check_images(x)
         classes = np.arange(self.num_classes) if classes is None else np.asarray(classes, np.int64)
         if chunk is None:
-            per_image = self._bytes_per_image * 2
-            chunk = max(1, int(self.memory_budget // (per_image * max(len(x), 1))) - 1)
-            img_bytes = int(np.prod(self.input_shape)) * 4 * max(len(x), 1)
-            chunk = max(1, min(chunk, len(classes), int(self.memory_budget // (4 * img_bytes)) or 1))
+            n = max(len(x), 1)
+            spare = self.memory_budget / n - self._bytes_per_image
+            chunk = int(spare // (4 * self._largest_tensor)) if spare > 0 else 1
+            chunk = max(1, min(chunk, len(classes)))
         for i in range(0, len(classes), chunk):
             cls = classes[i:i + chunk]
             seeds = np.zeros((len(cls), len(x), self.num_classes), np.float32)
