@@ -270,3 +270,19 @@ def test_blur_kernel_is_11_pixels_at_224_and_scales():
 def test_pixel_order_is_descending_and_stable():
     r = pixel_order(np.array([[[1.0, 3.0], [3.0, 0.0]]]))
     assert r.tolist() == [[2, 0, 1, 3]]
+
+
+def test_rise_small_memory_budget_gives_the_same_curves_and_nan_maps_fail_alone():
+    rng = np.random.default_rng(5)
+    x = rng.random((3, 2, 4, 4)).astype(np.float32)
+    maps = rng.random((3, 4, 4))
+    predict, calls = _linear_model(5)
+    big = RiseInsertion(step=2)(predict, x, maps)
+    assert calls == [3, 3 * 9]  # clean predictions, then all 3 x 9 variants in one call
+    small = RiseInsertion(step=2, max_batch_bytes=3 * 2 * 16 * 4)(predict, x, maps)
+    np.testing.assert_allclose(small.scores, big.scores, rtol=1e-12)
+    maps[1, 2, 2] = np.nan
+    res = RiseDeletion(step=2)(predict, x, maps)
+    assert res.errors == ["", "saliency map contains NaN or Inf", ""]
+    ok = RiseDeletion(step=2)(predict, x[[0, 2]], maps[[0, 2]])
+    assert res.auc == pytest.approx(ok.auc) and np.isfinite(res.curve).all()

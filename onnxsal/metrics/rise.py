@@ -61,19 +61,28 @@ class RiseResult:
     x: np.ndarray          # [T] in [0, 1]
     scores: np.ndarray     # [N, T] class probability at each point
     targets: np.ndarray    # [N] the clean prediction
-    auc_per_image: np.ndarray  # [N]
+    auc_per_image: np.ndarray  # [N] (NaN for failed images)
+    errors: list[str]      # one per image, '' when fine
+
+    @property
+    def valid(self) -> np.ndarray:
+        return np.array([not e for e in self.errors], bool)
 
     @property
     def curve(self) -> np.ndarray:
-        return self.scores.mean(axis=0)
+        """Mean score over the valid images at each point."""
+        ok = self.valid
+        return self.scores[ok].mean(axis=0) if ok.any() else np.full(self.scores.shape[1], np.nan)
 
     @property
     def auc(self) -> float:
-        return float(self.auc_per_image.mean())
+        ok = self.valid
+        return float(self.auc_per_image[ok].mean()) if ok.any() else float("nan")
 
     def to_dict(self) -> dict:
         return {"metric": self.name, "x": self.x.tolist(), "curve": self.curve.tolist(),
-                "auc": self.auc, "auc_per_image": self.auc_per_image.tolist()}
+                "auc": self.auc, "valid_images": int(self.valid.sum()),
+                "auc_per_image": self.auc_per_image.tolist()}
 
 
 class _RiseMetric(Metric):
@@ -115,31 +124,51 @@ class _RiseMetric(Metric):
         return x, base
 
     def evaluate_batch(self, predict_logits: PredictLogits, images, maps, labels=None) -> dict:
+        """Scores [N, T] (NaN rows for images whose map or logits are not finite)."""
         images = np.asarray(images, np.float32)
+        maps = np.asarray(maps)
         n, c, h, w = images.shape
         _, counts = self.points(h, w)
         T = len(counts)
         targets = np.asarray(predict_logits(images)).argmax(axis=1)
         start, fill = self._start_and_finish(images)
-        rank = pixel_order(maps).reshape(n, h, w)
-        scores = np.empty((n, T), np.float64)
-        per = c * h * w * 4
-        chunk = max(1, int(self.max_batch_bytes // per))
-        for i in range(n):
-            for s in range(0, T, chunk):
-                cnt = counts[s:s + chunk]
-                taken = rank[i][None] < cnt[:, None, None]  # [t, H, W]
-                var = np.where(taken[:, None], fill[i][None], start[i][None])
-                prob = _softmax(np.asarray(predict_logits(var.astype(np.float32))))
-                scores[i, s:s + len(cnt)] = prob[:, targets[i]]
-        return {"scores": scores, "targets": targets}
+        rank = pixel_order(np.nan_to_num(maps, nan=-np.inf)).reshape(n, h, w)
+        scores = np.full((n, T), np.nan, np.float64)
+        per_variant = c * h * w * 4
+        per_image = T * per_variant
+        if per_image <= self.max_batch_bytes:  # several whole curves per model call
+            chunk = max(1, int(self.max_batch_bytes // per_image))
+            for s in range(0, n, chunk):
+                sl = slice(s, min(n, s + chunk))
+                b = sl.stop - sl.start
+                taken = rank[sl, None] < counts[None, :, None, None]  # [b, T, H, W]
+                var = np.where(taken[:, :, None], fill[sl, None], start[sl, None])
+                prob = _softmax(np.asarray(predict_logits(var.reshape(b * T, c, h, w))))
+                scores[sl] = prob.reshape(b, T, -1)[np.arange(b), :, targets[sl]]
+        else:  # one curve in several calls
+            chunk = max(1, int(self.max_batch_bytes // per_variant))
+            for i in range(n):
+                for s in range(0, T, chunk):
+                    cnt = counts[s:s + chunk]
+                    taken = rank[i][None] < cnt[:, None, None]  # [t, H, W]
+                    var = np.where(taken[:, None], fill[i][None], start[i][None])
+                    prob = _softmax(np.asarray(predict_logits(var)))
+                    scores[i, s:s + len(cnt)] = prob[:, targets[i]]
+        bad = ~np.isfinite(maps.reshape(n, -1)).all(axis=1)
+        scores[bad] = np.nan
+        errors = np.array(["saliency map contains NaN or Inf" if b else "" for b in bad], dtype=str)
+        nf = ~np.isfinite(scores).all(axis=1) & ~bad
+        errors[nf] = "non-finite logits"
+        scores[nf] = np.nan
+        return {"scores": scores, "targets": targets, "errors": errors}
 
     def aggregate(self, parts: list[dict]) -> RiseResult:
         scores = np.concatenate([p["scores"] for p in parts])
         targets = np.concatenate([p["targets"] for p in parts])
+        errors = [str(e) for p in parts for e in np.asarray(p["errors"]).tolist()]
         x = np.linspace(0.0, 1.0, scores.shape[1])
         aucs = np.trapezoid(scores, x=x, axis=1)
-        return RiseResult(self.name, x, scores, targets, aucs)
+        return RiseResult(self.name, x, scores, targets, aucs, errors)
 
     def prepare(self, images, maps, labels) -> None:
         check_images_maps(images, maps)
