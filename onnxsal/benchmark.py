@@ -24,6 +24,7 @@ import numpy as np
 from .data import Dataset, RawImages, conform, load_raw
 from .errors import InputError, OnnxsalError, OptionError
 from .metrics.deletion import FRACTIONS, MODES, BlackWhiteDeletion
+from .metrics.rise import RiseDeletion, RiseInsertion
 from .report import (atomic_savez, atomic_write_json, atomic_write_text, deletion_csv_rows,
                      deletion_markdown, plot_deletion_curves, write_csv)
 
@@ -102,6 +103,8 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
                   output: str | None = None, split: str | None = None,
                   engine_factory: Callable[[Any], Any] | None = None,
                   progress: bool = True, max_batch_bytes: int = 256 << 20,
+                  rise: bool = False, rise_baseline: str = "black",
+                  rise_step: int | None = None,
                   command: str | None = None, stop_after: int | None = None) -> dict:
     """Run black/white deletion for every model x method; write the result files; return the
     results dictionary (the content of ``results.json``).
@@ -124,6 +127,11 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
     if shard_size < 1:
         raise OptionError(f"shard size must be positive, got {shard_size}")
     metric_obj = BlackWhiteDeletion(metric, fractions, modes, max_batch_bytes)
+    rise_objs = {}
+    if rise:
+        rise_objs = {"deletion": RiseDeletion(rise_step, rise_baseline,
+                                              max_batch_bytes=max_batch_bytes),
+                     "insertion": RiseInsertion(rise_step, max_batch_bytes=max_batch_bytes)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -179,6 +187,8 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
                               "data": ds.fingerprint(), "metric": metric,
                               "fractions": list(map(float, fractions)), "modes": list(modes),
                               "seed": seed, "shard_size": shard_size,
+                              "rise": {"baseline": rise_baseline, "step": rise_step}
+                              if rise else None,
                               "maps_fn": "default" if maps_fn is None else
                               getattr(maps_fn, "__qualname__", repr(type(maps_fn)))},
                              sort_keys=True)
@@ -199,7 +209,7 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
     parts: dict[tuple[int, str, int], dict] = {}
     todo = []
     for item in plan:
-        loaded = _load_shard(item[3], metric_obj)
+        loaded = _load_shard(item[3], metric_obj, rise_objs)
         if loaded is None:
             todo.append(item)
         else:
@@ -239,6 +249,9 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
                 raw_maps = all_maps[meth] if all_maps is not None else maps_fn(eng, meth, x)
                 maps = _as_maps(raw_maps, len(x), x.shape[2:], meth)
                 part = metric_obj.evaluate_batch(eng.logits, x, maps, y)
+                for kind, robj in rise_objs.items():
+                    rp = robj.evaluate_batch(eng.logits, x, maps)
+                    part.update({f"rise_{kind}_{k}": v for k, v in rp.items()})
                 atomic_savez(path, **part)
                 parts[(i, meth, sl.start)] = part
                 computed += 1
@@ -264,6 +277,18 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
                             "curves": res.curves, "auc": res.auc,
                             "failures": [{"name": n, "error": e}
                                          for n, e in res.failures(ds.names)]})
+            if rise_objs:
+                entry = {}
+                for kind, robj in rise_objs.items():
+                    rparts = [{k[len(f"rise_{kind}_"):]: v for k, v in parts[(i, meth, s)].items()
+                               if k.startswith(f"rise_{kind}_")} for s in starts]
+                    rr = robj.aggregate(rparts)
+                    entry[kind] = {"x": rr.x.tolist(), "curve": rr.curve.tolist(), "auc": rr.auc,
+                                   "valid_images": int(rr.valid.sum()),
+                                   "direction": robj.direction,
+                                   "failures": [{"name": ds.names[j], "error": e}
+                                                for j, e in enumerate(rr.errors) if e]}
+                results[-1]["rise"] = entry
             if clean is None and res.n_valid:
                 ok = res.valid
                 c0 = res.predictions[modes[0]][ok][:, 0] == res.reference[ok]
@@ -291,6 +316,10 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
         "settings": {"metric": metric, "methods": method_names,
                      "fractions": [float(p) for p in fractions], "modes": list(modes),
                      "auc": "trapezoid, dx = 0.1, not normalised", "limit": limit, "seed": seed,
+                     "rise": ({"baseline": rise_baseline, "insertion_start": "blur",
+                               "step": rise_step or "one image row", "score":
+                               "softmax probability of the clean prediction",
+                               "auc": "trapezoid over [0, 1]"} if rise else None),
                      "preprocess": preprocess if isinstance(preprocess, (str, type(None)))
                      else str(preprocess), "shard_size": shard_size, "device": device},
         "data": data_desc,
@@ -309,7 +338,7 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
     return summary
 
 
-def _load_shard(path: Path, metric: BlackWhiteDeletion) -> dict | None:
+def _load_shard(path: Path, metric: BlackWhiteDeletion, rise_objs: dict) -> dict | None:
     """A finished shard, or None when it is missing or unreadable (then it is recomputed)."""
     if not path.is_file():
         return None
@@ -319,6 +348,7 @@ def _load_shard(path: Path, metric: BlackWhiteDeletion) -> dict | None:
     except Exception:
         return None
     need = {"reference", "errors"} | {f"pred_{m}" for m in metric.modes}
+    need |= {f"rise_{kind}_{k}" for kind in rise_objs for k in ("scores", "targets", "errors")}
     if not need <= set(part):
         return None
     return part

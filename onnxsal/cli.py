@@ -141,8 +141,13 @@ def explain(model, images, methods, out, target, preprocess, labels_file, device
               help="Images per shard (the unit of resuming).")
 @click.option("--threads", type=int, default=None, help="onnxruntime threads per session.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--rise", is_flag=True, help="Also RISE deletion and insertion (SPEC.md section 4).")
+@click.option("--rise-baseline", type=click.Choice(["black", "white", "mean", "blur"]),
+              default="black", show_default=True, help="What RISE deletion puts in.")
+@click.option("--rise-step", type=int, default=None,
+              help="Pixels per RISE step (default: one image row).")
 def benchmark(models, data, methods, metric, limit, out, preprocess, device, seed, output,
-              shard_size, threads, quiet):
+              shard_size, threads, quiet, rise, rise_baseline, rise_step):
     """Black/white-deletion AUCs of saliency METHODS on MODELS (SPEC.md section 3)."""
     import shlex
 
@@ -155,7 +160,8 @@ def benchmark(models, data, methods, metric, limit, out, preprocess, device, see
         res = run_benchmark(list(models), data[0] if len(data) == 1 else list(data),
                             list(methods), metric, limit, out, preprocess=preprocess,
                             device=device, seed=seed, output=output, shard_size=shard_size,
-                            threads=threads, progress=not quiet, command=command)
+                            threads=threads, progress=not quiet, command=command, rise=rise,
+                            rise_baseline=rise_baseline, rise_step=rise_step)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished shards are kept in {out}/shards; run the same "
                    "command again to resume", err=True)
@@ -167,9 +173,11 @@ def benchmark(models, data, methods, metric, limit, out, preprocess, device, see
     nfail = sum(len(r["failures"]) for r in res["results"])
     if nfail:
         click.echo(f"note: {nfail} per-image failures (listed in {out}/results.md)", err=True)
-    from .report import deletion_table
+    from .report import deletion_table, rise_table
 
     click.echo(deletion_table(res), nl=False)
+    if rise:
+        click.echo(rise_table(res), nl=False)
     click.echo(f"wrote {out}/results.json, results.md, curves.csv, curves.png "
                f"({res['data']['count']} images, {res['timing']['seconds_this_run']:.1f} s)")
 

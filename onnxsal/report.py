@@ -140,6 +140,33 @@ def deletion_table(results: dict) -> str:
     return markdown_table(headers, rows)
 
 
+def rise_table(results: dict) -> str:
+    """Rows methods; columns model x RISE deletion (lowest bold) / insertion (highest bold)."""
+    models = [m["name"] for m in results["models"]]
+    methods = results["settings"]["methods"]
+    kinds = ("deletion", "insertion")
+    by = {(r["model"], r["method"]): r.get("rise") for r in results["results"]}
+    best = {}
+    for m in models:
+        for k in kinds:
+            vals = [by[(m, meth)][k]["auc"] for meth in methods if by.get((m, meth))]
+            vals = [v for v in vals if not math.isnan(v)]
+            best[(m, k)] = (min if k == "deletion" else max)(vals) if vals else None
+    rows = []
+    for meth in methods:
+        row = [meth]
+        for m in models:
+            for k in kinds:
+                r = by.get((m, meth))
+                if not r:
+                    row.append("-")
+                    continue
+                v = r[k]["auc"]
+                row.append(f"**{fmt(v)}**" if v == best[(m, k)] else fmt(v))
+        rows.append(row)
+    return markdown_table(["method"] + [f"{m} {k}" for m in models for k in kinds], rows)
+
+
 def deletion_markdown(results: dict) -> str:
     """results.md: the AUC table, clean scores, settings, notes and failures."""
     s = results["settings"]
@@ -158,6 +185,13 @@ def deletion_markdown(results: dict) -> str:
                f"in bold.")
     out.append("")
     out.append(deletion_table(results))
+    rs = s.get("rise")
+    if rs:
+        out.append(f"RISE deletion (baseline {rs['baseline']}; lower is better) and insertion "
+                   f"(from a blurred image; higher is better): softmax probability of the clean "
+                   f"prediction, {rs['step']} pixels per step, AUC over [0, 1].")
+        out.append("")
+        out.append(rise_table(results))
     rows = []
     for m in results["models"]:
         rows.append([m["name"], f"`{m['hash'][:16]}`", "x".join(map(str, m["input_shape"])),
@@ -208,6 +242,10 @@ def deletion_csv_rows(results: dict) -> tuple[list[str], list[list[Any]]]:
             for p, v in zip(r["fractions"], curve):
                 rows.append([r["model"], hashes[r["model"]], r["method"], mode, f"{p:g}",
                              repr(float(v)), results["settings"]["metric"], r["valid_images"]])
+        for kind, rr in (r.get("rise") or {}).items():
+            for p, v in zip(rr["x"], rr["curve"]):
+                rows.append([r["model"], hashes[r["model"]], r["method"], f"rise-{kind}",
+                             f"{p:.6g}", repr(float(v)), "probability", rr["valid_images"]])
     return headers, rows
 
 
@@ -219,22 +257,32 @@ def plot_deletion_curves(results: dict, path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
 
     models = [m["name"] for m in results["models"]]
-    modes = results["settings"].get("modes", ["black", "white"])
+    modes = list(results["settings"].get("modes", ["black", "white"]))
+    if results["settings"].get("rise"):
+        modes += ["rise-deletion", "rise-insertion"]
     metric = results["settings"]["metric"]
     fig, axes = plt.subplots(len(models), len(modes), figsize=(5.2 * len(modes), 3.8 * len(models)),
-                             squeeze=False, sharey=True)
+                             squeeze=False)
     for i, m in enumerate(models):
         for j, mode in enumerate(modes):
             ax = axes[i][j]
+            rise = mode.startswith("rise-")
             for r in results["results"]:
                 if r["model"] != m:
                     continue
-                ax.plot(r["fractions"], r["curves"][mode], marker="o", markersize=3,
-                        label=f"{r['method']} ({fmt(r['auc'][mode])})")
-            ax.set_title(f"{m}: {mode} deletion")
-            ax.set_xlabel("fraction of pixels deleted")
+                if rise:
+                    rr = r["rise"][mode[5:]]
+                    ax.plot(rr["x"], rr["curve"], label=f"{r['method']} ({fmt(rr['auc'])})")
+                else:
+                    ax.plot(r["fractions"], r["curves"][mode], marker="o", markersize=3,
+                            label=f"{r['method']} ({fmt(r['auc'][mode])})")
+            ax.set_title(f"{m}: RISE {mode[5:]}" if rise else f"{m}: {mode} deletion")
+            ax.set_xlabel("fraction of pixels " + ("inserted" if mode == "rise-insertion"
+                                                   else "deleted"))
             if j == 0:
                 ax.set_ylabel(metric)
+            elif rise:
+                ax.set_ylabel("probability of the clean class")
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8, title="method (AUC)", title_fontsize=8)

@@ -131,6 +131,27 @@ def test_changed_settings_do_not_reuse_shards(tmp_path):
     assert all(r["curves"]["black"][0] == 1.0 for r in res["results"])
 
 
+def test_rise_deletion_and_insertion_in_the_benchmark(tmp_path):
+    from onnxsal.metrics.rise import RiseDeletion, RiseInsertion
+
+    res = _run(tmp_path, models=["a.onnx"], limit=60, rise=True, rise_baseline="mean")
+    ds = load_dataset("digits", limit=60)
+    eng = FakeEngine("a.onnx")
+    maps = fake_maps(eng, "positive", ds.images)
+    r = next(r for r in res["results"] if r["method"] == "positive")
+    direct_del = RiseDeletion(baseline="mean")(eng.logits, ds.images, maps)
+    direct_ins = RiseInsertion()(eng.logits, ds.images, maps)
+    assert r["rise"]["deletion"]["auc"] == pytest.approx(direct_del.auc, rel=1e-12)
+    assert r["rise"]["insertion"]["auc"] == pytest.approx(direct_ins.auc, rel=1e-12)
+    assert len(r["rise"]["deletion"]["x"]) == 8 + 1  # one image row (8 px) per step
+    md = (tmp_path / "results.md").read_text()
+    assert "| method | a deletion | a insertion |" in md
+    assert "rise-insertion" in (tmp_path / "curves.csv").read_text()
+    # black/white results are unchanged by adding RISE
+    plain = _run(tmp_path / "plain", models=["a.onnx"], limit=60)
+    assert [x["auc"] for x in plain["results"]] == [x["auc"] for x in res["results"]]
+
+
 def test_user_errors(tmp_path):
     with pytest.raises(OptionError, match="allegiance"):
         _run(tmp_path, data="skimage-samples", limit=None)
@@ -231,9 +252,10 @@ def test_cli_benchmark(tmp_path, digits_model):
     _, path = digits_model
     p = _cli("benchmark", str(path), "--data", "digits", "--limit", "60", "--out", "o",
              "-m", "original,positive", "--methods", "negative", "--threads", "1", "--quiet",
-             cwd=tmp_path)
+             "--rise", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "| original |" in p.stdout and "wrote o/results.json" in p.stdout
+    assert "| method | digits_cnn deletion | digits_cnn insertion |" in p.stdout
     d = json.loads((tmp_path / "o" / "results.json").read_text())
     assert d["settings"]["methods"] == ["original", "positive", "negative"]
     bad = _cli("benchmark", str(path), "--data", "skimage-samples", "--out", "o2", "--quiet",

@@ -265,6 +265,12 @@ def test_blur_kernel_is_11_pixels_at_224_and_scales():
     x[0, 0, 28, 28] = 1.0
     nz = np.argwhere(blur(x)[0, 0] > 0)  # sigma 1.25: radius round(1.25) = 1
     assert (nz.max(axis=0) - nz.min(axis=0)).tolist() == [2, 2]
+    # small images: sigma is floored at 1 px (5 * 8 / 224 would leave the image unchanged)
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    x[0, 0, 4, 4] = 1.0
+    b = blur(x)[0, 0]
+    assert (np.argwhere(b > 0).max(axis=0) - np.argwhere(b > 0).min(axis=0)).tolist() == [2, 2]
+    assert b[4, 4] < 0.5 and b.sum() == pytest.approx(1.0, abs=1e-6)
 
 
 def test_pixel_order_is_descending_and_stable():

@@ -5,8 +5,8 @@ in descending saliency order (ties in pixel order: a stable sort), ``step`` pixe
 iteration, giving ceil(H*W/step) + 1 points from 0 to all pixels. Deletion replaces them with
 a baseline (black, white, the image's per-channel mean, or its blurred copy); insertion starts
 from the blurred image and puts the original pixels back. The blur is Gaussian, sigma 5 with
-an 11-pixel kernel at 224 px, scaled with the image size (``skimage.filters.gaussian``,
-``mode='nearest'``). AUC: trapezoid over x in [0, 1]; lower is better for deletion, higher
+an 11-pixel kernel at 224 px, scaled with the image size but never below sigma 1 (at 28 px the
+scaled kernel would be the identity) (``skimage.filters.gaussian``, ``mode='nearest'``). AUC: trapezoid over x in [0, 1]; lower is better for deletion, higher
 for insertion.
 """
 
@@ -21,6 +21,7 @@ from ..errors import OptionError
 from .base import Metric, PredictLogits, check_images_maps
 
 BASELINES = ("black", "white", "mean", "blur")
+MIN_SIGMA = 1.0  # px: the scaled blur of small images (e.g. 28 px: sigma 0.625) is floored here
 
 
 def blur(images: np.ndarray, sigma: float | None = None) -> np.ndarray:
@@ -29,7 +30,10 @@ def blur(images: np.ndarray, sigma: float | None = None) -> np.ndarray:
 
     images = np.asarray(images, np.float32)
     n, c, h, w = images.shape
-    sig = (5.0 * h / 224.0, 5.0 * w / 224.0) if sigma is None else (float(sigma),) * 2
+    if sigma is None:  # scaled with the image, but at least 1 px (below ~45 px it would vanish)
+        sig = (max(5.0 * h / 224.0, MIN_SIGMA), max(5.0 * w / 224.0, MIN_SIGMA))
+    else:
+        sig = (float(sigma),) * 2
     out = np.empty_like(images)
     for i in range(n):
         # truncate=1 sigma: radius round(5 * 1) = 5 at 224 px, i.e. an 11-pixel kernel
