@@ -47,11 +47,13 @@ def inspect(model: str, as_json: bool, output: str | None) -> None:
                f"{s.logits.num_classes or '?'} classes)")
     if s.logits.note:
         click.echo(f"note        {s.logits.note}")
-    bad = [op for op, v in s.operators.items() if not v["differentiable"]]
+    bad = [op for op, v in s.operators.items() if v["needs_rule"] and not v["differentiable"]]
     click.echo(f"operators   {sum(v['count'] for v in s.operators.values())} nodes, "
                f"{len(s.operators)} types ({len(bad)} without a gradient rule)")
+    click.echo(f"  {'operator':<24}{'nodes':>6}  gradient")
     for op, v in s.operators.items():
-        click.echo(f"  {op:<24}{v['count']:>6}  {'yes' if v['differentiable'] else 'NO (no rule)'}")
+        grad = "yes" if v["differentiable"] else ("none flows" if not v["needs_rule"] else "NO (no rule)")
+        click.echo(f"  {op:<24}{v['count']:>6}  {grad}")
 
 
 @cli.command()

@@ -19,7 +19,15 @@ from onnx import TensorProto, helper
 from .errors import ModelError, OptionError
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
-MAX_MODEL_BYTES = 4 << 30  # refuse files (with their external data) beyond 4 GiB
+MAX_MODEL_BYTES = 4 << 30
+# Operators whose outputs are integers, booleans or constants: no gradient flows through them,
+# so they need no rule (the pass stops at them).
+NO_GRADIENT_OPS = frozenset({
+    "Shape", "Size", "Constant", "ConstantOfShape", "Range", "NonZero", "ArgMax", "ArgMin",
+    "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Not", "Xor",
+    "IsNaN", "IsInf", "EyeLike", "OneHot", "TopK", "RandomNormal", "RandomUniform",
+    "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial", "BitShift",
+})  # refuse files (with their external data) beyond 4 GiB
 
 
 @dataclass
@@ -204,7 +212,8 @@ def summarize(model: onnx.ModelProto, path: str | None = None, output: str | Non
     supported = set(supported_ops(rules))
     counts = collections.Counter(
         n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph.node)
-    ops = {op: {"count": c, "differentiable": op in supported} for op, c in sorted(counts.items())}
+    ops = {op: {"count": c, "differentiable": op in supported,
+                "needs_rule": op not in NO_GRADIENT_OPS} for op, c in sorted(counts.items())}
     return ModelSummary(
         path=path,
         input=find_image_input(model),
