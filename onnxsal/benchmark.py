@@ -109,8 +109,10 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
     """Run black/white deletion for every model x method; write the result files; return the
     results dictionary (the content of ``results.json``).
 
-    ``maps_fn(engine, method, images) -> [N, H, W]`` computes the maps (default: the method
-    registered under that name in :mod:`onnxsal.methods`). ``engine_factory(model)`` builds
+    ``maps_fn(engine, method, images) -> [N, H, W]`` (or a ``Maps``) computes the maps
+    (default: :func:`onnxsal.methods.compute` on each slice of images, which shares the
+    gradient work of the methods; seeded methods get ``seed``). ``rise`` adds RISE deletion
+    (``rise_baseline``) and insertion, ``rise_step`` pixels per step (default one row). ``engine_factory(model)`` builds
     an engine (default :class:`onnxsal.engine.Engine` with ``preprocess``, ``device``,
     ``threads``, ``output``). ``stop_after`` stops after that many newly computed shards,
     without writing the final files (what an interruption does; used by tests).

@@ -398,6 +398,8 @@ def _to_float_hwc(arr: np.ndarray, name: str, layout: str = "HWC") -> np.ndarray
         raise InputError(f"{name}: an image must be 2-D or 3-D, got shape {arr.shape}")
     if arr.shape[2] not in (1, 2, 3, 4):
         raise InputError(f"{name}: {arr.shape[2]} channels (expected 1 to 4), shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise InputError(f"{name}: empty image (shape {arr.shape})")
     if arr.dtype == np.bool_:
         return arr.astype(np.float32)
     if np.issubdtype(arr.dtype, np.integer):
@@ -456,6 +458,8 @@ def _from_npz(path: Path, limit: int | None) -> RawImages:
         raise InputError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
     x = _npz_layout(x, str(path))
     n = len(x)
+    if n == 0:
+        raise InputError(f"{path}: 'x' holds no images (shape {x.shape})")
     if x.dtype == np.bool_:
         x = x.astype(np.float32)
     elif np.issubdtype(x.dtype, np.integer):

@@ -108,7 +108,7 @@ def test_interrupted_run_resumes_to_identical_results(tmp_path):
     res = _run(part)
     assert res["timing"]["shards_computed_this_run"] == 18 - 3
     assert _stable(part) == _stable(full)
-    for f in ("results.md", "curves.csv"):
+    for f in ("results.md", "curves.csv", "curves.png"):
         assert (part / f).read_bytes() == (full / f).read_bytes()
 
 

@@ -230,3 +230,32 @@ def test_dataset_round_trip_and_fingerprint():
     assert conform(load_raw("digits", limit=20)).fingerprint() == d.fingerprint()
     assert isinstance(d.subset(slice(0, 5)), Dataset) and len(d.subset(slice(0, 5))) == 5
     assert d.subset(slice(0, 5)).fingerprint() != d.fingerprint()
+
+
+# ---------------------------------------------------------------------------------------------
+# property: whatever array an .npz holds, loading gives a Dataset or the project's own error
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+_dtypes = st.sampled_from([np.uint8, np.uint16, np.int32, np.int64, np.float32, np.float64,
+                           np.bool_, np.complex64])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(x=hnp.arrays(_dtypes, hnp.array_shapes(min_dims=1, max_dims=5, min_side=0, max_side=6)),
+       y=st.none() | hnp.arrays(np.int64, hnp.array_shapes(min_dims=1, max_dims=2, max_side=6),
+                                elements=st.integers(-3, 20)),
+       shape=st.sampled_from([None, (1, 4, 4), (3, 5, 3)]))
+def test_npz_fuzz_gives_a_dataset_or_an_input_error(tmp_path, x, y, shape):
+    arrays = {"x": x} if y is None else {"x": x, "y": y}
+    p = tmp_path / "fuzz.npz"
+    np.savez(p, **arrays)
+    try:
+        d = load_dataset(p, shape=shape)
+    except InputError:
+        return
+    assert d.images.dtype == np.float32 and d.images.ndim == 4
+    assert np.isfinite(d.images).all() and d.images.min() >= 0 and d.images.max() <= 1
+    assert len(d.names) == len(d) and (d.labels is None or len(d.labels) == len(d))
