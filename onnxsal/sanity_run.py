@@ -326,6 +326,41 @@ def run_sanity(model: str | os.PathLike | onnx.ModelProto, images: Any,
     return report
 
 
+def compare_models(reference, other, images: np.ndarray,
+                   methods: Sequence[str] | Mapping[str, MethodFn], *, preprocess=None,
+                   device: str = "auto", threads: int | None = None,
+                   method_options: Mapping[str, dict] | None = None,
+                   hog_correlation: str = "pearson",
+                   engine_factory: Callable[[Any], Any] | None = None) -> dict:
+    """The data randomisation test's comparison: each method's maps from ``reference`` (e.g.
+    the model trained on true labels) against ``other`` (the same architecture trained on
+    permuted labels), each model explaining its own predicted class.
+
+    Returns {"methods": {name: {metric: summary}}, "per_image": {name: {metric: [..]}},
+    "class_agreement": fraction, "maps": {"reference": {name: arr}, "other": {name: arr}}}.
+    """
+    if engine_factory is None:
+        from .engine import Engine
+
+        def engine_factory(m):
+            return Engine(m, preprocess=preprocess, device=device, threads=threads,
+                          use_disk_cache=False)
+
+    fns = {n: _method_callable(n, f) for n, f in _canonical(methods).items()}
+    options = {k: dict(v) for k, v in (method_options or {}).items()}
+    x = np.ascontiguousarray(images, np.float32)
+    maps, targets = {}, {}
+    for key, model in (("reference", reference), ("other", other)):
+        eng = engine_factory(model)
+        targets[key] = np.asarray(eng.predict(x), np.int64)
+        maps[key] = _compute_maps(eng, x, targets[key], fns, options)
+    sims = {m: _similarities(maps["reference"][m], maps["other"][m], hog_correlation) for m in fns}
+    return {"methods": {m: {k: _summary(sims[m][k]) for k in sim.METRICS} for m in fns},
+            "per_image": {m: {k: sims[m][k].tolist() for k in sim.METRICS} for m in fns},
+            "class_agreement": float(np.mean(targets["reference"] == targets["other"])),
+            "targets": {k: v.tolist() for k, v in targets.items()}, "maps": maps}
+
+
 # -- reports ----------------------------------------------------------------------------------
 
 def _f(v: float | None, digits: int = 3) -> str:
@@ -453,5 +488,5 @@ def plot_grid(report: dict, image: np.ndarray, original: dict[str, np.ndarray],
     _save_fig(fig, Path(path))
 
 
-__all__ = ["run_sanity", "verdict", "comparable", "markdown", "plot_curves", "plot_grid",
+__all__ = ["run_sanity", "compare_models", "verdict", "comparable", "markdown", "plot_curves", "plot_grid",
            "MODES", "RULE", "DIRECTION"]
