@@ -382,3 +382,18 @@ def test_cli_sanity(digits_model, tmp_path):
     assert rep["images"] == 4 and len(rep["steps"]) == 3 and rep["data"]["count"] == 4
     bad = CliRunner().invoke(cli, args[:-6] + ["--out", str(out), "--mode", "sideways"])
     assert bad.exit_code != 0
+
+
+def test_compare_models(digits_model):
+    from onnxsal.sanity_run import compare_models
+
+    model, x = digits_model
+    methods = {"gradient": vanilla_gradient, "edges": sobel_edges}
+    same = compare_models(model, model, x[:8], methods, engine_factory=_engine_counter([]))
+    assert same["class_agreement"] == 1.0
+    assert same["methods"]["gradient"]["spearman_abs"]["mean"] == pytest.approx(1.0)
+    other = randomize(model, find_layers(model), seed=0)
+    diff = compare_models(model, other, x[:8], methods, engine_factory=_engine_counter([]))
+    assert diff["methods"]["gradient"]["spearman_abs"]["mean"] < 0.5
+    assert diff["methods"]["edges"]["spearman_abs"]["mean"] == pytest.approx(1.0)
+    assert len(diff["per_image"]["gradient"]["ssim"]) == 8
