@@ -168,7 +168,10 @@ class Engine:
         self.labels = labels_from_model(source)
         self.input_shape = raw_shape(self.input_spec, self.preprocess)
         self.model = prepend(source, self.preprocess, self.input_spec)
-        self.input_name = find_image_input(self.model).name
+        inp = find_image_input(self.model)
+        self.input_name = inp.name
+        # a model exported with a fixed batch size runs in chunks of exactly that size
+        self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
         self.model_hash = content_hash(source)
         self._key = hashlib.sha256((self.model_hash + self.preprocess.to_json() + (output or "")).encode()).hexdigest()
         self.providers = pick_providers(device)
@@ -264,16 +267,43 @@ class Engine:
         return self._bytes_per_image + seeds * 4 * self._largest_tensor
 
     def batch_size(self, seeds: int = 0) -> int:
-        """Images per run that fit the memory budget."""
+        """Images per run that fit the memory budget (the model's own batch size when fixed)."""
+        if self.fixed_batch is not None:
+            return self.fixed_batch
         return max(1, int(self.memory_budget // self._bytes_per_run_image(seeds)))
+
+    def _pad(self, a: np.ndarray, axis: int = 0) -> np.ndarray:
+        """Zero-pad a chunk along its image axis to the model's fixed batch size."""
+        if self.fixed_batch is None or a.shape[axis] == self.fixed_batch:
+            return a
+        width = [(0, 0)] * a.ndim
+        width[axis] = (0, self.fixed_batch - a.shape[axis])
+        return np.pad(a, width)
+
+    @staticmethod
+    def _run(sess, names: list[str], feeds: dict) -> list:
+        """Run a session; onnxruntime's failures become one-line ModelErrors."""
+        try:
+            return sess.run(names, feeds)
+        except Exception as exc:
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            msg = " ".join(str(exc).split())
+            msg = msg.replace("[ONNXRuntimeError] : ", "")
+            raise ModelError(f"onnxruntime failed to run the model: "
+                             f"{msg[:300] or type(exc).__name__}") from None
 
     # -- forward -------------------------------------------------------------------------
     def logits(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         x = self._check_images(x)
         bs = batch_size or self.batch_size()
         out = []
+        if self.fixed_batch is not None:
+            bs = self.fixed_batch
         for i in range(0, len(x), bs):
-            out.append(self._forward.run([self.logits_spec.tensor], {self.input_name: x[i:i + bs]})[0])
+            xb = x[i:i + bs]
+            res = self._run(self._forward, [self.logits_spec.tensor], {self.input_name: self._pad(xb)})[0]
+            out.append(res[:len(xb)])
         if not out:
             return np.zeros((0, self.num_classes), np.float32)
         return np.concatenate(out).reshape(len(x), -1)
@@ -300,8 +330,13 @@ class Engine:
         bs = self.batch_size(len(seeds))
         parts = []
         for i in range(0, len(x), bs):
-            parts.append(sess.run(names, {self.input_name: x[i:i + bs],
-                                          meta[META_SEED]: np.ascontiguousarray(seeds[:, i:i + bs])}))
+            xb = x[i:i + bs]
+            n = len(xb)
+            res = self._run(sess, names, {
+                self.input_name: self._pad(xb),
+                meta[META_SEED]: np.ascontiguousarray(self._pad(seeds[:, i:i + bs], axis=1))})
+            parts.append([res[0][:n]] + [r[:, :n] for r in res[1:1 + len(grad_keys)]]
+                         + [r[:n] for r in res[1 + len(grad_keys):]])
         logits = np.concatenate([p[0] for p in parts]).reshape(len(x), -1)
         grads = {k: np.concatenate([p[1 + j] for p in parts], axis=1) for j, k in enumerate(grad_keys)}
         values = {k: np.concatenate([p[1 + len(grad_keys) + j] for p in parts])
