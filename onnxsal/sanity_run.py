@@ -278,12 +278,14 @@ def run_sanity(model: str | os.PathLike | onnx.ModelProto, images: Any,
     original = _compute_maps(engine, x, targets0, fns, options)
     results = []
     grids = {}
-    for step in steps:
+    for j, step in enumerate(steps):
+        where = f"step {j}/{len(steps) - 1}" + (f" ({mode} step {step.index} of {len(all_steps)})"
+                                                 if step.index != j else "")
         fp = _fingerprint({**settings, "step": step.index, "step_layers": step.names})
         path = step_dir / f"step_{step.index:03d}.npz"
         got = _load_step(path, fp, list(fns))
         if got is None:
-            say(f"step {step.index}/{len(steps) - 1}: {step.label}"
+            say(f"{where}: {step.label}"
                 + (f" ({len(step.layers)} layers randomised)" if step.layers else ""))
             rmodel = randomize(source, step.layers, seed=seed)
             reng = engine_factory(rmodel)
@@ -295,7 +297,7 @@ def run_sanity(model: str | os.PathLike | onnx.ModelProto, images: Any,
             _save_step(path, fp, t, agree, sims, grid)
             del reng, rmodel
         else:
-            say(f"step {step.index}/{len(steps) - 1}: {step.label} (done before, reused)")
+            say(f"{where}: {step.label} (done before, reused)")
             t, agree, sims, grid = got
         grids[step.index] = grid
         results.append({
@@ -424,7 +426,7 @@ def plot_curves(report: dict, path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
 
     steps = report["steps"]
-    xs = np.arange(len(steps))
+    xs = np.array([s["step"] for s in steps])  # cascading: number of layers randomised
     labels = [s["label"] if len(s["label"]) <= 24 else "..." + s["label"][-21:] for s in steps]
     fig, axes = plt.subplots(1, len(sim.METRICS), figsize=(4.2 * len(sim.METRICS), 4.2), sharey=True)
     for ax, metric in zip(axes, sim.METRICS):
@@ -438,9 +440,9 @@ def plot_curves(report: dict, path: str | os.PathLike) -> None:
         ax.set_title(METRIC_LABELS[metric])
         ax.axhline(0, color="0.7", lw=0.8)
         ax.set_ylim(-1.05, 1.05)
-        step = max(1, len(xs) // 14)
-        ax.set_xticks(xs[::step])
-        ax.set_xticklabels(labels[::step], rotation=70, ha="right", fontsize=7)
+        every = max(1, len(xs) // 14)
+        ax.set_xticks(xs[::every])
+        ax.set_xticklabels(labels[::every], rotation=70, ha="right", fontsize=7)
         ax.set_xlabel("cascading: randomised down to layer" if report["mode"] == "cascading"
                       else "independently randomised layer")
     axes[0].set_ylabel("similarity to the trained model's map")
