@@ -83,6 +83,7 @@ def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
     base = base.resolve()
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
+    total = 0
     for t in _get_all_tensors(model):
         if not uses_external_data(t):
             continue
@@ -97,6 +98,32 @@ def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
                              f"the model's folder: refused")
         if not full.is_file():
             raise ModelError(f"tensor '{t.name}' keeps its data in '{loc}', which is missing")
+        total += _external_bytes(t, loc, full)
+        if total > MAX_MODEL_BYTES:
+            raise ModelError(f"tensor '{t.name}': the external data add up to more than the "
+                             f"{MAX_MODEL_BYTES >> 30} GiB limit: refused")
+
+
+def _external_bytes(t: onnx.TensorProto, loc: str, full: Path) -> int:
+    """Bytes a tensor claims from its external file, checked against the file's size."""
+    keys = {e.key: e.value for e in t.external_data}
+    try:
+        offset = int(keys.get("offset") or 0)
+        length = int(keys["length"]) if keys.get("length") else None
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (ValueError, TypeError, KeyError):
+        raise ModelError(f"tensor '{t.name}': invalid external-data entry (offset/length/type)") from None
+    if offset < 0 or (length is not None and length < 0) or any(d < 0 for d in t.dims):
+        raise ModelError(f"tensor '{t.name}': negative offset, length or dimension: refused")
+    claim = int(np.prod([int(d) for d in t.dims], dtype=object)) * itemsize
+    if claim > MAX_MODEL_BYTES:
+        raise ModelError(f"tensor '{t.name}' claims {claim / 2**30:.1f} GiB "
+                         f"(shape {list(t.dims)}), beyond the {MAX_MODEL_BYTES >> 30} GiB limit: refused")
+    size = full.stat().st_size
+    if offset + (length if length is not None else claim) > size:
+        raise ModelError(f"tensor '{t.name}' claims {claim} bytes at offset {offset} of '{loc}', "
+                         f"which holds {size}: truncated or inconsistent")
+    return claim
 
 
 def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
@@ -130,11 +157,21 @@ def validate(model: onnx.ModelProto, where: str = "model") -> None:
                      if n.domain not in ("", "ai.onnx", "ai.onnx.ml")})
     if custom:
         raise ModelError(f"{where}: custom operator domains are not supported: {', '.join(custom)}")
+    newest = onnx.defs.onnx_opset_version()
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version > newest:
+            raise ModelError(f"{where}: opset {op.version} is newer than this onnx supports "
+                             f"({newest}); upgrade onnx and onnxruntime")
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
-        msg = str(exc).strip().splitlines()
-        raise ModelError(f"{where}: invalid ONNX model: {msg[0] if msg else type(exc).__name__}") from None
+        msg = " ".join(str(exc).split())
+        raise ModelError(f"{where}: invalid ONNX model: {msg[:300] or type(exc).__name__}") from None
+    seen: set[str] = set()
+    for n in model.graph.node:
+        if n.name and n.name in seen:
+            raise ModelError(f"{where}: invalid ONNX model: two nodes are named '{n.name}'")
+        seen.add(n.name)
 
 
 def content_hash(model: onnx.ModelProto) -> str:
@@ -147,6 +184,12 @@ def find_image_input(model: onnx.ModelProto) -> InputSpec:
     cands = [vi for vi in model.graph.input if vi.name not in inits]
     floats = [vi for vi in cands if vi.type.tensor_type.elem_type in FLOAT_TYPES]
     images = [vi for vi in floats if len(vi.type.tensor_type.shape.dim) == 4]
+    ints = [vi for vi in cands if vi not in floats and len(vi.type.tensor_type.shape.dim) == 4]
+    if not images and ints:
+        vi = ints[0]
+        raise ModelError(f"input '{vi.name}' is {TensorProto.DataType.Name(vi.type.tensor_type.elem_type)}"
+                         f"{_dims(vi)}: gradients cannot flow into integer pixels; export the model "
+                         "with a float image input (and the cast inside the graph)")
     if not images:
         found = ", ".join(f"{vi.name} {TensorProto.DataType.Name(vi.type.tensor_type.elem_type)}"
                           f"{_dims(vi)}" for vi in cands) or "none"
