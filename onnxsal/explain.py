@@ -123,6 +123,9 @@ def run_explain(engine: Engine, inputs: Sequence[str], methods: Sequence[str], o
                 arrays[f"{stem}/{m}"] = mp
                 cls = labels[target] if labels else str(target)
                 panels.append(Panel(f"{m}\n{cls} p={probs[i, target]:.2f}", mp, res.signed))
+            if not np.isfinite(logits[i]).all():
+                failures.append({"image": data.names[n], "error": "the model's logits are NaN or "
+                                 "Inf for this image: its maps explain no real score"})
             if bad:
                 failures.append({"image": data.names[n], "error": f"non-finite map from {', '.join(bad)}"})
             top = np.argsort(-probs[i])[:5]
