@@ -1,7 +1,9 @@
 """Heatmap overlays: one figure per image, the image then one panel per method.
 
 Signed maps use a diverging colour map centred at zero (red supports the class, blue opposes
-it); magnitude maps a sequential one. Maps are drawn over a faded greyscale copy of the image.
+it); magnitude maps a sequential one. Maps are drawn over a greyscale copy of the image with an
+opacity that grows with the attribution, and the colour range ends at the 99.5th percentile of
+the map's magnitude (the raw maps in maps.npz are not clipped).
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ def _grey(image: np.ndarray) -> np.ndarray:
     return img.mean(axis=0)
 
 
+def _robust_max(a: np.ndarray, q: float = 99.5) -> float:
+    """The q-th percentile of a non-negative map (display range; a few extreme pixels would
+    otherwise wash out the rest); never zero."""
+    v = float(np.percentile(a, q)) if a.size else 0.0
+    if v <= 0:
+        v = float(a.max()) if a.size else 0.0
+    return v if v > 0 else 1.0
+
+
 def render(image: np.ndarray, panels: list[Panel], path: str | Path, title: str = "",
            columns: int = 5, dpi: int = 110) -> Path:
     """Write a PNG: the image, then one overlay per panel; returns the path."""
@@ -56,15 +67,23 @@ def render(image: np.ndarray, panels: list[Panel], path: str | Path, title: str 
     grey = _grey(image)
     for ax, p in zip(list(axes.flat)[1:], panels):
         m = np.nan_to_num(np.asarray(p.map, np.float32))
-        ax.imshow(grey, cmap="gray", vmin=0, vmax=1, alpha=1.0)
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
         if p.signed:
-            lim = float(np.abs(m).max()) or 1.0
-            im = ax.imshow(m, cmap=DIVERGING, vmin=-lim, vmax=lim, alpha=0.75)
+            lim = _robust_max(np.abs(m))
+            norm = matplotlib.colors.Normalize(-lim, lim)
+            strength = np.clip(np.abs(m) / lim, 0, 1)
+            cmap = plt.get_cmap(DIVERGING)
         else:
-            lo, hi = float(m.min()), float(m.max())
-            im = ax.imshow(m, cmap=SEQUENTIAL, vmin=lo, vmax=hi if hi > lo else lo + 1, alpha=0.7)
+            lo = float(m.min())
+            hi = lo + _robust_max(m - lo)
+            norm = matplotlib.colors.Normalize(lo, hi)
+            strength = np.clip((m - lo) / (hi - lo), 0, 1)
+            cmap = plt.get_cmap(SEQUENTIAL)
+        rgba = cmap(norm(m))
+        rgba[..., 3] = 0.2 + 0.8 * strength  # weak attribution lets the image show through
+        ax.imshow(rgba)
         ax.set_title(p.title, fontsize=8)
-        cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        cb = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.046, pad=0.02)
         cb.ax.tick_params(labelsize=6)
     if title:
         fig.suptitle(title, fontsize=10)
