@@ -13,6 +13,7 @@ model wants that layout.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -82,6 +83,45 @@ def _floats(text: str, key: str) -> tuple[float, ...]:
         raise OptionError(f"preprocessing: '{key}={text}' is not a list of numbers") from None
 
 
+def _number(text: str, key: str) -> float:
+    vals = _floats(text, key)
+    if len(vals) != 1:
+        raise OptionError(f"preprocessing: '{key}={text}' must be one number")
+    return vals[0]
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        dims = [int(v) for v in text.lower().replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        dims = []
+    if len(dims) not in (1, 2):
+        raise OptionError(f"preprocessing: 'size={text}' must be HxW (or one number for a square)")
+    return dims[0], dims[-1]
+
+
+def validated(spec: PreprocessSpec) -> PreprocessSpec:
+    """The spec if the ONNX prefix can use it; otherwise an OptionError saying what is wrong."""
+    if not math.isfinite(spec.scale) or spec.scale == 0:
+        raise OptionError(f"preprocessing: scale must be a finite, non-zero number, got {spec.scale}")
+    for name, vals in (("mean", spec.mean), ("std", spec.std)):
+        if vals is None:
+            continue
+        if not vals:
+            raise OptionError(f"preprocessing: {name} needs at least one number")
+        if not all(math.isfinite(v) for v in vals):
+            raise OptionError(f"preprocessing: {name} must be finite numbers, got {list(vals)}")
+    if spec.std is not None and any(v == 0 for v in spec.std):
+        raise OptionError(f"preprocessing: std must not be 0, got {list(spec.std)}")
+    if spec.layout not in (None, "NCHW", "NHWC"):
+        raise OptionError(f"preprocessing: layout must be NCHW or NHWC, got {spec.layout!r}")
+    if spec.size is not None and (len(spec.size) != 2 or not all(
+            isinstance(v, int) and 0 < v <= 1 << 16 for v in spec.size)):
+        raise OptionError(f"preprocessing: size must be two positive integers (H, W), got "
+                          f"{list(spec.size)}")
+    return spec
+
+
 def parse(text: str | None) -> PreprocessSpec | None:
     """A preset name, JSON, or tokens such as ``scale=255 mean=123.7,116.3,103.5 std=58.4 bgr nhwc``."""
     if text is None or not str(text).strip():
@@ -98,7 +138,7 @@ def parse(text: str | None) -> PreprocessSpec | None:
         if key in PRESETS and not val:
             spec = replace(PRESETS[key], layout=spec.layout, size=spec.size)
         elif key == "scale":
-            spec = replace(spec, scale=_floats(val, key)[0])
+            spec = replace(spec, scale=_number(val, key))
         elif key in ("mean", "std"):
             spec = replace(spec, **{key: _floats(val, key)})
         elif key in ("bgr", "rgb") and not val:
@@ -106,27 +146,28 @@ def parse(text: str | None) -> PreprocessSpec | None:
         elif key in ("nhwc", "nchw") and not val:
             spec = replace(spec, layout=key.upper())
         elif key == "size":
-            dims = [int(v) for v in val.replace("x", ",").split(",") if v]
-            spec = replace(spec, size=(dims[0], dims[-1]))
+            spec = replace(spec, size=_size(val))
         else:
             raise OptionError(f"preprocessing: unknown item '{tok}' (presets: {', '.join(PRESETS)}; "
                               f"keys: scale=, mean=, std=, bgr, nhwc, nchw, size=HxW)")
-    return spec
+    return validated(spec)
 
 
 def from_json(text: str) -> PreprocessSpec:
     try:
         d = json.loads(text)
-        return PreprocessSpec(
+        layout = d.get("layout")
+        spec = PreprocessSpec(
             scale=float(d.get("scale", 1.0)),
             mean=tuple(float(v) for v in d["mean"]) if d.get("mean") is not None else None,
             std=tuple(float(v) for v in d["std"]) if d.get("std") is not None else None,
             bgr=bool(d.get("bgr", False)),
-            layout=d.get("layout"),
+            layout=layout.upper() if isinstance(layout, str) else layout,
             size=tuple(int(v) for v in d["size"]) if d.get("size") else None,
         )
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError) as exc:
         raise OptionError(f"preprocessing: invalid JSON spec ({exc})") from None
+    return validated(spec)
 
 
 def from_model(model: onnx.ModelProto) -> PreprocessSpec | None:
