@@ -38,9 +38,18 @@ class ExplainResult:
 
 def read_labels(path: str | os.PathLike) -> list[str]:
     """Class names from a JSON list or a text file with one name per line."""
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"labels file {path}: cannot read it as UTF-8 text ({type(exc).__name__})") from None
     if text.lstrip().startswith("["):
-        return [str(v) for v in json.loads(text)]
+        try:
+            names = json.loads(text)
+        except ValueError as exc:
+            raise InputError(f"labels file {path}: invalid JSON ({exc})") from None
+        if not isinstance(names, list) or not all(isinstance(v, (str, int, float)) for v in names):
+            raise InputError(f"labels file {path}: a JSON labels file must be one list of names")
+        return [str(v) for v in names]
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
