@@ -1,0 +1,226 @@
+"""Gradients of every class for a batch: onnxsal's engine against torch autograd, same weights,
+same threads, measured side by side in one run (issue 7).
+
+For each model it times
+  * torch eager, one forward then a loop of backward passes (retain_graph), one per class;
+  * torch.func: vmap over vjp with one-hot cotangents (chunked like onnxsal for 1000 classes);
+  * onnxsal: Engine.class_gradients (the augmented ONNX model on onnxruntime);
+  * the floor: (K + 1) x onnxruntime's forward time for the same batch;
+and prints ratios (best torch / onnxsal, onnxsal / floor), plus the largest gradient difference
+between onnxsal and torch. Results go to benchmarks/results/gradients.{json,md}.
+
+    python benchmarks/gradients.py                       # all models (slow: ~20 min on 2 cores)
+    python benchmarks/gradients.py --models cnn resnet18_32 --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name: (builder, input size, batch, classes, chunk of seed rows, torch-loop class cap)
+MODELS = {
+    "cnn": ("paper_cnn", 32, 32, 10, None),
+    "resnet18_32": ("paper_resnet18", 32, 32, 10, None),
+    "mobilenet_v3_small": ("mobilenet_v3_small", 224, 2, 1000, 100),
+    "resnet18_224": ("resnet18", 224, 2, 1000, 100),
+    "vit_b_16": ("vit_b_16", 224, 1, 1000, 50),
+}
+
+
+def build(kind: str, classes: int):
+    import torch
+    import torchvision
+
+    from converters.paper_models import paper_cnn, paper_resnet18
+
+    torch.manual_seed(0)
+    if kind == "paper_cnn":
+        m = paper_cnn(classes)
+    elif kind == "paper_resnet18":
+        m = paper_resnet18(classes)
+    else:
+        m = getattr(torchvision.models, kind)(weights=None, num_classes=classes)
+    return m.eval()
+
+
+def best_of(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def torch_loop(m, x, classes):
+    import torch
+
+    xt = x.clone().requires_grad_(True)
+    y = m(xt)
+    out = []
+    for k in range(classes):
+        (g,) = torch.autograd.grad(y[:, k].sum(), xt, retain_graph=k < classes - 1)
+        out.append(g)
+    return torch.stack(out)
+
+
+def torch_vmap(m, x, classes, chunk):
+    import torch
+    from torch.func import vjp, vmap
+
+    y, pull = vjp(m, x)
+    eye = torch.eye(classes, dtype=y.dtype)
+    out = []
+    step = chunk or classes
+    for i in range(0, classes, step):
+        cot = eye[i:i + step, None, :].expand(-1, x.shape[0], -1)
+        out.append(vmap(pull)(cot)[0])
+    return torch.cat(out)
+
+
+def run_model(name: str, threads: int, repeat: int, workdir: Path) -> dict:
+    import onnxruntime as ort
+    import torch
+
+    from converters.torch_export import export
+    from onnxsal.engine import Engine
+
+    kind, size, batch, classes, chunk = MODELS[name]
+    torch.set_num_threads(threads)
+    m = build(kind, classes)
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    path = workdir / f"{name}.onnx"
+    export(m, x[:1], path, opset=17)
+    eng = Engine(path, device="cpu", threads=threads, cache_dir=workdir / "cache",
+                 memory_budget_mb=3072)
+    xn = x.numpy()
+
+    def onnxsal_all():
+        return np.concatenate([g for _, g in eng.class_gradients(xn, chunk=chunk)])
+
+    t0 = time.perf_counter()
+    eng.augmented()  # build once: augmentation time is reported separately
+    augment_s = time.perf_counter() - t0
+    ours = onnxsal_all()  # warm-up and correctness
+    t_ours = best_of(onnxsal_all, repeat)
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    fwd = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feed = {fwd.get_inputs()[0].name: xn}
+    fwd.run(None, feed)
+    t_fwd = best_of(lambda: fwd.run(None, feed), max(repeat, 3))
+
+    with torch.no_grad():
+        m(x)
+    t_torch_fwd = best_of(lambda: m(x), max(repeat, 3))
+    loop_ref = torch_loop(m, x, classes)  # warm-up and oracle
+    t_loop = best_of(lambda: torch_loop(m, x, classes), repeat)
+    try:
+        torch_vmap(m, x, classes, chunk)
+        t_vmap = best_of(lambda: torch_vmap(m, x, classes, chunk), repeat)
+    except Exception as exc:  # some models do not vmap (in-place ops)
+        t_vmap = None
+        print(f"  {name}: torch.func vmap failed: {type(exc).__name__}: {str(exc)[:120]}")
+    ref = loop_ref.numpy()
+    err = float(np.abs(ours - ref).max() / (np.abs(ref).max() or 1))
+    best_torch = min(t for t in (t_loop, t_vmap) if t is not None)
+    floor = (classes + 1) * t_fwd
+    row = {
+        "model": name, "input": [3, size, size], "batch": batch, "classes": classes,
+        "chunk": chunk, "threads": threads, "augment_s": augment_s,
+        "onnxsal_s": t_ours, "torch_loop_s": t_loop, "torch_vmap_s": t_vmap,
+        "ort_forward_s": t_fwd, "torch_forward_s": t_torch_fwd, "floor_s": floor,
+        "speedup_vs_best_torch": best_torch / t_ours, "ratio_to_floor": t_ours / floor,
+        "max_rel_grad_diff": err,
+    }
+    print(f"  {name}: onnxsal {t_ours:.3f}s  torch loop {t_loop:.3f}s  vmap "
+          f"{'-' if t_vmap is None else f'{t_vmap:.3f}s'}  floor {floor:.3f}s  "
+          f"speedup {row['speedup_vs_best_torch']:.2f}x  /floor {row['ratio_to_floor']:.2f}  err {err:.1e}")
+    return row
+
+
+def peak_memory_1000_classes(threads: int, workdir: Path) -> dict:
+    """Peak RSS of the all-classes Jacobian of a 1000-class 224x224 model (a fresh process)."""
+    import subprocess
+
+    code = f"""
+import resource, sys, numpy as np, torch, torchvision
+sys.path.insert(0, {str(ROOT)!r})
+from converters.torch_export import export
+from onnxsal.engine import Engine
+torch.manual_seed(0)
+m = torchvision.models.resnet18(weights=None, num_classes=1000).eval()
+export(m, (1, 3, 224, 224), {str(workdir / 'mem_resnet18.onnx')!r})
+del m
+eng = Engine({str(workdir / 'mem_resnet18.onnx')!r}, device="cpu", threads={threads}, cache_dir={str(workdir / 'cache')!r})
+x = np.random.default_rng(0).random((2, 3, 224, 224), dtype=np.float32)
+n = sum(len(c) for c, _ in eng.class_gradients(x))
+print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    n, kb = out.stdout.split()[-2:]
+    return {"model": "resnet18 224x224, 1000 classes, batch 2 (default memory budget 2 GB)",
+            "classes": int(n), "peak_rss_gb": int(kb) / 2**20}
+
+
+def machine() -> dict:
+    import onnxruntime
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--memory", action="store_true", help="also measure peak memory (1000 classes)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gradients"))
+    a = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.models:
+            rows.append(run_model(name, a.threads, a.repeat, Path(tmp)))
+        mem = peak_memory_1000_classes(a.threads, Path(tmp)) if a.memory else None
+    command = "python benchmarks/gradients.py " + " ".join(sys.argv[1:])
+    result = {"command": command, "machine": machine(), "rows": rows, "memory": mem,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    lines = [f"# All-class gradients: onnxsal vs torch autograd\n",
+             f"Command: `{command}`  \nMachine: {result['machine']}\n",
+             "| model | batch | classes | onnxsal s | torch loop s | torch vmap s | floor (K+1)·fwd s | "
+             "speedup vs best torch | onnxsal / floor | max rel. diff |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vm = "-" if r["torch_vmap_s"] is None else f"{r['torch_vmap_s']:.3f}"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['classes']} | {r['onnxsal_s']:.3f} | "
+                     f"{r['torch_loop_s']:.3f} | {vm} | {r['floor_s']:.3f} | "
+                     f"{r['speedup_vs_best_torch']:.2f}x | {r['ratio_to_floor']:.2f} | {r['max_rel_grad_diff']:.1e} |")
+    if mem:
+        lines.append(f"\nPeak resident memory, {mem['model']}: {mem['peak_rss_gb']:.2f} GB")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
