@@ -14,7 +14,7 @@ model's preprocessing). Channel reductions:
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -284,18 +284,15 @@ class SmoothGrad(Method):
     description = "mean of g_c over noisy copies (Smilkov et al.)"
 
     @staticmethod
-    def noise(x: np.ndarray, samples: int, noise_level: float, seed: int) -> np.ndarray:
-        """The noise added to each image: [N, samples, C, H, W].
-
-        rng = numpy.random.default_rng(seed); for each image in order,
+    def noise(x: np.ndarray, samples: int, noise_level: float, seed) -> Iterator[np.ndarray]:
+        """The noise added to each image, one [samples, C, H, W] array per image in order:
+        rng = numpy.random.default_rng(seed); for each image,
         rng.standard_normal((samples, C, H, W), float32) * noise_level * (max(x) - min(x)).
         """
         rng = np.random.default_rng(seed)
-        out = np.empty((len(x), samples) + x.shape[1:], dtype=np.float32)
         for i in range(len(x)):
             std = np.float32(noise_level * (float(x[i].max()) - float(x[i].min())))
-            out[i] = rng.standard_normal((samples,) + x.shape[1:], dtype=np.float32) * std
-        return out
+            yield rng.standard_normal((samples,) + x.shape[1:], dtype=np.float32) * std
 
     def run(self, engine, x, targets, logits, opts, shared):
         samples = int(opts["samples"])
@@ -305,7 +302,8 @@ class SmoothGrad(Method):
         raw = np.zeros_like(x)
         per = _images_per_call(x, samples)
         for s in range(0, len(x), per):
-            noisy = (x[s:s + per, None] + noise[s:s + per]).reshape((-1,) + x.shape[1:])
+            group = range(s, min(s + per, len(x)))
+            noisy = np.concatenate([x[i][None] + next(noise) for i in group])
             t = np.repeat(targets[s:s + per], samples)
             _, g = engine.gradient(noisy, targets=t)
             g = np.asarray(g, np.float32).reshape((-1, samples) + x.shape[1:])

@@ -126,27 +126,43 @@ def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
+class _RiseMaskSource:
+    """The random draws of :func:`rise_masks`, upsampled on demand in slices (memory stays
+    at one slice of masks, not all of them)."""
+
+    def __init__(self, count: int, size: tuple[int, int], grid: int, p: float, seed):
+        self.size = (int(size[0]), int(size[1]))
+        h, w = self.size
+        rng = np.random.default_rng(seed)
+        cell = (math.ceil(h / grid), math.ceil(w / grid))
+        up = ((grid + 1) * cell[0], (grid + 1) * cell[1])
+        self.grids = (rng.random((count, grid, grid)) < p).astype(np.float64)
+        self.shift_y = rng.integers(0, cell[0], count)
+        self.shift_x = rng.integers(0, cell[1], count)
+        self.ry, self.rx = _interp_matrix(grid, up[0]), _interp_matrix(grid, up[1])
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        h, w = self.size
+        out = np.empty((max(0, min(stop, len(self)) - start), h, w), np.float32)
+        for j, k in enumerate(range(start, start + len(out))):
+            ys = self.ry[self.shift_y[k]:self.shift_y[k] + h]
+            xs = self.rx[self.shift_x[k]:self.shift_x[k] + w]
+            out[j] = ys @ self.grids[k] @ xs.T
+        return out
+
+
 def rise_masks(count: int, size: tuple[int, int], grid: int = 7, p: float = 0.5,
                seed: int = 0) -> np.ndarray:
     """RISE masks [count, H, W] in [0, 1], as in the authors' generate_masks.
 
     grid: rng.random((count, grid, grid)) < p; each grid is resized bilinearly (scikit-image,
     order 1, mode reflect) to (grid + 1) * ceil(size / grid) and cropped at a random shift in
-    [0, cell) (rng.integers, first rows then columns).
+    [0, cell) (rng.integers, first rows then columns); rng = numpy.random.default_rng(seed).
     """
-    h, w = size
-    rng = np.random.default_rng(seed)
-    cell = (math.ceil(h / grid), math.ceil(w / grid))
-    up = ((grid + 1) * cell[0], (grid + 1) * cell[1])
-    grids = (rng.random((count, grid, grid)) < p).astype(np.float64)
-    shift_y = rng.integers(0, cell[0], count)
-    shift_x = rng.integers(0, cell[1], count)
-    ry, rx = _interp_matrix(grid, up[0]), _interp_matrix(grid, up[1])
-    full = np.einsum("yi,nij,xj->nyx", ry, grids, rx)
-    out = np.empty((count, h, w), np.float32)
-    for k in range(count):
-        out[k] = full[k, shift_y[k]:shift_y[k] + h, shift_x[k]:shift_x[k] + w]
-    return out
+    return _RiseMaskSource(count, size, grid, p, seed).slice(0, count)
 
 
 class RISE(Method):
@@ -163,17 +179,18 @@ class RISE(Method):
         if count < 1 or grid < 1 or not 0 < p <= 1:
             raise OptionError(f"rise needs masks >= 1, grid >= 1 and 0 < p <= 1, got "
                               f"masks={count}, grid={grid}, p={p}")
-        masks = rise_masks(count, (h, w), grid, p, opts["seed"])
+        source = _RiseMaskSource(count, (h, w), grid, p, opts["seed"])
+        fills = [_fill(x[i], opts["baseline"]) for i in range(n)]
         per = _rows_per_call(x)
         maps = np.zeros((n, h, w), np.float64)
-        for i in range(n):
-            fill = _fill(x[i], opts["baseline"])
-            for s in range(0, count, per):
-                m = masks[s:s + per, None]
-                batch = x[i][None] * m + fill[None] * (1 - m)
+        for s in range(0, count, per):
+            masks = source.slice(s, s + per)
+            m = masks[:, None]
+            for i in range(n):
+                batch = x[i][None] * m + fills[i][None] * (1 - m)
                 sc = target_scores(engine.logits(batch), np.full(len(m), targets[i]),
                                    opts["score"])
-                maps[i] += np.tensordot(sc, masks[s:s + per], axes=1)
+                maps[i] += np.tensordot(sc, masks, axes=1)
         maps /= count * p
         info = {"masks": count, "grid": grid, "p": p, "seed": opts["seed"]}
         return Maps(self.name, maps.astype(np.float32), targets, False, None, logits, info)
