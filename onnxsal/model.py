@@ -172,6 +172,25 @@ def validate(model: onnx.ModelProto, where: str = "model") -> None:
         if n.name and n.name in seen:
             raise ModelError(f"{where}: invalid ONNX model: two nodes are named '{n.name}'")
         seen.add(n.name)
+    _check_tensor_data(model, where)
+
+
+def _check_tensor_data(model: onnx.ModelProto, where: str) -> None:
+    """Every stored tensor (initializers, Constant values) decodes to exactly its shape."""
+    from onnx import numpy_helper
+    from onnx.external_data_helper import _get_all_tensors
+
+    for t in _get_all_tensors(model):
+        try:
+            numpy_helper.to_array(t)
+        except Exception as exc:
+            msg = " ".join(str(exc).split())[:200] or type(exc).__name__
+            try:
+                kind = TensorProto.DataType.Name(t.data_type)
+            except ValueError:
+                kind = f"type {t.data_type}"
+            raise ModelError(f"{where}: tensor '{t.name}' ({kind}, shape {list(t.dims)}) does not "
+                             f"hold data of its shape and type: {msg}") from None
 
 
 def content_hash(model: onnx.ModelProto) -> str:
