@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from ..errors import OptionError
-from .base import Maps, Method, one_hot_seed, target_scores
+from .base import Maps, Method, target_scores
 
 SIGNED_FAMILY = ("original", "positive", "negative", "active", "inactive")
 _IG_RULES = {
