@@ -1,0 +1,1 @@
+"""Convert Keras 3 / tf.keras image classifiers to ONNX for onnxsal."""
