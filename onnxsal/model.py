@@ -68,8 +68,16 @@ class ModelSummary:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["input"]["elem_type"] = TensorProto.DataType.Name(self.input.elem_type)
+        d["input"]["elem_type"] = type_name(self.input.elem_type)
         return d
+
+
+def type_name(elem_type: int) -> str:
+    """ONNX's name of an element type, also for numbers no type has (hostile files)."""
+    try:
+        return TensorProto.DataType.Name(elem_type)
+    except ValueError:
+        return f"type {elem_type}"
 
 
 def _dims(vi) -> list:
@@ -185,10 +193,7 @@ def _check_tensor_data(model: onnx.ModelProto, where: str) -> None:
             numpy_helper.to_array(t)
         except Exception as exc:
             msg = " ".join(str(exc).split())[:200] or type(exc).__name__
-            try:
-                kind = TensorProto.DataType.Name(t.data_type)
-            except ValueError:
-                kind = f"type {t.data_type}"
+            kind = type_name(t.data_type)
             raise ModelError(f"{where}: tensor '{t.name}' ({kind}, shape {list(t.dims)}) does not "
                              f"hold data of its shape and type: {msg}") from None
 
@@ -206,11 +211,11 @@ def find_image_input(model: onnx.ModelProto) -> InputSpec:
     ints = [vi for vi in cands if vi not in floats and len(vi.type.tensor_type.shape.dim) == 4]
     if not images and ints:
         vi = ints[0]
-        raise ModelError(f"input '{vi.name}' is {TensorProto.DataType.Name(vi.type.tensor_type.elem_type)}"
+        raise ModelError(f"input '{vi.name}' is {type_name(vi.type.tensor_type.elem_type)}"
                          f"{_dims(vi)}: gradients cannot flow into integer pixels; export the model "
                          "with a float image input (and the cast inside the graph)")
     if not images:
-        found = ", ".join(f"{vi.name} {TensorProto.DataType.Name(vi.type.tensor_type.elem_type)}"
+        found = ", ".join(f"{vi.name} {type_name(vi.type.tensor_type.elem_type)}"
                           f"{_dims(vi)}" for vi in cands) or "none"
         raise ModelError(f"no float image input of rank 4 (N,C,H,W or N,H,W,C); inputs: {found}")
     vi = images[0]

@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ModelError, OptionError
-from .model import FLOAT_TYPES, InputSpec
+from .model import FLOAT_TYPES, InputSpec, type_name
 
 META_PREPROCESS = "onnxsal.preprocess"
 META_LABELS = "onnxsal.labels"
@@ -217,7 +217,7 @@ def prepend(model: onnx.ModelProto, spec: PreprocessSpec | None, inp: InputSpec)
     if spec.bgr and c != 3:
         raise OptionError(f"preprocessing: BGR order needs 3 channels, the model has {c}")
     if inp.elem_type not in FLOAT_TYPES:
-        raise ModelError(f"input '{inp.name}' is {TensorProto.DataType.Name(inp.elem_type)}; only float "
+        raise ModelError(f"input '{inp.name}' is {type_name(inp.elem_type)}; only float "
                          f"inputs can be explained by gradients")
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
