@@ -87,6 +87,13 @@ def summary() -> str:
              markdown_table(headers, rows, "l" * len(headers)),
              "\nPer-model details (per step, per metric, mean and std over images; figures): "
              + ", ".join(f"[{n}]({n}/sanity.md)" for n in runs) + ".\n"]
+    lines.append(
+        "Notes. SmoothGrad and integrated gradients run with 16 samples/steps here (2-core CPU); "
+        "SmoothGrad's step-0 self-similarity (re-run with seed + 1) is then low, and the rule "
+        "fails a method whose drop is not clearly larger than its own noise. On EfficientNet-Lite0 "
+        "guided backprop gives exactly the vanilla gradient: its activations are ReLU6 (Clip), and "
+        "the guided rule set overrides only Relu. A method whose maps are constant (Grad-CAM on "
+        "a 1x1 layer) scores 1 by convention (both maps normalise to zeros).\n")
     dr = RESULTS / "data_randomisation" / "data_randomisation.md"
     if dr.is_file():
         lines.append("Data randomisation test: [data_randomisation](data_randomisation/data_randomisation.md).\n")
