@@ -11,7 +11,7 @@ crash of the process (caught because cases run in a worker subprocess that is re
 a crash). Case ``i`` depends only on ``(seed, i)``, so findings reproduce with ``--only i``.
 
     python benchmarks/fuzz.py --cases 2000 --seed 0          # prints cases and findings
-    python benchmarks/fuzz.py --cases 300 --json out.json    # what tests/test_fuzz.py runs
+    python benchmarks/fuzz.py --cases 300 --no-figures       # what tests/test_fuzz.py runs
     python benchmarks/fuzz.py --only 17 --keep DIR            # one case, its file kept in DIR
 """
 
@@ -439,9 +439,14 @@ def judge(code: object, stderr: str) -> str | None:
     return None
 
 
-def worker(seed: int, indices: list[int], workdir: Path, progress: Path) -> None:
+def worker(seed: int, indices: list[int], workdir: Path, progress: Path, figures: bool = True) -> None:
     """Run cases in this process; one JSON line per case (and a 'start' line before it, so
-    that the parent can name the case that crashed the process)."""
+    that the parent can name the case that crashed the process). ``figures=False`` skips
+    explain's matplotlib figures (most of its time on these tiny models)."""
+    if not figures:
+        import onnxsal.explain
+
+        onnxsal.explain.render = lambda *a, **k: None
     try:
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     except (ValueError, OSError):
@@ -482,7 +487,7 @@ def worker(seed: int, indices: list[int], workdir: Path, progress: Path) -> None
 
 
 def run(cases: int, seed: int = 0, only: list[int] | None = None, keep: Path | None = None,
-        verbose: bool = True) -> dict:
+        verbose: bool = True, figures: bool = True) -> dict:
     """Run the cases in worker subprocesses; return {"cases", "findings", "outcomes", ...}."""
     todo = list(only) if only else list(range(cases))
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="onnxsal-fuzz-"))
@@ -497,6 +502,8 @@ def run(cases: int, seed: int = 0, only: list[int] | None = None, keep: Path | N
             break
         cmd = [sys.executable, __file__, "--worker", "--seed", str(seed), "--workdir", str(work),
                "--progress", str(progress), "--only", ",".join(map(str, left))]
+        if not figures:
+            cmd.append("--no-figures")
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         last_seen, last_time = None, time.time()
         while proc.poll() is None:
@@ -530,7 +537,7 @@ def run(cases: int, seed: int = 0, only: list[int] | None = None, keep: Path | N
     for r in records:
         for cmd, o in r["outcomes"].items():
             outcome[(cmd, "ok" if o == "ok" else "error")] += 1
-    summary = {"cases": len(records), "seed": seed, "seconds": round(time.time() - t0, 1),
+    summary = {"cases": len(records), "seed": seed, "figures": figures, "seconds": round(time.time() - t0, 1),
                "runs": sum(len(r["outcomes"]) for r in records),
                "outcomes": {f"{c} {k}": v for (c, k), v in sorted(outcome.items())},
                "mutations": dict(Counter(m for r in records for m in r["mutations"])),
@@ -569,15 +576,17 @@ def main() -> None:
     ap.add_argument("--keep", default=None, help="work folder to keep (case files of findings)")
     ap.add_argument("--json", default=None, help="write the summary here")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--no-figures", action="store_true", help="skip explain's figures (faster)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--progress", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     only = [int(v) for v in a.only.split(",") if v] if a.only else None
     if a.worker:
-        worker(a.seed, only or [], Path(a.workdir), Path(a.progress))
+        worker(a.seed, only or [], Path(a.workdir), Path(a.progress), figures=not a.no_figures)
         return
-    summary = run(a.cases, a.seed, only, Path(a.keep) if a.keep else None, verbose=not a.quiet)
+    summary = run(a.cases, a.seed, only, Path(a.keep) if a.keep else None, verbose=not a.quiet,
+                  figures=not a.no_figures)
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=1))
     sys.exit(1 if summary["findings"] else 0)
