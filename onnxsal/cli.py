@@ -255,7 +255,15 @@ def main() -> None:
     except OnnxsalError as exc:
         if _DEBUG["on"]:
             raise
-        click.echo(f"error: {exc}", err=True)
+        # one line even when a hostile file puts line breaks into a name the message quotes
+        click.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        sys.exit(2)
+    except MemoryError as exc:
+        if _DEBUG["on"]:
+            raise
+        detail = " ".join(str(exc).split()) or "no detail"
+        click.echo(f"error: out of memory ({detail}); use fewer or smaller images (--limit), "
+                   "or a model with a smaller input", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
