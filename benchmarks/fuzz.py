@@ -428,14 +428,15 @@ def judge(code: object, stderr: str) -> str | None:
         return code
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("error:")]
+    other = [ln for ln in lines if not ln.startswith(("error:", "note:", "failed:"))]
     if "Traceback" in stderr:
         return "traceback printed"
     if code == 0:
         return None
     if code != 2:
         return f"exit code {code}: {' | '.join(lines)[:300]}"
-    if len(errors) != 1:
-        return f"{len(errors)} error lines: {' | '.join(lines)[:300]}"
+    if len(errors) != 1 or other:
+        return f"{len(errors)} error lines and {len(other)} others: {' | '.join(lines)[:300]}"
     return None
 
 

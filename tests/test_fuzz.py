@@ -189,6 +189,7 @@ def test_fuzz_judge_flags_everything_but_ok_and_one_error_line():
     assert judge(2, "note: x\nerror: bad model\n") is None
     assert judge("exception ValueError: boom", "") == "exception ValueError: boom"
     assert "2 error lines" in judge(2, "error: a\nerror: b\n")
+    assert "1 others" in judge(2, "error: a\n  continued on a second line\n")
     assert "exit code 1" in judge(1, "Error: click\n")
     assert judge(2, "Traceback (most recent call last):\nerror: x") == "traceback printed"
 

@@ -622,3 +622,24 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
         report.atomic_write_json(path, {"run": 2})
     assert json.loads(path.read_text()) == {"run": 1}
     assert not _no_temp_files(tmp_path)
+
+
+def test_line_breaks_in_hostile_names_stay_on_one_line(tmp_path):
+    m = tiny()
+    n = m.graph.node[1]
+    n.domain, n.op_type = "evil\ndomain", "Two\nLines"
+    m.opset_import.append(helper.make_opsetid("evil\ndomain", 1))
+    code, _, err = run_main(["inspect", save(m, tmp_path / "nl.onnx")])
+    assert code == 2
+    assert "evil domain::Two Lines" in one_error_line(err)
+
+
+def test_out_of_memory_is_one_line(tmp_path, monkeypatch):
+    import onnxsal.model
+
+    def no_memory(*a, **k):
+        raise MemoryError("Unable to allocate 288. MiB")
+
+    monkeypatch.setattr(onnxsal.model, "summarize", no_memory)
+    code, _, err = run_main(["inspect", save(tiny(), tmp_path / "m.onnx")])
+    assert code == 2 and "out of memory (Unable to allocate 288. MiB)" in one_error_line(err)
