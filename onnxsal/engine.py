@@ -183,10 +183,12 @@ class Engine:
         self._bytes_per_image, self._largest_tensor = _float_bytes_per_image(self.model, self.input_name, self.input_shape)
         self._sessions: dict = {}
         self._forward = self._make_forward()
-        nc = self.logits_spec.num_classes
-        if nc is None:
-            nc = int(self.logits(np.zeros((1,) + self.input_shape, np.float32)).shape[-1])
-        self.num_classes = int(nc)
+        # the declared class count is only a claim (a file may lie): one run says what it is
+        nc = int(self.logits(np.zeros((1,) + self.input_shape, np.float32)).shape[-1])
+        if nc < 1:
+            raise ModelError(f"the model's output '{self.logits_spec.tensor}' holds no values per "
+                             "image: not a classifier's logits")
+        self.num_classes = nc
         if self.labels is not None and len(self.labels) != self.num_classes:
             self.labels = None
 
