@@ -643,3 +643,16 @@ def test_out_of_memory_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(onnxsal.model, "summarize", no_memory)
     code, _, err = run_main(["inspect", save(tiny(), tmp_path / "m.onnx")])
     assert code == 2 and "out of memory (Unable to allocate 288. MiB)" in one_error_line(err)
+
+
+@pytest.mark.parametrize("declared", [0, 9])
+def test_a_lying_class_count_is_not_believed(declared, tmp_path, image):
+    """The output claims 0 or 9 classes; the model gives 4: the engine counts what it gets."""
+    from onnxsal.engine import Engine
+
+    m = tiny()
+    m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = declared
+    assert Engine(m, device="cpu", use_disk_cache=False).num_classes == 4
+    code, _, err = run_main(["explain", save(m, tmp_path / "lie.onnx"), image, "--out", tmp_path / "e",
+                             "-m", "active,inactive", "--device", "cpu"])
+    assert code == 0, err
