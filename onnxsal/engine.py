@@ -6,6 +6,8 @@ onnxruntime session. The engine
 * prepends the model's preprocessing, so its input space is float32 [0, 1] NCHW;
 * picks providers (``auto`` uses CUDA only when a session really loads on it) and reports them;
 * batches under a memory budget, and computes per-class Jacobians in chunks of seed rows;
+* simplifies the graph with onnxruntime's basic optimizations before the gradient pass
+  (:mod:`onnxsal.simplify`);
 * caches augmented (gradient) models on disk, keyed by the model's content hash and options,
   in ``$ONNXSAL_CACHE`` or the user cache folder (``~/.cache/onnxsal``).
 """
@@ -28,7 +30,8 @@ from . import __version__
 from .autodiff import META_GRAD, META_LOGITS, META_SEED, META_VALUE, augment
 from .errors import InputError, ModelError, OptionError
 from .model import content_hash, find_image_input, find_logits, load_model
-from .preprocess import (PreprocessSpec, labels_from_model, parse, prepend, raw_shape)
+from .preprocess import PreprocessSpec, labels_from_model, parse, prepend, raw_shape
+from .simplify import simplify
 from .preprocess import from_model as preprocess_from_model
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -151,7 +154,7 @@ class Engine:
                  preprocess: str | PreprocessSpec | None = None, device: str = "auto",
                  output: str | None = None, memory_budget_mb: int = 2048,
                  cache_dir: str | os.PathLike | None = None, threads: int | None = None,
-                 use_disk_cache: bool = True):
+                 use_disk_cache: bool = True, simplify: bool = True):
         if isinstance(model, onnx.ModelProto):
             self.path = None
             source = model
@@ -180,6 +183,7 @@ class Engine:
         self.memory_budget = int(memory_budget_mb) << 20
         self._cache_dir = cache_dir
         self._use_disk_cache = use_disk_cache
+        self.simplify = simplify
         self._bytes_per_image, self._largest_tensor = _float_bytes_per_image(self.model, self.input_name, self.input_shape)
         self._sessions: dict = {}
         self._forward = self._make_forward()
@@ -219,7 +223,7 @@ class Engine:
                   epsilon: float | None = None):
         """(session, metadata) of the gradient model for these options (memory and disk cached)."""
         opts = {"epsilon": epsilon} if epsilon is not None else {}
-        key = json.dumps([self._key, rules, list(wrt or []), opts, __version__], sort_keys=True)
+        key = json.dumps([self._key, rules, list(wrt or []), opts, self.simplify, __version__], sort_keys=True)
         if key in self._sessions:
             return self._sessions[key]
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
@@ -231,7 +235,9 @@ class Engine:
             except Exception:
                 aug = None
         if aug is None:
-            aug = augment(self.model, wrt=list(wrt) if wrt else None, rules=rules,
+            keep = [self.logits_spec.tensor] + list(wrt or [])
+            base = simplify(self.model, keep=keep) if self.simplify else self.model
+            aug = augment(base, wrt=list(wrt) if wrt else None, rules=rules,
                           logits=self.logits_spec.tensor, options=opts)
             if self._use_disk_cache:
                 self._write_cache(aug, path)

@@ -97,3 +97,25 @@ def test_device_choice():
     assert pick_providers("cpu") == ["CPUExecutionProvider"]
     with pytest.raises(OptionError):
         pick_providers("tpu")
+
+
+def test_simplified_gradient_model_matches_and_is_smaller(tmp_path):
+    """onnxruntime's basic optimizations before the pass: same gradients, fewer nodes."""
+    from onnxsal.simplify import simplify
+
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)).eval()
+    with torch.no_grad():
+        m[2].running_mean.uniform_(-1, 1)
+        m[2].running_var.uniform_(0.5, 2)
+    model = export_torch(m, torch.randn(1, 3, 10, 10))
+    small = simplify(model)
+    assert len(small.graph.node) < len(model.graph.node)
+    assert {n.op_type for n in small.graph.node} & {"Pad", "BatchNormalization"} == set()
+    x = np.random.default_rng(4).random((3, 3, 10, 10), dtype=np.float32)
+    grads = [Engine(model, device="cpu", cache_dir=tmp_path, simplify=s).gradient(x, targets=[0, 1, 2])[1]
+             for s in (False, True)]
+    _, ref = torch_jacobian(m, x)
+    for g in grads:
+        np.testing.assert_allclose(g, ref[[0, 1, 2], np.arange(3)], atol=1e-5 * np.abs(ref).max())
