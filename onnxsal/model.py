@@ -181,6 +181,25 @@ def validate(model: onnx.ModelProto, where: str = "model") -> None:
             raise ModelError(f"{where}: invalid ONNX model: two nodes are named '{n.name}'")
         seen.add(n.name)
     _check_tensor_data(model, where)
+    _check_declared_shapes(model, where)
+
+
+def _check_declared_shapes(model: onnx.ModelProto, where: str) -> None:
+    """The shapes and types the graph declares for its inputs and outputs agree with what its
+    nodes compute (a file that lies about them misleads the gradient pass). Intermediate
+    annotations are ignored (some exporters write wrong ones that onnxruntime tolerates), and
+    so are inference failures that are not such a disagreement."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
+    try:
+        onnx.shape_inference.infer_shapes(probe, strict_mode=True)
+    except Exception as exc:
+        msg = " ".join(str(exc).split())
+        if "existing shape" in msg or "existing type" in msg:
+            detail = msg.split("Inference error(s): ")[-1][:300]
+            raise ModelError(f"{where}: the declared input/output shapes or types disagree with "
+                             f"the graph: {detail}") from None
 
 
 def _check_tensor_data(model: onnx.ModelProto, where: str) -> None:
