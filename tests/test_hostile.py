@@ -647,12 +647,18 @@ def test_out_of_memory_is_one_line(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("declared", [0, 9])
 def test_a_lying_class_count_is_not_believed(declared, tmp_path, image):
-    """The output claims 0 or 9 classes; the model gives 4: the engine counts what it gets."""
+    """The output claims 0 or 9 classes; the model gives 4: a file is refused with the
+    disagreement named, and an in-memory model's engine counts what the model gives."""
     from onnxsal.engine import Engine
 
     m = tiny()
     m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = declared
     assert Engine(m, device="cpu", use_disk_cache=False).num_classes == 4
-    code, _, err = run_main(["explain", save(m, tmp_path / "lie.onnx"), image, "--out", tmp_path / "e",
-                             "-m", "active,inactive", "--device", "cpu"])
-    assert code == 0, err
+    path = save(m, tmp_path / "lie.onnx")
+    for args in (["inspect", path], ["augment", path, "-o", tmp_path / "a.onnx"],
+                 ["explain", path, image, "--out", tmp_path / "e", "-m", "active", "--device", "cpu"]):
+        code, _, err = run_main(args)
+        assert code == 2
+        line = one_error_line(err)
+        assert "declared input/output shapes or types disagree with the graph" in line
+        assert f"(4) vs ({declared})" in line and "node name: fc" in line
