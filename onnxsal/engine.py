@@ -409,11 +409,20 @@ class Engine:
                     best = node.input[0]
             if best is not None:
                 break
+        dims = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+                for vi in inferred.graph.value_info}
+        cands = [n.output[0] for n in inferred.graph.node if n.output and ranks.get(n.output[0]) == 4]
         if best is None:
-            cands = [n.output[0] for n in inferred.graph.node if n.output and ranks.get(n.output[0]) == 4]
             if not cands:
                 raise ModelError("the model has no 4-D activation for Grad-CAM; name one with --layer")
             best = cands[-1]
+        if dims.get(best, [None] * 4)[2:] == [1, 1]:
+            # a 1x1 activation (small inputs) gives a constant map: take the last larger one
+            order = {name: i for i, name in enumerate(cands)}
+            bigger = [c for c in cands if order[c] < order.get(best, len(cands))
+                      and any(v is None or v > 1 for v in dims.get(c, [None] * 4)[2:])]
+            if bigger:
+                best = bigger[-1]
         return best
 
 

@@ -119,3 +119,21 @@ def test_simplified_gradient_model_matches_and_is_smaller(tmp_path):
     _, ref = torch_jacobian(m, x)
     for g in grads:
         np.testing.assert_allclose(g, ref[[0, 1, 2], np.arange(3)], atol=1e-5 * np.abs(ref).max())
+
+
+def test_guided_backprop_treats_relu6_as_a_relu(tmp_path):
+    torch.manual_seed(3)
+    m6 = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU6(), nn.Conv2d(5, 5, 3, padding=1),
+                       nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).eval()
+    eng = Engine(export_torch(m6, torch.randn(1, 3, 8, 8)), device="cpu", cache_dir=tmp_path)
+    x = np.random.default_rng(5).random((2, 3, 8, 8), dtype=np.float32)
+    _, guided = eng.gradient(x, targets=[0, 1], rules="guided")
+    # oracle: torch with guided hooks at every ReLU6 (mask of the clip times max(dy, 0))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    hooks = [mod.register_full_backward_hook(lambda mod, gi, go: (torch.clamp(gi[0], min=0),))
+             for mod in m6 if isinstance(mod, nn.ReLU6)]
+    out = m6(xt)
+    out[[0, 1], [0, 1]].sum().backward()
+    for h in hooks:
+        h.remove()
+    np.testing.assert_allclose(guided, xt.grad.numpy(), atol=1e-5 * np.abs(xt.grad.numpy()).max())

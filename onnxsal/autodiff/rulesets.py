@@ -1,7 +1,7 @@
 """Named rule sets that override a few default rules (SPEC.md section 6).
 
 * ``guided``: guided backpropagation; at every ReLU the cotangent is
-  1[x > 0] * max(dy, 0).
+  1[x > 0] * max(dy, 0) (also at Clip with a lower bound of 0, i.e. ReLU6).
 * ``lrp``: epsilon-LRP as a modified gradient; before the usual backward of a linear layer
   z = Wx + b (Conv, Gemm, MatMul) the cotangent is scaled by z / (z + eps * sign(z)), with
   sign(0) taken as +1. Relevance at the input is x times the resulting gradient.
@@ -22,6 +22,18 @@ def guided_relu(ctx, node, dys):
     zero = ctx.scalar(0.0, x)
     mask = b.op("Cast", [b.op("Greater", [x, zero])], to=ctx.dtype(x))
     return [b.op("Mul", [b.op("Relu", [dys[0]]), mask])]
+
+
+@rule("Clip", ruleset="guided")
+def guided_clip(ctx, node, dys):
+    """ReLU6 and other clips with a lower bound of 0 are ReLUs too: the cotangent that passes
+    the clip's mask is also clipped at 0. Other clips keep the plain rule."""
+    grads = DEFAULT["Clip"].fn(ctx, node, dys)
+    lo = ctx.input(node, 1) if ctx.opset >= 11 else None
+    lo_value = ctx.const(lo) if lo is not None else ctx.attr(node, "min")
+    if lo_value is not None and float(lo_value) == 0.0 and grads[0] is not None:
+        grads[0] = ctx.b.op("Relu", [grads[0]])
+    return grads
 
 
 def _lrp_epsilon(op_type: str):
