@@ -66,8 +66,10 @@ def inspect(model: str, as_json: bool, output: str | None) -> None:
               show_default=True, help="Rule set of the backward pass.")
 @click.option("--epsilon", type=float, default=None, help="Epsilon of the lrp rule set.")
 @click.option("--output", default=None, help="The output to explain when the model has several.")
+@click.option("--simplify/--no-simplify", default=True, show_default=True,
+              help="Apply onnxruntime's basic graph optimizations first (fewer, cheaper backward nodes).")
 def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: float | None,
-            output: str | None) -> None:
+            output: str | None, simplify: bool) -> None:
     """Add the backward graph: one run returns logits and the gradient of every class."""
     from .autodiff import augment as augment_model
     from .model import find_logits, load_model, save_model
@@ -76,6 +78,10 @@ def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: flo
     m = load_model(model)
     logits = find_logits(m, output)
     options = {"epsilon": epsilon} if epsilon is not None else {}
+    if simplify:
+        from .simplify import simplify as simplify_model
+
+        m = simplify_model(m, keep=[logits.tensor, *wrt])
     aug = augment_model(m, wrt=list(wrt) or None, rules=rules, logits=logits.tensor, options=options)
     save_model(aug, out)
     dt = time.perf_counter() - t0
