@@ -191,6 +191,8 @@ def labels_from_model(model: onnx.ModelProto) -> list[str] | None:
 
 def raw_shape(inp: InputSpec, spec: PreprocessSpec | None) -> tuple[int, int, int]:
     """(C, H, W) of the [0, 1] input space for this model and spec."""
+    if spec is not None and spec.layout and spec.layout != inp.layout:
+        inp = replace(inp, layout=spec.layout)  # a recorded layout beats the shape heuristic
     c = inp.channels
     h, w = inp.spatial
     if spec is not None and spec.size is not None:
