@@ -6,6 +6,12 @@ that hashes everything the shard depends on (model content, preprocessing, data 
 metric, fractions, seed, shard size), so an interrupted run resumes from its finished shards
 and gives the same final results as an uninterrupted one. The final files (``results.json``,
 ``results.md``, ``curves.csv``, ``curves.png``) are computed from the shards alone.
+
+The work of one (model, slice) is a :class:`ShardGroup`: plain values (the model's engine
+options, the images, labels, methods, seed and metric settings) that :func:`compute_group`, a
+plain function, turns into one shard part per method. An executor (:mod:`onnxsal.executors`:
+the local loop, or Ray actors) runs the groups and hands each part back to the driver, which
+alone writes the shard files and merges them, with the same code for every executor.
 """
 
 from __future__ import annotations
@@ -16,13 +22,14 @@ import os
 import platform
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from .data import Dataset, RawImages, conform, load_raw
-from .errors import InputError, OnnxsalError, OptionError
+from .errors import InputError, ModelError, OnnxsalError, OptionError
 from .metrics.deletion import FRACTIONS, MODES, BlackWhiteDeletion
 from .metrics.rise import RiseDeletion, RiseInsertion
 from .report import (atomic_savez, atomic_write_json, atomic_write_text, deletion_csv_rows,
@@ -94,6 +101,112 @@ def _parse_methods(methods: Sequence[str] | str) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class EngineSpec:
+    """How to build the engine of one model anywhere (plain, picklable values).
+
+    ``key`` identifies the model and its options (the shard key); ``model_hash`` is checked
+    against the engine a worker builds from the bytes the driver sent. ``factory(model)``
+    replaces :class:`onnxsal.engine.Engine` (tests)."""
+
+    key: str
+    model_hash: str
+    preprocess: Any = None
+    device: str = "auto"
+    threads: int | None = None
+    output: str | None = None
+    factory: Callable[[Any], Any] | None = None
+
+    def build(self, model: Any, default_threads: int | None = None):
+        """An engine for ``model`` (serialized ONNX bytes, a path or a ModelProto)."""
+        if self.factory is not None:
+            return self.factory(model)
+        import onnx
+
+        from .engine import Engine
+
+        if isinstance(model, (bytes, bytearray)):
+            model = onnx.load_from_string(bytes(model))
+        threads = self.threads if self.threads is not None else default_threads
+        eng = Engine(model, preprocess=self.preprocess, device=self.device, threads=threads,
+                     output=self.output)
+        if eng.model_hash != self.model_hash:
+            raise ModelError(f"the worker's copy of the model differs from the driver's "
+                             f"(hash {eng.model_hash[:12]} != {self.model_hash[:12]})")
+        return eng
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """The metric settings of a benchmark (plain values)."""
+
+    metric: str = "accuracy"
+    fractions: tuple[float, ...] = tuple(FRACTIONS)
+    modes: tuple[str, ...] = tuple(MODES)
+    max_batch_bytes: int = 256 << 20
+    rise: bool = False
+    rise_baseline: str = "black"
+    rise_step: int | None = None
+
+    def build(self) -> tuple[BlackWhiteDeletion, dict]:
+        """(black/white deletion metric, {"deletion"|"insertion": RISE metric} or {})."""
+        metric = BlackWhiteDeletion(self.metric, self.fractions, self.modes, self.max_batch_bytes)
+        rise = {}
+        if self.rise:
+            rise = {"deletion": RiseDeletion(self.rise_step, self.rise_baseline,
+                                             max_batch_bytes=self.max_batch_bytes),
+                    "insertion": RiseInsertion(self.rise_step,
+                                               max_batch_bytes=self.max_batch_bytes)}
+        return metric, rise
+
+
+@dataclass
+class ShardGroup:
+    """The pending shards of one model on one slice of images: everything needed to compute
+    them, and (``files``) where the driver writes each method's part, relative to the output
+    folder."""
+
+    model_index: int
+    model_name: str
+    engine: EngineSpec
+    start: int
+    stop: int
+    methods: tuple[str, ...]
+    images: np.ndarray
+    labels: np.ndarray | None
+    seed: int
+    metric: MetricSpec
+    files: dict[str, str] = field(default_factory=dict)
+    maps_fn: MapsFn | None = None
+
+    def describe(self) -> str:
+        return f"{self.model_name} {self.start}:{self.stop}"
+
+
+def iter_group(group: ShardGroup, engine: Any) -> Iterator[tuple[str, dict]]:
+    """Yield (method, shard part) for each method of ``group``, computed with ``engine``.
+
+    The maps of all methods come from one :func:`default_maps_many` call (shared gradient
+    work) unless the group carries its own ``maps_fn``."""
+    metric_obj, rise_objs = group.metric.build()
+    x, y = group.images, group.labels
+    methods = list(group.methods)
+    all_maps = default_maps_many(engine, methods, x, group.seed) if group.maps_fn is None else None
+    for meth in methods:
+        raw_maps = all_maps[meth] if all_maps is not None else group.maps_fn(engine, meth, x)
+        maps = _as_maps(raw_maps, len(x), x.shape[2:], meth)
+        part = metric_obj.evaluate_batch(engine.logits, x, maps, y)
+        for kind, robj in rise_objs.items():
+            rp = robj.evaluate_batch(engine.logits, x, maps)
+            part.update({f"rise_{kind}_{k}": v for k, v in rp.items()})
+        yield meth, part
+
+
+def compute_group(group: ShardGroup, engine: Any) -> dict[str, dict]:
+    """{method: shard part} of ``group`` (what a remote worker returns)."""
+    return dict(iter_group(group, engine))
+
+
 def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Sequence[str] | str,
                   metric: str = "accuracy", limit: int | None = None,
                   out_dir: str | os.PathLike = "benchmark", maps_fn: MapsFn | None = None, *,
@@ -105,7 +218,8 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
                   progress: bool = True, max_batch_bytes: int = 256 << 20,
                   rise: bool = False, rise_baseline: str = "black",
                   rise_step: int | None = None,
-                  command: str | None = None, stop_after: int | None = None) -> dict:
+                  command: str | None = None, stop_after: int | None = None,
+                  executor: Any = None) -> dict:
     """Run black/white deletion for every model x method; write the result files; return the
     results dictionary (the content of ``results.json``).
 
@@ -116,7 +230,13 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
     an engine (default :class:`onnxsal.engine.Engine` with ``preprocess``, ``device``,
     ``threads``, ``output``). ``stop_after`` stops after that many newly computed shards,
     without writing the final files (what an interruption does; used by tests).
+    ``executor`` runs the shard groups: None or "local" (this process), "ray", or an object
+    from :func:`onnxsal.executors.make_executor`; the result files do not depend on it.
     """
+    from .executors import make_executor
+
+    if executor is None or isinstance(executor, str):
+        executor = make_executor(executor or "local")
     t_start = time.time()
     models = list(models)
     if not models:
@@ -128,20 +248,23 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
         method_names = _methods.resolve(method_names)
     if shard_size < 1:
         raise OptionError(f"shard size must be positive, got {shard_size}")
-    metric_obj = BlackWhiteDeletion(metric, fractions, modes, max_batch_bytes)
-    rise_objs = {}
-    if rise:
-        rise_objs = {"deletion": RiseDeletion(rise_step, rise_baseline,
-                                              max_batch_bytes=max_batch_bytes),
-                     "insertion": RiseInsertion(rise_step, max_batch_bytes=max_batch_bytes)}
+    metric_spec = MetricSpec(metric, tuple(map(float, fractions)), tuple(modes),
+                             int(max_batch_bytes), bool(rise), rise_baseline, rise_step)
+    metric_obj, rise_objs = metric_spec.build()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    custom_factory = engine_factory
     if engine_factory is None:
         from .engine import Engine
 
+        # the driver's engines plan the work (shapes, classes, hashes); when remote workers
+        # compute, the driver may have no GPU, so it plans on the CPU
+        plan_device = device if executor.in_process else "cpu"
+
         def engine_factory(m):
-            return Engine(m, preprocess=preprocess, device=device, threads=threads, output=output)
+            return Engine(m, preprocess=preprocess, device=plan_device, threads=threads,
+                          output=output)
 
     engines = [engine_factory(m) for m in models]
     names = _model_names(models)
@@ -196,7 +319,10 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
                              sort_keys=True)
         key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
         sdir = out / "shards" / f"{_safe(name)}-{key}"
-        model_info.append({"dir": sdir, "key_src": key_src, "data": ds})
+        spec = EngineSpec(key=f"{i}-{key}", model_hash=str(eng.model_hash),
+                          preprocess=preprocess, device=device, threads=threads, output=output,
+                          factory=custom_factory)
+        model_info.append({"dir": sdir, "key_src": key_src, "data": ds, "spec": spec})
         for s in range(0, len(ds), shard_size):
             sl = slice(s, min(len(ds), s + shard_size))
             for meth in method_names:
@@ -217,48 +343,50 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
         else:
             parts[(item[0], item[2], item[1].start)] = loaded
 
+    groups: dict[tuple[int, int], ShardGroup] = {}
+    for i, sl, meth, path in todo:
+        g = groups.get((i, sl.start))
+        if g is None:
+            ds = model_info[i]["data"]
+            g = groups[(i, sl.start)] = ShardGroup(
+                model_index=i, model_name=names[i], engine=model_info[i]["spec"],
+                start=sl.start, stop=sl.stop, methods=(), images=ds.images[sl],
+                labels=None if ds.labels is None else ds.labels[sl], seed=seed,
+                metric=metric_spec, maps_fn=maps_fn)
+        g.methods += (meth,)
+        g.files[meth] = str(path.relative_to(out))
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(plan), initial=len(plan) - len(todo), unit="shard",
-                   desc="benchmark", dynamic_ncols=True)
+                   desc=f"benchmark ({executor.name})", dynamic_ncols=True)
     computed = 0
-    groups: dict[tuple[int, int], list] = {}
-    for item in todo:
-        groups.setdefault((item[0], item[1].start), []).append(item)
+
+    def deliver(group: ShardGroup, meth: str, part: dict) -> None:
+        nonlocal computed
+        atomic_savez(out / group.files[meth], **part)
+        parts[(group.model_index, meth, group.start)] = part
+        computed += 1
+        if bar is not None:
+            bar.update(1)
+
+    def status(text: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(text)
+
+    def payload(i: int) -> Any:
+        """What a remote worker builds model ``i`` from: the serialized model (no shared
+        file system needed), or the model argument itself for a custom engine factory."""
+        if custom_factory is None:
+            return engines[i].source_model.SerializeToString()
+        return models[i]
+
     try:
-        for (i, _), items in groups.items():
-            if stop_after is not None and computed >= stop_after:
-                break
-            eng = engines[i]
-            ds = model_info[i]["data"]
-            sl = items[0][1]
-            x = ds.images[sl]
-            y = None if ds.labels is None else ds.labels[sl]
-            pending = [meth for _, _, meth, _ in items]
-            if bar is not None:
-                bar.set_postfix_str(f"{names[i]} {sl.start}:{sl.stop} maps")
-            if maps_fn is None:
-                all_maps = default_maps_many(eng, pending, x, seed)
-            else:
-                all_maps = None
-            for _, _, meth, path in items:
-                if stop_after is not None and computed >= stop_after:
-                    break
-                if bar is not None:
-                    bar.set_postfix_str(f"{names[i]} {meth} {sl.start}:{sl.stop}")
-                raw_maps = all_maps[meth] if all_maps is not None else maps_fn(eng, meth, x)
-                maps = _as_maps(raw_maps, len(x), x.shape[2:], meth)
-                part = metric_obj.evaluate_batch(eng.logits, x, maps, y)
-                for kind, robj in rise_objs.items():
-                    rp = robj.evaluate_batch(eng.logits, x, maps)
-                    part.update({f"rise_{kind}_{k}": v for k, v in rp.items()})
-                atomic_savez(path, **part)
-                parts[(i, meth, sl.start)] = part
-                computed += 1
-                if bar is not None:
-                    bar.update(1)
+        executor.run(list(groups.values()), engines=engines, payload=payload, deliver=deliver,
+                     should_stop=lambda: stop_after is not None and computed >= stop_after,
+                     status=status)
     finally:
         if bar is not None:
             bar.close()
@@ -301,7 +429,7 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
             "hash": eng.model_hash, "input_shape": list(map(int, eng.input_shape)),
             "num_classes": int(eng.num_classes),
             "preprocess": json.loads(pre.to_json()) if hasattr(pre, "to_json") else str(pre),
-            "provider": getattr(eng, "provider", None),
+            "provider": executor.providers.get(i, getattr(eng, "provider", None)),
             "clean": clean or {"score": float("nan"), "images": 0},
             "shards": str(model_info[i]["dir"].relative_to(out)),
         })
@@ -329,7 +457,8 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
         "results": results,
         "versions": package_versions(),
         "timing": {"seconds_this_run": round(time.time() - t_start, 3),
-                   "shards_computed_this_run": computed, "shards_total": len(plan)},
+                   "shards_computed_this_run": computed, "shards_total": len(plan),
+                   "executor": executor.describe()},
     }
     atomic_write_json(out / "results.json", summary)
     atomic_write_text(out / "results.md", deletion_markdown(summary))

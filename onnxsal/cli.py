@@ -154,13 +154,26 @@ def explain(model, images, methods, out, target, preprocess, labels_file, device
               default="black", show_default=True, help="What RISE deletion puts in.")
 @click.option("--rise-step", type=int, default=None,
               help="Pixels per RISE step (default: one image row).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Who computes the shards: this process, or Ray workers (pip install 'onnxsal[ray]').")
+@click.option("--address", default=None, help="Ray cluster to use (e.g. ray://head:10001 or "
+              "auto); default: start Ray on this machine.")
+@click.option("--workers", type=int, default=None, help="Ray worker actors (default: as many "
+              "as the cluster's CPUs, or GPUs, allow).")
+@click.option("--cpus-per-worker", type=float, default=None, help="CPUs per Ray worker [1].")
+@click.option("--gpus-per-worker", type=float, default=None, help="GPUs per Ray worker [0] "
+              "(with --device cuda).")
 def benchmark(models, data, methods, metric, limit, out, preprocess, device, seed, output,
-              shard_size, threads, quiet, rise, rise_baseline, rise_step):
+              shard_size, threads, quiet, rise, rise_baseline, rise_step, executor, address,
+              workers, cpus_per_worker, gpus_per_worker):
     """Black/white-deletion AUCs of saliency METHODS on MODELS (SPEC.md section 3)."""
     import shlex
 
     from .benchmark import run_benchmark
+    from .executors import make_executor
 
+    ex = make_executor(executor, address=address, workers=workers,
+                       cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
     command = None
     if Path(sys.argv[0]).name == "onnxsal":
         command = " ".join(["onnxsal"] + [shlex.quote(a) for a in sys.argv[1:]])
@@ -169,7 +182,7 @@ def benchmark(models, data, methods, metric, limit, out, preprocess, device, see
                             list(methods), metric, limit, out, preprocess=preprocess,
                             device=device, seed=seed, output=output, shard_size=shard_size,
                             threads=threads, progress=not quiet, command=command, rise=rise,
-                            rise_baseline=rise_baseline, rise_step=rise_step)
+                            rise_baseline=rise_baseline, rise_step=rise_step, executor=ex)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished shards are kept in {out}/shards; run the same "
                    "command again to resume", err=True)

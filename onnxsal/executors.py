@@ -1,0 +1,282 @@
+"""Executors: who computes the shard groups of a benchmark.
+
+An executor gets the list of :class:`onnxsal.benchmark.ShardGroup` still to compute and hands
+every finished part back to the driver through ``deliver(group, method, part)``; the driver
+alone writes the shard files and merges them, so the result files do not depend on the
+executor, and a run that dies resumes from the shards written, on either executor.
+
+* :class:`LocalExecutor` (the default): this process, one group after the other, with the
+  driver's engines. It never imports Ray.
+* :class:`RayExecutor`: a pool of Ray actors, each keeping one engine per model (built once per
+  worker from model bytes the driver put into the object store: no shared file system needed),
+  at most ``max_in_flight`` groups queued per actor (back-pressure), a worker that dies is
+  replaced and its unfinished groups are given to the others.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict, deque
+from typing import Any, Callable, Sequence
+
+from .errors import OnnxsalError, OptionError
+
+RAY_INSTALL = "pip install 'onnxsal[ray]'"
+
+Deliver = Callable[[Any, str, dict], None]
+
+
+class LocalExecutor:
+    """Compute the groups in this process with the driver's engines, writing each method's
+    shard as soon as it is done."""
+
+    name = "local"
+    in_process = True
+
+    def __init__(self) -> None:
+        self.providers: dict[int, str] = {}
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+    def run(self, groups: Sequence[Any], *, engines: Sequence[Any],
+            payload: Callable[[int], Any], deliver: Deliver,
+            should_stop: Callable[[], bool], status: Callable[[str], None] | None = None) -> None:
+        from .benchmark import iter_group
+
+        for g in groups:
+            if should_stop():
+                return
+            if status is not None:
+                status(f"{g.describe()} maps")
+            for meth, part in iter_group(g, engines[g.model_index]):
+                deliver(g, meth, part)
+                if should_stop():
+                    return
+
+
+def import_ray():
+    """The ``ray`` module, or one OptionError line saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise OptionError(f"--executor ray needs Ray, which is not installed: {RAY_INSTALL}") from None
+    return ray
+
+
+class _Worker:
+    """The body of a Ray actor: one engine per model, built on first use from the model bytes
+    in the object store, kept for later groups (at most ``max_models``, least recently used
+    dropped first)."""
+
+    def __init__(self, threads: int | None, max_models: int = 4) -> None:
+        self.threads = threads
+        self.max_models = max(1, int(max_models))
+        self.engines: OrderedDict[str, Any] = OrderedDict()
+        self.loads = 0
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stats(self) -> dict:
+        return {"pid": os.getpid(), "loads": self.loads, "models": list(self.engines)}
+
+    def run(self, group: Any, model_box: list) -> tuple[str, dict[str, dict]]:
+        from .benchmark import compute_group
+
+        key = group.engine.key
+        eng = self.engines.get(key)
+        if eng is None:
+            import ray
+
+            # the reference sits in a list, so Ray hands it over unresolved: the bytes are
+            # fetched only by a worker that has not built this model yet
+            eng = group.engine.build(ray.get(model_box[0]), default_threads=self.threads)
+            self.loads += 1
+            self.engines[key] = eng
+            while len(self.engines) > self.max_models:
+                self.engines.popitem(last=False)
+        else:
+            self.engines.move_to_end(key)
+        return str(getattr(eng, "provider", "")), compute_group(group, eng)
+
+
+class RayExecutor:
+    """Spread the groups over ``workers`` Ray actors of ``cpus_per_worker`` CPUs and
+    ``gpus_per_worker`` GPUs each, on the cluster at ``address`` (else a Ray instance started
+    here, or the one already running in this process).
+
+    ``max_in_flight`` groups are queued per actor at most (back-pressure: the images of only
+    so many groups are in the object store at once). A group whose actor dies is given to
+    another actor and the dead one replaced (``max_attempts`` tries per group). ``on_result``
+    (tests) is called after every delivered group with (executor, groups delivered)."""
+
+    name = "ray"
+    in_process = False
+
+    def __init__(self, address: str | None = None, workers: int | None = None,
+                 cpus_per_worker: float = 1, gpus_per_worker: float = 0,
+                 max_in_flight: int = 2, max_attempts: int = 3, max_models: int = 4,
+                 on_result: Callable[["RayExecutor", int], None] | None = None) -> None:
+        self.ray = import_ray()
+        if workers is not None and workers < 1:
+            raise OptionError(f"--workers must be at least 1, got {workers}")
+        if cpus_per_worker <= 0:
+            raise OptionError(f"--cpus-per-worker must be positive, got {cpus_per_worker}")
+        if gpus_per_worker < 0:
+            raise OptionError(f"--gpus-per-worker must not be negative, got {gpus_per_worker}")
+        if max_in_flight < 1:
+            raise OptionError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        self.address = address
+        self.workers = workers
+        self.cpus = float(cpus_per_worker)
+        self.gpus = float(gpus_per_worker)
+        self.max_in_flight = int(max_in_flight)
+        self.max_attempts = int(max_attempts)
+        self.max_models = int(max_models)
+        self.on_result = on_result
+        self.actors: list[Any] = []
+        self.providers: dict[int, str] = {}
+        self.replaced = 0     # actors that died and were replaced
+        self.reassigned = 0   # groups given to another actor after their actor died
+        self.delivered = 0    # groups delivered this run
+
+    def describe(self) -> dict:
+        return {"name": self.name, "address": self.address, "workers": len(self.actors) or self.workers,
+                "cpus_per_worker": self.cpus, "gpus_per_worker": self.gpus,
+                "replaced_workers": self.replaced, "reassigned_groups": self.reassigned}
+
+    # -- cluster -------------------------------------------------------------------------
+    def _connect(self) -> bool:
+        """Connect to (or start) Ray; True when this call started it (then run() shuts it
+        down at the end)."""
+        ray = self.ray
+        if ray.is_initialized():
+            return False
+        kw: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False}
+        if self.address:
+            try:
+                ray.init(address=self.address, **kw)
+            except Exception as exc:
+                msg = " ".join(str(exc).split())[:300]
+                raise OptionError(f"cannot connect to the Ray cluster at {self.address}: "
+                                  f"{msg or type(exc).__name__}") from None
+        else:
+            # a local instance with room for the workers asked for (more than the cores
+            # oversubscribes them, which is allowed)
+            cores = os.cpu_count() or 1
+            need = (self.workers or max(1, int(cores // self.cpus))) * self.cpus
+            ray.init(num_cpus=max(cores, int(-(-need // 1))), include_dashboard=False, **kw)
+        return True
+
+    def _plan_workers(self) -> int:
+        res = self.ray.cluster_resources()
+        cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+        if self.gpus > 0 and gpus < self.gpus:
+            raise OptionError(f"--gpus-per-worker {self.gpus:g}, but the Ray cluster has "
+                              f"{gpus:g} GPUs")
+        n = self.workers
+        if n is None:
+            n = int(cpus // self.cpus)
+            if self.gpus > 0:
+                n = min(n, int(gpus // self.gpus))
+            n = max(1, n)
+        if n * self.cpus > cpus + 1e-9:
+            raise OptionError(f"{n} workers x {self.cpus:g} CPUs do not fit the Ray cluster's "
+                              f"{cpus:g} CPUs (use fewer --workers or --cpus-per-worker)")
+        if self.gpus > 0 and n * self.gpus > gpus + 1e-9:
+            raise OptionError(f"{n} workers x {self.gpus:g} GPUs do not fit the Ray cluster's "
+                              f"{gpus:g} GPUs")
+        return n
+
+    def _new_actor(self) -> Any:
+        ray = self.ray
+        cls = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=0,
+                         max_task_retries=0)(_Worker)
+        threads = max(1, int(self.cpus))
+        return cls.remote(threads, self.max_models)
+
+    # -- the run -------------------------------------------------------------------------
+    def run(self, groups: Sequence[Any], *, engines: Sequence[Any],
+            payload: Callable[[int], Any], deliver: Deliver,
+            should_stop: Callable[[], bool], status: Callable[[str], None] | None = None) -> None:
+        if not groups:
+            return
+        ray = self.ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        started = self._connect()
+        boxes: dict[int, list] = {}
+        inflight: dict[Any, tuple[int, Any, Any, int]] = {}
+        try:
+            n = min(self._plan_workers(), len(groups))
+            self.actors = [self._new_actor() for _ in range(n)]
+            load = [0] * n
+            queue: deque[tuple[Any, int]] = deque((g, 1) for g in groups)
+            while queue or inflight:
+                while queue and not should_stop():
+                    k = min(range(n), key=lambda j: load[j])
+                    if load[k] >= self.max_in_flight:
+                        break
+                    g, attempt = queue.popleft()
+                    if g.model_index not in boxes:
+                        boxes[g.model_index] = [ray.put(payload(g.model_index))]
+                    actor = self.actors[k]
+                    ref = actor.run.remote(g, boxes[g.model_index])
+                    inflight[ref] = (k, actor, g, attempt)
+                    load[k] += 1
+                if not inflight:
+                    break
+                ready, _ = ray.wait(list(inflight), num_returns=1)
+                for ref in ready:
+                    k, actor, g, attempt = inflight.pop(ref)
+                    load[k] -= 1
+                    try:
+                        provider, result = ray.get(ref)
+                    except RayActorError as exc:
+                        if attempt >= self.max_attempts:
+                            raise OnnxsalError(
+                                f"Ray workers died {attempt} times on {g.describe()}: "
+                                f"{' '.join(str(exc).split())[:200]}") from None
+                        if self.actors[k] is actor:  # not replaced yet
+                            self.actors[k] = self._new_actor()
+                            self.replaced += 1
+                        self.reassigned += 1
+                        queue.appendleft((g, attempt + 1))
+                        continue
+                    except RayTaskError as exc:
+                        cause = getattr(exc, "cause", None)
+                        if isinstance(cause, BaseException):
+                            raise cause from None
+                        raise
+                    self.providers[g.model_index] = provider
+                    for meth in g.methods:
+                        deliver(g, meth, result[meth])
+                    self.delivered += 1
+                    if status is not None:
+                        status(f"{g.describe()} done; {len(inflight)} in flight on {n} workers")
+                    if self.on_result is not None:
+                        self.on_result(self, self.delivered)
+        finally:
+            # killing the actors also drops the groups still queued on them
+            for a in self.actors:
+                try:
+                    ray.kill(a)
+                except Exception:
+                    pass
+            if started:
+                ray.shutdown()
+
+
+def make_executor(name: str = "local", **options: Any) -> LocalExecutor | RayExecutor:
+    """``"local"`` or ``"ray"`` (options: address, workers, cpus_per_worker, gpus_per_worker,
+    max_in_flight); options that are None are left at their defaults."""
+    options = {k: v for k, v in options.items() if v is not None}
+    if name == "local":
+        if options:
+            flags = ", ".join("--" + k.replace("_", "-") for k in sorted(options))
+            raise OptionError(f"{flags}: only for --executor ray")
+        return LocalExecutor()
+    if name == "ray":
+        return RayExecutor(**options)
+    raise OptionError(f"executor '{name}' is not one of local, ray")
