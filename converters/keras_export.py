@@ -235,6 +235,14 @@ def _keras_logits(model, x: np.ndarray) -> np.ndarray:
     return np.asarray(out)
 
 
+def layout_of(model: onnx.ModelProto) -> str:
+    """The input layout recorded in the metadata (NHWC when none is)."""
+    for p in model.metadata_props:
+        if p.key == PREPROCESS_KEY:
+            return (json.loads(p.value).get("layout") or "NHWC").upper()
+    return "NHWC"
+
+
 def parity(model: Any, onnx_model: str | os.PathLike | onnx.ModelProto, inputs: np.ndarray,
            threads: int = 1) -> dict[str, float]:
     """Compare Keras and onnxruntime logits on ``inputs`` (array [N, ...] in the model's own input
@@ -255,4 +263,4 @@ def parity(model: Any, onnx_model: str | os.PathLike | onnx.ModelProto, inputs: 
             "argmax_agreement": float((ref.argmax(1) == got.argmax(1)).mean()), "n": int(len(x))}
 
 
-__all__ = ["export", "parity", "load"]
+__all__ = ["export", "parity", "load", "layout_of"]

@@ -258,6 +258,62 @@ def sanity(model, data, methods, mode, limit, out, seed, max_steps, threshold, m
                f"({rep['images']} images, {len(rep['steps']) - 1} steps)")
 
 
+@cli.command()
+@click.argument("framework", type=click.Choice(["torch", "keras", "jax"]))
+@click.argument("source")
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the ONNX model.")
+@click.option("--opset", type=int, default=None,
+              help="ONNX opset (default: torch 17 (18 with --dynamo), keras 17 (max 18), jax 23 (min 18)).")
+@click.option("--dynamo", is_flag=True, help="torch: use the torch.export-based exporter.")
+@click.option("--input-shape", default=None, help="C,H,W of the model input (required for torch "
+              "and jax; keras reads it from the model).")
+@click.option("--weights", default=None, type=click.Path(dir_okay=False),
+              help="torch: a state-dict file for the module SOURCE builds "
+              "(read with torch.load(weights_only=True)).")
+@click.option("--preprocess", default=None, help="What the model expects of [0,1] pixels, "
+              "recorded in the file: a preset (imagenet, tf, caffe, lite, x255, ...) or "
+              "'scale=255 mean=.. std=.. bgr'.")
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Class names to record: JSON list or one per line.")
+@click.option("--no-parity", is_flag=True, help="Skip the comparison with the framework.")
+def convert(framework, source, out, opset, dynamo, input_shape, weights, preprocess, labels_file,
+            no_parity):
+    """Export a PyTorch, Keras/TensorFlow or JAX classifier to ONNX, with its preprocessing and
+    class names recorded, and compare the file with the framework on random inputs.
+
+    SOURCE: for torch, 'module:function' returning the nn.Module (a weights file goes to
+    --weights: torch files are only read with torch.load(weights_only=True), so they cannot
+    carry the architecture); for keras, a .keras/.h5 file (loaded in Keras's safe mode) or
+    'module:function'; for jax, 'module:function' returning fn(x), (apply_fn, params) or an nnx
+    module (x is N,H,W,C). The module is imported from the current folder or PYTHONPATH.
+    """
+    from converters.convert import convert as run_convert
+
+    from .errors import OptionError
+
+    shape = None
+    if input_shape:
+        try:
+            shape = tuple(int(v) for v in input_shape.replace("x", ",").split(",") if v.strip())
+        except ValueError:
+            raise OptionError(f"--input-shape {input_shape!r}: expected C,H,W") from None
+        if len(shape) != 3:
+            raise OptionError(f"--input-shape {input_shape!r}: expected C,H,W")
+    t0 = time.perf_counter()
+    res = run_convert(framework, source, out, opset=opset, dynamo=dynamo, input_shape=shape,
+                      preprocess=preprocess, labels=labels_file, weights=weights,
+                      check_parity=not no_parity)
+    dt = time.perf_counter() - t0
+    c, h, w = res.input_shape
+    click.echo(f"wrote {out}: {framework}, opset {res.opset}, input [N,{c},{h},{w}] "
+               f"({res.layout} in the file), in {dt:.1f} s")
+    if res.parity:
+        p = res.parity
+        click.echo(f"parity vs {framework} on {p['n']} random inputs: max abs logit diff "
+                   f"{p['max_abs_logit_diff']:.2e}, top-1 agreement {p['argmax_agreement']:.0%}")
+
+
 def _meta(model, key: str) -> str:
     return next((p.value for p in model.metadata_props if p.key == key), "")
 
