@@ -307,15 +307,16 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
         shapes, dtypes = _collect_static(model)
         active, need = _path(g, wrt, logits_name, dtypes)
 
+    consts = _collect_consts(g)
     unknown = sorted({t for n in active for t in list(n.input) + list(n.output)
-                      if t and shapes.get(t) is None and t not in _collect_consts(g)})
+                      if t and shapes.get(t) is None and t not in consts})
     if unknown:
         _probe_ranks(model, unknown, shapes)
 
     taken = {t for n in g.node for t in list(n.input) + list(n.output)}
     taken |= {i.name for i in g.initializer} | {i.name for i in g.input} | {n.name for n in g.node}
     b = Builder(opset, taken)
-    ctx = Context(b, shapes, dtypes, _collect_consts(g), need, rules, options)
+    ctx = Context(b, shapes, dtypes, consts, need, rules, options)
 
     # the seed input: the cotangent of the logits, [K, N, C]
     seed_name = "onnxsal_seed" if "onnxsal_seed" not in taken else b.fresh("seed")
@@ -350,8 +351,12 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
 
     # outputs: logits, gradients, forward values of intermediate tensors
     out_names = {o.name for o in g.output}
+    try:
+        image_input = find_image_input(model).name
+    except ModelError:  # not an image model (a test graph, a feature extractor): first wrt
+        image_input = wrt[0]
     meta = {META_SEED: seed_name, META_LOGITS: logits_name, META_RULES: rules,
-            META_INPUT: find_image_input(model).name}
+            META_INPUT: image_input}
     if logits_name not in out_names:
         g.output.append(helper.make_tensor_value_info(logits_name, ltype, lshape))
     graph_inputs = {i.name for i in g.input}

@@ -13,11 +13,10 @@ from .registry import rule
 
 
 def _transposed(ctx, t: str) -> str:
-    """t with its last two axes swapped (a new initializer when t is a constant)."""
+    """t with its last two axes swapped (a Transpose node: onnxruntime folds it for a
+    constant at load time, and the file does not carry a second copy of the weights)."""
     c = ctx.const(t)
-    if c is not None:
-        return ctx.b.const(np.ascontiguousarray(np.swapaxes(c, -1, -2)), hint="wT")
-    r = ctx.rank(t)
+    r = c.ndim if c is not None else ctx.rank(t)
     perm = list(range(r - 2)) + [r - 1, r - 2]
     return ctx.b.op("Transpose", [t], perm=perm)
 

@@ -289,3 +289,12 @@ def reduce_max(ctx, node, dys):
     return [b.op("Mul", [dx, share])] + [None] * (len(node.input) - 1)
 
 
+
+
+@rule("GatherND", min_opset=16)
+def gather_nd(ctx, node, dys):
+    """Scatter-add the cotangent back to the picked positions (picks may repeat)."""
+    b = ctx.b
+    x, ind = node.input
+    picked = b.op("GatherND", [_index_tensor(ctx, x), ind], batch_dims=ctx.attr(node, "batch_dims", 0))
+    return [_scatter_back(ctx, x, picked, dys[0], add=True), None]
