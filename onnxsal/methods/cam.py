@@ -1,6 +1,7 @@
 """Grad-CAM (Selvaraju et al. 2017), SPEC.md section 6.
 
-A = activations of a 4-D tensor [N, K, h, w] (default: ``engine.default_cam_layer()``, the
+A = activations of a 4-D tensor [N, K, h, w] ([N, h, w, K] when the graph uses it channels-last,
+see :func:`channel_axis`) (default: ``engine.default_cam_layer()``, the
 last one before global pooling; override with ``layer=<tensor name>``);
 alpha_k = spatial mean of dS_c/dA_k; map = ReLU(sum_k alpha_k A_k), upsampled bilinearly
 (half-pixel centres, edge values repeated, like torch's ``align_corners=False``) to H x W.
@@ -29,6 +30,50 @@ def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
+_PASS_THROUGH = ("Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Elu",
+                 "Selu", "Gelu", "Identity", "Mul", "Add", "Div", "Sub", "BatchNormalization")
+
+
+def channel_axis(model, layer: str) -> int:
+    """1 (NCHW) or 3 (NHWC): the channel axis of the 4-D tensor ``layer``, read from what
+    consumes it (through elementwise ops): a reduction over axes (1, 2) or a Transpose with
+    perm (0, 3, 1, 2) means NHWC (as jax2onnx and unoptimised TF exports write); anything else
+    (GlobalAveragePool, Conv, a reduction over (2, 3)) NCHW."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    consts = {t.name: t for t in g.initializer}
+    consts.update({n.output[0]: a.t for n in g.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    todo, seen = [layer], set()
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        for n in consumers.get(t, []):
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            if n.op_type.startswith("Reduce"):
+                axes = attrs.get("axes")
+                if axes is None and len(n.input) > 1 and n.input[1] in consts:
+                    axes = numpy_helper.to_array(consts[n.input[1]]).ravel().tolist()
+                if axes is not None and sorted(int(a) % 4 for a in axes) == [1, 2]:
+                    return 3
+                if axes is not None:
+                    return 1
+            elif n.op_type == "Transpose" and list(attrs.get("perm", [])) == [0, 3, 1, 2]:
+                return 3
+            elif n.op_type in _PASS_THROUGH:
+                todo.extend(n.output[:1])
+            else:
+                return 1
+    return 1
+
+
 class GradCAM(Method):
     name = "gradcam"
     aliases = ("grad_cam",)
@@ -49,6 +94,8 @@ class GradCAM(Method):
         if act.ndim != 4:
             raise OptionError(f"Grad-CAM needs a 4-D activation [N, K, h, w]; layer '{layer}' "
                               f"has shape {list(act.shape)}")
+        if channel_axis(engine.model, layer) == 3:  # NHWC activation: channels last
+            act, grad = act.transpose(0, 3, 1, 2), grad.transpose(0, 3, 1, 2)
         alpha = grad.mean(axis=(2, 3), keepdims=True)
         coarse = np.maximum((alpha * act).sum(axis=1), 0).astype(np.float32)
         maps = upsample(coarse, tuple(x.shape[2:]))
