@@ -35,6 +35,7 @@ META_RULES = "onnxsal.rules"
 META_INPUT = "onnxsal.input"
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+MIN_OPSET = 11  # Range, ScatterElements, Slice with steps; older models are upgraded
 MAX_IR_VERSION = 10  # onnxruntime >= 1.18 reads it; onnx >= 1.23 would write 14 otherwise
 
 
@@ -273,9 +274,9 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
     options = dict(options or {})
     model = copy.deepcopy(model)
     opset = default_opset(model)
-    if opset < 13:
-        model = _convert_opset(model, 13, "the gradient rules need opset 13 or newer")
-        opset = 13
+    if opset < MIN_OPSET:
+        model = _convert_opset(model, MIN_OPSET, f"the gradient rules need opset {MIN_OPSET} or newer")
+        opset = MIN_OPSET
     del model.graph.value_info[:]  # some exporters write wrong ones; infer them afresh
     model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
 
@@ -297,7 +298,7 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
     if unsupported:
         raise UnsupportedOperatorError(unsupported)
 
-    needed_opset = max([rule_table[n.op_type].min_opset for n in active] + [opset])
+    needed_opset = max([rule_table[n.op_type].opset_for(n) for n in active] + [opset])
     if needed_opset > opset:
         model = _convert_opset(model, needed_opset, "a gradient rule needs it")
         opset = needed_opset
@@ -321,7 +322,9 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
     # the seed input: the cotangent of the logits, [K, N, C]
     seed_name = "onnxsal_seed" if "onnxsal_seed" not in taken else b.fresh("seed")
     taken.add(seed_name)
-    lshape = shapes.get(logits_name) or [None, None]
+    lshape = shapes.get(logits_name)
+    if lshape is None:  # (a scalar has the shape [], which is known)
+        lshape = [None, None]
     seed_dims = ["K"] + [d if d is not None else f"logits_{i}" for i, d in enumerate(lshape)]
     ltype = dtypes.get(logits_name, TensorProto.FLOAT)
     g.input.append(helper.make_tensor_value_info(seed_name, ltype, seed_dims))
@@ -368,7 +371,7 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
             out += "_"
         taken.add(out)
         b.nodes.append(helper.make_node("Identity", [gsum], [out], name=b.fresh("grad_out")))
-        tshape = shapes.get(t) or []
+        tshape = shapes.get(t) or []  # unknown rank: declared without dims below
         g.output.append(helper.make_tensor_value_info(
             out, dtypes.get(t, TensorProto.FLOAT), ["K"] + [d if d is not None else f"{_safe(t)}_{i}" for i, d in enumerate(tshape)]))
         meta[META_GRAD + t] = out

@@ -58,7 +58,7 @@ def _geometry(ctx, node, x: str, kernel: list[int]):
 
 
 def _input_grad(ctx, dyf: str, weight, x: str, y: str, kernel, strides, dilations, pb, pe,
-                group: int) -> str:
+                group: int, wname: str | None = None) -> str:
     """The input gradient of a convolution for a folded cotangent dyf [K*N, Cout, *out].
 
     ``weight`` is a numpy array (a constant kernel) or the name of a weight tensor.
@@ -76,7 +76,7 @@ def _input_grad(ctx, dyf: str, weight, x: str, y: str, kernel, strides, dilation
         pads = [reach[i] - pb[i] for i in range(d)] + [reach[i] - pe[i] for i in range(d)]
         return b.op("Conv", [dyf, b.const(flipped, hint="wflip")], group=group, dilations=dilations,
                     pads=pads, strides=[1] * d, kernel_shape=list(kernel))
-    w = b.const(weight, hint="w") if const_w else weight
+    w = wname or (b.const(weight, hint="w") if const_w else weight)
     sin = (ctx.shape(x) or [None] * (d + 2))[2:]
     sout = (ctx.shape(y) or [None] * (d + 2))[2:]
     if all(isinstance(v, int) for v in list(sin) + list(sout)):
@@ -112,11 +112,24 @@ def conv(ctx, node, dys):
     group = ctx.attr(node, "group", 1)
     dyf = ctx.b.fold(dys[0], y)
     dxf = _input_grad(ctx, dyf, weight if weight is not None else w, x, y, kernel, strides,
-                      dilations, pb, pe, group)
+                      dilations, pb, pe, group, wname=w)
     return [ctx.b.reshape_cot(dxf, x), None, None][: len(node.input)]
 
 
-@rule("MaxPool", min_opset=16)
+def _maxpool_opset(node) -> int:
+    """Overlapping windows send several cotangents to one input: ScatterElements needs
+    reduction="add" (opset 16). Otherwise a plain scatter (opset 11) does."""
+    from onnx import helper as h
+
+    at = {a.name: h.get_attribute_value(a) for a in node.attribute}
+    k = list(at.get("kernel_shape", []))
+    s = list(at.get("strides", [1] * len(k)))
+    d = list(at.get("dilations", [1] * len(k)))
+    overlap = any(d[i] * (k[i] - 1) + 1 > s[i] for i in range(len(k)))
+    return 16 if overlap else 11
+
+
+@rule("MaxPool", min_opset=_maxpool_opset)
 def max_pool(ctx, node, dys):
     b = ctx.b
     x, y = node.input[0], node.output[0]
@@ -130,7 +143,8 @@ def max_pool(ctx, node, dys):
     flat_ind = b.op("Expand", [flat_ind, b.concat([b.k_name, b.ints([1])])])
     size = b.op("Reshape", [b.op("Size", [x]), b.ints([1])])
     zero = b.op("ConstantOfShape", [b.concat([b.k_name, size])], value=_filled(ctx.dtype(x), 0))
-    scattered = b.op("ScatterElements", [zero, flat_ind, flat_dy], axis=1, reduction="add")
+    kw = {"reduction": "add"} if _maxpool_opset(node) >= 16 else {}
+    scattered = b.op("ScatterElements", [zero, flat_ind, flat_dy], axis=1, **kw)
     return [b.reshape_cot(scattered, x)]
 
 
@@ -151,7 +165,7 @@ def average_pool(ctx, node, dys):
                              f"size; not supported")
     include_pad = ctx.attr(node, "count_include_pad", 0)
     dyf = _fold_spatial(ctx, dys[0], y)
-    ones = np.ones([1, 1] + kernel, dtype=np.float32)
+    ones = np.ones([1, 1] + kernel, dtype=helper.tensor_dtype_to_np_dtype(ctx.dtype(x)))
     if include_pad or not any(pb + pe):
         kern = ones / float(np.prod(kernel))
     else:
@@ -191,3 +205,127 @@ def global_max_pool(ctx, node, dys):
     mask = b.op("Cast", [b.op("Equal", [x, y])], to=ctx.dtype(x))
     share = b.op("Div", [mask, b.reduce("ReduceSum", mask, axes, keepdims=True)])
     return [b.op("Mul", [dys[0], share])]
+
+
+@rule("ConvTranspose")
+def conv_transpose(ctx, node, dys):
+    """The adjoint of a transposed convolution is the convolution with the same weights,
+    strides, pads, dilations and group (output_padding only adds rows the Conv ignores)."""
+    b = ctx.b
+    x, w = node.input[0], node.input[1]
+    y = node.output[0]
+    if ctx.needs_grad(w):
+        raise ModelError(f"ConvTranspose node '{node.name}' has a weight computed from the input; "
+                         f"only constant kernels are supported")
+    weight = ctx.const(w)
+    wshape = list(weight.shape) if weight is not None else ctx.shape(w)
+    kernel = list(ctx.attr(node, "kernel_shape", wshape[2:]))
+    d = len(kernel)
+    strides = list(ctx.attr(node, "strides", [1] * d))
+    dilations = list(ctx.attr(node, "dilations", [1] * d))
+    auto = ctx.attr(node, "auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("NOTSET", "") and ctx.attr(node, "output_shape") is None:
+        p = list(ctx.attr(node, "pads", [0] * (2 * d)))
+    elif auto == "VALID" and ctx.attr(node, "output_shape") is None:
+        p = [0] * (2 * d)
+    else:  # SAME_* or output_shape: the pads follow from the static sizes
+        sin = (ctx.shape(x) or [None] * (d + 2))[2:]
+        sout = (ctx.shape(y) or [None] * (d + 2))[2:]
+        if not all(isinstance(v, int) for v in list(sin) + list(sout)):
+            raise ModelError(f"ConvTranspose node '{node.name}' uses auto_pad/output_shape on dynamic "
+                             f"sizes; re-export with explicit pads")
+        op = list(ctx.attr(node, "output_padding", [0] * d))
+        total = [strides[i] * (sin[i] - 1) + op[i] + dilations[i] * (kernel[i] - 1) + 1 - sout[i]
+                 for i in range(d)]
+        lower = auto == "SAME_LOWER"
+        half = [int(t / 2) for t in total]  # C division (truncates): total < 0 with output_shape
+        begin = [t - h if lower else h for t, h in zip(total, half)]
+        p = begin + [t - bg for t, bg in zip(total, begin)]
+    group = ctx.attr(node, "group", 1)
+    wname = w  # the forward's own weight tensor (no copy)
+    dyf = b.fold(dys[0], y)
+    if any(v < 0 for v in p):  # output_shape asked for more than the kernel reaches: crop it
+        cut = [-min(p[i], 0) for i in range(d)], [-min(p[d + i], 0) for i in range(d)]
+        ends = b.op("Sub", [b.shape(y, 2), b.ints(cut[1])])
+        dyf = b.op("Slice", [dyf, b.ints(cut[0]), ends, b.ints(list(range(2, 2 + d)))])
+        p = [max(v, 0) for v in p]
+    dxf = b.op("Conv", [dyf, wname], group=group, dilations=dilations, strides=strides, pads=p,
+               kernel_shape=kernel)
+    return [b.reshape_cot(dxf, x), None, None][: len(node.input)]
+
+
+def _resize_matrix(node, opset: int, axis: int, rank: int, n_in: int, scale: float | None,
+                   n_out: int, dtype) -> np.ndarray:
+    """The [n_out, n_in] interpolation matrix of a Resize along one axis, obtained by resizing
+    the identity with onnx's reference implementation (same attributes)."""
+    from onnx import TensorProto, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    j0 = 0 if axis != 0 else 1
+    shape = [1] * rank
+    shape[j0], shape[axis] = n_in, n_in
+    eye = np.eye(n_in, dtype=np.float64).reshape(shape)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    inits = [numpy_helper.from_array(np.zeros(0, np.float32), "roi")]
+    if scale is not None:
+        sc = np.ones(rank, np.float32)
+        sc[axis] = scale
+        inits.append(numpy_helper.from_array(sc, "scales"))
+        ins = ["x", "roi", "scales"]
+    else:
+        sz = np.asarray(shape, np.int64)
+        sz[axis] = n_out
+        inits.append(numpy_helper.from_array(sz, "sizes"))
+        ins = ["x", "roi", "", "sizes"]
+    g = helper.make_graph([helper.make_node("Resize", ins, ["y"], **attrs)], "r",
+                          [helper.make_tensor_value_info("x", TensorProto.DOUBLE, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", max(opset, 13))])
+    out = np.asarray(ReferenceEvaluator(m).run(None, {"x": eye})[0])
+    out = out.reshape([n_in, n_out] if j0 < axis else [n_out, n_in])
+    mat = out.T if j0 < axis else out  # [n_out, n_in]
+    return np.ascontiguousarray(mat).astype(dtype)
+
+
+@rule("Resize")
+def resize(ctx, node, dys):
+    """Resize is linear in its input: per resized axis, multiply the cotangent by the transpose
+    of the interpolation matrix (nearest, linear, cubic; any coordinate transformation).
+    Needs static sizes and constant scales/sizes."""
+    b = ctx.b
+    x, y = node.input[0], node.output[0]
+    r = ctx.rank(x)
+    bad = [a for a in ("axes",) if ctx.attr(node, a) is not None]
+    ctm = ctx.attr(node, "coordinate_transformation_mode", "half_pixel")
+    ctm = ctm.decode() if isinstance(ctm, bytes) else ctm
+    if bad or ctm == "tf_crop_and_resize" or ctx.attr(node, "keep_aspect_ratio_policy", "stretch") not in ("stretch", b"stretch"):
+        raise ModelError(f"{node.op_type} node '{node.name}' uses axes/crop/aspect-ratio options; not supported")
+    if True:
+        scales = ctx.const(node.input[2]) if ctx.input(node, 2) else None
+        sizes = ctx.const(node.input[3]) if ctx.input(node, 3) else None
+        if scales is not None and scales.size == 0:
+            scales = None
+    if scales is None and sizes is None:
+        raise ModelError(f"{node.op_type} node '{node.name}' has run-time scales/sizes; not supported")
+    sin, sout = ctx.shape(x) or [None] * r, ctx.shape(y) or [None] * r
+    np_t = helper.tensor_dtype_to_np_dtype(ctx.dtype(x))
+    dx = dys[0]
+    for i in range(r):
+        sc = float(scales[i]) if scales is not None else None
+        if (sc is not None and sc == 1.0) or (sc is None and int(sizes[i]) == sin[i]):
+            continue
+        if not isinstance(sin[i], int) or not isinstance(sout[i], int):
+            raise ModelError(f"{node.op_type} node '{node.name}' resizes axis {i} of dynamic size; "
+                             f"not supported")
+        mat = _resize_matrix(node, ctx.opset, i, r, sin[i], sc, sout[i], np_t)
+        if i == r - 1:
+            dx = b.op("MatMul", [dx, b.const(mat, hint="resizeT")])
+        elif i == r - 2:
+            dx = b.op("MatMul", [b.const(np.ascontiguousarray(mat.T), hint="resizeT"), dx])
+        else:  # move axis i (i+1 with K) last, contract, move back
+            perm = [a for a in range(r + 1) if a != i + 1] + [i + 1]
+            inv = [perm.index(a) for a in range(r + 1)]
+            t = b.op("MatMul", [b.op("Transpose", [dx], perm=perm), b.const(mat, hint="resizeT")])
+            dx = b.op("Transpose", [t], perm=inv)
+    return [dx] + [None] * (len(node.input) - 1)

@@ -68,3 +68,42 @@ def gemm(ctx, node, dys):
         dc = dys[0] if beta == 1.0 else b.op("Mul", [dys[0], ctx.scalar(beta, y)])
         out[2] = ctx.unbroadcast(dc, c, y)
     return out
+
+
+@rule("Einsum", min_opset=12)
+def einsum(ctx, node, dys):
+    """d/d operand i = einsum(dy, the other operands -> operand i's subscripts), with the seed
+    axis K as one more letter in front of the output and of operand i's gradient."""
+    b = ctx.b
+    eq = ctx.attr(node, "equation")
+    eq = (eq.decode() if isinstance(eq, bytes) else eq).replace(" ", "")
+    if "->" not in eq:
+        raise ModelError(f"Einsum node '{node.name}' has an implicit output ('{eq}'); not supported")
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    pool = [c for c in "KZYXWVUTSRQPONMLkzyxwvutsrqponml" if c not in eq]
+    k = pool.pop(0)
+    if "..." in eq:  # spell the ellipsis out with letters (ranks are known statically)
+        n_ell = max(ctx.rank(n) - len(t.replace("...", "")) for n, t in zip(node.input, terms) if "..." in t)
+        ell = "".join(pool[:n_ell])
+        terms = [t.replace("...", ell[n_ell - (ctx.rank(n) - len(t.replace("...", ""))):]) if "..." in t else t
+                 for n, t in zip(node.input, terms)]
+        out = out.replace("...", ell)
+    letters = lambda t: [c for c in t.replace("...", "")]  # noqa: E731
+    grads = []
+    for i, (name, term) in enumerate(zip(node.input, terms)):
+        if not ctx.needs_grad(name):
+            grads.append(None)
+            continue
+        ls = letters(term)
+        if len(set(ls)) != len(ls):
+            raise ModelError(f"Einsum node '{node.name}': a repeated index in '{term}' is not supported")
+        others = [t for j, t in enumerate(terms) if j != i]
+        avail = set(letters(out)) | {c for t in others for c in letters(t)}
+        if not set(ls) <= avail:
+            raise ModelError(f"Einsum node '{node.name}': index summed within one operand ('{term}') "
+                             f"is not supported")
+        sub = ",".join([k + out] + others) + "->" + k + term
+        ins = [dys[0]] + [n for j, n in enumerate(node.input) if j != i]
+        grads.append(b.op("Einsum", ins, equation=sub))
+    return grads

@@ -112,3 +112,28 @@ def _softmax_axes(ctx, node, r):
         return [_norm_axis(ctx.attr(node, "axis", -1), r)]
     # before opset 13 the input is flattened to 2-D at `axis`
     return list(range(_norm_axis(ctx.attr(node, "axis", 1), r), r))
+
+
+@rule("GroupNormalization")
+def group_norm(ctx, node, dys):
+    """Normalise over (channels of a group, spatial) per sample; the affine part is per
+    channel from opset 21 (per group in opset 18)."""
+    b = ctx.b
+    x, scale = node.input[0], node.input[1]
+    if any(ctx.needs_grad(t) for t in node.input[1:] if t):
+        raise ModelError(f"GroupNormalization node '{node.name}' with computed scale/bias is not supported")
+    r = ctx.rank(x)
+    groups = int(ctx.attr(node, "num_groups"))
+    eps = ctx.attr(node, "epsilon", 1e-5)
+    dy = dys[0]
+    if ctx.opset >= 21:  # per-channel scale: apply before grouping
+        dy = b.op("Mul", [dy, b.op("Reshape", [scale, b.ints([-1] + [1] * (r - 2))])])
+    xg = b.op("Reshape", [x, b.concat([b.shape(x, 0, 1), b.ints([groups, -1])])])  # [N, G, rest]
+    ctx._shapes[xg] = [None, groups, None]
+    ctx._dtypes[xg] = ctx.dtype(x)
+    dyg = b.op("Reshape", [dy, b.concat([b.k_name, b.shape(x, 0, 1), b.ints([groups, -1])])])
+    g_scale = None
+    if ctx.opset < 21:
+        g_scale = b.op("Reshape", [scale, b.ints([groups, 1])])
+    dxg, _ = _normalize_backward(ctx, dyg, xg, g_scale, [2], eps)
+    return [b.reshape_cot(dxg, x), None, None]

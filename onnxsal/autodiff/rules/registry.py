@@ -19,14 +19,19 @@ RuleFn = Callable[..., list]
 @dataclass(frozen=True)
 class Rule:
     fn: RuleFn
-    min_opset: int = 0  # the default-domain opset the emitted nodes need
+    # the default-domain opset the emitted nodes need: a number, or a function of the forward
+    # node (e.g. a scatter-add is needed only when windows overlap)
+    min_opset: int | Callable = 0
+
+    def opset_for(self, node) -> int:
+        return self.min_opset(node) if callable(self.min_opset) else self.min_opset
 
 
 DEFAULT: dict[str, Rule] = {}
 RULESETS: dict[str, dict[str, Rule]] = {"default": DEFAULT}
 
 
-def rule(*op_types: str, min_opset: int = 0, ruleset: str = "default"):
+def rule(*op_types: str, min_opset: int | Callable = 0, ruleset: str = "default"):
     """Register ``fn`` as the backward rule of each op type in ``op_types``."""
 
     def deco(fn: RuleFn) -> RuleFn:

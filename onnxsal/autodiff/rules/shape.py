@@ -134,6 +134,21 @@ def slice_(ctx, node, dys):
     return [_scatter_back(ctx, x, picked, dys[0], add=False)] + [None] * (len(node.input) - 1)
 
 
+def _attr(node, name, default=None):
+    from onnx import helper as h
+
+    for a in node.attribute:
+        if a.name == name:
+            return h.get_attribute_value(a)
+    return default
+
+
+def _gather_opset(node) -> int:
+    # repeated (or run-time) indices need a scatter-add; the pass cannot see constants here,
+    # so ask for opset 16 unless the rule can prove the indices unique (see gather())
+    return 0
+
+
 @rule("Gather")
 def gather(ctx, node, dys):
     b = ctx.b
@@ -142,10 +157,38 @@ def gather(ctx, node, dys):
     picked = b.op("Gather", [_index_tensor(ctx, x), ind], axis=axis)
     c = ctx.const(ind)
     unique = c is not None and np.unique(c).size == c.size and (c >= 0).all()
-    return [_scatter_back(ctx, x, picked, dys[0], add=not unique), None]
+    if unique or ctx.opset >= 16:
+        return [_scatter_back(ctx, x, picked, dys[0], add=not unique), None]
+    return [_gather_onehot(ctx, node, x, ind, axis, dys[0]), None]
 
 
-@rule("GatherElements")
+def _gather_onehot(ctx, node, x, ind, axis, dy):
+    """Gather's gradient without a scatter-add (opsets before 16): contract the cotangent
+    with the one-hot matrix of the indices, [J, dim_axis]."""
+    b = ctx.b
+    r, q = ctx.rank(x), ctx.rank(ind)
+    dim = b.shape(x, axis, axis + 1)
+    dim_s = b.op("Squeeze", [dim, b.ints([0])]) if ctx.opset >= 13 else b.op("Squeeze", [dim], axes=[0])
+    ind = b.op("Where", [b.op("Less", [ind, b.const(np.asarray(0, np.int64))]),
+                         b.op("Add", [ind, dim]), ind])  # negative indices count from the end
+    rng_ = b.op("Range", [b.const(np.asarray(0, np.int64)), dim_s, b.const(np.asarray(1, np.int64))])
+    onehot = b.op("Cast", [b.op("Equal", [b.unsqueeze(ind, [q]), rng_])], to=ctx.dtype(x))
+    onehot = b.op("Reshape", [onehot, b.concat([b.ints([-1]), dim])])  # [J, dim]
+    # cotangent axes: K, x[:axis], ind..., x[axis+1:]  ->  K, x[:axis], x[axis+1:], ind...
+    pre = list(range(0, axis + 1))
+    ind_axes = list(range(axis + 1, axis + 1 + q))
+    post = list(range(axis + 1 + q, r + q))
+    t = b.op("Transpose", [dy], perm=pre + post + ind_axes)
+    keep = r  # 1 + axis + (r - axis - 1)
+    t = b.op("Reshape", [t, b.concat([b.shape(t, 0, keep) if ctx.opset >= 15 else
+                                      b.op("Slice", [b.shape(t), b.ints([0]), b.ints([keep])]),
+                                      b.ints([-1])])])
+    out = b.op("MatMul", [t, onehot])  # [K, x[:axis], x[axis+1:], dim]
+    perm = list(range(0, axis + 1)) + [r] + list(range(axis + 1, r))
+    return b.op("Transpose", [out], perm=perm)
+
+
+@rule("GatherElements", min_opset=16)
 def gather_elements(ctx, node, dys):
     b = ctx.b
     x, ind = node.input
@@ -154,7 +197,13 @@ def gather_elements(ctx, node, dys):
     return [_scatter_back(ctx, x, picked, dys[0], add=True), None]
 
 
-@rule("Pad")
+def _pad_opset(node) -> int:
+    mode = _attr(node, "mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    return 16 if mode in ("reflect", "edge") else 0
+
+
+@rule("Pad", min_opset=_pad_opset)
 def pad(ctx, node, dys):
     b = ctx.b
     x = node.input[0]
@@ -298,3 +347,66 @@ def gather_nd(ctx, node, dys):
     x, ind = node.input
     picked = b.op("GatherND", [_index_tensor(ctx, x), ind], batch_dims=ctx.attr(node, "batch_dims", 0))
     return [_scatter_back(ctx, x, picked, dys[0], add=True), None]
+
+
+@rule("DepthToSpace")
+def depth_to_space(ctx, node, dys):
+    """Undo the forward's reshape-transpose on the cotangent (K folded into N)."""
+    b = ctx.b
+    x, y = node.input[0], node.output[0]
+    bs = int(ctx.attr(node, "blocksize"))
+    mode = ctx.attr(node, "mode", "DCR")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    c_out = b.shape(y, 1, 2)
+    h, w = b.shape(x, 2, 3), b.shape(x, 3, 4)
+    blk = b.ints([bs])
+    t = b.op("Reshape", [dys[0], b.concat([b.ints([-1]), c_out, h, blk, w, blk])])  # [KN, C', H, b, W, b]
+    # forward: DCR views x as [N, b, b, C', H, W] with perm [0,3,4,1,5,2]; CRD as
+    # [N, C', b, b, H, W] with perm [0,1,4,2,5,3]. Apply the inverse permutations.
+    inv = [0, 3, 5, 1, 2, 4] if mode == "DCR" else [0, 1, 3, 5, 2, 4]
+    t = b.op("Transpose", [t], perm=inv)
+    return [b.reshape_cot(t, x)]
+
+
+@rule("SpaceToDepth")
+def space_to_depth(ctx, node, dys):
+    b = ctx.b
+    x, y = node.input[0], node.output[0]
+    bs = int(ctx.attr(node, "blocksize"))
+    blk = b.ints([bs])
+    # forward: [N, C, H', b, W', b] -perm [0,3,5,1,2,4]-> [N, b, b, C, H', W']
+    t = b.op("Reshape", [dys[0], b.concat([b.ints([-1]), blk, blk, b.shape(x, 1, 2), b.shape(y, 2, 3),
+                                           b.shape(y, 3, 4)])])
+    t = b.op("Transpose", [t], perm=[0, 3, 4, 1, 5, 2])
+    return [b.reshape_cot(t, x)]
+
+
+@rule("ReduceL1")
+def reduce_l1(ctx, node, dys):
+    axes = _reduce_axes(ctx, node)
+    x = node.input[0]
+    dx = _expand_back(ctx, node, dys[0], axes)
+    return [ctx.b.op("Mul", [dx, ctx.b.op("Sign", [x])])] + [None] * (len(node.input) - 1)
+
+
+@rule("ReduceLogSumExp")
+def reduce_log_sum_exp(ctx, node, dys):
+    b = ctx.b
+    axes = _reduce_axes(ctx, node)
+    x, y = node.input[0], node.output[0]
+    if not ctx.attr(node, "keepdims", 1) and axes:
+        y = b.unsqueeze(y, axes)
+    dx = _expand_back(ctx, node, dys[0], axes)
+    return [b.op("Mul", [dx, b.op("Exp", [b.op("Sub", [x, y])])])] + [None] * (len(node.input) - 1)
+
+
+@rule("ReduceProd")
+def reduce_prod(ctx, node, dys):
+    """d prod / dx_i = prod / x_i (inputs must be non-zero)."""
+    b = ctx.b
+    axes = _reduce_axes(ctx, node)
+    x, y = node.input[0], node.output[0]
+    if not ctx.attr(node, "keepdims", 1) and axes:
+        y = b.unsqueeze(y, axes)
+    dx = _expand_back(ctx, node, dys[0], axes)
+    return [b.op("Mul", [dx, b.op("Div", [y, x])])] + [None] * (len(node.input) - 1)
