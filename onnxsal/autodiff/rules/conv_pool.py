@@ -116,17 +116,55 @@ def conv(ctx, node, dys):
     return [ctx.b.reshape_cot(dxf, x), None, None][: len(node.input)]
 
 
-def _maxpool_opset(node) -> int:
-    """Overlapping windows send several cotangents to one input: ScatterElements needs
-    reduction="add" (opset 16). Otherwise a plain scatter (opset 11) does."""
-    from onnx import helper as h
-
-    at = {a.name: h.get_attribute_value(a) for a in node.attribute}
+def _maxpool_overlaps(node) -> bool:
+    at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     k = list(at.get("kernel_shape", []))
     s = list(at.get("strides", [1] * len(k)))
     d = list(at.get("dilations", [1] * len(k)))
-    overlap = any(d[i] * (k[i] - 1) + 1 > s[i] for i in range(len(k)))
-    return 16 if overlap else 11
+    return any(d[i] * (k[i] - 1) + 1 > s[i] for i in range(len(k)))
+
+
+def _maxpool_by_offsets(ctx, node, x, y, ind, dy):
+    """MaxPool's gradient without a scatter-add (opsets 11..15, overlapping windows): for each
+    kernel offset, keep the cotangent of the outputs whose argmax sits at that offset, and
+    place all offsets at once with a ConvTranspose whose kernel is one-hot per offset."""
+    import itertools
+
+    b = ctx.b
+    kernel = list(ctx.attr(node, "kernel_shape"))
+    d = len(kernel)
+    strides, dilations, pb, pe = _geometry(ctx, node, x, kernel)
+    np_t = helper.tensor_dtype_to_np_dtype(ctx.dtype(x))
+    from .shape import _index_tensor
+
+    idx = _index_tensor(ctx, x)  # flat positions, as MaxPool's Indices count them
+    extra = [strides[i] + pe[i] + dilations[i] * kernel[i] for i in range(d)]  # ceil_mode windows
+    padded = b.op("Pad", [idx, b.ints([0, 0] + pb + [0, 0] + extra), b.const(np.asarray(-1, np.int64))])
+    sy = b.shape(y, 2)
+    span = b.op("Add", [b.op("Mul", [b.op("Sub", [sy, b.ints([1] * d)]), b.ints(strides)]), b.ints([1] * d)])
+    offsets = list(itertools.product(*[range(k) for k in kernel]))
+    parts = []
+    for off in offsets:
+        start = [off[i] * dilations[i] for i in range(d)]
+        pos = b.op("Slice", [padded, b.ints(start), b.op("Add", [span, b.ints(start)]),
+                             b.ints(list(range(2, 2 + d))), b.ints(strides)])
+        mask = b.op("Cast", [b.op("Equal", [ind, pos])], to=ctx.dtype(x))
+        parts.append(b.unsqueeze(b.op("Mul", [dy, mask]), [3]))  # [K, N, C, 1, *out]
+    stacked = b.op("Concat", parts, axis=3)
+    stacked = b.op("Reshape", [stacked, b.concat([b.ints([-1, len(offsets)]), sy])])
+    onehot = np.zeros([len(offsets), 1] + kernel, dtype=np_t)
+    for o, off in enumerate(offsets):
+        onehot[(o, 0) + tuple(off)] = 1
+    placed = b.op("ConvTranspose", [stacked, b.const(onehot, hint="onehot")], strides=strides,
+                  dilations=dilations, pads=pb + [0] * d, kernel_shape=kernel)
+    # the placed plane may be shorter (floor mode leftovers) or longer (ceil mode) than x
+    placed = b.op("Pad", [placed, b.ints([0] * (d + 2) + [0, 0] + [strides[i] + pe[i] for i in range(d)])])
+    placed = b.op("Slice", [placed, b.ints([0] * d), b.shape(x, 2), b.ints(list(range(2, 2 + d)))])
+    return b.reshape_cot(placed, x)
+
+
+def _maxpool_opset(node) -> int:
+    return 11
 
 
 @rule("MaxPool", min_opset=_maxpool_opset)
@@ -136,6 +174,9 @@ def max_pool(ctx, node, dys):
     if ctx.attr(node, "storage_order", 0) != 0:
         raise ModelError(f"MaxPool node '{node.name}' uses storage_order=1, not supported")
     ind = ctx.ensure_output(node, 1, "maxpool_indices")
+    overlap = _maxpool_overlaps(node)
+    if overlap and ctx.opset < 16:
+        return [_maxpool_by_offsets(ctx, node, x, y, ind, dys[0])]
     # Indices are flat positions in the whole input tensor: scatter-add each seed row's
     # cotangent there (overlapping windows send several values to one position).
     flat_dy = b.op("Reshape", [dys[0], b.concat([b.k_name, b.ints([-1])])])
@@ -143,7 +184,7 @@ def max_pool(ctx, node, dys):
     flat_ind = b.op("Expand", [flat_ind, b.concat([b.k_name, b.ints([1])])])
     size = b.op("Reshape", [b.op("Size", [x]), b.ints([1])])
     zero = b.op("ConstantOfShape", [b.concat([b.k_name, size])], value=_filled(ctx.dtype(x), 0))
-    kw = {"reduction": "add"} if _maxpool_opset(node) >= 16 else {}
+    kw = {"reduction": "add"} if overlap else {}
     scattered = b.op("ScatterElements", [zero, flat_ind, flat_dy], axis=1, **kw)
     return [b.reshape_cot(scattered, x)]
 
