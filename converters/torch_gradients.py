@@ -14,35 +14,42 @@ How (torch 2.14):
 1. ``make_fx(tracing_mode="symbolic")`` of a function of (weights, x, seed) that folds the K
    seed rows into the batch axis: the model runs on x repeated K times ([K*N, C, H, W]), and
    ``torch.autograd.grad`` of its logits with the cotangent ``seed.reshape(K*N, classes)``
-   gives every row at once; the logits come from a separate forward pass on x (so the
-   forward part of the file does not depend on the seed input). This yields
-   an ATen graph with the backward operators (``convolution_backward``,
-   ``max_pool2d_with_indices_backward``, ``threshold_backward``, ...) and symbolic K and N.
+   gives every row at once. The logits come from a separate forward pass on x, so the
+   forward part of the file does not depend on the seed input. Attention runs through the
+   math SDPA backend (the fused CPU kernel's backward has no ONNX translation). The result is
+   an ATen graph with PyTorch's backward operators and symbolic K and N.
 2. ``torch.export`` of that graph (weights as buffers) with ``Dim("K")`` and ``Dim("N")``, then
-   ``torch.onnx.export(dynamo=True)`` with ONNX translations for the backward operators the
-   exporter lacks (:data:`TRANSLATIONS`, written with standard ONNX operators).
+   ``torch.onnx.export(dynamo=True)`` with :func:`translations` for the backward operators the
+   exporter cannot lower: ``convolution_backward`` (ConvTranspose), ``avg_pool2d_backward``
+   (scaled depthwise ConvTranspose of ones) and ``max_pool2d_with_indices_backward``
+   (ScatterElements add; the exporter's own decomposition of it is unavailable in
+   deterministic mode). The exporter's decompositions handle the others seen so far
+   (threshold, gelu, sigmoid, hardswish, hardtanh, leaky_relu, native_layer_norm,
+   native_batch_norm, _softmax_backward_data, select, slice).
 
 Why not ``vmap(vjp)`` (the natural formulation): ``torch.export`` cannot trace it
-(``attempted to apply meta conversion to view functorch tensor`` on the saved, transposed
-Linear weight), and under ``make_fx`` functorch's C++ batching rules of
+(``Unsupported: attempted to apply meta conversion to view functorch tensor``, on the saved
+transposed Linear weight), and under ``make_fx`` functorch's C++ batching rules of
 ``convolution_backward`` and ``max_pool2d_with_indices_backward`` read concrete sizes, which
 specialises both K and N to the example's values (a graph for one batch size and one seed
-count only). Folding K into the batch keeps both dynamic at the price of running the forward
-pass on K*N images instead of N (the backward is K*N in both formulations). It assumes what
-every classifier in eval mode satisfies: images do not interact within a batch.
+count). Folding K into the batch keeps both dynamic at the price of running the forward pass
+on (K+1)*N images instead of N and holding K*N copies of the activations (the backward is K*N
+in both formulations). It assumes what a classifier in eval mode satisfies: images do not
+interact within a batch. Spatial sizes must be static (the translations read them).
 
 torch is imported lazily.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 
 import numpy as np
 import onnx
 
-from onnxsal.errors import OptionError
+from onnxsal.errors import ModelError, OptionError
 
 INPUT_NAME = "input"
 LOGITS_NAME = "logits"
@@ -94,16 +101,13 @@ def _convolution_backward(grad_output, input, weight, bias_sizes, stride, paddin
     return gi, op.Identity(gi), op.Identity(gi)
 
 
-def _max_pool_with_indices_backward(grad_output, self, kernel_size, stride, padding, dilation,
-                                    ceil_mode, indices):
+def _max_pool_with_indices_backward(nd: int, grad_output, self, indices):
     """aten.max_pool{2,3}d_with_indices_backward: scatter-add each cotangent into the input
     position it came from (the ATen indices are flat within one (n, c) plane, which is what
     the exporter's max_pool2d_with_indices translation gives too)."""
     from onnxscript import opset18 as op
 
-    rank = len(self.shape)
-    nd = 2 if rank in (3, 4) else 3
-    lead = rank - nd  # 1 (unbatched) or 2
+    lead = len(self.shape) - nd  # 1 (unbatched) or 2
     shape = op.Shape(self)
     flat = op.Concat(op.Shape(self, start=0, end=lead), op.Constant(value_ints=[-1]), axis=0)
     zeros = op.Reshape(op.Expand(op.CastLike(op.Constant(value_float=0.0), grad_output), shape), flat)
@@ -113,7 +117,17 @@ def _max_pool_with_indices_backward(grad_output, self, kernel_size, stride, padd
     return op.Reshape(out, shape)
 
 
-def _avg_pool_backward(grad_output, self, kernel_size, stride, padding, ceil_mode,
+def _max_pool2d_backward(grad_output, self, kernel_size, stride, padding, dilation, ceil_mode,
+                         indices):
+    return _max_pool_with_indices_backward(2, grad_output, self, indices)
+
+
+def _max_pool3d_backward(grad_output, self, kernel_size, stride, padding, dilation, ceil_mode,
+                         indices):
+    return _max_pool_with_indices_backward(3, grad_output, self, indices)
+
+
+def _avg_pool_backward(nd: int, grad_output, self, kernel_size, stride, padding, ceil_mode,
                        count_include_pad, divisor_override=None):
     """aten.avg_pool{2,3}d_backward: divide each cotangent by its window's divisor (PyTorch's
     rule, borders and ceil_mode included, computed from the static shapes) and spread it over
@@ -122,7 +136,6 @@ def _avg_pool_backward(grad_output, self, kernel_size, stride, padding, ceil_mod
 
     in_shape = _static_shape(self, "avg_pool input")
     out_shape = _static_shape(grad_output, "avg_pool output")
-    nd = 3 if len(kernel_size) == 3 else 2
     lead = len(in_shape) - nd
     if lead != 2 or not isinstance(in_shape[1], int):
         raise OptionError(f"avg_pool backward: needs a batched input with a static channel "
@@ -162,6 +175,18 @@ def _avg_pool_backward(grad_output, self, kernel_size, stride, padding, ceil_mod
                             output_padding=out_pad)
 
 
+def _avg_pool2d_backward(grad_output, self, kernel_size, stride, padding, ceil_mode,
+                         count_include_pad, divisor_override=None):
+    return _avg_pool_backward(2, grad_output, self, kernel_size, stride, padding, ceil_mode,
+                              count_include_pad, divisor_override)
+
+
+def _avg_pool3d_backward(grad_output, self, kernel_size, stride, padding, ceil_mode,
+                         count_include_pad, divisor_override=None):
+    return _avg_pool_backward(3, grad_output, self, kernel_size, stride, padding, ceil_mode,
+                              count_include_pad, divisor_override)
+
+
 def translations() -> dict:
     """custom_translation_table for torch.onnx.export: backward ATen operators -> ONNX."""
     import torch
@@ -169,10 +194,10 @@ def translations() -> dict:
     aten = torch.ops.aten
     return {
         aten.convolution_backward.default: _convolution_backward,
-        aten.max_pool2d_with_indices_backward.default: _max_pool_with_indices_backward,
-        aten.max_pool3d_with_indices_backward.default: _max_pool_with_indices_backward,
-        aten.avg_pool2d_backward.default: _avg_pool_backward,
-        aten.avg_pool3d_backward.default: _avg_pool_backward,
+        aten.max_pool2d_with_indices_backward.default: _max_pool2d_backward,
+        aten.max_pool3d_with_indices_backward.default: _max_pool3d_backward,
+        aten.avg_pool2d_backward.default: _avg_pool2d_backward,
+        aten.avg_pool3d_backward.default: _avg_pool3d_backward,
     }
 
 
@@ -214,6 +239,10 @@ def _example(example_input):
     return torch.rand(shape, generator=torch.Generator().manual_seed(0))
 
 
+def _dim_param(vi: onnx.ValueInfoProto, axis: int) -> str | None:
+    return vi.type.tensor_type.shape.dim[axis].dim_param or None
+
+
 def _rename_dims(model: onnx.ModelProto, k_sym: str | None, n_sym: str | None) -> None:
     """Name the symbolic dims K and N in the graph's inputs and outputs."""
     ren = {s: t for s, t in ((k_sym, "K"), (n_sym, "N")) if s}
@@ -238,6 +267,7 @@ def export_with_gradients(module, example_input, path: str | os.PathLike | None 
     """
     import torch
     from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from converters.torch_export import (LABELS_KEY, PREPROCESS_KEY, preprocess_spec,
                                          read_labels, set_metadata)
@@ -268,16 +298,8 @@ def export_with_gradients(module, example_input, path: str | os.PathLike | None 
 
     state = {k: v.detach() for k, v in list(module.named_parameters()) + list(module.named_buffers())}
     names = list(state)
-    # attention through the math backend: the fused CPU kernels' backward operators
-    # (_scaled_dot_product_flash_attention_for_cpu_backward, ...) have no ONNX translation,
-    # the math path's (matmul, softmax) do
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        gm = make_fx(_folded_vjp(module, names), tracing_mode="symbolic")(list(state.values()), x, seed)
-
     class _Graph(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, gm):
             super().__init__()
             self.gm = gm
             for i, v in enumerate(state.values()):
@@ -286,28 +308,41 @@ def export_with_gradients(module, example_input, path: str | os.PathLike | None 
         def forward(self, input, onnxsal_seed):
             return self.gm([getattr(self, f"w{i}") for i in range(len(names))], input, onnxsal_seed)
 
-    wrapper = _Graph().eval()
     dim_n = torch.export.Dim("N", min=1, max=65536)
     dim_k = torch.export.Dim("K", min=1, max=65536)
-    ep = torch.export.export(wrapper, (x, seed), dynamic_shapes=({0: dim_n}, {0: dim_k, 1: dim_n}))
-    prog = torch.onnx.export(ep, dynamo=True, opset_version=opset,
-                             input_names=[INPUT_NAME, SEED_NAME],
-                             output_names=[LOGITS_NAME, GRAD_NAME],
-                             custom_translation_table=translations(), optimize=True, verbose=False)
+    try:
+        # attention through the math backend: the fused CPU kernel's backward
+        # (_scaled_dot_product_flash_attention_for_cpu_backward) has no ONNX translation, the
+        # math path's (matmul, softmax) have
+        with sdpa_kernel(SDPBackend.MATH):
+            gm = make_fx(_folded_vjp(module, names), tracing_mode="symbolic")(
+                list(state.values()), x, seed)
+        wrapper = _Graph(gm).eval()
+        ep = torch.export.export(wrapper, (x, seed),
+                                 dynamic_shapes=({0: dim_n}, {0: dim_k, 1: dim_n}))
+        prog = torch.onnx.export(ep, dynamo=True, opset_version=opset,
+                                 input_names=[INPUT_NAME, SEED_NAME],
+                                 output_names=[LOGITS_NAME, GRAD_NAME],
+                                 custom_translation_table=translations(), optimize=True,
+                                 verbose=False)
+    except Exception as exc:  # the exporters' errors are pages long: keep the root cause
+        root = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        if isinstance(root, OptionError):
+            raise root from exc
+        first = (str(root).strip().splitlines() or [""])[0]
+        raise ModelError(f"the model cannot be exported with its gradient graph: "
+                         f"{type(root).__name__}: {first}") from exc
     model = prog.model_proto
     ins = {i.name: i for i in model.graph.input}
-    sym = lambda vi, i: vi.type.tensor_type.shape.dim[i].dim_param or None  # noqa: E731
-    _rename_dims(model, sym(ins[SEED_NAME], 0), sym(ins[INPUT_NAME], 0))
+    _rename_dims(model, _dim_param(ins[SEED_NAME], 0), _dim_param(ins[INPUT_NAME], 0))
     model.ir_version = min(max(model.ir_version, 7), MAX_IR_VERSION)
     entries = {META_SEED: SEED_NAME, META_LOGITS: LOGITS_NAME, META_GRAD + INPUT_NAME: GRAD_NAME,
                META_INPUT: INPUT_NAME, META_RULES: "default"}
     if pre is not None:
-        import json
-
         entries[PREPROCESS_KEY] = json.dumps(pre)
     if names_l is not None:
-        import json
-
         entries[LABELS_KEY] = json.dumps(names_l)
     set_metadata(model, entries)
     if check:

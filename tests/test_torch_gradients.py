@@ -165,3 +165,14 @@ def test_refusals():
         export_with_gradients(SmallCNN(), (3, 16, 16), opset=17)
     with pytest.raises(OptionError, match="logits"):
         export_with_gradients(nn.Conv2d(3, 4, 3), (3, 8, 8))
+
+
+def test_exporter_failure_is_one_error():
+    """An operator the exporter cannot lower: a ModelError naming it, not pages of trace."""
+    from converters.torch_gradients import export_with_gradients
+    from onnxsal.errors import ModelError
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveMaxPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+    with pytest.raises(ModelError, match="adaptive_max_pool2d") as info:
+        export_with_gradients(m.eval(), (3, 8, 8))
+    assert "\n" not in str(info.value)
