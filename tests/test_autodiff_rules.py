@@ -30,7 +30,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx.reference import ReferenceEvaluator  # noqa: E402
 from onnx.reference.op_run import OpRun  # noqa: E402
 
-HYP = settings(max_examples=12, deadline=None, derandomize=True,
+HYP = settings(max_examples=12, deadline=None, derandomize=True, database=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 F64, F32 = TensorProto.DOUBLE, TensorProto.FLOAT

@@ -6,7 +6,6 @@ operand's gradient is summed back over the batch axes it was broadcast along.
 
 from __future__ import annotations
 
-import numpy as np
 
 from ...errors import ModelError
 from .registry import rule
