@@ -72,12 +72,13 @@ def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: flo
             output: str | None, simplify: bool) -> None:
     """Add the backward graph: one run returns logits and the gradient of every class."""
     from .autodiff import augment as augment_model
-    from .model import find_logits, load_model, save_model
+    from .model import find_image_input, find_logits, load_model, save_model
 
     t0 = time.perf_counter()
     m = load_model(model)
     logits = find_logits(m, output)
     options = {"epsilon": epsilon} if epsilon is not None else {}
+    find_image_input(m)  # a model with no float image input is refused before anything runs
     if simplify:
         from .simplify import simplify as simplify_model
 
