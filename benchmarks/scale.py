@@ -5,7 +5,9 @@ Every run computes the same shards from scratch into its own folder (no resuming
 give the same results.md as the local run. Ray is started once (like a cluster that is already
 up); a Ray run's time includes creating its worker actors and loading the model in each.
 
-    python benchmarks/scale.py                       # paper CNN, 512 Fashion-MNIST images
+    OMP_NUM_THREADS=1 python benchmarks/scale.py     # paper CNN, 512 Fashion-MNIST images
+
+(OMP_NUM_THREADS=1 gives the driver's numpy what Ray gives each worker, one thread per CPU.)
     python benchmarks/scale.py --images 256 --workers 1 2 --repeat 1
 """
 
@@ -74,6 +76,7 @@ def main() -> None:
     model = Path(args.model) if args.model else (PAPER_CNN if PAPER_CNN.is_file()
                                                  else tiny_cnn(tmp / "tiny_cnn.onnx"))
     cores = os.cpu_count() or 1
+    load_before = os.getloadavg()[0]
 
     def bench(name: str, executor, threads):
         best, md = None, None
@@ -124,10 +127,12 @@ def main() -> None:
         r["images_per_s"] = args.images / r["seconds"]
         r["speedup_vs_local"] = local_t / r["seconds"]
         r["speedup_vs_local_1thread"] = local1_t / r["seconds"]
-    cmd = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
+    env = "".join(f"{k}={os.environ[k]} " for k in ("OMP_NUM_THREADS",) if k in os.environ)
+    cmd = env + "python benchmarks/scale.py " + " ".join(sys.argv[1:])
     machine = (f"{platform.processor() or platform.machine()}, {cores} cores "
                f"({platform.system()} {platform.release()}), Python {platform.python_version()}, "
-               f"ray {ray.__version__}")
+               f"ray {ray.__version__}; load average {load_before:.1f} at the start, "
+               f"{os.getloadavg()[0]:.1f} at the end (other jobs share the cores)")
     lines = ["# Deletion benchmark throughput: local executor vs local Ray workers", "",
              f"Command: `{cmd.strip()}`  ", f"Machine: {machine}  ",
              f"Model: `{model.relative_to(ROOT) if model.is_relative_to(ROOT) else model.name}`; "

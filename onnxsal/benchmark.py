@@ -251,6 +251,25 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
     metric_spec = MetricSpec(metric, tuple(map(float, fractions)), tuple(modes),
                              int(max_batch_bytes), bool(rise), rise_baseline, rise_step)
     metric_obj, rise_objs = metric_spec.build()
+    executor.open()
+    try:
+        return _run(models=models, data=data, method_names=method_names, metric=metric,
+                    limit=limit, out_dir=out_dir, maps_fn=maps_fn, preprocess=preprocess,
+                    device=device, seed=seed, shard_size=shard_size, fractions=fractions,
+                    modes=modes, threads=threads, output=output, split=split,
+                    engine_factory=engine_factory, progress=progress, rise=rise,
+                    rise_baseline=rise_baseline, rise_step=rise_step, command=command,
+                    stop_after=stop_after, executor=executor, metric_spec=metric_spec,
+                    metric_obj=metric_obj, rise_objs=rise_objs, t_start=t_start)
+    finally:
+        executor.close()
+
+
+def _run(*, models, data, method_names, metric, limit, out_dir, maps_fn, preprocess, device,
+         seed, shard_size, fractions, modes, threads, output, split, engine_factory, progress,
+         rise, rise_baseline, rise_step, command, stop_after, executor, metric_spec, metric_obj,
+         rise_objs, t_start) -> dict:
+    """The body of :func:`run_benchmark` between opening and closing the executor."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -15,7 +15,9 @@ executor, and a run that dies resumes from the shards written, on either executo
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 from collections import OrderedDict, deque
 from typing import Any, Callable, Sequence
 
@@ -39,6 +41,12 @@ class LocalExecutor:
     def describe(self) -> dict:
         return {"name": self.name}
 
+    def open(self) -> None:
+        """Nothing to set up."""
+
+    def close(self) -> None:
+        """Nothing to tear down."""
+
     def run(self, groups: Sequence[Any], *, engines: Sequence[Any],
             payload: Callable[[int], Any], deliver: Deliver,
             should_stop: Callable[[], bool], status: Callable[[str], None] | None = None) -> None:
@@ -55,8 +63,20 @@ class LocalExecutor:
                     return
 
 
-def import_ray():
+def _token_auth_for(address: str | None) -> None:
+    """`ray start` turns token authentication on, and a driver must then send the token: when
+    connecting to a cluster with a token at hand, ask Ray to send it (a cluster without
+    authentication ignores it). Ray reads this setting when it is imported."""
+    if not address or "RAY_AUTH_MODE" in os.environ or "ray" in sys.modules:
+        return
+    if (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or os.path.isfile(os.path.expanduser("~/.ray/auth_token"))):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def import_ray(address: str | None = None):
     """The ``ray`` module, or one OptionError line saying how to install it."""
+    _token_auth_for(address or os.environ.get("RAY_ADDRESS"))
     try:
         import ray
     except ImportError:
@@ -118,7 +138,7 @@ class RayExecutor:
                  cpus_per_worker: float = 1, gpus_per_worker: float = 0,
                  max_in_flight: int = 2, max_attempts: int = 3, max_models: int = 4,
                  on_result: Callable[["RayExecutor", int], None] | None = None) -> None:
-        self.ray = import_ray()
+        self.ray = import_ray(address)
         if workers is not None and workers < 1:
             raise OptionError(f"--workers must be at least 1, got {workers}")
         if cpus_per_worker <= 0:
@@ -140,6 +160,8 @@ class RayExecutor:
         self.replaced = 0     # actors that died and were replaced
         self.reassigned = 0   # groups given to another actor after their actor died
         self.delivered = 0    # groups delivered this run
+        self._n = 0           # worker actors to start (set by open())
+        self._started = False
 
     def describe(self) -> dict:
         return {"name": self.name, "address": self.address, "workers": len(self.actors) or self.workers,
@@ -147,26 +169,46 @@ class RayExecutor:
                 "replaced_workers": self.replaced, "reassigned_groups": self.reassigned}
 
     # -- cluster -------------------------------------------------------------------------
+    def open(self) -> None:
+        """Connect to the cluster (or start Ray here) and check that the workers fit; called
+        by the driver before it plans, so that a wrong address or size fails early."""
+        self._started = self._connect()
+        try:
+            self._n = self._plan_workers()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Shut Ray down if :meth:`open` started it."""
+        self._n = 0
+        if self._started:
+            self._started = False
+            self.ray.shutdown()
+
     def _connect(self) -> bool:
-        """Connect to (or start) Ray; True when this call started it (then run() shuts it
-        down at the end)."""
+        """Connect to (or start) Ray; True when this call started it."""
         ray = self.ray
         if ray.is_initialized():
             return False
         kw: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": False}
-        if self.address:
+        address = self.address or os.environ.get("RAY_ADDRESS") or None
+        if address:
             try:
-                ray.init(address=self.address, **kw)
+                ray.init(address=address, **kw)
             except Exception as exc:
                 msg = " ".join(str(exc).split())[:300]
-                raise OptionError(f"cannot connect to the Ray cluster at {self.address}: "
-                                  f"{msg or type(exc).__name__}") from None
+                raise OptionError(f"cannot connect to the Ray cluster at {address}: "
+                                  f"{msg or type(exc).__name__} (is it running, and is its "
+                                  "token in ~/.ray/auth_token or RAY_AUTH_TOKEN?)") from None
         else:
-            # a local instance with room for the workers asked for (more than the cores
-            # oversubscribes them, which is allowed)
+            # a new local instance (a cluster from `ray start` is used only when asked for,
+            # with --address auto), with room for the workers asked for: more workers than
+            # cores oversubscribes them, which is allowed
             cores = os.cpu_count() or 1
             need = (self.workers or max(1, int(cores // self.cpus))) * self.cpus
-            ray.init(num_cpus=max(cores, int(-(-need // 1))), include_dashboard=False, **kw)
+            ray.init(address="local", num_cpus=max(cores, math.ceil(need)),
+                     include_dashboard=False, **kw)
         return True
 
     def _plan_workers(self) -> int:
@@ -205,11 +247,12 @@ class RayExecutor:
         ray = self.ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        started = self._connect()
+        if not self._n:
+            self.open()
         boxes: dict[int, list] = {}
         inflight: dict[Any, tuple[int, Any, Any, int]] = {}
         try:
-            n = min(self._plan_workers(), len(groups))
+            n = min(self._n, len(groups))
             self.actors = [self._new_actor() for _ in range(n)]
             load = [0] * n
             queue: deque[tuple[Any, int]] = deque((g, 1) for g in groups)
@@ -227,7 +270,8 @@ class RayExecutor:
                     load[k] += 1
                 if not inflight:
                     break
-                ready, _ = ray.wait(list(inflight), num_returns=1)
+                # a short timeout keeps Ctrl-C prompt while a long group runs
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
                 for ref in ready:
                     k, actor, g, attempt = inflight.pop(ref)
                     load[k] -= 1
@@ -264,8 +308,6 @@ class RayExecutor:
                     ray.kill(a)
                 except Exception:
                     pass
-            if started:
-                ray.shutdown()
 
 
 def make_executor(name: str = "local", **options: Any) -> LocalExecutor | RayExecutor:
