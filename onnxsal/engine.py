@@ -170,6 +170,15 @@ class Engine:
         self.logits_spec = find_logits(source, output)
         self.labels = labels_from_model(source)
         self.input_shape = raw_shape(self.input_spec, self.preprocess)
+        # a file that already carries its gradient graph (onnxsal augment, or
+        # converters.torch_gradients): used as is, with the gradient it was built for
+        self.pre_augmented = {p.key: p.value for p in source.metadata_props
+                              if p.key.startswith("onnxsal.")} if any(
+            p.key == META_SEED for p in source.metadata_props) else None
+        if self.pre_augmented and not self.preprocess.is_identity():
+            raise OptionError("this model carries its own gradient graph, taken with respect to its "
+                              "input; it cannot take a preprocessing prefix (export it without one, "
+                              "or give onnxsal the plain model)")
         self.model = prepend(source, self.preprocess, self.input_spec)
         inp = find_image_input(self.model)
         self.input_name = inp.name
@@ -214,7 +223,10 @@ class Engine:
     def _make_forward(self):
         m = self.model
         tensor = self.logits_spec.tensor
-        if tensor not in {o.name for o in m.graph.output}:
+        if self.pre_augmented:
+            # the logits do not depend on the seed: keep only the forward part
+            m = onnx.utils.Extractor(m).extract_model([self.input_name], [tensor])
+        elif tensor not in {o.name for o in m.graph.output}:
             m = onnx.ModelProto.FromString(m.SerializeToString())
             m.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor))
         return self._session(m)
@@ -223,6 +235,16 @@ class Engine:
                   epsilon: float | None = None):
         """(session, metadata) of the gradient model for these options (memory and disk cached)."""
         opts = {"epsilon": epsilon} if epsilon is not None else {}
+        if self.pre_augmented:
+            built = self.pre_augmented.get("onnxsal.rules", "default")
+            if rules != built or wrt or epsilon is not None:
+                raise OptionError(f"this model carries its own gradient graph (rules '{built}', with "
+                                  f"respect to the input); it cannot give rules '{rules}'"
+                                  f"{' or gradients of ' + ', '.join(wrt) if wrt else ''}: give "
+                                  f"onnxsal the plain model")
+            if "pre" not in self._sessions:
+                self._sessions["pre"] = (self._session(self.model), dict(self.pre_augmented))
+            return self._sessions["pre"]
         key = json.dumps([self._key, rules, list(wrt or []), opts, self.simplify, __version__], sort_keys=True)
         if key in self._sessions:
             return self._sessions[key]

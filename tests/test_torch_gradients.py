@@ -142,17 +142,23 @@ def test_forward_does_not_need_the_seed(exported):
     np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="Engine has no hook for an already-augmented model yet: "
-                   "its forward session is fed only the image input, and the file needs the seed")
 def test_engine_loads_it(exported):
+    """The engine uses a file that carries its own gradient graph as is; same gradients as
+    the engine's own pass on the plain export, and other rule sets are refused."""
     from onnxsal.engine import Engine
+    from onnxsal.errors import OptionError
 
-    _, shape, ours, _ = exported["cnn"]
+    _, shape, ours, theirs = exported["cnn"]
     eng = Engine(ours, use_disk_cache=False, threads=1)
+    plain = Engine(theirs, use_disk_cache=False, threads=1)
     assert eng.input_shape == shape and eng.num_classes == CLASSES
     x = np.random.default_rng(4).random((2, *shape), dtype=np.float32)
-    _, g = eng.gradient(x)
-    assert g.shape == (2, *shape)
+    logits, g = eng.gradient(x)
+    ref_logits, ref = plain.gradient(x)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g, ref, atol=1e-5 * np.abs(ref).max())
+    with pytest.raises(OptionError, match="own gradient graph"):
+        eng.gradient(x, rules="guided")
 
 
 def test_refusals():
