@@ -41,8 +41,15 @@ KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
 def _quiet_tf() -> None:
+    """Call before importing tensorflow/keras."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    # With tensorflow 2.21 loaded first, importing torch._dynamo (triton) later in the same
+    # process segfaults; loading it first avoids that when torch is installed too.
+    try:
+        import torch._dynamo  # noqa: F401
+    except ImportError:
+        pass
 
 
 def load(source: Any, safe_mode: bool = True):

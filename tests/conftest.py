@@ -11,6 +11,13 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# tensorflow (imported by the Keras tests) loaded before torch._dynamo makes the later import
+# of triton segfault; import torch._dynamo first in every test process.
+try:
+    import torch._dynamo  # noqa: F401
+except ImportError:
+    pass
+
 
 def export_torch(module, example, opset: int = 17, dynamo: bool = False) -> onnx.ModelProto:
     """Export a torch module with a dynamic batch axis (both exporters)."""
