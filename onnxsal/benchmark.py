@@ -251,6 +251,7 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
     metric_spec = MetricSpec(metric, tuple(map(float, fractions)), tuple(modes),
                              int(max_batch_bytes), bool(rise), rise_baseline, rise_step)
     metric_obj, rise_objs = metric_spec.build()
+    executor.for_device(device)
     executor.open()
     try:
         return _run(models=models, data=data, method_names=method_names, metric=metric,

@@ -41,6 +41,9 @@ class LocalExecutor:
     def describe(self) -> dict:
         return {"name": self.name}
 
+    def for_device(self, device: str) -> None:
+        """Nothing to adapt."""
+
     def open(self) -> None:
         """Nothing to set up."""
 
@@ -135,7 +138,7 @@ class RayExecutor:
     in_process = False
 
     def __init__(self, address: str | None = None, workers: int | None = None,
-                 cpus_per_worker: float = 1, gpus_per_worker: float = 0,
+                 cpus_per_worker: float = 1, gpus_per_worker: float | None = None,
                  max_in_flight: int = 2, max_attempts: int = 3, max_models: int = 4,
                  on_result: Callable[["RayExecutor", int], None] | None = None) -> None:
         self.ray = import_ray(address)
@@ -143,6 +146,8 @@ class RayExecutor:
             raise OptionError(f"--workers must be at least 1, got {workers}")
         if cpus_per_worker <= 0:
             raise OptionError(f"--cpus-per-worker must be positive, got {cpus_per_worker}")
+        self._gpus_given = gpus_per_worker is not None
+        gpus_per_worker = gpus_per_worker or 0
         if gpus_per_worker < 0:
             raise OptionError(f"--gpus-per-worker must not be negative, got {gpus_per_worker}")
         if max_in_flight < 1:
@@ -162,6 +167,12 @@ class RayExecutor:
         self.delivered = 0    # groups delivered this run
         self._n = 0           # worker actors to start (set by open())
         self._started = False
+
+    def for_device(self, device: str) -> None:
+        """``--device cuda`` without ``--gpus-per-worker``: one GPU per worker (Ray shows a
+        worker only the GPUs it asked for)."""
+        if device == "cuda" and not self._gpus_given:
+            self.gpus = 1.0
 
     def describe(self) -> dict:
         return {"name": self.name, "address": self.address, "workers": len(self.actors) or self.workers,
@@ -215,8 +226,8 @@ class RayExecutor:
         res = self.ray.cluster_resources()
         cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
         if self.gpus > 0 and gpus < self.gpus:
-            raise OptionError(f"--gpus-per-worker {self.gpus:g}, but the Ray cluster has "
-                              f"{gpus:g} GPUs")
+            raise OptionError(f"{self.gpus:g} GPUs per worker asked for (--gpus-per-worker, or "
+                              f"--device cuda), but the Ray cluster has {gpus:g} GPUs")
         n = self.workers
         if n is None:
             n = int(cpus // self.cpus)

@@ -20,6 +20,7 @@ import pytest
 import ray
 
 from onnxsal.benchmark import run_benchmark
+from onnxsal.errors import OptionError
 from onnxsal.executors import RayExecutor
 
 METHODS = ["original", "positive", "smoothgrad"]  # smoothgrad: seeded, per slice
@@ -181,3 +182,15 @@ def test_cli_on_an_existing_cluster(ray_instance, cnn, local_run, tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr[-3000:]
     assert "do not fit the Ray cluster's 2 CPUs" in p.stderr
+
+
+def test_gpu_workers_are_asked_for_and_refused_on_a_cpu_cluster(ray_instance, cnn, tmp_path):
+    ex = RayExecutor(workers=1)
+    with pytest.raises(OptionError, match="1 GPUs per worker asked for .* has 0 GPUs"):
+        _bench(cnn, tmp_path / "a", device="cuda", executor=ex)
+    assert ex.gpus == 1 and not (tmp_path / "a").exists() and ray.is_initialized()
+    with pytest.raises(OptionError, match=r"2 workers x 1.5 CPUs do not fit .* 2 CPUs"):
+        _bench(cnn, tmp_path / "b", executor=RayExecutor(workers=2, cpus_per_worker=1.5))
+    ex = RayExecutor(gpus_per_worker=0)
+    ex.for_device("cuda")  # an explicit 0 is kept (the workers then see no GPU)
+    assert ex.gpus == 0
