@@ -4,10 +4,11 @@
 onnxruntime 1.31 reads, runs onnx's full checker and writes two metadata entries that
 ``onnxsal`` reads back:
 
-- ``onnxsal.preprocess``: JSON ``{"scale": s, "mean": [...], "std": [...], "bgr": false,
-  "layout": "NCHW"}``: the model input is ``((x * scale) - mean) / std`` of images ``x`` with
-  pixels in [0, 1] (channels reversed first when ``bgr``, transposed to NHWC when ``layout`` says
-  so). The preprocessing is recorded, not baked into the graph.
+- ``onnxsal.preprocess``: JSON ``{"scale": s, "mean": [...] | null, "std": [...] | null,
+  "bgr": false, "layout": "NCHW"}`` (read by :mod:`onnxsal.preprocess`): the model input is
+  ``(x * scale - mean) / std`` of images ``x`` with pixels in [0, 1] (channels reversed first
+  when ``bgr``, transposed to NHWC when ``layout`` says so). It is recorded, not baked into the
+  graph: onnxsal prepends it so that gradients are taken w.r.t. the [0, 1] pixels.
 - ``onnxsal.labels``: JSON list of class names.
 
 ``parity`` compares the ONNX file with the torch module on the same inputs.
@@ -34,50 +35,38 @@ LEGACY_OPSETS = range(13, 21)          # torch.onnx.export(dynamo=False)
 DYNAMO_MIN_OPSET = 18                  # torch.onnx.export(dynamo=True)
 MAX_IR_VERSION = 10                    # onnxruntime 1.31 reads <= 13; 10 is safe and covers opset 21
 
-_IMAGENET_MEAN = [0.485, 0.456, 0.406]
-_IMAGENET_STD = [0.229, 0.224, 0.225]
-PRESETS: dict[str, dict] = {
-    "identity": {"scale": 1.0, "mean": [0.0], "std": [1.0], "bgr": False, "layout": "NCHW"},
-    "imagenet": {"scale": 1.0, "mean": _IMAGENET_MEAN, "std": _IMAGENET_STD, "bgr": False, "layout": "NCHW"},
-    "x255": {"scale": 255.0, "mean": [0.0], "std": [1.0], "bgr": False, "layout": "NCHW"},
-    "caffe": {"scale": 255.0, "mean": [103.939, 116.779, 123.68], "std": [1.0], "bgr": True, "layout": "NCHW"},
-}
-PRESETS["none"] = PRESETS["identity"]
+def preprocess_spec(spec, layout: str = "NCHW") -> dict | None:
+    """Normalise a preprocessing spec to the metadata dict: ``spec`` is a dict, a
+    :class:`onnxsal.preprocess.PreprocessSpec`, or a string that :func:`onnxsal.preprocess.parse`
+    reads (a preset such as ``none``/``imagenet``/``x255``, JSON, or ``scale=255 mean=... std=...``).
+    Absent mean/std are written as null (no-op); ``layout`` fills an unset layout."""
+    from onnxsal import preprocess as pp
 
-
-def preprocess_spec(spec: str | dict | None) -> dict | None:
-    """Normalise a preprocessing spec: a dict, a JSON string, or a preset name
-    (identity/none, imagenet, x255, caffe). Returns the canonical dict or None."""
     if spec is None:
         return None
     if isinstance(spec, str):
-        s = spec.strip()
-        if s.lower() in PRESETS:
-            return dict(PRESETS[s.lower()])
-        try:
-            spec = json.loads(s)
-        except json.JSONDecodeError:
-            raise OptionError(f"preprocess spec {spec!r}: not a preset ({', '.join(sorted(PRESETS))}) "
-                              "and not JSON") from None
-    if not isinstance(spec, dict):
-        raise OptionError(f"preprocess spec must be a dict, JSON or preset name, got {type(spec).__name__}")
-    unknown = set(spec) - {"scale", "mean", "std", "bgr", "layout"}
-    if unknown:
-        raise OptionError(f"preprocess spec: unknown keys {sorted(unknown)}")
-    out = dict(PRESETS["identity"])
-    out.update(spec)
-    try:
-        out["scale"] = float(out["scale"])
-        out["mean"] = [float(v) for v in np.atleast_1d(out["mean"])]
-        out["std"] = [float(v) for v in np.atleast_1d(out["std"])]
-    except (TypeError, ValueError):
-        raise OptionError("preprocess spec: scale, mean and std must be numbers") from None
-    if any(v == 0 for v in out["std"]) or out["scale"] == 0:
+        spec = pp.parse(spec)
+        if spec is None:
+            return None
+    elif isinstance(spec, dict):
+        unknown = set(spec) - {"scale", "mean", "std", "bgr", "layout", "size"}
+        if unknown:
+            raise OptionError(f"preprocess spec: unknown keys {sorted(unknown)}")
+        spec = pp.from_json(json.dumps(spec))
+    elif not isinstance(spec, pp.PreprocessSpec):
+        raise OptionError(f"preprocess spec must be a dict, a string or a PreprocessSpec, "
+                          f"got {type(spec).__name__}")
+    lay = (spec.layout or layout).upper()
+    if lay not in ("NCHW", "NHWC"):
+        raise OptionError(f"preprocess spec: layout must be NCHW or NHWC, got {lay!r}")
+    if spec.scale == 0 or (spec.std is not None and any(v == 0 for v in spec.std)):
         raise OptionError("preprocess spec: scale and std must be non-zero")
-    out["bgr"] = bool(out["bgr"])
-    out["layout"] = str(out["layout"]).upper()
-    if out["layout"] not in ("NCHW", "NHWC"):
-        raise OptionError(f"preprocess spec: layout must be NCHW or NHWC, got {out['layout']!r}")
+    out = {"scale": float(spec.scale),
+           "mean": None if spec.mean is None else [float(v) for v in spec.mean],
+           "std": None if spec.std is None else [float(v) for v in spec.std],
+           "bgr": bool(spec.bgr), "layout": lay}
+    if spec.size is not None:
+        out["size"] = [int(v) for v in spec.size]
     return out
 
 
@@ -226,5 +215,5 @@ def parity(module, onnx_model: str | os.PathLike | onnx.ModelProto, inputs: Any,
             "argmax_agreement": float((ref.argmax(1) == got.argmax(1)).mean()), "n": int(len(x))}
 
 
-__all__ = ["export", "parity", "preprocess_spec", "read_labels", "set_metadata", "PRESETS",
+__all__ = ["export", "parity", "preprocess_spec", "read_labels", "set_metadata",
            "PREPROCESS_KEY", "LABELS_KEY"]
