@@ -182,6 +182,10 @@ class ShardGroup:
     def describe(self) -> str:
         return f"{self.model_name} {self.start}:{self.stop}"
 
+    def iter_parts(self, engine: Any) -> Iterator[tuple[str, dict]]:
+        """(method, shard part) pairs: :func:`iter_group`."""
+        return iter_group(self, engine)
+
 
 def iter_group(group: ShardGroup, engine: Any) -> Iterator[tuple[str, dict]]:
     """Yield (method, shard part) for each method of ``group``, computed with ``engine``.
@@ -404,7 +408,7 @@ def _run(*, models, data, method_names, metric, limit, out_dir, maps_fn, preproc
         return models[i]
 
     try:
-        executor.run(list(groups.values()), engines=engines, payload=payload, deliver=deliver,
+        executor.run(list(groups.values()), contexts=engines, payload=payload, deliver=deliver,
                      should_stop=lambda: stop_after is not None and computed >= stop_after,
                      status=status)
     finally:

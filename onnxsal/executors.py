@@ -1,16 +1,19 @@
-"""Executors: who computes the shard groups of a benchmark.
+"""Executors: who computes the tasks of a benchmark or a sanity check.
 
-An executor gets the list of :class:`onnxsal.benchmark.ShardGroup` still to compute and hands
-every finished part back to the driver through ``deliver(group, method, part)``; the driver
-alone writes the shard files and merges them, so the result files do not depend on the
-executor, and a run that dies resumes from the shards written, on either executor.
+A task (:class:`onnxsal.benchmark.ShardGroup`, :class:`onnxsal.sanity_run.SanityTask`) is a
+plain, picklable value with ``model_index``, ``engine`` (a spec with ``key`` and
+``build(payload, default_threads)`` that makes the task's context: an engine, or a model)
+and ``iter_parts(context)``, which yields (name, part) pairs. An executor gets the tasks still
+to do and hands every finished part back to the driver through ``deliver(task, name, part)``;
+the driver alone writes the result files, so they do not depend on the executor, and a run
+that dies resumes from the files written, on either executor.
 
-* :class:`LocalExecutor` (the default): this process, one group after the other, with the
-  driver's engines. It never imports Ray.
-* :class:`RayExecutor`: a pool of Ray actors, each keeping one engine per model (built once per
-  worker from model bytes the driver put into the object store: no shared file system needed),
-  at most ``max_in_flight`` groups queued per actor (back-pressure), a worker that dies is
-  replaced and its unfinished groups are given to the others.
+* :class:`LocalExecutor` (the default): this process, one task after the other, with the
+  driver's contexts (its engines). It never imports Ray.
+* :class:`RayExecutor`: a pool of Ray actors, each keeping one context per model (built once
+  per worker from model bytes the driver put into the object store: no shared file system
+  needed), at most ``max_in_flight`` tasks queued per actor (back-pressure); a worker that dies
+  is replaced and its unfinished tasks are given to the others.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ Deliver = Callable[[Any, str, dict], None]
 
 
 class LocalExecutor:
-    """Compute the groups in this process with the driver's engines, writing each method's
-    shard as soon as it is done."""
+    """Compute the tasks in this process with the driver's contexts, delivering each part as
+    soon as it is done."""
 
     name = "local"
     in_process = True
@@ -50,18 +53,17 @@ class LocalExecutor:
     def close(self) -> None:
         """Nothing to tear down."""
 
-    def run(self, groups: Sequence[Any], *, engines: Sequence[Any],
+    def run(self, tasks: Sequence[Any], *, contexts: Sequence[Any],
             payload: Callable[[int], Any], deliver: Deliver,
-            should_stop: Callable[[], bool], status: Callable[[str], None] | None = None) -> None:
-        from .benchmark import iter_group
-
-        for g in groups:
+            should_stop: Callable[[], bool] = lambda: False,
+            status: Callable[[str], None] | None = None) -> None:
+        for task in tasks:
             if should_stop():
                 return
             if status is not None:
-                status(f"{g.describe()} maps")
-            for meth, part in iter_group(g, engines[g.model_index]):
-                deliver(g, meth, part)
+                status(f"{task.describe()} ...")
+            for name, part in task.iter_parts(contexts[task.model_index]):
+                deliver(task, name, part)
                 if should_stop():
                     return
 
@@ -88,9 +90,9 @@ def import_ray(address: str | None = None):
 
 
 class _Worker:
-    """The body of a Ray actor: one engine per model, built on first use from the model bytes
-    in the object store, kept for later groups (at most ``max_models``, least recently used
-    dropped first)."""
+    """The body of a Ray actor: one context (engine) per model, built on first use from the
+    model bytes in the object store, kept for later tasks (at most ``max_models``, least
+    recently used dropped first)."""
 
     def __init__(self, threads: int | None, max_models: int = 4) -> None:
         self.threads = threads
@@ -104,24 +106,22 @@ class _Worker:
     def stats(self) -> dict:
         return {"pid": os.getpid(), "loads": self.loads, "models": list(self.engines)}
 
-    def run(self, group: Any, model_box: list) -> tuple[str, dict[str, dict]]:
-        from .benchmark import compute_group
-
-        key = group.engine.key
+    def run(self, task: Any, model_box: list) -> tuple[str, list[tuple[str, Any]]]:
+        key = task.engine.key
         eng = self.engines.get(key)
         if eng is None:
             import ray
 
             # the reference sits in a list, so Ray hands it over unresolved: the bytes are
             # fetched only by a worker that has not built this model yet
-            eng = group.engine.build(ray.get(model_box[0]), default_threads=self.threads)
+            eng = task.engine.build(ray.get(model_box[0]), default_threads=self.threads)
             self.loads += 1
             self.engines[key] = eng
             while len(self.engines) > self.max_models:
                 self.engines.popitem(last=False)
         else:
             self.engines.move_to_end(key)
-        return str(getattr(eng, "provider", "")), compute_group(group, eng)
+        return str(getattr(eng, "provider", "")), list(task.iter_parts(eng))
 
 
 class RayExecutor:
@@ -177,7 +177,7 @@ class RayExecutor:
     def describe(self) -> dict:
         return {"name": self.name, "address": self.address, "workers": len(self.actors) or self.workers,
                 "cpus_per_worker": self.cpus, "gpus_per_worker": self.gpus,
-                "replaced_workers": self.replaced, "reassigned_groups": self.reassigned}
+                "replaced_workers": self.replaced, "reassigned_tasks": self.reassigned}
 
     # -- cluster -------------------------------------------------------------------------
     def open(self) -> None:
@@ -191,8 +191,10 @@ class RayExecutor:
             raise
 
     def close(self) -> None:
-        """Shut Ray down if :meth:`open` started it."""
+        """Stop the worker actors, and Ray itself if :meth:`open` started it."""
         self._n = 0
+        if self.ray.is_initialized():
+            self._kill_actors()
         if self._started:
             self._started = False
             self.ray.shutdown()
@@ -250,75 +252,93 @@ class RayExecutor:
         return cls.remote(threads, self.max_models)
 
     # -- the run -------------------------------------------------------------------------
-    def run(self, groups: Sequence[Any], *, engines: Sequence[Any],
+    def run(self, tasks: Sequence[Any], *, contexts: Sequence[Any],
             payload: Callable[[int], Any], deliver: Deliver,
-            should_stop: Callable[[], bool], status: Callable[[str], None] | None = None) -> None:
-        if not groups:
+            should_stop: Callable[[], bool] = lambda: False,
+            status: Callable[[str], None] | None = None) -> None:
+        """Compute ``tasks`` on the worker actors (started on first use, kept until
+        :meth:`close`); ``contexts`` (the driver's) are not used: the workers build their own
+        from ``payload(model_index)``."""
+        if not tasks:
             return
         ray = self.ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        if not self._n:
+        own = not self._n  # run() outside open()/close(): clean up here
+        if own:
             self.open()
-        boxes: dict[int, list] = {}
-        inflight: dict[Any, tuple[int, Any, Any, int]] = {}
         try:
-            n = min(self._n, len(groups))
-            self.actors = [self._new_actor() for _ in range(n)]
-            load = [0] * n
-            queue: deque[tuple[Any, int]] = deque((g, 1) for g in groups)
-            while queue or inflight:
-                while queue and not should_stop():
-                    k = min(range(n), key=lambda j: load[j])
-                    if load[k] >= self.max_in_flight:
-                        break
-                    g, attempt = queue.popleft()
-                    if g.model_index not in boxes:
-                        boxes[g.model_index] = [ray.put(payload(g.model_index))]
-                    actor = self.actors[k]
-                    ref = actor.run.remote(g, boxes[g.model_index])
-                    inflight[ref] = (k, actor, g, attempt)
-                    load[k] += 1
-                if not inflight:
-                    break
-                # a short timeout keeps Ctrl-C prompt while a long group runs
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
-                for ref in ready:
-                    k, actor, g, attempt = inflight.pop(ref)
-                    load[k] -= 1
-                    try:
-                        provider, result = ray.get(ref)
-                    except RayActorError as exc:
-                        if attempt >= self.max_attempts:
-                            raise OnnxsalError(
-                                f"Ray workers died {attempt} times on {g.describe()}: "
-                                f"{' '.join(str(exc).split())[:200]}") from None
-                        if self.actors[k] is actor:  # not replaced yet
-                            self.actors[k] = self._new_actor()
-                            self.replaced += 1
-                        self.reassigned += 1
-                        queue.appendleft((g, attempt + 1))
-                        continue
-                    except RayTaskError as exc:
-                        cause = getattr(exc, "cause", None)
-                        if isinstance(cause, BaseException):
-                            raise cause from None
-                        raise
-                    self.providers[g.model_index] = provider
-                    for meth in g.methods:
-                        deliver(g, meth, result[meth])
-                    self.delivered += 1
-                    if status is not None:
-                        status(f"{g.describe()} done; {len(inflight)} in flight on {n} workers")
-                    if self.on_result is not None:
-                        self.on_result(self, self.delivered)
+            self._run(ray, RayActorError, RayTaskError, tasks, payload, deliver, should_stop,
+                      status)
+        except BaseException:
+            self._kill_actors()  # also drops the tasks still queued on them
+            raise
         finally:
-            # killing the actors also drops the groups still queued on them
-            for a in self.actors:
+            if own:
+                self.close()
+
+    def _run(self, ray, RayActorError, RayTaskError, tasks, payload, deliver, should_stop,
+             status) -> None:
+        boxes: dict[int, list] = {}
+        n = max(len(self.actors), min(self._n, len(tasks)))
+        while len(self.actors) < n:
+            self.actors.append(self._new_actor())
+        load = [0] * n
+        inflight: dict[Any, tuple[int, Any, Any, int]] = {}
+        queue: deque[tuple[Any, int]] = deque((t, 1) for t in tasks)
+        while queue or inflight:
+            while queue and not should_stop():
+                k = min(range(n), key=lambda j: load[j])
+                if load[k] >= self.max_in_flight:
+                    break
+                task, attempt = queue.popleft()
+                if task.model_index not in boxes:
+                    boxes[task.model_index] = [ray.put(payload(task.model_index))]
+                actor = self.actors[k]
+                ref = actor.run.remote(task, boxes[task.model_index])
+                inflight[ref] = (k, actor, task, attempt)
+                load[k] += 1
+            if not inflight:
+                break
+            # a short timeout keeps Ctrl-C prompt while a long task runs
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                k, actor, task, attempt = inflight.pop(ref)
+                load[k] -= 1
                 try:
-                    ray.kill(a)
-                except Exception:
-                    pass
+                    provider, result = ray.get(ref)
+                except RayActorError as exc:
+                    if attempt >= self.max_attempts:
+                        raise OnnxsalError(
+                            f"Ray workers died {attempt} times on {task.describe()}: "
+                            f"{' '.join(str(exc).split())[:200]}") from None
+                    if self.actors[k] is actor:  # not replaced yet
+                        self.actors[k] = self._new_actor()
+                        self.replaced += 1
+                    self.reassigned += 1
+                    queue.appendleft((task, attempt + 1))
+                    continue
+                except RayTaskError as exc:
+                    cause = getattr(exc, "cause", None)
+                    if isinstance(cause, BaseException):
+                        raise cause from None
+                    raise
+                self.providers[task.model_index] = provider
+                for name, part in result:
+                    deliver(task, name, part)
+                self.delivered += 1
+                if status is not None:
+                    status(f"{task.describe()} done; {len(inflight)} in flight on {n} workers")
+                if self.on_result is not None:
+                    self.on_result(self, self.delivered)
+
+    def _kill_actors(self) -> None:
+        for a in self.actors:
+            try:
+                self.ray.kill(a)
+            except Exception:
+                pass
+        self.actors = []
 
 
 def make_executor(name: str = "local", **options: Any) -> LocalExecutor | RayExecutor:
