@@ -78,7 +78,7 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> floa
 
 def train(model, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
           epochs: int = 50, lr: float = 1e-3, weight_decay: float = 0.01, batch_size: int = 128,
-          seed: int = 42, threads: int | None = 2, log=print, eval_every_epoch: bool = False) -> TrainResult:
+          seed: int = 42, threads: int | None = 1, log=print, eval_every_epoch: bool = False) -> TrainResult:
     """Train ``model`` in place with the paper's recipe; return the last epoch's test accuracy.
 
     x arrays are float32 NCHW in [0, 1] (used as they are), y int64 class indices.
