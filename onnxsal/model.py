@@ -335,6 +335,9 @@ def save_model(model, path: str) -> None:
                             location=path.name + ".data")
         else:
             onnx.save_model(model, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is for sharing
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
