@@ -128,6 +128,32 @@ def explain(model, images, methods, out, target, preprocess, labels_file, device
                f"{res.seconds:.1f} s ({res.per_image_seconds:.2f} s/image); wrote {out}/")
 
 
+def _executor_options(f):
+    """--executor, --address, --workers, --cpus-per-worker, --gpus-per-worker."""
+    for opt in reversed([
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
+                     show_default=True, help="Who computes: this process, or Ray workers "
+                     "(pip install 'onnxsal[ray]'); see README, Running on a Ray cluster."),
+        click.option("--address", default=None, help="Ray cluster to use (host:port, or auto "
+                     "for the one `ray start` runs here); default: start Ray for this run."),
+        click.option("--workers", type=int, default=None, help="Ray worker actors (default: "
+                     "as many as the cluster's CPUs, or GPUs, allow)."),
+        click.option("--cpus-per-worker", type=float, default=None,
+                     help="CPUs per Ray worker [1]."),
+        click.option("--gpus-per-worker", type=float, default=None, help="GPUs per Ray worker "
+                     "[0; 1 with --device cuda]."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker):
+    from .executors import make_executor
+
+    return make_executor(executor, address=address, workers=workers,
+                         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+
+
 @cli.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--data", "data", multiple=True, required=True,
@@ -155,15 +181,7 @@ def explain(model, images, methods, out, target, preprocess, labels_file, device
               default="black", show_default=True, help="What RISE deletion puts in.")
 @click.option("--rise-step", type=int, default=None,
               help="Pixels per RISE step (default: one image row).")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="Who computes the shards: this process, or Ray workers (pip install 'onnxsal[ray]').")
-@click.option("--address", default=None, help="Ray cluster to use (e.g. ray://head:10001 or "
-              "auto); default: start Ray on this machine.")
-@click.option("--workers", type=int, default=None, help="Ray worker actors (default: as many "
-              "as the cluster's CPUs, or GPUs, allow).")
-@click.option("--cpus-per-worker", type=float, default=None, help="CPUs per Ray worker [1].")
-@click.option("--gpus-per-worker", type=float, default=None, help="GPUs per Ray worker [0] "
-              "(with --device cuda).")
+@_executor_options
 def benchmark(models, data, methods, metric, limit, out, preprocess, device, seed, output,
               shard_size, threads, quiet, rise, rise_baseline, rise_step, executor, address,
               workers, cpus_per_worker, gpus_per_worker):
@@ -171,10 +189,8 @@ def benchmark(models, data, methods, metric, limit, out, preprocess, device, see
     import shlex
 
     from .benchmark import run_benchmark
-    from .executors import make_executor
 
-    ex = make_executor(executor, address=address, workers=workers,
-                       cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    ex = _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker)
     command = None
     if Path(sys.argv[0]).name == "onnxsal":
         command = " ".join(["onnxsal"] + [shlex.quote(a) for a in sys.argv[1:]])
@@ -233,19 +249,22 @@ def benchmark(models, data, methods, metric, limit, out, preprocess, device, see
 @click.option("--output", default=None, help="The output to explain when the model has several.")
 @click.option("--threads", type=int, default=None, help="onnxruntime threads per session.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
+@_executor_options
 def sanity(model, data, methods, mode, limit, out, seed, max_steps, threshold, margin,
-           hog_correlation, grid_image, preprocess, device, output, threads, quiet):
+           hog_correlation, grid_image, preprocess, device, output, threads, quiet, executor,
+           address, workers, cpus_per_worker, gpus_per_worker):
     """Model-parameter randomisation test of Adebayo et al. (SPEC.md section 5): do the METHODS'
     maps change when MODEL's learned weights are re-initialised?"""
     from .sanity_run import run_sanity
 
+    ex = _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker)
     names = [m.strip() for spec in methods for m in spec.split(",") if m.strip()]
     say = None if quiet else (lambda s: click.echo(s, err=True))
     try:
         rep = run_sanity(model, data, names, out, mode=mode, seed=seed, preprocess=preprocess,
                          device=device, threads=threads, output=output, max_steps=max_steps,
                          threshold=threshold, margin=margin, hog_correlation=hog_correlation,
-                         grid_image=grid_image, limit=limit, progress=say)
+                         grid_image=grid_image, limit=limit, progress=say, executor=ex)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished steps are kept in {out}/steps; run the same command "
                    "again to resume", err=True)

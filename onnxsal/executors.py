@@ -121,7 +121,8 @@ class _Worker:
                 self.engines.popitem(last=False)
         else:
             self.engines.move_to_end(key)
-        return str(getattr(eng, "provider", "")), list(task.iter_parts(eng))
+        parts = list(task.iter_parts(eng))
+        return str(getattr(eng, "provider", None) or ""), parts
 
 
 class RayExecutor:
@@ -323,7 +324,8 @@ class RayExecutor:
                     if isinstance(cause, BaseException):
                         raise cause from None
                     raise
-                self.providers[task.model_index] = provider
+                if provider:
+                    self.providers[task.model_index] = provider
                 for name, part in result:
                     deliver(task, name, part)
                 self.delivered += 1

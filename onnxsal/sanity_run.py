@@ -26,6 +26,11 @@ the randomisation step, one line per method, one panel per metric), ``maps_grid.
 methods, columns steps, for one image) and ``steps/step_NNN.npz`` (per-image similarities and
 the grid image's maps). Every file is written atomically; a run that stops resumes from the
 step files whose fingerprint matches the settings.
+
+The work is a list of :class:`SanityTask` (the trained model's maps, then one task per step):
+plain values that an executor (:mod:`onnxsal.executors`: this process, or Ray workers that
+each keep the trained model, sent once as bytes) computes; the driver alone writes the step
+files and the results, the same way for every executor.
 """
 
 from __future__ import annotations
@@ -35,15 +40,15 @@ import io
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
 
 from . import __version__
-from .errors import InputError, OptionError
+from .errors import InputError, ModelError, OptionError
 from .metrics import similarity as sim
 from .metrics.sanity import Layer, cascading_steps, find_layers, independent_steps, pick_steps, randomize
 from .model import content_hash, load_model
@@ -187,6 +192,101 @@ def _load_step(path: Path, fp: str, methods: Sequence[str]):
         return None  # missing, partial or from other settings: recompute
 
 
+@dataclass(frozen=True)
+class SanitySpec:
+    """How a worker gets the trained model and builds engines (plain, picklable values);
+    ``factory(model_proto)`` replaces :class:`onnxsal.engine.Engine` (tests)."""
+
+    key: str
+    model_hash: str
+    preprocess: Any = None
+    device: str = "auto"
+    threads: int | None = None
+    output: str | None = None
+    factory: Callable[[onnx.ModelProto], Any] | None = None
+
+    def build(self, payload: Any, default_threads: int | None = None) -> "SanityModel":
+        """The context of this model's tasks, from serialized ONNX bytes or a ModelProto."""
+        source = onnx.load_from_string(bytes(payload)) if isinstance(payload, (bytes, bytearray)) \
+            else payload
+        if content_hash(source) != self.model_hash:
+            raise ModelError("the worker's copy of the model differs from the driver's")
+        factory = self.factory
+        if factory is None:
+            from .engine import Engine
+
+            threads = self.threads if self.threads is not None else default_threads
+
+            def factory(m: onnx.ModelProto):
+                return Engine(m, preprocess=self.preprocess, device=self.device,
+                              output=self.output, threads=threads, use_disk_cache=False)
+        return SanityModel(source, factory)
+
+
+class SanityModel:
+    """What a sanity task runs with: the trained model, how to build an engine, and the
+    trained model's engine (built on first use)."""
+
+    def __init__(self, source: onnx.ModelProto, factory: Callable[[onnx.ModelProto], Any],
+                 trained: Any = None) -> None:
+        self.source = source
+        self._factory = factory
+        self._trained = trained
+        self.provider = getattr(trained, "provider", None)  # of the last engine built
+
+    def engine(self, model: onnx.ModelProto) -> Any:
+        eng = self._factory(model)
+        self.provider = getattr(eng, "provider", None)
+        return eng
+
+    def trained(self) -> Any:
+        if self._trained is None:
+            self._trained = self.engine(self.source)
+        return self._trained
+
+
+@dataclass
+class SanityTask:
+    """One unit of a sanity check: the trained model's maps (``step`` None), or one
+    randomisation step compared with them (``original``, ``targets0``)."""
+
+    engine: SanitySpec
+    images: np.ndarray
+    methods: dict[str, MethodFn | None]  # None: the method of that name in onnxsal.methods
+    options: dict[str, dict]
+    seed: int
+    hog_correlation: str
+    grid_image: int
+    step: Step | None = None
+    original: dict[str, np.ndarray] | None = None
+    targets0: np.ndarray | None = None
+    label: str = ""
+    model_index: int = 0
+    files: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return self.label or ("trained model" if self.step is None else f"step {self.step.index}")
+
+    def iter_parts(self, ctx: SanityModel) -> Iterator[tuple[str, dict]]:
+        """("trained", {targets, maps}) or ("step", {targets, agree, sims, grid})."""
+        fns = {n: _method_callable(n, f) for n, f in self.methods.items()}
+        x = self.images
+        if self.step is None:
+            eng = ctx.trained()
+            t0 = np.asarray(eng.predict(x), np.int64)
+            yield "trained", {"targets": t0, "maps": _compute_maps(eng, x, t0, fns, self.options)}
+            return
+        rmodel = randomize(ctx.source, self.step.layers, seed=self.seed)
+        reng = ctx.engine(rmodel)
+        t = np.asarray(reng.predict(x), np.int64)
+        maps = _compute_maps(reng, x, t, fns, self.options,
+                             seed_shift=1 if self.step.index == 0 else 0)
+        sims = {m: _similarities(self.original[m], maps[m], self.hog_correlation) for m in fns}
+        grid = {m: maps[m][self.grid_image] for m in fns}
+        yield "step", {"targets": t, "agree": float(np.mean(t == self.targets0)),
+                       "sims": sims, "grid": grid}
+
+
 def run_sanity(model: str | os.PathLike | onnx.ModelProto, images: Any,
                methods: Sequence[str] | Mapping[str, MethodFn], out: str | os.PathLike, *,
                mode: str = "cascading", seed: int = 0, preprocess=None, device: str = "auto",
@@ -195,7 +295,8 @@ def run_sanity(model: str | os.PathLike | onnx.ModelProto, images: Any,
                threshold: float = 0.5, margin: float = 0.3, hog_correlation: str = "pearson",
                grid_image: int = 0, limit: int | None = None, data: dict | None = None,
                engine_factory: Callable[[onnx.ModelProto], Any] | None = None,
-               progress: Callable[[str], None] | None = None, plots: bool = True) -> dict:
+               progress: Callable[[str], None] | None = None, plots: bool = True,
+               executor: Any = None) -> dict:
     """Run the test and write its results in ``out`` (see the module docstring); return the
     contents of ``sanity.json``.
 
@@ -205,7 +306,31 @@ def run_sanity(model: str | os.PathLike | onnx.ModelProto, images: Any,
     reads (a folder, an .npz, a built-in name), brought to the model's input shape; ``limit``
     keeps the first N images. ``max_steps`` spreads at most that many
     randomisation steps over the layers (the last, full randomisation always included).
+    ``executor``: None or "local" (this process), "ray", or an object from
+    :func:`onnxsal.executors.make_executor`; the result files do not depend on it.
     """
+    from .executors import make_executor
+
+    if executor is None or isinstance(executor, str):
+        executor = make_executor(executor or "local")
+    executor.for_device(device)
+    executor.open()
+    try:
+        return _run_sanity(model, images, methods, out, mode=mode, seed=seed,
+                           preprocess=preprocess, device=device, threads=threads, output=output,
+                           max_steps=max_steps, method_options=method_options,
+                           threshold=threshold, margin=margin, hog_correlation=hog_correlation,
+                           grid_image=grid_image, limit=limit, data=data,
+                           engine_factory=engine_factory, progress=progress, plots=plots,
+                           executor=executor)
+    finally:
+        executor.close()
+
+
+def _run_sanity(model, images, methods, out, *, mode, seed, preprocess, device, threads, output,
+                max_steps, method_options, threshold, margin, hog_correlation, grid_image,
+                limit, data, engine_factory, progress, plots, executor) -> dict:
+    """The body of :func:`run_sanity` between opening and closing the executor."""
     from .report import atomic_write_json, atomic_write_text
 
     if mode not in MODES:
@@ -227,12 +352,16 @@ def run_sanity(model: str | os.PathLike | onnx.ModelProto, images: Any,
     if unknown:
         raise OptionError(f"options given for methods not selected: {', '.join(unknown)}")
 
+    custom_factory = engine_factory
     if engine_factory is None:
         from .engine import Engine
 
+        # remote workers compute; the driver (maybe without a GPU) only plans, on the CPU
+        plan_device = device if executor.in_process else "cpu"
+
         def engine_factory(m: onnx.ModelProto):
-            return Engine(m, preprocess=preprocess, device=device, output=output, threads=threads,
-                          use_disk_cache=False)
+            return Engine(m, preprocess=preprocess, device=plan_device, output=output,
+                          threads=threads, use_disk_cache=False)
 
     engine = engine_factory(source)
     if not isinstance(images, np.ndarray):
@@ -272,12 +401,28 @@ def run_sanity(model: str | os.PathLike | onnx.ModelProto, images: Any,
     step_dir = out / "steps"
     step_dir.mkdir(parents=True, exist_ok=True)
 
+    spec = SanitySpec(key=_fingerprint(settings)[:20], model_hash=model_hash,
+                      preprocess=preprocess, device=device, threads=threads, output=output,
+                      factory=custom_factory)
+    contexts = [SanityModel(source, engine_factory, trained=engine)]
+
+    def payload(i: int) -> Any:
+        """The trained model for remote workers: its bytes (no shared file system needed)."""
+        return source.SerializeToString() if custom_factory is None else source
+
+    def task(**kw) -> SanityTask:
+        return SanityTask(engine=spec, images=x, methods=chosen, options=options, seed=seed,
+                          hog_correlation=hog_correlation, grid_image=grid_image, **kw)
+
     # the trained model's maps: what every step is compared with
-    targets0 = np.asarray(engine.predict(x), np.int64)
     say(f"trained model: {len(x)} images, {len(layers)} layers, {len(steps) - 1} {mode} steps")
-    original = _compute_maps(engine, x, targets0, fns, options)
-    results = []
-    grids = {}
+    got0: dict = {}
+    executor.run([task(label="trained model")], contexts=contexts, payload=payload,
+                 deliver=lambda t, name, part: got0.update(part))
+    targets0, original = got0["targets"], got0["maps"]
+
+    done: dict[int, tuple] = {}
+    todo = []
     for j, step in enumerate(steps):
         where = f"step {j}/{len(steps) - 1}" + (f" ({mode} step {step.index} of {len(all_steps)})"
                                                  if step.index != j else "")
@@ -285,20 +430,26 @@ def run_sanity(model: str | os.PathLike | onnx.ModelProto, images: Any,
         path = step_dir / f"step_{step.index:03d}.npz"
         got = _load_step(path, fp, list(fns))
         if got is None:
-            say(f"{where}: {step.label}"
-                + (f" ({len(step.layers)} layers randomised)" if step.layers else ""))
-            rmodel = randomize(source, step.layers, seed=seed)
-            reng = engine_factory(rmodel)
-            t = np.asarray(reng.predict(x), np.int64)
-            maps = _compute_maps(reng, x, t, fns, options, seed_shift=1 if step.index == 0 else 0)
-            sims = {m: _similarities(original[m], maps[m], hog_correlation) for m in fns}
-            grid = {m: maps[m][grid_image] for m in fns}
-            agree = float(np.mean(t == targets0))
-            _save_step(path, fp, t, agree, sims, grid)
-            del reng, rmodel
+            todo.append(task(step=step, original=original, targets0=targets0,
+                             label=f"{where}: {step.label}"
+                             + (f" ({len(step.layers)} layers randomised)" if step.layers else ""),
+                             files={"step": str(path), "fingerprint": fp}))
         else:
             say(f"{where}: {step.label} (done before, reused)")
-            t, agree, sims, grid = got
+            done[step.index] = got
+
+    def deliver(t: SanityTask, name: str, part: dict) -> None:
+        _save_step(Path(t.files["step"]), t.files["fingerprint"], part["targets"], part["agree"],
+                   part["sims"], part["grid"])
+        done[t.step.index] = (part["targets"], part["agree"], part["sims"], part["grid"])
+        say(t.label)
+
+    executor.run(todo, contexts=contexts, payload=payload, deliver=deliver,
+                 status=None)
+    results = []
+    grids = {}
+    for step in steps:
+        _, agree, sims, grid = done[step.index]
         grids[step.index] = grid
         results.append({
             "step": step.index, "label": step.label, "layers_randomised": len(step.layers),
@@ -315,7 +466,7 @@ def run_sanity(model: str | os.PathLike | onnx.ModelProto, images: Any,
                           "signed": "sum over channels / p99(|s|), clipped to [-1, 1]"},
         "rule": RULE.format(threshold=threshold, margin=margin),
         "threshold": threshold, "margin": margin, "direction": DIRECTION,
-        "provider": getattr(engine, "provider", None),
+        "provider": executor.providers.get(0, getattr(engine, "provider", None)),
         "layers": [L.to_dict() for L in layers],
         "steps": results, "verdicts": verdicts, "version": __version__,
     }

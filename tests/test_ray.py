@@ -194,3 +194,35 @@ def test_gpu_workers_are_asked_for_and_refused_on_a_cpu_cluster(ray_instance, cn
     ex = RayExecutor(gpus_per_worker=0)
     ex.for_device("cuda")  # an explicit 0 is kept (the workers then see no GPU)
     assert ex.gpus == 0
+
+
+def test_sanity_check_on_ray_gives_the_local_files_and_resumes_across_executors(
+        ray_instance, cnn, tmp_path):
+    from onnxsal.sanity_run import run_sanity
+
+    def sanity(out, **kw):
+        return run_sanity(cnn, "digits", ["vanilla", "smoothgrad"], out, limit=12, max_steps=2,
+                          threads=1, **kw)
+
+    local, remote, resumed = tmp_path / "local", tmp_path / "ray", tmp_path / "resumed"
+    sanity(local)
+    said = []
+    ex = RayExecutor(workers=2)
+    sanity(remote, executor=ex, progress=said.append)
+    assert ex.delivered == 1 + 3 and len(said) == 1 + 3 + 1  # trained maps, 3 steps, "wrote"
+    # the resumed run: step 1 done locally, the others (steps 0 and 3 of 3 layers) on Ray
+    sanity(resumed)
+    (resumed / "sanity.json").unlink()
+    for f in ("steps/step_000.npz", "steps/step_003.npz"):
+        (resumed / f).unlink()
+    ex2 = RayExecutor(workers=2)
+    sanity(resumed, executor=ex2)
+    assert ex2.delivered == 1 + 2
+    for out in (remote, resumed):
+        for f in ("sanity.json", "sanity.md", "cascading.png", "maps_grid.png"):
+            assert (out / f).read_bytes() == (local / f).read_bytes(), f
+        for f in sorted(local.glob("steps/*.npz")):
+            with np.load(f) as za, np.load(out / "steps" / f.name) as zb:
+                assert sorted(za.files) == sorted(zb.files)
+                for k in za.files:
+                    np.testing.assert_array_equal(za[k], zb[k], err_msg=f"{f.name}: {k}")
