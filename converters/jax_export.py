@@ -35,7 +35,7 @@ from onnx import helper, numpy_helper
 from onnxsal.errors import OptionError
 
 from .loading import import_object
-from .torch_export import LABELS_KEY, PREPROCESS_KEY, preprocess_spec, read_labels, set_metadata
+from .common import LABELS_KEY, PREPROCESS_KEY, logits_parity, preprocess_spec, read_labels, set_metadata
 
 MIN_OPSET = 18
 EXTERNAL_THRESHOLD = 1 << 20   # bytes: tensors this large go to <file>.data
@@ -249,8 +249,6 @@ def parity(fn: Any, onnx_model: str | os.PathLike | onnx.ModelProto, inputs: np.
            params: Any = None, threads: int = 1) -> dict[str, float]:
     """Compare JAX and onnxruntime logits on ``inputs`` (the function's own input space and
     layout): max abs/rel logit difference and top-1 agreement."""
-    from .torch_export import _run_onnx
-
     f = as_function(fn, params)
     x = np.ascontiguousarray(inputs, dtype=np.float32)
     ref = np.concatenate([np.asarray(f(x[i:i + 256])) for i in range(0, len(x), 256)])
@@ -258,11 +256,7 @@ def parity(fn: Any, onnx_model: str | os.PathLike | onnx.ModelProto, inputs: np.
         from onnxsal.model import load_model
 
         onnx_model = load_model(onnx_model)
-    got = _run_onnx(onnx_model, x, threads)
-    diff = np.abs(ref - got)
-    span = float(ref.max() - ref.min()) or 1.0
-    return {"max_abs_logit_diff": float(diff.max()), "max_rel_logit_diff": float(diff.max() / span),
-            "argmax_agreement": float((ref.argmax(1) == got.argmax(1)).mean()), "n": int(len(x))}
+    return logits_parity(ref, onnx_model, x, threads)
 
 
 __all__ = ["export", "parity", "save", "as_function", "rewrite_reduce_window_maxpool"]

@@ -33,7 +33,7 @@ import onnx
 from onnxsal.errors import ModelError, OptionError
 
 from .loading import import_object
-from .torch_export import LABELS_KEY, PREPROCESS_KEY, preprocess_spec, read_labels, set_metadata
+from .common import LABELS_KEY, PREPROCESS_KEY, logits_parity, preprocess_spec, read_labels, set_metadata
 
 TF2ONNX_OPSETS = range(9, 19)      # what tf2onnx 1.17 writes
 MAX_IR_VERSION = 10
@@ -254,8 +254,6 @@ def parity(model: Any, onnx_model: str | os.PathLike | onnx.ModelProto, inputs: 
            threads: int = 1) -> dict[str, float]:
     """Compare Keras and onnxruntime logits on ``inputs`` (array [N, ...] in the model's own input
     space and layout): max abs/rel logit difference and top-1 agreement."""
-    from .torch_export import _run_onnx
-
     model = load(model)
     x = np.ascontiguousarray(inputs, dtype=np.float32)
     ref = np.concatenate([_keras_logits(model, x[i:i + 256]) for i in range(0, len(x), 256)])
@@ -263,11 +261,7 @@ def parity(model: Any, onnx_model: str | os.PathLike | onnx.ModelProto, inputs: 
         from onnxsal.model import load_model
 
         onnx_model = load_model(onnx_model)
-    got = _run_onnx(onnx_model, x, threads)
-    diff = np.abs(ref - got)
-    span = float(ref.max() - ref.min()) or 1.0
-    return {"max_abs_logit_diff": float(diff.max()), "max_rel_logit_diff": float(diff.max() / span),
-            "argmax_agreement": float((ref.argmax(1) == got.argmax(1)).mean()), "n": int(len(x))}
+    return logits_parity(ref, onnx_model, x, threads)
 
 
 __all__ = ["export", "parity", "load", "layout_of"]

@@ -18,10 +18,8 @@ torch is imported lazily: importing this module costs nothing.
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,77 +27,12 @@ import onnx
 
 from onnxsal.errors import OptionError
 
-PREPROCESS_KEY = "onnxsal.preprocess"
-LABELS_KEY = "onnxsal.labels"
+from .common import (LABELS_KEY, PREPROCESS_KEY, finish, logits_parity, metadata_entries,  # noqa: F401
+                     preprocess_spec, read_labels, set_metadata)
+
 LEGACY_OPSETS = range(13, 21)          # torch.onnx.export(dynamo=False)
 DYNAMO_MIN_OPSET = 18                  # torch.onnx.export(dynamo=True)
 MAX_IR_VERSION = 10                    # onnxruntime 1.31 reads <= 13; 10 is safe and covers opset 21
-
-def preprocess_spec(spec, layout: str = "NCHW") -> dict | None:
-    """Normalise a preprocessing spec to the metadata dict: ``spec`` is a dict, a
-    :class:`onnxsal.preprocess.PreprocessSpec`, or a string that :func:`onnxsal.preprocess.parse`
-    reads (a preset such as ``none``/``imagenet``/``x255``, JSON, or ``scale=255 mean=... std=...``).
-    Absent mean/std are written as null (no-op); ``layout`` fills an unset layout."""
-    from onnxsal import preprocess as pp
-
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        spec = pp.parse(spec)
-        if spec is None:
-            return None
-    elif isinstance(spec, dict):
-        unknown = set(spec) - {"scale", "mean", "std", "bgr", "layout", "size"}
-        if unknown:
-            raise OptionError(f"preprocess spec: unknown keys {sorted(unknown)}")
-        spec = pp.from_json(json.dumps(spec))
-    elif not isinstance(spec, pp.PreprocessSpec):
-        raise OptionError(f"preprocess spec must be a dict, a string or a PreprocessSpec, "
-                          f"got {type(spec).__name__}")
-    lay = (spec.layout or layout).upper()
-    if lay not in ("NCHW", "NHWC"):
-        raise OptionError(f"preprocess spec: layout must be NCHW or NHWC, got {lay!r}")
-    if spec.scale == 0 or (spec.std is not None and any(v == 0 for v in spec.std)):
-        raise OptionError("preprocess spec: scale and std must be non-zero")
-    out = {"scale": float(spec.scale),
-           "mean": None if spec.mean is None else [float(v) for v in spec.mean],
-           "std": None if spec.std is None else [float(v) for v in spec.std],
-           "bgr": bool(spec.bgr), "layout": lay}
-    if spec.size is not None:
-        out["size"] = [int(v) for v in spec.size]
-    return out
-
-
-def read_labels(labels: str | os.PathLike | Sequence[str] | None) -> list[str] | None:
-    """Class names from a list, or a file: a JSON list or one name per line."""
-    if labels is None:
-        return None
-    if isinstance(labels, (str, os.PathLike)):
-        p = Path(labels)
-        if not p.is_file():
-            raise OptionError(f"{p}: labels file not found")
-        text = p.read_text(encoding="utf-8")
-        try:
-            data = json.loads(text)
-            if isinstance(data, list):
-                return [str(v) for v in data]
-            if isinstance(data, dict):  # {"0": "cat", ...}
-                return [str(data[k]) for k in sorted(data, key=lambda k: int(k))]
-        except (json.JSONDecodeError, ValueError):
-            pass
-        return [line.strip() for line in text.splitlines() if line.strip()]
-    return [str(v) for v in labels]
-
-
-def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> onnx.ModelProto:
-    """Set (replace) metadata_props entries."""
-    keep = [p for p in model.metadata_props if p.key not in entries]
-    del model.metadata_props[:]
-    model.metadata_props.extend(keep)
-    for k, v in entries.items():
-        model.metadata_props.add(key=k, value=v)
-    return model
-
 
 def _ir_version_for(model: onnx.ModelProto) -> int:
     """The smallest IR version that carries the model's opsets, capped at MAX_IR_VERSION."""
@@ -168,32 +101,7 @@ def export(module, example_input, path: str | os.PathLike | None = None, opset: 
                           dynamic_axes={input_name: {0: "N"}, output_name: {0: "N"}})
         model = onnx.load_from_string(f.getvalue())
     model.ir_version = _ir_version_for(model)
-    entries = {}
-    if pre is not None:
-        entries[PREPROCESS_KEY] = json.dumps(pre)
-    if names is not None:
-        entries[LABELS_KEY] = json.dumps(names)
-    set_metadata(model, entries)
-    if check:
-        onnx.checker.check_model(model, full_check=True)
-    if path is not None:
-        from onnxsal.model import save_model
-
-        save_model(model, str(path))
-    return model
-
-
-def _run_onnx(model: str | os.PathLike | onnx.ModelProto, x: np.ndarray, threads: int = 1) -> np.ndarray:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + 256]})[0] for i in range(0, len(x), 256)])
+    return finish(model, metadata_entries(pre, names), check, path)
 
 
 def parity(module, onnx_model: str | os.PathLike | onnx.ModelProto, inputs: Any,
@@ -208,11 +116,7 @@ def parity(module, onnx_model: str | os.PathLike | onnx.ModelProto, inputs: Any,
     module = module.eval()
     with torch.no_grad():
         ref = np.concatenate([module(torch.from_numpy(x[i:i + 256])).numpy() for i in range(0, len(x), 256)])
-    got = _run_onnx(onnx_model, x, threads)
-    diff = np.abs(ref - got)
-    span = float(ref.max() - ref.min()) or 1.0
-    return {"max_abs_logit_diff": float(diff.max()), "max_rel_logit_diff": float(diff.max() / span),
-            "argmax_agreement": float((ref.argmax(1) == got.argmax(1)).mean()), "n": int(len(x))}
+    return logits_parity(ref, onnx_model, x, threads)
 
 
 __all__ = ["export", "parity", "preprocess_spec", "read_labels", "set_metadata",

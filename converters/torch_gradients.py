@@ -42,7 +42,6 @@ torch is imported lazily.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
@@ -269,8 +268,7 @@ def export_with_gradients(module, example_input, path: str | os.PathLike | None 
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from converters.torch_export import (LABELS_KEY, PREPROCESS_KEY, preprocess_spec,
-                                         read_labels, set_metadata)
+    from converters.common import finish, metadata_entries, preprocess_spec, read_labels
     from onnxsal.autodiff.pass_ import (META_GRAD, META_INPUT, META_LOGITS, META_RULES,
                                         META_SEED)
 
@@ -339,19 +337,8 @@ def export_with_gradients(module, example_input, path: str | os.PathLike | None 
     _rename_dims(model, _dim_param(ins[SEED_NAME], 0), _dim_param(ins[INPUT_NAME], 0))
     model.ir_version = min(max(model.ir_version, 7), MAX_IR_VERSION)
     entries = {META_SEED: SEED_NAME, META_LOGITS: LOGITS_NAME, META_GRAD + INPUT_NAME: GRAD_NAME,
-               META_INPUT: INPUT_NAME, META_RULES: "default"}
-    if pre is not None:
-        entries[PREPROCESS_KEY] = json.dumps(pre)
-    if names_l is not None:
-        entries[LABELS_KEY] = json.dumps(names_l)
-    set_metadata(model, entries)
-    if check:
-        onnx.checker.check_model(model, full_check=True)
-    if path is not None:
-        from onnxsal.model import save_model
-
-        save_model(model, str(path))
-    return model
+               META_INPUT: INPUT_NAME, META_RULES: "default", **metadata_entries(pre, names_l)}
+    return finish(model, entries, check, path)
 
 
 __all__ = ["export_with_gradients", "translations", "INPUT_NAME", "LOGITS_NAME", "SEED_NAME",

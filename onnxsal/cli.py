@@ -111,7 +111,8 @@ def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: flo
 def explain(model, images, methods, out, target, preprocess, labels_file, device, output, layer, limit):
     """Saliency maps of MODEL for IMAGES (files, folders, .npz or built-in data names)."""
     from .engine import Engine
-    from .explain import read_labels, run_explain
+    from .explain import run_explain
+    from .preprocess import read_labels
 
     eng = Engine(model, preprocess=preprocess, device=device, output=output)
     names = [m.strip() for spec in methods for m in spec.split(",") if m.strip()]

@@ -36,23 +36,6 @@ class ExplainResult:
     notes: list[str] = field(default_factory=list)
 
 
-def read_labels(path: str | os.PathLike) -> list[str]:
-    """Class names from a JSON list or a text file with one name per line."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"labels file {path}: cannot read it as UTF-8 text ({type(exc).__name__})") from None
-    if text.lstrip().startswith("["):
-        try:
-            names = json.loads(text)
-        except ValueError as exc:
-            raise InputError(f"labels file {path}: invalid JSON ({exc})") from None
-        if not isinstance(names, list) or not all(isinstance(v, (str, int, float)) for v in names):
-            raise InputError(f"labels file {path}: a JSON labels file must be one list of names")
-        return [str(v) for v in names]
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
 def load_inputs(inputs: Sequence[str], shape, limit: int | None = None) -> Dataset:
     """Images from several files/folders/data-set names, concatenated."""
     parts = [load_dataset(src, shape=shape, limit=limit) for src in inputs]

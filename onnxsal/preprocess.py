@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import ModelError, OptionError
+from .errors import InputError, ModelError, OptionError
 from .model import FLOAT_TYPES, InputSpec, type_name
 
 META_PREPROCESS = "onnxsal.preprocess"
@@ -187,6 +190,34 @@ def labels_from_model(model: onnx.ModelProto) -> list[str] | None:
                 return None
             return [str(v) for v in labels] if isinstance(labels, list) else None
     return None
+
+
+def read_labels(labels: str | os.PathLike | Sequence[str] | None) -> list[str] | None:
+    """Class names from a list, or a file: a JSON list, a JSON object {"0": name, ...}, or one
+    name per line."""
+    if labels is None:
+        return None
+    if not isinstance(labels, (str, os.PathLike)):
+        return [str(v) for v in labels]
+    path = Path(labels)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"labels file {path}: cannot read it as UTF-8 text ({type(exc).__name__})") from None
+    if text.lstrip().startswith(("[", "{")):
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise InputError(f"labels file {path}: invalid JSON ({exc})") from None
+        if isinstance(data, dict):
+            try:
+                data = [data[k] for k in sorted(data, key=lambda k: int(k))]
+            except (ValueError, TypeError):
+                raise InputError(f"labels file {path}: a JSON object must map class numbers to names") from None
+        if not isinstance(data, list) or not all(isinstance(v, (str, int, float)) for v in data):
+            raise InputError(f"labels file {path}: a JSON labels file must be one list of names")
+        return [str(v) for v in data]
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def raw_shape(inp: InputSpec, spec: PreprocessSpec | None) -> tuple[int, int, int]:

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from converters.paper_models import build, paper_cnn, paper_resnet18  # noqa: E402
 from converters.torch_export import export, parity, preprocess_spec, read_labels  # noqa: E402
-from onnxsal.errors import OptionError  # noqa: E402
+from onnxsal.errors import InputError, OptionError  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 
@@ -109,7 +109,7 @@ def test_read_labels_formats(tmp_path):
     assert read_labels(tmp_path / "a.txt") == ["cat", "dog"]
     assert read_labels(str(tmp_path / "b.json")) == ["x", "y"]
     assert read_labels(tmp_path / "c.json") == ["cat", "dog"]
-    with pytest.raises(OptionError):
+    with pytest.raises(InputError):
         read_labels(tmp_path / "missing.txt")
 
 

@@ -159,7 +159,7 @@ def test_conform_gives_model_ready_images_or_an_input_error(images, shape):
 @example(text="[1, 2")
 @example(text='["a", ["b"]]')
 def test_labels_file_gives_names_or_an_onnxsal_error(tmp_path_factory, text):
-    from onnxsal.explain import read_labels
+    from onnxsal.preprocess import read_labels
 
     p = tmp_path_factory.mktemp("labels") / "labels.txt"
     p.write_text(text, encoding="utf-8")
