@@ -90,13 +90,18 @@ def summary() -> str:
     lines.append(
         "Notes. SmoothGrad and integrated gradients run with 16 samples/steps here (2-core CPU); "
         "SmoothGrad's step-0 self-similarity (re-run with seed + 1) is then low, and the rule "
-        "fails a method whose drop is not clearly larger than its own noise. On EfficientNet-Lite0 "
-        "guided backprop gives exactly the vanilla gradient: its activations are ReLU6 (Clip), and "
-        "the guided rule set overrides only Relu. A method whose maps are constant (Grad-CAM on "
-        "a 1x1 layer) scores 1 by convention (both maps normalise to zeros).\n")
+        "fails a method whose drop is not clearly larger than its own noise. The guided rule set "
+        "treats ReLU6 (Clip with lower bound 0, EfficientNet-Lite0's activation) as a ReLU. The "
+        "single end-point rule cannot see guided backprop's failure mode (it ignores the upper "
+        "layers and changes only once the lowest ones go): read the per-step curves. A method "
+        "whose maps are constant (Grad-CAM on a 1x1 layer) scores 1 by convention (both maps "
+        "normalise to zeros).\n")
     dr = RESULTS / "data_randomisation" / "data_randomisation.md"
     if dr.is_file():
         lines.append("Data randomisation test: [data_randomisation](data_randomisation/data_randomisation.md).\n")
+    reading = RESULTS / "reading.md"  # hand-written reading of the results, kept on re-runs
+    if reading.is_file():
+        lines.append(reading.read_text())
     text = "\n".join(lines)
     atomic_write_text(RESULTS / "README.md", text)
     return text
