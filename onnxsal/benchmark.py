@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from . import code_fingerprint
 from .data import Dataset, RawImages, conform, load_raw
 from .errors import InputError, ModelError, OnnxsalError, OptionError
 from .metrics.deletion import FRACTIONS, MODES, BlackWhiteDeletion
@@ -331,7 +332,7 @@ def _run(*, models, data, method_names, metric, limit, out_dir, maps_fn, preproc
                                  f"{sorted(set(ds.labels[bad].tolist()))[:5]}")
         pre = getattr(eng, "preprocess", None)
         pre_json = pre.to_json() if hasattr(pre, "to_json") else json.dumps(str(pre))
-        key_src = json.dumps({"format": SHARD_FORMAT, "model": eng.model_hash,
+        key_src = json.dumps({"format": SHARD_FORMAT, "code": code_fingerprint(), "model": eng.model_hash,
                               "preprocess": pre_json, "output": output,
                               "data": ds.fingerprint(), "metric": metric,
                               "fractions": list(map(float, fractions)), "modes": list(modes),

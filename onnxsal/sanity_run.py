@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
-from . import __version__
+from . import __version__, code_fingerprint
 from .errors import InputError, ModelError, OptionError
 from .metrics import similarity as sim
 from .metrics.sanity import Layer, cascading_steps, find_layers, independent_steps, pick_steps, randomize
@@ -396,7 +396,7 @@ def _run_sanity(model, images, methods, out, *, mode, seed, preprocess, device, 
     settings = {"model_hash": model_hash, "data_hash": data_hash, "mode": mode, "seed": seed,
                 "methods": list(fns), "method_options": options, "hog_correlation": hog_correlation,
                 "preprocess": getattr(getattr(engine, "preprocess", None), "to_json", lambda: None)(),
-                "output": output, "version": __version__, "grid_image": grid_image,
+                "output": output, "version": __version__, "code": code_fingerprint(), "grid_image": grid_image,
                 "layers": [L.name for L in layers]}
     step_dir = out / "steps"
     step_dir.mkdir(parents=True, exist_ok=True)
