@@ -6,6 +6,10 @@ onnxruntime session. The engine
 * prepends the model's preprocessing, so its input space is float32 [0, 1] NCHW;
 * picks providers (``auto`` uses CUDA only when a session really loads on it) and reports them;
 * batches under a memory budget, and computes per-class Jacobians in chunks of seed rows;
+* with ``threads`` > 1 on the CPU, runs the parts of a batch concurrently, one thread each
+  (data parallel: the images, or else the seed rows, are split), which scales better than
+  onnxruntime's intra-op threads on the gradient graph (its ConvTranspose, ScatterElements
+  and DepthToSpace kernels hardly use a second thread);
 * simplifies the graph with onnxruntime's basic optimizations before the gradient pass
   (:mod:`onnxsal.simplify`);
 * caches augmented (gradient) models on disk, keyed by the model's content hash and options,
@@ -189,6 +193,11 @@ class Engine:
         self.providers = pick_providers(device)
         self.provider = self.providers[0]
         self.threads = threads
+        # data-parallel runs: `threads` one-thread runs on parts of each batch (CPU only)
+        self.parallel = int(threads) if threads and int(threads) > 1 and \
+            self.provider == "CPUExecutionProvider" else 1
+        self._pool = None
+        self._wide: dict[int, tuple] = {}  # id(session) -> (model, all-threads session or None)
         self.memory_budget = int(memory_budget_mb) << 20
         self._cache_dir = cache_dir
         self._use_disk_cache = use_disk_cache
@@ -206,19 +215,75 @@ class Engine:
             self.labels = None
 
     # -- sessions ------------------------------------------------------------------------
-    def _session(self, model: onnx.ModelProto):
+    def _session(self, model: onnx.ModelProto, wide: bool = False):
+        """A session; with data-parallel runs a one-thread one (the model is kept so that a
+        session with all threads can be built for runs that do not split: see _wide_session)."""
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if self.threads:
-            so.intra_op_num_threads = int(self.threads)
+            so.intra_op_num_threads = 1 if (self.parallel > 1 and not wide) else int(self.threads)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            return ort.InferenceSession(model.SerializeToString(), so, providers=self.providers)
+            sess = ort.InferenceSession(model.SerializeToString(), so, providers=self.providers)
         except Exception as exc:
             msg = str(exc).strip().splitlines()
             raise ModelError(f"onnxruntime cannot load the model: {msg[0] if msg else type(exc).__name__}") from None
+        if self.parallel > 1 and not wide:
+            self._wide[id(sess)] = (model, None)
+        return sess
+
+    def _wide_session(self, sess):
+        """The all-threads twin of a one-thread session (built on first use)."""
+        model, wide = self._wide.get(id(sess), (None, None))
+        if model is None:
+            return sess
+        if wide is None:
+            wide = self._session(model, wide=True)
+            self._wide[id(sess)] = (model, wide)
+        return wide
+
+    def _run_split(self, sess, names: list[str], feeds: dict, feed_axes: dict,
+                   out_axes: list) -> list:
+        """Run one batch, as `self.parallel` concurrent one-thread runs when it splits.
+
+        ``feed_axes[name]`` / ``out_axes[j]``: (image axis, seed axis or None) of each feed and
+        output. The images are split when there are enough of them, else the seed rows
+        (outputs without a seed axis are then taken from the first part)."""
+        P = self.parallel
+        if P <= 1:
+            return self._run(sess, names, feeds)
+        img = next(iter(feed_axes))
+        n = feeds[img].shape[feed_axes[img][0]]
+        seed = next((f for f, (_, k) in feed_axes.items() if k is not None), None)
+        k = feeds[seed].shape[feed_axes[seed][1]] if seed else 0
+        if n >= P and self.fixed_batch is None:
+            axis_of = {f: a[0] for f, a in feed_axes.items()}
+            out_axis = [a[0] for a in out_axes]
+            size = n
+        elif k >= P:
+            axis_of = {f: a[1] for f, a in feed_axes.items()}
+            out_axis = [a[1] for a in out_axes]
+            size = k
+        else:
+            return self._run(self._wide_session(sess), names, feeds)
+        bounds = np.linspace(0, size, P + 1).round().astype(int)
+
+        def part(i):
+            a, b = bounds[i], bounds[i + 1]
+            f = {name: (v if axis_of.get(name) is None else
+                        np.ascontiguousarray(np.take(v, np.arange(a, b), axis=axis_of[name])))
+                 for name, v in feeds.items()}
+            return self._run(sess, names, f)
+
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(P, thread_name_prefix="onnxsal-run")
+        parts = list(self._pool.map(part, range(P)))
+        return [parts[0][j] if ax is None else np.concatenate([r[j] for r in parts], axis=ax)
+                for j, ax in enumerate(out_axis)]
 
     def _make_forward(self):
         m = self.model
@@ -332,7 +397,8 @@ class Engine:
             bs = self.fixed_batch
         for i in range(0, len(x), bs):
             xb = x[i:i + bs]
-            res = self._run(self._forward, [self.logits_spec.tensor], {self.input_name: self._pad(xb)})[0]
+            res = self._run_split(self._forward, [self.logits_spec.tensor], {self.input_name: self._pad(xb)},
+                                  {self.input_name: (0, None)}, [(0, None)])[0]
             out.append(res[:len(xb)])
         if not out:
             return np.zeros((0, self.num_classes), np.float32)
@@ -362,9 +428,11 @@ class Engine:
         for i in range(0, len(x), bs):
             xb = x[i:i + bs]
             n = len(xb)
-            res = self._run(sess, names, {
+            res = self._run_split(sess, names, {
                 self.input_name: self._pad(xb),
-                meta[META_SEED]: np.ascontiguousarray(self._pad(seeds[:, i:i + bs], axis=1))})
+                meta[META_SEED]: np.ascontiguousarray(self._pad(seeds[:, i:i + bs], axis=1))},
+                {self.input_name: (0, None), meta[META_SEED]: (1, 0)},
+                [(0, None)] + [(1, 0)] * len(grad_keys) + [(0, None)] * len(value_keys))
             parts.append([res[0][:n]] + [r[:, :n] for r in res[1:1 + len(grad_keys)]]
                          + [r[:n] for r in res[1 + len(grad_keys):]])
         logits = np.concatenate([p[0] for p in parts]).reshape(len(x), -1)
