@@ -44,8 +44,10 @@ def neg(ctx, node, dys):
 
 @rule("Relu")
 def relu(ctx, node, dys):
+    # the mask from the output (y > 0 exactly when x > 0): the input then has no other
+    # consumer, so onnxruntime can fuse the forward Conv + Relu
     b = ctx.b
-    mask = b.op("Cast", [b.op("Greater", [_x(node), ctx.scalar(0, _x(node))])], to=ctx.dtype(_x(node)))
+    mask = b.op("Cast", [b.op("Greater", [_y(node), ctx.scalar(0, _x(node))])], to=ctx.dtype(_x(node)))
     return [_mul(ctx, dys[0], mask)]
 
 
