@@ -98,6 +98,36 @@ def _subpixel_kernel(weight: np.ndarray, s: int, pb: list[int], sin: list[int], 
     return V, pads, [ax[5] for ax in axes]
 
 
+DENSE_MAX_RATIO = 1.5  # dense multiply-adds / the convolution's (valid taps only)
+DENSE_MAX_ELEMS = 1 << 22  # largest dense matrix (16 MB in float32)
+
+
+def _dense_conv_matrix(weight: np.ndarray, strides, dilations, pb, sin, sout, group: int):
+    """The convolution on tiny planes as one dense matrix [Cout*prod(out), Cin*prod(in)], when
+    that costs at most DENSE_MAX_RATIO times the multiply-adds of its valid taps (a 3x3
+    convolution on a 2x2 or 1x1 plane: every tap pair is used anyway). Else None."""
+    cout, cin_g = weight.shape[:2]
+    d = len(sin)
+    kernel = weight.shape[2:]
+    cin, cout_g = cin_g * group, cout // group
+    n_in, n_out = int(np.prod(sin)), int(np.prod(sout))
+    hits = []
+    for opos in np.ndindex(*sout):
+        for kk in np.ndindex(*kernel):
+            ipos = [opos[a] * strides[a] - pb[a] + kk[a] * dilations[a] for a in range(d)]
+            if all(0 <= ipos[a] < sin[a] for a in range(d)):
+                hits.append((int(np.ravel_multi_index(opos, sout)), int(np.ravel_multi_index(ipos, sin)), kk))
+    dense = cout * n_out * cin * n_in
+    if not hits or dense > DENSE_MAX_ELEMS or dense > DENSE_MAX_RATIO * len(hits) * cin_g * cout:
+        return None
+    M = np.zeros((cout, n_out, cin, n_in), weight.dtype)
+    for oi, ii, kk in hits:
+        for g in range(group):
+            rows, cols = slice(g * cout_g, (g + 1) * cout_g), slice(g * cin_g, (g + 1) * cin_g)
+            M[rows, oi, cols, ii] += weight[(rows, slice(None)) + kk]
+    return M.reshape(cout * n_out, cin * n_in)
+
+
 def _input_grad(ctx, dyf: str, weight, x: str, y: str, kernel, strides, dilations, pb, pe,
                 group: int, wname: str | None = None) -> str:
     """The input gradient of a convolution for a folded cotangent dyf [K*N, Cout, *out].
@@ -109,6 +139,17 @@ def _input_grad(ctx, dyf: str, weight, x: str, y: str, kernel, strides, dilation
     d = len(kernel)
     reach = [dilations[i] * (kernel[i] - 1) for i in range(d)]
     const_w = isinstance(weight, np.ndarray)
+    sin = (ctx.shape(x) or [None] * (d + 2))[2:]
+    sout = (ctx.shape(y) or [None] * (d + 2))[2:]
+    static = all(isinstance(v, int) for v in list(sin) + list(sout))
+    if const_w and static:
+        # tiny planes (a 3x3 convolution on 2x2 or 1x1): one GEMM over all K*N images runs
+        # 2-3x faster than onnxruntime's convolution kernels there (measured)
+        dense = _dense_conv_matrix(weight, strides, dilations, pb, list(sin), list(sout), group)
+        if dense is not None:
+            flat = b.op("Reshape", [dyf, b.ints([-1, dense.shape[0]])])
+            out = b.op("MatMul", [flat, b.const(dense, hint="wdense")])
+            return b.op("Reshape", [out, b.ints([-1, weight.shape[1] * group] + list(sin))])
     if all(s == 1 for s in strides) and const_w and all(0 <= pb[i] <= reach[i] and 0 <= pe[i] <= reach[i] for i in range(d)):
         cout, cin_g = weight.shape[:2]
         wg = weight.reshape(group, cout // group, cin_g, *weight.shape[2:])
@@ -117,9 +158,6 @@ def _input_grad(ctx, dyf: str, weight, x: str, y: str, kernel, strides, dilation
         pads = [reach[i] - pb[i] for i in range(d)] + [reach[i] - pe[i] for i in range(d)]
         return b.op("Conv", [dyf, b.const(flipped, hint="wflip")], group=group, dilations=dilations,
                     pads=pads, strides=[1] * d, kernel_shape=list(kernel))
-    sin = (ctx.shape(x) or [None] * (d + 2))[2:]
-    sout = (ctx.shape(y) or [None] * (d + 2))[2:]
-    static = all(isinstance(v, int) for v in list(sin) + list(sout))
     if (const_w and static and group == 1 and d == 2 and all(v == 1 for v in dilations)
             and strides[0] == strides[1] > 1 and int(np.prod(sout)) <= SUBPIXEL_MAX_OUT_AREA):
         # tiny outputs: onnxruntime's ConvTranspose loops over the K*N images with small
