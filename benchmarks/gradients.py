@@ -62,6 +62,8 @@ def build(kind: str, classes: int):
         m = paper_resnet18(classes)
     else:
         m = getattr(torchvision.models, kind)(weights=None, num_classes=classes)
+        if kind.startswith("vit"):  # torchvision zero-initialises the ViT head: all gradients 0
+            torch.nn.init.normal_(m.heads.head.weight, std=0.02)
     return m.eval()
 
 
@@ -242,6 +244,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--memory", action="store_true", help="also measure peak memory (1000 classes)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gradients"))
+    ap.add_argument("--update", action="store_true",
+                    help="replace only these models' rows (and memory, if measured) in --out")
     a = ap.parse_args()
     rows = []
     load_start = os.getloadavg()
@@ -251,6 +255,14 @@ def main() -> None:
         mem = peak_memory_1000_classes(a.threads, Path(tmp)) if a.memory else None
     load_end = os.getloadavg()
     command = "python benchmarks/gradients.py " + " ".join(sys.argv[1:])
+    if a.update and Path(a.out).with_suffix(".json").is_file():
+        old = json.loads(Path(a.out).with_suffix(".json").read_text())
+        new = {r["model"]: dict(r, command=command, load_average_1_5_15=[round(v, 2) for v in load_start])
+               for r in rows}
+        rows = [new.pop(r["model"], r) for r in old["rows"]] + list(new.values())
+        mem = mem or old.get("memory")
+        command = old["command"] + f"`, then `{command}"
+        load_start = old["load_average_1_5_15"]["start"]
     result = {"command": command, "machine": machine(), "rows": rows, "memory": mem,
               "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "load_average_1_5_15": {"start": [round(v, 2) for v in load_start],
@@ -278,8 +290,9 @@ def main() -> None:
                      f"{partial[0]['classes']}); the floor is ({partial[0]['classes_timed']} + 1) x forward.")
     capped = [r["model"] for r in rows if r["torch_loop_timed_classes"] < r["classes_timed"]]
     if capped:
-        lines.append(f"\nTorch loop on {', '.join(capped)}: the first "
-                     f"{min(r['torch_loop_timed_classes'] for r in rows)} backward passes timed, "
+        first = ", ".join(f"{r['model']} {r['torch_loop_timed_classes']}" for r in rows
+                          if r["model"] in capped)
+        lines.append(f"\nTorch loop: the first backward passes timed ({first}), "
                      f"scaled linearly to all classes (forward counted once); torch vmap and "
                      f"onnxsal compute every class. Max rel. diff: against the torch loop's classes.")
     if mem:
