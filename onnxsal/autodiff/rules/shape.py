@@ -218,18 +218,13 @@ def pad(ctx, node, dys):
     axes = _axes_of(ctx, node, 3) if ctx.opset >= 18 else None
     axes = [_norm(a, r) for a in axes] if axes else list(range(r))
     n = len(axes)
-    if pads is None:
-        if mode != "constant":
-            raise ModelError(f"Pad node '{node.name}' has run-time pads in mode {mode}; not supported")
-        # run-time pads (legacy exports compute them): crop the cotangent at run time;
-        # non-negative pads are assumed, as every exporter emits for padding
-        starts = b.op("Slice", [node.input[1], b.ints([0]), b.ints([n])])
-        ends = b.op("Add", [starts, b.op("Gather", [b.shape(x), b.ints(axes)])])
-        out = b.op("Slice", [dys[0], starts, ends, b.ints([a + 1 for a in axes])])
-        return [out] + [None] * (len(node.input) - 1)
-    begin, end = pads[:n], pads[n:]
-    if mode == "constant" and all(p >= 0 for p in pads):
-        starts = b.ints(begin)
+    if pads is None and mode != "constant":
+        raise ModelError(f"Pad node '{node.name}' has run-time pads in mode {mode}; not supported")
+    if mode == "constant" and (pads is None or all(p >= 0 for p in pads)):
+        # the gradient crops the cotangent; run-time pads (legacy exports compute them) are
+        # assumed non-negative, as every exporter emits for padding
+        starts = (b.op("Slice", [node.input[1], b.ints([0]), b.ints([n])]) if pads is None
+                  else b.ints(pads[:n]))
         ends = b.op("Add", [starts, b.op("Gather", [b.shape(x), b.ints(axes)])])
         out = b.op("Slice", [dys[0], starts, ends, b.ints([a + 1 for a in axes])])
         return [out] + [None] * (len(node.input) - 1)
@@ -293,6 +288,14 @@ def _count(ctx, x, axes):
     return b.op("Cast", [b.reduce("ReduceProd", picked, [0], keepdims=False)], to=ctx.dtype(x))
 
 
+def _output_keepdims(ctx, node, axes):
+    """The reduction's output with the reduced axes kept (as keepdims=1 gives it)."""
+    y = node.output[0]
+    if not ctx.attr(node, "keepdims", 1) and axes:
+        y = ctx.b.unsqueeze(y, axes)
+    return y
+
+
 @rule("ReduceSum")
 def reduce_sum(ctx, node, dys):
     axes = _reduce_axes(ctx, node)
@@ -318,9 +321,7 @@ def reduce_sum_square(ctx, node, dys):
 def reduce_l2(ctx, node, dys):
     b = ctx.b
     axes = _reduce_axes(ctx, node)
-    x, y = node.input[0], node.output[0]
-    if not ctx.attr(node, "keepdims", 1) and axes:
-        y = b.unsqueeze(y, axes)
+    x, y = node.input[0], _output_keepdims(ctx, node, axes)
     dx = _expand_back(ctx, node, dys[0], axes)
     return [b.op("Mul", [dx, b.op("Div", [x, y])])] + [None] * (len(node.input) - 1)
 
@@ -329,9 +330,7 @@ def reduce_l2(ctx, node, dys):
 def reduce_max(ctx, node, dys):
     b = ctx.b
     axes = _reduce_axes(ctx, node)
-    x, y = node.input[0], node.output[0]
-    if not ctx.attr(node, "keepdims", 1) and axes:
-        y = b.unsqueeze(y, axes)
+    x, y = node.input[0], _output_keepdims(ctx, node, axes)
     mask = b.op("Cast", [b.op("Equal", [x, y])], to=ctx.dtype(x))
     share = b.op("Div", [mask, b.reduce("ReduceSum", mask, axes, keepdims=True)])
     dx = _expand_back(ctx, node, dys[0], axes)
@@ -393,9 +392,7 @@ def reduce_l1(ctx, node, dys):
 def reduce_log_sum_exp(ctx, node, dys):
     b = ctx.b
     axes = _reduce_axes(ctx, node)
-    x, y = node.input[0], node.output[0]
-    if not ctx.attr(node, "keepdims", 1) and axes:
-        y = b.unsqueeze(y, axes)
+    x, y = node.input[0], _output_keepdims(ctx, node, axes)
     dx = _expand_back(ctx, node, dys[0], axes)
     return [b.op("Mul", [dx, b.op("Exp", [b.op("Sub", [x, y])])])] + [None] * (len(node.input) - 1)
 
@@ -405,8 +402,6 @@ def reduce_prod(ctx, node, dys):
     """d prod / dx_i = prod / x_i (inputs must be non-zero)."""
     b = ctx.b
     axes = _reduce_axes(ctx, node)
-    x, y = node.input[0], node.output[0]
-    if not ctx.attr(node, "keepdims", 1) and axes:
-        y = b.unsqueeze(y, axes)
+    x, y = node.input[0], _output_keepdims(ctx, node, axes)
     dx = _expand_back(ctx, node, dys[0], axes)
     return [b.op("Mul", [dx, b.op("Div", [y, x])])] + [None] * (len(node.input) - 1)
