@@ -48,6 +48,7 @@ import numpy as np
 import onnx
 
 from . import __version__, code_fingerprint
+from .benchmark import EngineSpec
 from .errors import InputError, ModelError, OptionError
 from .metrics import similarity as sim
 from .metrics.sanity import Layer, cascading_steps, find_layers, independent_steps, pick_steps, randomize
@@ -193,17 +194,10 @@ def _load_step(path: Path, fp: str, methods: Sequence[str]):
 
 
 @dataclass(frozen=True)
-class SanitySpec:
-    """How a worker gets the trained model and builds engines (plain, picklable values);
-    ``factory(model_proto)`` replaces :class:`onnxsal.engine.Engine` (tests)."""
-
-    key: str
-    model_hash: str
-    preprocess: Any = None
-    device: str = "auto"
-    threads: int | None = None
-    output: str | None = None
-    factory: Callable[[onnx.ModelProto], Any] | None = None
+class SanitySpec(EngineSpec):
+    """How a worker gets the trained model and builds engines (the fields of
+    :class:`onnxsal.benchmark.EngineSpec`); ``factory(model_proto)`` replaces
+    :class:`onnxsal.engine.Engine` (tests) and is applied to each randomised model."""
 
     def build(self, payload: Any, default_threads: int | None = None) -> "SanityModel":
         """The context of this model's tasks, from serialized ONNX bytes or a ModelProto."""

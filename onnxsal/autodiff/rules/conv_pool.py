@@ -191,16 +191,22 @@ def _fold_spatial(ctx, dy: str, y: str) -> str:
     return b.op("Reshape", [dy, b.concat([b.ints([-1, 1]), b.shape(y, 2)])], hint="foldc")
 
 
+def _kernel(ctx, node, w: str):
+    """(constant weight array or None, kernel shape) of a Conv/ConvTranspose whose weight
+    carries no gradient."""
+    if ctx.needs_grad(w):
+        raise ModelError(f"{node.op_type} node '{node.name}' has a weight computed from the input; "
+                         f"only constant kernels are supported")
+    weight = ctx.const(w)
+    wshape = list(weight.shape) if weight is not None else ctx.shape(w)
+    return weight, list(ctx.attr(node, "kernel_shape", wshape[2:]))
+
+
 @rule("Conv")
 def conv(ctx, node, dys):
     x, w = node.input[0], node.input[1]
     y = node.output[0]
-    if ctx.needs_grad(w):
-        raise ModelError(f"Conv node '{node.name}' has a weight computed from the input; only "
-                         f"constant kernels are supported")
-    weight = ctx.const(w)
-    wshape = list(weight.shape) if weight is not None else ctx.shape(w)
-    kernel = list(ctx.attr(node, "kernel_shape", wshape[2:]))
+    weight, kernel = _kernel(ctx, node, w)
     strides, dilations, pb, pe = _geometry(ctx, node, x, kernel)
     group = ctx.attr(node, "group", 1)
     dyf = ctx.b.fold(dys[0], y)
@@ -348,12 +354,7 @@ def conv_transpose(ctx, node, dys):
     b = ctx.b
     x, w = node.input[0], node.input[1]
     y = node.output[0]
-    if ctx.needs_grad(w):
-        raise ModelError(f"ConvTranspose node '{node.name}' has a weight computed from the input; "
-                         f"only constant kernels are supported")
-    weight = ctx.const(w)
-    wshape = list(weight.shape) if weight is not None else ctx.shape(w)
-    kernel = list(ctx.attr(node, "kernel_shape", wshape[2:]))
+    weight, kernel = _kernel(ctx, node, w)
     d = len(kernel)
     strides = list(ctx.attr(node, "strides", [1] * d))
     dilations = list(ctx.attr(node, "dilations", [1] * d))
