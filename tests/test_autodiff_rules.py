@@ -233,6 +233,78 @@ def test_hardswish_and_mish():
     check(Case([node("Mish", ["x"])], {"x": X}, opset=18, values={"x": x}))
 
 
+@pytest.mark.parametrize("gate,attrs", [("Sigmoid", {}), ("HardSigmoid", {"alpha": 1 / 6, "beta": 0.5}),
+                                        ("Tanh", {}), ("Clip", {})])
+@pytest.mark.parametrize("order", ["x*g", "g*x"])
+def test_self_product_fused(gate, attrs, order):
+    """x * U(x) (swish, hard-swish as torch exports them) takes the fused rule: one product
+    of the cotangent with U(x) + x U'(x); still equal to finite differences."""
+    x = np.linspace(-5, 5, 24).reshape(X) + 0.013
+    ins = ["x", "g"] if order == "x*g" else ["g", "x"]
+    case = Case([node(gate, ["x"], ["g"], **attrs), node("Mul", ins)], {"x": X}, values={"x": x})
+    check(case)
+    m = augment(case.model(TensorProto.DOUBLE), wrt=["x"], logits="y")
+    backward = [n for n in m.graph.node[2:]]
+    assert not any(n.op_type == "Sum" for n in backward)  # no second path to add up
+    assert gate not in [n.op_type for n in backward]  # U's own backward skipped
+
+
+def test_self_product_not_fused_when_gate_read_twice_or_asked_for():
+    x = np.linspace(-5, 5, 24).reshape(X) + 0.013
+    nodes = [node("Sigmoid", ["x"], ["g"]), node("Mul", ["x", "g"], ["p"]), node("Add", ["p", "g"])]
+    check(Case(nodes, {"x": X}, values={"x": x}))  # g feeds the Mul and the Add
+    # dS/dg asked for: g keeps its own cotangent (seed * x), dS/dx stays the fused one's
+    case = Case([node("Sigmoid", ["x"], ["g"]), node("Mul", ["x", "g"])], {"x": X}, values={"x": x})
+    seed = np.random.default_rng(0).standard_normal((2, *X))
+    grads = []
+    for wrt in (["x"], ["x", "g"]):
+        m = augment(case.model(TensorProto.DOUBLE), wrt=wrt, logits="y")
+        roles = {p.key: p.value for p in m.metadata_props}
+        grads.append(_session(m).run([roles["onnxsal.grad." + t] for t in wrt],
+                                     {"x": x, roles["onnxsal.seed"]: seed}))
+    np.testing.assert_allclose(grads[1][0], grads[0][0], rtol=1e-12)
+    np.testing.assert_allclose(grads[1][1], seed * x, rtol=1e-12)
+
+
+def test_self_product_under_guided_rules_keeps_guided_clip():
+    """The guided rule set overrides Clip: x * Clip(x, 0, 6) must not take the fused
+    (default-rule) slope. Compare against the unfused graph built by hand."""
+    x = np.linspace(-5, 5, 24).reshape(1, *X).astype(np.float32) + 0.013
+    lo, hi = numpy_helper.from_array(np.float32(0), "lo"), numpy_helper.from_array(np.float32(6), "hi")
+
+    def model(split: bool):
+        nodes = [node("Clip", ["x", "lo", "hi"], ["g"])]
+        nodes += [node("Identity", ["x"], ["x2"]), node("Mul", ["x2", "g"])] if split else [node("Mul", ["x", "g"])]
+        g = helper.make_graph(nodes, "c", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, *X])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, *X])], initializer=[lo, hi])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return augment(m, wrt=["x"], rules="guided", logits="y")
+
+    outs = []
+    for split in (False, True):
+        m = model(split)
+        roles = {p.key: p.value for p in m.metadata_props}
+        seed = np.random.default_rng(0).standard_normal((2, *x.shape)).astype(np.float32)
+        outs.append(_session(m).run([roles["onnxsal.grad.x"]], {"x": x, roles["onnxsal.seed"]: seed})[0])
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+
+
+def test_partial_cotangents_from_reductions():
+    """Reductions and global pooling leave their cotangent broadcastable; the pass adds it to
+    the other terms by broadcasting or expands it when it is alone (squeeze-excitation: x is
+    read by the pooling and by the product)."""
+    se = [node("GlobalAveragePool", ["x"], ["p"]), node("Sigmoid", ["p"], ["s"]), node("Mul", ["x", "s"])]
+    check(Case(se, {"x": IMG}))
+    two = [node("ReduceSum", ["x", "a1"], ["r1"]), node("ReduceMean", ["x", "a2"], ["r2"], keepdims=0),
+           node("Unsqueeze", ["r2", "a2"], ["u2"]), node("Add", ["r1", "u2"])]
+    check(Case(two, {"x": X}, consts={"a1": ints(1), "a2": ints(2)}, opset=18))  # only partial terms
+    alone = [node("GlobalAveragePool", ["x"])]
+    m = augment(Case(alone, {"x": IMG}).model(TensorProto.DOUBLE), wrt=["x"], logits="y")
+    assert "Expand" in [n.op_type for n in m.graph.node]
+    check(Case(alone, {"x": IMG}))
+
+
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu_opset20(approximate):
     x = np.linspace(-4, 4, 24).reshape(X) + 0.01

@@ -34,6 +34,10 @@ class Builder:
         self._const_cache: dict[tuple, str] = {}
         self._shape_cache: dict[tuple, str] = {}
         self.k_name: str | None = None  # [1] int64 tensor holding K, set by the pass
+        # cotangents left in a broadcastable shape (size-1 axes where the tensor has more):
+        # name -> the forward tensor whose [K] + shape they stand for. The pass adds them to
+        # full-size terms by Sum's broadcasting and expands them only when nothing else comes.
+        self.partial: dict[str, str] = {}
 
     # -- names and raw nodes -------------------------------------------------------------
     def fresh(self, hint: str = "t") -> str:
@@ -107,6 +111,19 @@ class Builder:
     def fold(self, dy: str, y: str) -> str:
         """[K, N, rest...] -> [K*N, rest...] where y is the forward tensor of shape [N, rest...]."""
         return self.op("Reshape", [dy, self.concat([self.ints([-1]), self.shape(y, 1)])], hint="fold")
+
+    def broadcast_cot(self, t: str, x: str) -> str:
+        """Mark t ([K] + shape(x) with some axes 1) as x's cotangent, expanded lazily."""
+        self.partial[t] = x
+        return t
+
+    def accumulate(self, terms: Sequence[str], x: str) -> str:
+        """The cotangent of x from its terms: one Sum (which broadcasts the partial terms),
+        expanded to [K] + shape(x) only when every term is partial."""
+        total = self.add_all(terms)
+        if all(t in self.partial for t in terms):
+            total = self.op("Expand", [total, self.concat([self.ints([1]), self.shape(x)])])
+        return total
 
     def zeros_cot(self, x: str, elem_type: int = TensorProto.FLOAT) -> str:
         zero = helper.make_tensor("value", elem_type, [1], [0])

@@ -43,7 +43,9 @@ class Context:
     """What a rule may ask about the forward graph, plus the node builder."""
 
     def __init__(self, b: Builder, shapes: dict[str, list[Dim] | None], dtypes: dict[str, int],
-                 consts: dict[str, np.ndarray], need: set[str], ruleset: str, options: dict):
+                 consts: dict[str, np.ndarray], need: set[str], ruleset: str, options: dict,
+                 graph: onnx.GraphProto | None = None, rules: dict[str, Rule] | None = None,
+                 wrt: Sequence[str] = ()):
         self.b = b
         self.opset = b.opset
         self._shapes = shapes
@@ -52,7 +54,21 @@ class Context:
         self._need = need
         self.ruleset = ruleset
         self.options = options
+        self.rules = rules or {}
+        self.wrt = set(wrt)
         self.node: onnx.NodeProto | None = None
+        self._producer: dict[str, onnx.NodeProto] = {}
+        self._uses: dict[str, int] = {}
+        if graph is not None:
+            for n in graph.node:
+                for o in n.output:
+                    if o:
+                        self._producer[o] = n
+                for i in n.input:
+                    if i:
+                        self._uses[i] = self._uses.get(i, 0) + 1
+            for o in graph.output:
+                self._uses[o.name] = self._uses.get(o.name, 0) + 1
 
     # static facts ----------------------------------------------------------------------
     def shape(self, name: str) -> list[Dim] | None:
@@ -73,6 +89,19 @@ class Context:
 
     def needs_grad(self, name: str) -> bool:
         return name in self._need
+
+    def producer(self, name: str) -> onnx.NodeProto | None:
+        """The forward node that computes ``name`` (None for inputs and initializers)."""
+        return self._producer.get(name)
+
+    def uses(self, name: str) -> int:
+        """How many node inputs and graph outputs read ``name`` in the forward graph."""
+        return self._uses.get(name, 0)
+
+    def private(self, name: str) -> bool:
+        """True when ``name`` is read once and gets no gradient of its own: a rule reading
+        it may then fold its backward into its own (the producer's rule is then skipped)."""
+        return self.uses(name) == 1 and name not in self.wrt
 
     def scalar(self, value: float, like: str) -> str:
         return self.b.scalar(value, self.dtype(like))
@@ -317,7 +346,7 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
     taken = {t for n in g.node for t in list(n.input) + list(n.output)}
     taken |= {i.name for i in g.initializer} | {i.name for i in g.input} | {n.name for n in g.node}
     b = Builder(opset, taken)
-    ctx = Context(b, shapes, dtypes, consts, need, rules, options)
+    ctx = Context(b, shapes, dtypes, consts, need, rules, options, graph=g, rules=rule_table, wrt=wrt)
 
     # the seed input: the cotangent of the logits, [K, N, C]
     seed_name = "onnxsal_seed" if "onnxsal_seed" not in taken else b.fresh("seed")
@@ -341,7 +370,7 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
         dys = []
         for o in node.output:
             terms = cot.pop(o, None) if o else None
-            dys.append(b.add_all(terms) if terms else None)
+            dys.append(b.accumulate(terms, o) if terms else None)
             if o in wrt_set and dys[-1] is not None:
                 final[o] = dys[-1]
         if all(d is None for d in dys):
@@ -365,7 +394,7 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
     graph_inputs = {i.name for i in g.input}
     for t in wrt:
         terms = cot.get(t)
-        gsum = final.get(t) or (b.add_all(terms) if terms else b.zeros_cot(t, dtypes.get(t, TensorProto.FLOAT)))
+        gsum = final.get(t) or (b.accumulate(terms, t) if terms else b.zeros_cot(t, dtypes.get(t, TensorProto.FLOAT)))
         out = f"onnxsal_grad_{_safe(t)}"
         while out in taken:
             out += "_"

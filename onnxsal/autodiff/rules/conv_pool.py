@@ -333,8 +333,7 @@ def global_average_pool(ctx, node, dys):
         area = ctx.scalar(float(np.prod(spatial)), x)
     else:
         area = b.op("Cast", [b.reduce("ReduceProd", b.shape(x, 2), [0], keepdims=True)], to=ctx.dtype(x))
-    scaled = b.op("Div", [dys[0], area])
-    return [b.op("Expand", [scaled, b.concat([b.ints([1]), b.shape(x)])])]
+    return [b.broadcast_cot(b.op("Div", [dys[0], area]), x)]
 
 
 @rule("GlobalMaxPool")

@@ -10,7 +10,30 @@ import math
 
 
 
-from .registry import rule
+from .registry import DEFAULT, rule
+
+# op type -> slope(ctx, node): the name of dy/dx (the diagonal of an element-wise unary op's
+# Jacobian) computed from forward tensors only, or None when it is 1. The rule of such an op is
+# one K-level Mul; other rules (Mul's x * U(x) fusion) can ask for the slope itself.
+SLOPES: dict = {}
+
+
+def unary(*op_types: str, min_opset: int = 0):
+    """Register ``slope_fn`` as the slope of these element-wise ops and derive their rule."""
+
+    def deco(slope_fn):
+        def rule_fn(ctx, node, dys):
+            slope = slope_fn(ctx, node)
+            dx = dys[0] if slope is None else _mul(ctx, dys[0], slope)
+            return [dx] + [None] * (len(node.input) - 1)
+
+        rule_fn.__name__ = slope_fn.__name__
+        for op in op_types:
+            SLOPES[op] = slope_fn
+        rule(*op_types, min_opset=min_opset)(rule_fn)
+        return slope_fn
+
+    return deco
 
 
 def _x(node):
@@ -42,22 +65,22 @@ def neg(ctx, node, dys):
     return [ctx.b.op("Neg", [dys[0]])]
 
 
-@rule("Relu")
-def relu(ctx, node, dys):
+@unary("Relu")
+def relu(ctx, node):
     # the mask from the output (y > 0 exactly when x > 0): the input then has no other
     # consumer, so onnxruntime can fuse the forward Conv + Relu
     b = ctx.b
     mask = b.op("Cast", [b.op("Greater", [_y(node), ctx.scalar(0, _x(node))])], to=ctx.dtype(_x(node)))
-    return [_mul(ctx, dys[0], mask)]
+    return mask
 
 
-@rule("LeakyRelu")
-def leaky_relu(ctx, node, dys):
+@unary("LeakyRelu")
+def leaky_relu(ctx, node):
     b = ctx.b
     alpha = ctx.attr(node, "alpha", 0.01)
     x = _x(node)
     slope = b.op("Where", [b.op("Greater", [x, ctx.scalar(0, x)]), ctx.scalar(1.0, x), ctx.scalar(alpha, x)])
-    return [_mul(ctx, dys[0], slope)]
+    return slope
 
 
 @rule("PRelu")
@@ -73,47 +96,47 @@ def prelu(ctx, node, dys):
     return [dx, dslope]
 
 
-@rule("Elu")
-def elu(ctx, node, dys):
+@unary("Elu")
+def elu(ctx, node):
     b = ctx.b
     alpha = ctx.attr(node, "alpha", 1.0)
     x, y = _x(node), _y(node)
     neg = b.op("Add", [y, ctx.scalar(alpha, x)])  # alpha*exp(x) for x <= 0
     slope = b.op("Where", [b.op("Greater", [x, ctx.scalar(0, x)]), ctx.scalar(1.0, x), neg])
-    return [_mul(ctx, dys[0], slope)]
+    return slope
 
 
-@rule("Selu")
-def selu(ctx, node, dys):
+@unary("Selu")
+def selu(ctx, node):
     b = ctx.b
     alpha = ctx.attr(node, "alpha", 1.67326319217681884765625)
     gamma = ctx.attr(node, "gamma", 1.05070102214813232421875)
     x, y = _x(node), _y(node)
     neg = b.op("Add", [y, ctx.scalar(alpha * gamma, x)])  # gamma*alpha*exp(x)
     slope = b.op("Where", [b.op("Greater", [x, ctx.scalar(0, x)]), ctx.scalar(gamma, x), neg])
-    return [_mul(ctx, dys[0], slope)]
+    return slope
 
 
-@rule("Celu")
-def celu(ctx, node, dys):
+@unary("Celu")
+def celu(ctx, node):
     b = ctx.b
     alpha = ctx.attr(node, "alpha", 1.0)
     x = _x(node)
     neg = b.op("Exp", [b.op("Div", [x, ctx.scalar(alpha, x)])])
     slope = b.op("Where", [b.op("Greater", [x, ctx.scalar(0, x)]), ctx.scalar(1.0, x), neg])
-    return [_mul(ctx, dys[0], slope)]
+    return slope
 
 
-@rule("Sigmoid")
-def sigmoid(ctx, node, dys):
+@unary("Sigmoid")
+def sigmoid(ctx, node):
     b = ctx.b
     y = _y(node)
     slope = _mul(ctx, y, b.op("Sub", [ctx.scalar(1.0, y), y]))
-    return [_mul(ctx, dys[0], slope)]
+    return slope
 
 
-@rule("HardSigmoid")
-def hard_sigmoid(ctx, node, dys):
+@unary("HardSigmoid")
+def hard_sigmoid(ctx, node):
     b = ctx.b
     alpha = ctx.attr(node, "alpha", 0.2)
     beta = ctx.attr(node, "beta", 0.5)
@@ -121,31 +144,31 @@ def hard_sigmoid(ctx, node, dys):
     z = b.op("Add", [_mul(ctx, x, ctx.scalar(alpha, x)), ctx.scalar(beta, x)])
     inside = b.op("And", [b.op("Greater", [z, ctx.scalar(0, x)]), b.op("Less", [z, ctx.scalar(1, x)])])
     slope = b.op("Where", [inside, ctx.scalar(alpha, x), ctx.scalar(0, x)])
-    return [_mul(ctx, dys[0], slope)]
+    return slope
 
 
-@rule("HardSwish")
-def hard_swish(ctx, node, dys):
+@unary("HardSwish")
+def hard_swish(ctx, node):
     # y = x * clip(x/6 + 1/2, 0, 1); dy/dx = 0 (x<-3), x/3 + 1/2 (-3<x<3), 1 (x>3)
     b = ctx.b
     x = _x(node)
     mid = b.op("Add", [b.op("Div", [x, ctx.scalar(3.0, x)]), ctx.scalar(0.5, x)])
     slope = b.op("Where", [b.op("Less", [x, ctx.scalar(-3.0, x)]), ctx.scalar(0.0, x),
                            b.op("Where", [b.op("Greater", [x, ctx.scalar(3.0, x)]), ctx.scalar(1.0, x), mid])])
-    return [_mul(ctx, dys[0], slope)]
+    return slope
 
 
-@rule("Tanh")
-def tanh(ctx, node, dys):
+@unary("Tanh")
+def tanh(ctx, node):
     b = ctx.b
     y = _y(node)
     slope = b.op("Sub", [ctx.scalar(1.0, y), _mul(ctx, y, y)])
-    return [_mul(ctx, dys[0], slope)]
+    return slope
 
 
-@rule("Softplus")
-def softplus(ctx, node, dys):
-    return [_mul(ctx, dys[0], ctx.b.op("Sigmoid", [_x(node)]))]
+@unary("Softplus")
+def softplus(ctx, node):
+    return ctx.b.op("Sigmoid", [_x(node)])
 
 
 @rule("Softsign")
@@ -156,27 +179,27 @@ def softsign(ctx, node, dys):
     return [b.op("Div", [dys[0], _mul(ctx, d, d)])]
 
 
-@rule("Mish")
-def mish(ctx, node, dys):
+@unary("Mish")
+def mish(ctx, node):
     # y = x tanh(sp(x)); dy/dx = tanh(sp) + x sigmoid(x) (1 - tanh(sp)^2)
     b = ctx.b
     x = _x(node)
     t = b.op("Tanh", [b.op("Softplus", [x])])
     sech2 = b.op("Sub", [ctx.scalar(1.0, x), _mul(ctx, t, t)])
     slope = b.op("Add", [t, _mul(ctx, _mul(ctx, x, b.op("Sigmoid", [x])), sech2)])
-    return [_mul(ctx, dys[0], slope)]
+    return slope
 
 
-@rule("Erf")
-def erf(ctx, node, dys):
+@unary("Erf")
+def erf(ctx, node):
     b = ctx.b
     x = _x(node)
     slope = _mul(ctx, b.op("Exp", [b.op("Neg", [_mul(ctx, x, x)])]), ctx.scalar(2.0 / math.sqrt(math.pi), x))
-    return [_mul(ctx, dys[0], slope)]
+    return slope
 
 
-@rule("Gelu", min_opset=20)
-def gelu(ctx, node, dys):
+@unary("Gelu", min_opset=20)
+def gelu(ctx, node):
     b = ctx.b
     x = _x(node)
     if ctx.attr(node, "approximate", "none") in ("tanh", b"tanh"):
@@ -196,12 +219,12 @@ def gelu(ctx, node, dys):
         pdf = _mul(ctx, ctx.scalar(1 / math.sqrt(2 * math.pi), x),
                    b.op("Exp", [_mul(ctx, ctx.scalar(-0.5, x), _mul(ctx, x, x))]))
         slope = b.op("Add", [phi_cdf, _mul(ctx, x, pdf)])
-    return [_mul(ctx, dys[0], slope)]
+    return slope
 
 
-@rule("Exp")
-def exp(ctx, node, dys):
-    return [_mul(ctx, dys[0], _y(node))]
+@unary("Exp")
+def exp(ctx, node):
+    return _y(node)
 
 
 @rule("Log")
@@ -221,14 +244,14 @@ def reciprocal(ctx, node, dys):
     return [ctx.b.op("Neg", [_mul(ctx, dys[0], _mul(ctx, y, y))])]
 
 
-@rule("Abs")
-def abs_(ctx, node, dys):
-    return [_mul(ctx, dys[0], ctx.b.op("Sign", [_x(node)]))]
+@unary("Abs")
+def abs_(ctx, node):
+    return ctx.b.op("Sign", [_x(node)])
 
 
-@rule("Sin")
-def sin(ctx, node, dys):
-    return [_mul(ctx, dys[0], ctx.b.op("Cos", [_x(node)]))]
+@unary("Sin")
+def sin(ctx, node):
+    return ctx.b.op("Cos", [_x(node)])
 
 
 @rule("Cos")
@@ -236,8 +259,8 @@ def cos(ctx, node, dys):
     return [ctx.b.op("Neg", [_mul(ctx, dys[0], ctx.b.op("Sin", [_x(node)]))])]
 
 
-@rule("Clip")
-def clip(ctx, node, dys):
+@unary("Clip")
+def clip(ctx, node):
     b = ctx.b
     x = _x(node)
     if ctx.opset >= 11:
@@ -253,9 +276,8 @@ def clip(ctx, node, dys):
         le = b.op("LessOrEqual", [x, hi]) if ctx.opset >= 12 else b.op("Not", [b.op("Greater", [x, hi])])
         inside = le if inside is None else b.op("And", [inside, le])
     if inside is None:
-        return [dys[0]] + [None] * (len(node.input) - 1)
-    mask = b.op("Cast", [inside], to=ctx.dtype(x))
-    return [_mul(ctx, dys[0], mask)] + [None] * (len(node.input) - 1)
+        return None
+    return b.op("Cast", [inside], to=ctx.dtype(x))
 
 
 # -- broadcasting binary and n-ary ops --------------------------------------------------------
@@ -276,10 +298,30 @@ def sub(ctx, node, dys):
             ctx.unbroadcast(ctx.b.op("Neg", [dys[0]]), c, y) if ctx.needs_grad(c) else None]
 
 
+def _self_product(ctx, node, dy):
+    """y = x * U(x) for an element-wise U with a slope (swish x*Sigmoid(x), hard-swish
+    x*HardSigmoid(x), ...): dx = dy * (U(x) + x U'(x)), the factor computed from forward
+    tensors, instead of two K-level products, U's own backward and a sum. Returns None when
+    the pattern does not apply (U's output read elsewhere, or a rule set overriding U)."""
+    a, c = node.input
+    for x, g in ((a, c), (c, a)):
+        p = ctx.producer(g)
+        if (p is None or p.op_type not in SLOPES or not p.input or p.input[0] != x
+                or not ctx.private(g) or ctx.rules.get(p.op_type) is not DEFAULT.get(p.op_type)):
+            continue
+        slope = SLOPES[p.op_type](ctx, p)
+        factor = ctx.b.op("Add", [g, x if slope is None else _mul(ctx, x, slope)])
+        return [_mul(ctx, dy, factor) if name == x else None for name in node.input]
+    return None
+
+
 @rule("Mul")
 def mul(ctx, node, dys):
     a, c = node.input
     y = _y(node)
+    fused = _self_product(ctx, node, dys[0])
+    if fused is not None:
+        return fused
     return [ctx.unbroadcast(_mul(ctx, dys[0], c), a, y) if ctx.needs_grad(a) else None,
             ctx.unbroadcast(_mul(ctx, dys[0], a), c, y) if ctx.needs_grad(c) else None]
 

@@ -270,12 +270,11 @@ def _reduce_axes(ctx, node):
 
 
 def _expand_back(ctx, node, dy, axes):
-    """dy of the reduced result, broadcast to [K] + shape(x)."""
-    b = ctx.b
-    x = node.input[0]
+    """dy of the reduced result with the reduced axes kept: it broadcasts to [K] + shape(x)
+    (rules multiply it by a tensor of x's shape, or mark it a partial cotangent)."""
     if not ctx.attr(node, "keepdims", 1) and axes:
-        dy = b.unsqueeze(dy, [a + 1 for a in axes])
-    return b.op("Expand", [dy, b.concat([b.ints([1]), b.shape(x)])])
+        dy = ctx.b.unsqueeze(dy, [a + 1 for a in axes])
+    return dy
 
 
 def _count(ctx, x, axes):
@@ -299,14 +298,14 @@ def _output_keepdims(ctx, node, axes):
 @rule("ReduceSum")
 def reduce_sum(ctx, node, dys):
     axes = _reduce_axes(ctx, node)
-    return [_expand_back(ctx, node, dys[0], axes)] + [None] * (len(node.input) - 1)
+    return [ctx.b.broadcast_cot(_expand_back(ctx, node, dys[0], axes), node.input[0])] + [None] * (len(node.input) - 1)
 
 
 @rule("ReduceMean")
 def reduce_mean(ctx, node, dys):
     axes = _reduce_axes(ctx, node)
-    dx = _expand_back(ctx, node, dys[0], axes)
-    return [ctx.b.op("Div", [dx, _count(ctx, node.input[0], axes)])] + [None] * (len(node.input) - 1)
+    dx = ctx.b.op("Div", [_expand_back(ctx, node, dys[0], axes), _count(ctx, node.input[0], axes)])
+    return [ctx.b.broadcast_cot(dx, node.input[0])] + [None] * (len(node.input) - 1)
 
 
 @rule("ReduceSumSquare")
