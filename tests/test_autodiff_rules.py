@@ -249,6 +249,46 @@ def test_self_product_fused(gate, attrs, order):
     assert gate not in [n.op_type for n in backward]  # U's own backward skipped
 
 
+def _fused_region_cases():
+    c = lambda v: np.asarray(v, np.float64)  # noqa: E731
+    gelu = [node("Div", ["x", "r2"], ["a"]), node("Erf", ["a"], ["e"]), node("Add", ["e", "one"], ["p"]),
+            node("Mul", ["x", "p"], ["m"]), node("Mul", ["m", "half"])]
+    gelu_tanh = [node("Mul", ["x", "x"], ["x2"]), node("Mul", ["x2", "x"], ["x3"]), node("Mul", ["x3", "k"], ["u"]),
+                 node("Add", ["x", "u"], ["v"]), node("Mul", ["v", "s"], ["vs"]), node("Tanh", ["vs"], ["t"]),
+                 node("Add", ["t", "one"], ["p"]), node("Mul", ["x", "p"], ["m"]), node("Mul", ["m", "half"])]
+    swish_div = [node("Neg", ["x"], ["n"]), node("Exp", ["n"], ["e"]), node("Add", ["one", "e"], ["d"]),
+                 node("Div", ["x", "d"])]  # x / (1 + exp(-x))
+    sub_scale = [node("Sigmoid", ["x"], ["g"]), node("Sub", ["x", "g"], ["d"]), node("Mul", ["d", "w"], ["m"]),
+                 node("Sub", ["one", "m"])]
+    consts = {"r2": c(np.sqrt(2)), "one": c(1.0), "half": c(0.5), "k": c(0.044715), "s": c(np.sqrt(2 / np.pi)),
+              "w": np.linspace(0.5, 1.5, 3).reshape(3, 1, 1)}
+    return {"gelu": gelu, "gelu_tanh": gelu_tanh, "swish_div": swish_div, "sub_scale": sub_scale}, consts
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "swish_div", "sub_scale"])
+def test_elementwise_region_fused(name):
+    """Element-wise regions over one variable (GELU as exporters write it, swish as a
+    division, per-channel constants) take one product of the cotangent: checked against
+    finite differences, and the backward has a single K-level product with the seed."""
+    cases, consts = _fused_region_cases()
+    used = {i for n in cases[name] for i in n.input}
+    case = Case(cases[name], {"x": IMG}, consts={k: v for k, v in consts.items() if k in used},
+                values={"x": np.linspace(-4, 4, int(np.prod(IMG))).reshape(IMG) + 0.013})
+    check(case)
+    m = augment(case.model(TensorProto.DOUBLE), wrt=["x"], logits="y")
+    seed = {p.key: p.value for p in m.metadata_props}["onnxsal.seed"]
+    backward = m.graph.node[len(cases[name]):]
+    assert not any(n.op_type == "Sum" for n in backward)
+    assert [n.op_type for n in backward if seed in n.input or any(i.startswith("osal_cot") for i in n.input)
+            ].count("Mul") <= 1
+
+
+def test_elementwise_region_not_fused_across_broadcast():
+    """A constant that broadcasts the result beyond x's shape ends the region: still exact."""
+    nodes = [node("Sigmoid", ["x"], ["g"]), node("Mul", ["x", "g"], ["m"]), node("Mul", ["m", "w"])]
+    check(Case(nodes, {"x": (3, 1, 4)}, consts={"w": np.linspace(0.5, 1.5, 6).reshape(2, 3, 1, 1)}))
+
+
 def test_self_product_not_fused_when_gate_read_twice_or_asked_for():
     x = np.linspace(-5, 5, 24).reshape(X) + 0.013
     nodes = [node("Sigmoid", ["x"], ["g"]), node("Mul", ["x", "g"], ["p"]), node("Add", ["p", "g"])]

@@ -24,6 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelError, OptionError, UnsupportedOperatorError
+from . import fusion
 from .graph import Builder, Dim
 from .rules.registry import Rule, table
 
@@ -59,8 +60,10 @@ class Context:
         self.node: onnx.NodeProto | None = None
         self._producer: dict[str, onnx.NodeProto] = {}
         self._uses: dict[str, int] = {}
+        self._position: dict[int, int] = {}
         if graph is not None:
-            for n in graph.node:
+            for k, n in enumerate(graph.node):
+                self._position[id(n)] = k
                 for o in n.output:
                     if o:
                         self._producer[o] = n
@@ -98,10 +101,9 @@ class Context:
         """How many node inputs and graph outputs read ``name`` in the forward graph."""
         return self._uses.get(name, 0)
 
-    def private(self, name: str) -> bool:
-        """True when ``name`` is read once and gets no gradient of its own: a rule reading
-        it may then fold its backward into its own (the producer's rule is then skipped)."""
-        return self.uses(name) == 1 and name not in self.wrt
+    def position(self, node: onnx.NodeProto) -> int:
+        """The node's index in the forward graph (a topological order)."""
+        return self._position[id(node)]
 
     def scalar(self, value: float, like: str) -> str:
         return self.b.scalar(value, self.dtype(like))
@@ -376,6 +378,12 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
         if all(d is None for d in dys):
             continue
         ctx.node = node
+        fused = fusion.gradient(ctx, node, dys[0]) if len(dys) == 1 else None
+        if fused is not None:  # an element-wise region: its interior nodes get no cotangent
+            x, dx = fused
+            if dx is not None:
+                cot.setdefault(x, []).append(dx)
+            continue
         grads = rule_table[node.op_type].fn(ctx, node, dys)
         for name, gname in zip(node.input, grads):
             if name and gname is not None and name in need:

@@ -10,11 +10,11 @@ import math
 
 
 
-from .registry import DEFAULT, rule
+from .registry import rule
 
 # op type -> slope(ctx, node): the name of dy/dx (the diagonal of an element-wise unary op's
 # Jacobian) computed from forward tensors only, or None when it is 1. The rule of such an op is
-# one K-level Mul; other rules (Mul's x * U(x) fusion) can ask for the slope itself.
+# one K-level Mul; the element-wise region fusion (fusion.py) chains the slopes themselves.
 SLOPES: dict = {}
 
 
@@ -60,9 +60,9 @@ def cast(ctx, node, dys):
     return [out] + [None] * (len(node.input) - 1)
 
 
-@rule("Neg")
-def neg(ctx, node, dys):
-    return [ctx.b.op("Neg", [dys[0]])]
+@unary("Neg")
+def neg(ctx, node):
+    return ctx.scalar(-1.0, _x(node))
 
 
 @unary("Relu")
@@ -298,30 +298,10 @@ def sub(ctx, node, dys):
             ctx.unbroadcast(ctx.b.op("Neg", [dys[0]]), c, y) if ctx.needs_grad(c) else None]
 
 
-def _self_product(ctx, node, dy):
-    """y = x * U(x) for an element-wise U with a slope (swish x*Sigmoid(x), hard-swish
-    x*HardSigmoid(x), ...): dx = dy * (U(x) + x U'(x)), the factor computed from forward
-    tensors, instead of two K-level products, U's own backward and a sum. Returns None when
-    the pattern does not apply (U's output read elsewhere, or a rule set overriding U)."""
-    a, c = node.input
-    for x, g in ((a, c), (c, a)):
-        p = ctx.producer(g)
-        if (p is None or p.op_type not in SLOPES or not p.input or p.input[0] != x
-                or not ctx.private(g) or ctx.rules.get(p.op_type) is not DEFAULT.get(p.op_type)):
-            continue
-        slope = SLOPES[p.op_type](ctx, p)
-        factor = ctx.b.op("Add", [g, x if slope is None else _mul(ctx, x, slope)])
-        return [_mul(ctx, dy, factor) if name == x else None for name in node.input]
-    return None
-
-
 @rule("Mul")
 def mul(ctx, node, dys):
     a, c = node.input
     y = _y(node)
-    fused = _self_product(ctx, node, dys[0])
-    if fused is not None:
-        return fused
     return [ctx.unbroadcast(_mul(ctx, dys[0], c), a, y) if ctx.needs_grad(a) else None,
             ctx.unbroadcast(_mul(ctx, dys[0], a), c, y) if ctx.needs_grad(c) else None]
 
