@@ -289,6 +289,38 @@ def test_elementwise_region_not_fused_across_broadcast():
     check(Case(nodes, {"x": (3, 1, 4)}, consts={"w": np.linspace(0.5, 1.5, 6).reshape(2, 3, 1, 1)}))
 
 
+@pytest.mark.parametrize("parts,tiles", [
+    ([("Gather", 0), ("Gather", 1), ("Gather", -1)], True),  # q, k, v of one projection
+    ([("Gather", 0), ("Gather", [1, 2])], True),             # class token and the rest
+    ([("Slice", (0, 1)), ("Slice", (1, 3))], True),          # chunks
+    ([("Gather", 0), ("Slice", (2, 3))], False),             # a gap: a Sum
+    ([("Gather", 1), ("Slice", (0, 2))], False),             # an overlap: a Sum
+])
+def test_placed_slices_join_by_concat(parts, tiles):
+    """Cotangents of constant Gathers and one-axis Slices are placed slices: when they tile
+    the axis the pass joins them with one Concat (no scatter, no padded copies), else sums."""
+    nodes, outs, consts = [], [], {}
+    for j, (op, arg) in enumerate(parts):
+        if op == "Gather":
+            consts[f"i{j}"] = np.asarray(arg, np.int64)
+            nodes.append(node("Gather", ["x", f"i{j}"], [f"p{j}"], axis=1))
+        else:
+            consts.update({f"s{j}": ints(arg[0]), f"e{j}": ints(arg[1]), f"a{j}": ints(1)})
+            nodes.append(node("Slice", ["x", f"s{j}", f"e{j}", f"a{j}"], [f"p{j}"]))
+        nodes.append(node("Mul", [f"p{j}", f"p{j}"], [f"sq{j}"]))
+        nodes.append(node("Mul", [f"sq{j}", f"w{j}"], [f"r{j}"]))
+        nodes.append(node("ReduceSum", [f"r{j}"], [f"q{j}"], keepdims=0))
+        consts[f"w{j}"] = np.linspace(0.5, 1.5 + j, 4)
+        outs.append(f"q{j}")
+    nodes.append(node("Sum", outs))
+    case = Case(nodes, {"x": X}, consts=consts)
+    check(case)
+    m = augment(case.model(TensorProto.DOUBLE), wrt=["x"], logits="y")
+    ops = [n.op_type for n in m.graph.node[len(nodes):]]
+    assert "ScatterElements" not in ops
+    assert ("Pad" not in ops) == tiles
+
+
 def test_self_product_not_fused_when_gate_read_twice_or_asked_for():
     x = np.linspace(-5, 5, 24).reshape(X) + 0.013
     nodes = [node("Sigmoid", ["x"], ["g"]), node("Mul", ["x", "g"], ["p"]), node("Add", ["p", "g"])]

@@ -38,6 +38,10 @@ class Builder:
         # name -> the forward tensor whose [K] + shape they stand for. The pass adds them to
         # full-size terms by Sum's broadcasting and expands them only when nothing else comes.
         self.partial: dict[str, str] = {}
+        # cotangents that are a zero Pad of `src` along one axis: name -> (src, axis, start,
+        # stop, size). Terms that tile the axis are joined by one Concat instead of a Sum of
+        # padded copies (q, k, v taken from one projection; a class token and the rest).
+        self.placed: dict[str, tuple[str, int, int, int, int]] = {}
 
     # -- names and raw nodes -------------------------------------------------------------
     def fresh(self, hint: str = "t") -> str:
@@ -117,9 +121,35 @@ class Builder:
         self.partial[t] = x
         return t
 
+    def place(self, src: str, rank: int, axis: int, start: int, stop: int, size: int) -> str:
+        """src (a cotangent of rank ``rank`` with stop - start entries on axis ``axis``)
+        zero-padded to ``size`` entries there, at [start, stop)."""
+        pads = [0] * (2 * rank)
+        pads[axis], pads[rank + axis] = start, size - stop
+        out = self.op("Pad", [src, self.ints(pads)])
+        self.placed[out] = (src, axis, start, stop, size)
+        return out
+
+    def _tiled(self, terms: Sequence[str]) -> str | None:
+        """One Concat of the placed terms' sources when they tile their axis exactly."""
+        if len(terms) < 2 or not all(t in self.placed for t in terms):
+            return None
+        parts = sorted((self.placed[t] for t in terms), key=lambda p: p[2])
+        axis, size = parts[0][1], parts[0][4]
+        edge = 0
+        for src, ax, start, stop, sz in parts:
+            if ax != axis or sz != size or start != edge:
+                return None
+            edge = stop
+        return self.op("Concat", [p[0] for p in parts], axis=axis) if edge == size else None
+
     def accumulate(self, terms: Sequence[str], x: str) -> str:
         """The cotangent of x from its terms: one Sum (which broadcasts the partial terms),
-        expanded to [K] + shape(x) only when every term is partial."""
+        expanded to [K] + shape(x) only when every term is partial; one Concat when the terms
+        are zero-padded slices that tile an axis."""
+        tiled = self._tiled(terms)
+        if tiled is not None:
+            return tiled
         total = self.add_all(terms)
         if all(t in self.partial for t in terms):
             total = self.op("Expand", [total, self.concat([self.ints([1]), self.shape(x)])])

@@ -287,6 +287,18 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_." else "_" for c in name)
 
 
+def _live(nodes: list, inits: list, g: onnx.GraphProto) -> tuple[list, list]:
+    """The backward nodes and initializers that some output depends on (rules may build
+    terms that the pass then replaces, e.g. padded slices joined by one Concat)."""
+    wanted = {o.name for o in g.output} | {i for n in g.node for i in n.input}
+    keep = [False] * len(nodes)
+    for k in range(len(nodes) - 1, -1, -1):  # nodes are in topological order
+        if any(o in wanted for o in nodes[k].output):
+            keep[k] = True
+            wanted.update(nodes[k].input)
+    return [n for n, k in zip(nodes, keep) if k], [t for t in inits if t.name in wanted]
+
+
 def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str = "default",
             logits: str | None = None, options: dict | None = None) -> onnx.ModelProto:
     """Return a copy of ``model`` with its backward graph (see the module docstring).
@@ -418,8 +430,9 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
                 out_names.add(t)
             meta[META_VALUE + t] = t
 
-    g.node.extend(b.nodes)
-    g.initializer.extend(b.initializers)
+    backward, inits = _live(b.nodes, b.initializers, g)
+    g.node.extend(backward)
+    g.initializer.extend(inits)
     del g.value_info[:]
     existing = {p.key: p for p in model.metadata_props}
     for k, v in meta.items():

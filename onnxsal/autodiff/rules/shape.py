@@ -129,6 +129,11 @@ def slice_(ctx, node, dys):
                 e = min(max(e + d if e < 0 else e, 0), d)
                 pads[a + 1] = s
                 pads[r + 1 + a + 1] = d - max(e, s)
+            cut = [a for a in range(r + 1) if pads[a] or pads[r + 1 + a]]
+            if len(cut) == 1:  # one axis: a placed slice (tiles join by Concat)
+                a = cut[0]
+                d = dims[[_norm(v, r) + 1 for v in axes].index(a)]
+                return [b.place(dys[0], r + 1, a, pads[a], d - pads[r + 1 + a], d)] + [None] * (len(node.input) - 1)
             return [b.op("Pad", [dys[0], b.ints(pads)])] + [None] * (len(node.input) - 1)
     picked = b.op("Slice", [_index_tensor(ctx, x)] + list(node.input[1:]))
     return [_scatter_back(ctx, x, picked, dys[0], add=False)] + [None] * (len(node.input) - 1)
@@ -153,9 +158,19 @@ def _gather_opset(node) -> int:
 def gather(ctx, node, dys):
     b = ctx.b
     x, ind = node.input
-    axis = _norm(ctx.attr(node, "axis", 0), ctx.rank(x))
-    picked = b.op("Gather", [_index_tensor(ctx, x), ind], axis=axis)
+    r = ctx.rank(x)
+    axis = _norm(ctx.attr(node, "axis", 0), r)
     c = ctx.const(ind)
+    dim = (ctx.shape(x) or [None] * r)[axis]
+    if c is not None and c.ndim <= 1 and c.size and isinstance(dim, int) and (-dim <= c).all() and (c < dim).all():
+        # a constant index or run of indices (q, k, v of one projection; the class token):
+        # a placed slice of the cotangent, no scatter
+        first = int(c.flat[0]) + (dim if int(c.flat[0]) < 0 else 0)
+        run = np.arange(first, first + c.size)
+        if ((np.asarray(c) % dim).ravel() == run).all() and run[-1] < dim:
+            src = b.unsqueeze(dys[0], [axis + 1]) if c.ndim == 0 else dys[0]
+            return [b.place(src, r + 1, axis + 1, first, first + c.size, dim), None]
+    picked = b.op("Gather", [_index_tensor(ctx, x), ind], axis=axis)
     unique = c is not None and np.unique(c).size == c.size and (c >= 0).all()
     if unique or ctx.opset >= 16:
         return [_scatter_back(ctx, x, picked, dys[0], add=not unique), None]
