@@ -321,6 +321,23 @@ def test_placed_slices_join_by_concat(parts, tiles):
     assert ("Pad" not in ops) == tiles
 
 
+@pytest.mark.parametrize("opset", [13, 17])
+def test_maxpool_after_relu_masks_the_pooled_cotangent(opset):
+    """Relu -> MaxPool: the Relu's mask is applied to the pooled cotangent (the plane-sized
+    product disappears); gradients equal finite differences, windows that are all negative
+    included, and the guided rule set still sees its own Relu."""
+    x = np.random.default_rng(3).standard_normal((1, 2, 6, 6))
+    x[0, 0, :3, :3] = -np.abs(x[0, 0, :3, :3]) - 0.1  # all-negative windows: pooled 0
+    nodes = [node("Relu", ["x"], ["r"]), node("MaxPool", ["r"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])]
+    case = Case(nodes, {"x": x.shape}, values={"x": x}, opset=opset)
+    check(case)
+    m = augment(case.model(TensorProto.DOUBLE), wrt=["x"], logits="y")
+    masks = [n.input[0] for n in m.graph.node[2:] if n.op_type == "Greater"]
+    assert masks == ["y"]  # the mask of the pooled values, not of the Relu's plane "r"
+    guided = augment(case.model(TensorProto.FLOAT), wrt=["x"], logits="y", rules="guided")
+    assert "Relu" in [n.op_type for n in guided.graph.node[2:]]  # guided_relu's max(dy, 0)
+
+
 def test_self_product_not_fused_when_gate_read_twice_or_asked_for():
     x = np.linspace(-5, 5, 24).reshape(X) + 0.013
     nodes = [node("Sigmoid", ["x"], ["g"]), node("Mul", ["x", "g"], ["p"]), node("Add", ["p", "g"])]

@@ -1,6 +1,6 @@
-"""Element-wise regions: one K-level product where the rules would emit one per operator.
+"""Fusions: one backward for a group of forward nodes where the rules would emit one each.
 
-A region is a group of element-wise nodes (unary ops with a slope, Add/Sub/Mul/Div) that
+Element-wise regions. A region is a group of element-wise nodes (unary ops with a slope, Add/Sub/Mul/Div) that
 computes a tensor y from a single variable tensor x and constants, whose intermediate tensors
 are read only inside the region: swish x*Sigmoid(x), hard-swish x*HardSigmoid(x), GELU as
 exporters write it (x * 0.5 * (1 + Erf(x / sqrt 2))), and the like. Its Jacobian is diagonal,
@@ -8,6 +8,10 @@ so dx = dy * dy/dx, with dy/dx computed by forward-mode differentiation over the
 forward tensors ([N, ...], once) instead of pushing every seed row's cotangent ([K, N, ...])
 through each node and summing the paths. The interior nodes then get no cotangent and the pass
 skips them.
+
+MaxPool after Relu. The pooled positions hold the window maxima, so the Relu's derivative
+there is 1 exactly when the pooled value is > 0: the mask is applied to the pooled cotangent
+(a quarter of the plane for 2x2 strides) and the Relu's own backward is skipped.
 """
 
 from __future__ import annotations
@@ -71,8 +75,29 @@ def region(ctx, root) -> tuple[str, list] | None:
     return x, sorted(nodes.values(), key=ctx.position)
 
 
-def gradient(ctx, root, dy: str) -> tuple[str, str] | None:
-    """(x, dx) for the region ending at ``root``, or None (then the node's own rule runs)."""
+def gradient(ctx, node, dys: list) -> tuple[str, str | None] | None:
+    """(x, dx): the cotangent of a tensor x upstream of ``node`` that replaces the backward of
+    the nodes between them, or None (then the node's own rule runs)."""
+    if len(dys) != 1 or dys[0] is None:
+        return None
+    return _region_gradient(ctx, node, dys[0]) or _pool_after_relu(ctx, node, dys[0])
+
+
+def _pool_after_relu(ctx, node, dy: str):
+    if node.op_type != "MaxPool" or ctx.rules.get("MaxPool") is not DEFAULT.get("MaxPool"):
+        return None
+    r = node.input[0]
+    relu = ctx.producer(r)
+    if (relu is None or relu.op_type != "Relu" or ctx.uses(r) != 1 or r in ctx.wrt
+            or ctx.rules.get("Relu") is not DEFAULT.get("Relu") or not ctx.needs_grad(relu.input[0])):
+        return None
+    b = ctx.b
+    y = node.output[0]
+    mask = b.op("Cast", [b.op("Greater", [y, ctx.scalar(0, y)])], to=ctx.dtype(y))
+    return relu.input[0], DEFAULT["MaxPool"].fn(ctx, node, [b.op("Mul", [dy, mask])])[0]
+
+
+def _region_gradient(ctx, root, dy: str):
     found = region(ctx, root)
     if found is None:
         return None

@@ -390,8 +390,8 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
         if all(d is None for d in dys):
             continue
         ctx.node = node
-        fused = fusion.gradient(ctx, node, dys[0]) if len(dys) == 1 else None
-        if fused is not None:  # an element-wise region: its interior nodes get no cotangent
+        fused = fusion.gradient(ctx, node, dys)
+        if fused is not None:  # the nodes between x and this one get no cotangent
             x, dx = fused
             if dx is not None:
                 cot.setdefault(x, []).append(dx)
