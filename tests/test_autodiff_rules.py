@@ -554,6 +554,19 @@ def test_conv_traps():
                consts={"w": np.random.default_rng(5).standard_normal((2, 2, 2, 2))}))
 
 
+@pytest.mark.parametrize("spatial", [(5, 7), (4,), (3, 2, 2)])
+def test_conv_pointwise_as_matmul(spatial):
+    """1x1 stride-1 convolutions (1-D, 2-D, 3-D, with bias) take their input gradient as one
+    MatMul per image; equal to finite differences, and no Conv/ConvTranspose is emitted."""
+    d = len(spatial)
+    w = np.random.default_rng(6).standard_normal((5, 3) + (1,) * d)
+    case = Case([node("Conv", ["x", "w", "b"])], {"x": (2, 3) + spatial}, consts={"w": w, "b": np.arange(5.0)})
+    check(case)
+    m = augment(case.model(F32), wrt=["x"], logits="y")
+    ops = [n.op_type for n in m.graph.node[1:]]
+    assert "MatMul" in ops and "Conv" not in ops and "ConvTranspose" not in ops
+
+
 def test_conv_weight_as_input():
     # weight and bias fed at run time (not differentiated), strided and not
     for strides in ([2, 2], [1, 1]):
