@@ -246,7 +246,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gradients"))
     ap.add_argument("--update", action="store_true",
                     help="replace only these models' rows (and memory, if measured) in --out")
+    ap.add_argument("--address-space-gb", type=float, default=16.0,
+                    help="cap this process's address space (torch.func's vmap on the 224 px "
+                         "models otherwise grows until the kernel's OOM killer ends the run; "
+                         "under the cap it fails cleanly and is reported as '-'); 0: no cap")
     a = ap.parse_args()
+    if a.address_space_gb > 0:
+        cap = int(a.address_space_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     rows = []
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
