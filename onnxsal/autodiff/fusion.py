@@ -1,8 +1,8 @@
 """Fusions: one backward for a group of forward nodes where the rules would emit one each.
 
-Element-wise regions. A region is a group of element-wise nodes (unary ops with a slope, Add/Sub/Mul/Div) that
-computes a tensor y from a single variable tensor x and constants, whose intermediate tensors
-are read only inside the region: swish x*Sigmoid(x), hard-swish x*HardSigmoid(x), GELU as
+Element-wise regions. A region is a group of element-wise nodes (unary ops with a slope,
+Add/Sub/Mul/Div) that computes a tensor y from a single variable tensor x and constants, whose
+intermediate tensors are read only inside the region: swish x*Sigmoid(x), hard-swish x*HardSigmoid(x), GELU as
 exporters write it (x * 0.5 * (1 + Erf(x / sqrt 2))), and the like. Its Jacobian is diagonal,
 so dx = dy * dy/dx, with dy/dx computed by forward-mode differentiation over the region on the
 forward tensors ([N, ...], once) instead of pushing every seed row's cotangent ([K, N, ...])
@@ -126,7 +126,7 @@ def _region_gradient(ctx, root, dy: str):
         if op in SLOPES:
             slope = SLOPES[op](ctx, n)
             t = t_of(n.input[0])
-            tan[out] = t if slope is None else times(t, slope) if t != ZERO else ZERO
+            tan[out] = t if slope is None else times(t, slope)
             continue
         a, c = n.input
         ta, tc = t_of(a), t_of(c)
