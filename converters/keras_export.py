@@ -163,6 +163,48 @@ def _via_keras(model, shape: tuple, opset: int) -> onnx.ModelProto:
         return onnx.load(out)
 
 
+XLA_ATTRS = ("_XlaMustCompile", "_noinline", "_xla_compile_device_type")
+
+
+def _frozen_graph(f):
+    """(graph_def, input names, output names) of a tf.function with its variables and captured
+    tensors turned into constants and nested functions inlined.
+
+    tf2onnx alone leaves Keras 3's captured constants (EfficientNet's Normalization mean and
+    variance) as extra graph inputs and cannot inline XLA-compiled layer functions (ConvNeXt's
+    depthwise convolutions: StatefulPartitionedCall in the ONNX graph); TF's exact GELU uses
+    Erfc, which tf2onnx lacks: rewritten as 1 - Erf."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    from tf2onnx import tf_loader
+
+    frozen = convert_variables_to_constants_v2(f.get_concrete_function())
+    gd = frozen.graph.as_graph_def()
+    ins, outs = [t.name for t in frozen.inputs], [t.name for t in frozen.outputs]
+    for node in list(gd.node) + [n for fdef in gd.library.function for n in fdef.node_def]:
+        for k in XLA_ATTRS:
+            if k in node.attr:
+                del node.attr[k]
+    for fdef in gd.library.function:
+        for k in XLA_ATTRS:
+            if k in fdef.attr:
+                del fdef.attr[k]
+    with tf.Graph().as_default():
+        gd = tf_loader.tf_optimize(ins, outs, gd)
+    for node in list(gd.node):
+        if node.op == "Erfc":
+            dtype = node.attr["T"]
+            erf = gd.node.add(op="Erf", name=node.name + "/onnxsal_erf", input=[node.input[0]])
+            erf.attr["T"].CopyFrom(dtype)
+            one = gd.node.add(op="Const", name=node.name + "/onnxsal_one")
+            one.attr["dtype"].type = dtype.type
+            one.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(1.0, dtype=tf.as_dtype(dtype.type)))
+            node.op = "Sub"
+            del node.input[:]
+            node.input.extend([one.name, erf.name])
+    return gd, ins, outs
+
+
 def _via_tf2onnx(model, shape: tuple, opset: int, input_name: str) -> onnx.ModelProto:
     import tensorflow as tf
     import tf2onnx
@@ -177,9 +219,20 @@ def _via_tf2onnx(model, shape: tuple, opset: int, input_name: str) -> onnx.Model
         except TypeError:  # a plain TF callable without the training flag
             return call(x)
 
+    gd, ins, outs = _frozen_graph(f)
     with _numpy2_patch():
-        proto, _ = tf2onnx.convert.from_function(f, input_signature=sig, opset=opset)
+        proto, _ = tf2onnx.convert.from_graph_def(gd, input_names=ins, output_names=outs, opset=opset)
     return proto
+
+
+def _unresolved(proto: onnx.ModelProto) -> list[str]:
+    """What keeps an exported graph from running: extra inputs without values, ops that are
+    TensorFlow's rather than ONNX's."""
+    inits = {i.name for i in proto.graph.initializer}
+    extra = [i.name for i in proto.graph.input if i.name not in inits][1:]
+    foreign = sorted({n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx")
+                      and not onnx.defs.has(n.op_type)})
+    return extra + foreign
 
 
 def export(model: Any, path: str | os.PathLike | None = None, *, input_shape: Sequence[int] | None = None,
@@ -216,7 +269,14 @@ def export(model: Any, path: str | os.PathLike | None = None, *, input_shape: Se
         raise OptionError(f"the model returns shape {list(ref.shape)}; expected [N, classes] logits")
     if names is not None and len(names) != ref.shape[1]:
         raise OptionError(f"{len(names)} labels for a model with {ref.shape[1]} classes")
-    proto = _via_keras(model, shape, opset) if method == "keras" else _via_tf2onnx(model, shape, opset, input_name)
+    proto = _via_keras(model, shape, opset) if method == "keras" else None
+    if proto is None or _unresolved(proto):
+        # Keras's exporter leaves some models unrunnable (captured constants as inputs, XLA
+        # functions as calls): the frozen, inlined graph through tf2onnx converts them
+        proto = _via_tf2onnx(model, shape, opset, input_name)
+    if _unresolved(proto):
+        raise ModelError(f"the exported graph cannot run: {', '.join(_unresolved(proto)[:5])} "
+                         f"(unresolved inputs or TensorFlow ops)")
     _rename_io(proto, input_name, output_name)
     proto.ir_version = _ir_version(proto)
     set_metadata(proto, {PREPROCESS_KEY: json.dumps(pre),

@@ -139,3 +139,43 @@ def test_cli_convert_keras_file(model, tmp_path):
     assert "input [N,2,8,8] (NHWC in the file)" in res.output and "max abs logit diff" in res.output
     eng = Engine(out, device="cpu", threads=1)
     assert eng.labels == ["cat", "dog", "bird"] and eng.preprocess.scale == 255.0
+
+
+def grouped_gelu(size: int = 32):
+    """ConvNeXt's troublesome parts in small: a grouped convolution (Keras 3 runs it as an
+    XLA-compiled function) and exact GELU (TensorFlow writes it with Erfc)."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((size, size, 3)), keras.layers.Conv2D(8, 3, padding="same"),
+                             keras.layers.Conv2D(8, 3, padding="same", groups=8),
+                             keras.layers.Activation(lambda t: keras.activations.gelu(t, approximate=False)),
+                             keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(4)])
+
+
+@pytest.mark.parametrize("arch", ["EfficientNetB0", "grouped_gelu"])
+def test_keras_models_convert_and_differentiate(arch, tmp_path):
+    """Models that Keras's own exporter leaves unrunnable (EfficientNet's Normalization
+    constants as extra inputs; grouped convolutions as XLA StatefulPartitionedCalls, as in
+    ConvNeXt; TF's Erfc GELU) convert through the frozen, inlined graph; logits and the
+    gradients of every class match Keras's and tf.GradientTape's."""
+    import tensorflow as tf
+
+    if arch == "grouped_gelu":
+        m = grouped_gelu()
+    else:
+        keras.utils.set_random_seed(0)
+        m = getattr(keras.applications, arch)(weights=None, input_shape=(32, 32, 3), classes=4,
+                                              classifier_activation=None)
+    path = tmp_path / f"{arch}.onnx"
+    proto = ke.export(m, path)
+    assert [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}] == ["input"]
+    x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+    eng = Engine(path, device="cpu", threads=1, use_disk_cache=False)
+    np.testing.assert_allclose(eng.logits(x.transpose(0, 3, 1, 2)), m(x, training=False).numpy(),
+                               rtol=1e-4, atol=1e-4)
+    got = np.concatenate([g for _, g in eng.class_gradients(x.transpose(0, 3, 1, 2))])
+    xt = tf.Variable(x)
+    for k in range(4):
+        with tf.GradientTape() as tape:
+            y = tf.reduce_sum(m(xt, training=False)[:, k])
+        ref = tape.gradient(y, xt).numpy().transpose(0, 3, 1, 2)
+        assert np.abs(got[k] - ref).max() <= 1e-4 * np.abs(ref).max(), (arch, k)
