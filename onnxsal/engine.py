@@ -154,6 +154,10 @@ def _float_bytes_per_image(model: onnx.ModelProto, input_name: str, shape) -> tu
     return max(sum(sizes), 1 << 16), max(max(sizes), 1 << 12)
 
 
+# onnxruntime's names of the float types numpy can feed
+_ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
 class Engine:
     """An ONNX image classifier on onnxruntime, with gradients (see the module docstring)."""
 
@@ -380,9 +384,17 @@ class Engine:
 
     @staticmethod
     def _run(sess, names: list[str], feeds: dict) -> list:
-        """Run a session; onnxruntime's failures become one-line ModelErrors."""
+        """Run a session; onnxruntime's failures become one-line ModelErrors.
+
+        Feeds go in the dtype the session declares (a float16 or float64 model's image and
+        seeds) and float outputs come back as float32, so that the rest of onnxsal computes in
+        one precision whatever the model's."""
+        declared = {i.name: _ORT_FLOATS.get(i.type) for i in sess.get_inputs()}
+        feeds = {k: v.astype(declared[k]) if declared.get(k) and v.dtype != declared[k] else v
+                 for k, v in feeds.items()}
         try:
-            return sess.run(names, feeds)
+            return [o.astype(np.float32) if isinstance(o, np.ndarray) and o.dtype.kind == "f"
+                    and o.dtype != np.float32 else o for o in sess.run(names, feeds)]
         except Exception as exc:
             if not type(exc).__module__.startswith("onnxruntime"):
                 raise

@@ -51,6 +51,22 @@ class _Erf64(OpRun):
 _Erf64.__name__ = "Erf"
 
 
+class _MeanVarianceNormalization64(OpRun):
+    """onnx's reference runs MeanVarianceNormalization's body with a float32 epsilon, which
+    fails on float64 inputs."""
+
+    op_domain = ""
+
+    def _run(self, x, axes=None):
+        axes = tuple(axes) if axes is not None else (0, 2, 3)
+        z = x - x.mean(axis=axes, keepdims=True)
+        return (z / (np.sqrt((z * z).mean(axis=axes, keepdims=True)) + 1e-9),)
+
+
+_MeanVarianceNormalization64.__name__ = "MeanVarianceNormalization"
+FLOAT64_OPS = [_Erf64, _MeanVarianceNormalization64]
+
+
 def _flat_softmax(log: bool):
     """Softmax before opset 13 flattens the input to 2-D at `axis` (onnx's reference
     implementation ignores that: this is the oracle for opsets 11 and 12)."""
@@ -98,14 +114,14 @@ class Case:
         out = helper.make_tensor_value_info(self.output, elem, None)
         g = helper.make_graph(nodes, "case", ins, [out], initializer=inits)
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", self.opset)])
-        m.ir_version = 8
+        m.ir_version = max(8, helper.find_min_ir_version_for(list(m.opset_import)))
         m = onnx.shape_inference.infer_shapes(m, strict_mode=True)
         inferred = {vi.name: vi for vi in m.graph.value_info}
         if self.output in inferred and inferred[self.output].type.tensor_type.HasField("shape"):
             m.graph.output[0].CopyFrom(inferred[self.output])
         else:  # shape inference gave up (GroupNormalization): take the shape from a run
             feeds = {k: np.zeros(v, np_t) for k, v in self.inputs.items()}
-            shape = ReferenceEvaluator(m).run(None, feeds)[0].shape
+            shape = ReferenceEvaluator(m, new_ops=FLOAT64_OPS).run(None, feeds)[0].shape
             m.graph.output[0].CopyFrom(helper.make_tensor_value_info(self.output, elem, list(shape)))
         onnx.checker.check_model(m, full_check=True)  # raises for a type the op lacks
         return m
@@ -162,7 +178,7 @@ def check(case: Case, k: int = 2, seed: int = 0) -> None:
         ref_model = case.model(F64)
     except INVALID:  # float32-only op (Celu...): float64 values anyway
         ref_model = case.model(F32)
-    new_ops = [_Erf64] + ([_flat_softmax(False), _flat_softmax(True)] if case.opset < 13 else [])
+    new_ops = FLOAT64_OPS + ([_flat_softmax(False), _flat_softmax(True)] if case.opset < 13 else [])
     ref = ReferenceEvaluator(ref_model, new_ops=new_ops)
 
     def f(fd):
@@ -895,6 +911,66 @@ def test_tf2onnx_style_nhwc_graph():
               "lo": np.asarray(0.0), "hi": np.asarray(6.0), "dw": rng.standard_normal((4, 1, 3, 3)),
               "sq": ints(2, 3), "fc": rng.standard_normal((4, 5)), "fb": np.linspace(0, 1, 5)}
     check(Case(nodes, {"x": (2, 6, 6, 3)}, consts=consts, opset=13))
+
+
+# -- operators defined by function bodies (expanded by onnx's inliner, then differentiated) -----
+
+def test_attention_4d_causal_expanded():
+    """Attention (opset 23) has no rule: its schema's function body is inlined, then differentiated."""
+    qkv = (2, 2, 4, 3)
+    check(Case([node("Attention", ["q", "k", "v"], is_causal=1, scale=0.7)],
+               {"q": qkv, "k": qkv, "v": qkv}, opset=23))
+
+
+def test_attention_3d_heads_and_mask_expanded():
+    rng = np.random.default_rng(1)
+    check(Case([node("Attention", ["q", "k", "v", "mask"], q_num_heads=2, kv_num_heads=2)],
+               {"q": (2, 3, 4), "k": (2, 5, 4), "v": (2, 5, 6)},
+               consts={"mask": rng.standard_normal((3, 5))}, opset=23, wrt=["q", "k", "v"]))
+
+
+def test_rms_normalization_expanded():
+    check(Case([node("RMSNormalization", ["x", "s"], axis=-1, epsilon=1e-3)],
+               {"x": X, "s": (4,)}, opset=23))
+
+
+def test_swish_expanded():
+    check(Case([node("Swish", ["x"], alpha=1.7)], {"x": X}, opset=24))
+
+
+def test_mean_variance_normalization_expanded():
+    check(Case([node("MeanVarianceNormalization", ["x"], axes=[0, 2, 3])], {"x": IMG}, opset=13))
+
+
+def test_local_functions_are_inlined():
+    """A model that calls its own function (a custom domain defined in model.functions) gets the
+    same gradient as the same graph written flat."""
+    rng = np.random.default_rng(2)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    fc = numpy_helper.from_array(rng.standard_normal((10, 64)).astype(np.float32), "fc")
+    act = node("LeakyRelu", ["c"], ["b"])
+    act.attribute.append(helper.make_attribute_ref("alpha", onnx.AttributeProto.FLOAT))
+    body = [node("Conv", ["a", "k"], ["c"], pads=[1, 1, 1, 1]), act]
+    fn = helper.make_function("my.lib", "Block", ["a", "k"], ["b"], body,
+                              [helper.make_opsetid("", 17)], attributes=["alpha"])
+    tail = [node("Flatten", ["h"], ["f"]), node("Gemm", ["f", "fc"], ["y"], transB=1)]
+    call = helper.make_node("Block", ["x", "w"], ["h"], domain="my.lib", alpha=0.2)
+    flat = [node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), node("LeakyRelu", ["c"], ["h"], alpha=0.2)]
+    grads = []
+    for nodes, funcs in (([call] + tail, [fn]), (flat + tail, [])):
+        m = _image_model(nodes, 17)
+        m.graph.initializer.extend([w, fc])
+        if funcs:
+            m.opset_import.append(helper.make_opsetid("my.lib", 1))
+            m.functions.extend(funcs)
+        aug = augment(m)
+        assert {n.domain for n in aug.graph.node} <= {"", "ai.onnx"}
+        meta = {p.key: p.value for p in aug.metadata_props}
+        x = np.random.default_rng(3).standard_normal((2, 3, 4, 4)).astype(np.float32)
+        seed = np.eye(10, dtype=np.float32)[:, None].repeat(2, 1)
+        grads.append(_session(aug).run([meta["onnxsal.grad.x"]], {"x": x, meta["onnxsal.seed"]: seed})[0])
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    assert np.abs(grads[0]).max() > 0
 
 
 # -- errors and opsets --------------------------------------------------------------------------

@@ -137,3 +137,24 @@ def test_guided_backprop_treats_relu6_as_a_relu(tmp_path):
     for h in hooks:
         h.remove()
     np.testing.assert_allclose(guided, xt.grad.numpy(), atol=1e-5 * np.abs(xt.grad.numpy()).max())
+
+
+def test_float16_model(cnn_engine):
+    """A vendor's float16 file (made by onnxconverter-common, as vendors do): the engine feeds
+    images and seeds in the model's type and returns float32; the gradients are those of the
+    model's own float16 arithmetic, so they match torch's float32 ones to that precision."""
+    import onnx
+
+    float16 = pytest.importorskip("onnxconverter_common.float16")
+    m, eng = cnn_engine
+    model = float16.convert_float_to_float16(eng.source_model, keep_io_types=False)
+    low = Engine(model, device="cpu", use_disk_cache=False)
+    assert low.source_model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    x = np.random.default_rng(4).random((3, 3, 12, 12), dtype=np.float32)
+    ref_logits, ref = torch_jacobian(m, x)
+    logits = low.logits(x)
+    assert logits.dtype == np.float32
+    np.testing.assert_allclose(logits, ref_logits, atol=2e-2 * np.abs(ref_logits).max())
+    for cls, grads in low.class_gradients(x):
+        assert grads.dtype == np.float32
+        np.testing.assert_allclose(grads, ref[cls], atol=2e-2 * np.abs(ref).max())

@@ -24,7 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelError, OptionError, UnsupportedOperatorError
-from . import fusion
+from . import expand, fusion
 from .graph import Builder, Dim
 from .rules.registry import Rule, table
 
@@ -205,6 +205,53 @@ def _collect_consts(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return consts
 
 
+NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+                    "Multinomial", "Bernoulli"}
+FOLD_LIMIT = 1 << 22  # elements in a folded node's inputs; larger work stays at run time
+
+
+def _fold_static(graph: onnx.GraphProto, opset: int, shapes: dict, consts: dict) -> None:
+    """Add to ``consts`` the values the graph computes from constants and static shapes alone
+    (a Shape of a static tensor, a Size of a known shape, and any standard node whose inputs
+    are all such values), evaluated by onnx's reference implementation. Rules then see, say,
+    the axes a function body computes as Range(0, Size(Shape(x))) as constants."""
+    from onnx.reference import ReferenceEvaluator
+
+    def static(name):
+        dims = shapes.get(name)
+        return dims if dims is not None and all(isinstance(d, int) for d in dims) else None
+
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx") or not node.output or node.output[0] in consts \
+                or node.op_type in NONDETERMINISTIC | {"Constant"} \
+                or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            continue
+        ins = [i for i in node.input if i]
+        if node.op_type == "Size" and static(ins[0]) is not None:
+            consts[node.output[0]] = np.asarray(int(np.prod(static(ins[0]), dtype=np.int64)), np.int64)
+            continue
+        if node.op_type == "Shape" and static(ins[0]) is not None:
+            dims = static(ins[0])
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            # (Shape's start and end clamp and count from the back as Python's slices do)
+            consts[node.output[0]] = np.asarray(dims[attrs.get("start", 0):attrs.get("end", len(dims))], np.int64)
+            continue
+        if not all(i in consts for i in ins) or sum(np.size(consts[i]) for i in ins) > FOLD_LIMIT:
+            continue
+        try:
+            vis = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(consts[i].dtype),
+                                                 list(np.shape(consts[i]))) for i in ins]
+            outs = [helper.make_empty_tensor_value_info(o) for o in node.output if o]
+            m = helper.make_model(helper.make_graph([node], "fold", vis, outs),
+                                  opset_imports=[helper.make_opsetid("", opset)])
+            vals = ReferenceEvaluator(m).run(None, {i: consts[i] for i in ins})
+        except Exception:  # anything the reference cannot evaluate stays a run-time value
+            continue
+        for o, v in zip([o for o in node.output if o], vals):
+            if isinstance(v, np.ndarray) or np.isscalar(v):
+                consts[o] = np.asarray(v)
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
@@ -315,24 +362,33 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
     except KeyError:
         raise OptionError(f"unknown rule set '{rules}' (choose default, guided or lrp)") from None
     options = dict(options or {})
-    model = copy.deepcopy(model)
+    model = expand.inline_local(copy.deepcopy(model))
     opset = default_opset(model)
     if opset < MIN_OPSET:
         model = _convert_opset(model, MIN_OPSET, f"the gradient rules need opset {MIN_OPSET} or newer")
         opset = MIN_OPSET
-    del model.graph.value_info[:]  # some exporters write wrong ones; infer them afresh
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-
-    g = model.graph
     logits_name = logits or find_logits(model).tensor
     wrt = list(wrt) if wrt else [find_image_input(model).name]
-    shapes, dtypes = _collect_static(model)
-    known = set(shapes) | {o for n in g.node for o in n.output}
+
+    def analysed(model):
+        del model.graph.value_info[:]  # some exporters write wrong ones; infer them afresh
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        shapes, dtypes = _collect_static(model)
+        return (model, shapes, dtypes) + _path(model.graph, wrt, logits_name, dtypes)
+
+    model, shapes, dtypes, active, need = analysed(model)
+    known = set(shapes) | {o for n in model.graph.node for o in n.output}
     for t in wrt + [logits_name]:
         if t not in known:
             raise OptionError(f"tensor '{t}' is not in the model's graph")
+    for _ in range(4):  # a body may hold further function operators
+        inline = {n.op_type for n in active if n.domain in expand.STANDARD
+                  and n.op_type not in rule_table and expand.expandable(n.op_type, opset)}
+        if not inline:
+            break
+        model, shapes, dtypes, active, need = analysed(expand.expand_standard(model, inline))
+    g = model.graph
 
-    active, need = _path(g, wrt, logits_name, dtypes)
     unsupported: dict[str, list[str]] = {}
     for node in active:
         if node.domain not in ("", "ai.onnx") or node.op_type not in rule_table:
@@ -345,13 +401,11 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
     if needed_opset > opset:
         model = _convert_opset(model, needed_opset, "a gradient rule needs it")
         opset = needed_opset
-        del model.graph.value_info[:]
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        model, shapes, dtypes, active, need = analysed(model)
         g = model.graph
-        shapes, dtypes = _collect_static(model)
-        active, need = _path(g, wrt, logits_name, dtypes)
 
     consts = _collect_consts(g)
+    _fold_static(g, opset, shapes, consts)
     unknown = sorted({t for n in active for t in list(n.input) + list(n.output)
                       if t and shapes.get(t) is None and t not in consts})
     if unknown:
