@@ -293,18 +293,21 @@ def parameter_count(model: onnx.ModelProto) -> int:
 def summarize(model: onnx.ModelProto, path: str | None = None, output: str | None = None,
               rules: str = "default") -> ModelSummary:
     from .autodiff import supported_ops
+    from .autodiff.expand import expandable, inline_local
     from .autodiff.pass_ import default_opset
 
     supported = set(supported_ops(rules))
+    model = inline_local(model)  # the operators the pass meets
+    opset = default_opset(model)
     counts = collections.Counter(
         n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph.node)
-    ops = {op: {"count": c, "differentiable": op in supported,
+    ops = {op: {"count": c, "differentiable": op in supported or expandable(op, opset),
                 "needs_rule": op not in NO_GRADIENT_OPS} for op, c in sorted(counts.items())}
     return ModelSummary(
         path=path,
         input=find_image_input(model),
         logits=find_logits(model, output),
-        opset=default_opset(model),
+        opset=opset,
         ir_version=model.ir_version,
         parameters=parameter_count(model),
         producer=f"{model.producer_name} {model.producer_version}".strip(),
