@@ -64,7 +64,34 @@ class _MeanVarianceNormalization64(OpRun):
 
 
 _MeanVarianceNormalization64.__name__ = "MeanVarianceNormalization"
-FLOAT64_OPS = [_Erf64, _MeanVarianceNormalization64]
+
+
+class _LRN(OpRun):
+    """onnx's reference LRN loops over the batch axis where it means the channels (onnx 1.23):
+    the spec's window, written out."""
+
+    op_domain = ""
+
+    def _run(self, x, alpha=1e-4, beta=0.75, bias=1.0, size=None):
+        lo, hi = (size - 1) // 2, size // 2
+        sq = np.stack([(x[:, max(0, c - lo):c + hi + 1] ** 2).sum(axis=1) for c in range(x.shape[1])], axis=1)
+        return ((x / (bias + alpha / size * sq) ** beta).astype(x.dtype),)
+
+
+_LRN.__name__ = "LRN"
+
+
+class _LpNormalization(OpRun):
+    """onnx's reference takes sum(x^p) without |x| (onnx 1.23): wrong for p = 1."""
+
+    op_domain = ""
+
+    def _run(self, x, axis=-1, p=2):
+        return ((x / (np.abs(x) ** p).sum(axis=axis, keepdims=True) ** (1.0 / p)).astype(x.dtype),)
+
+
+_LpNormalization.__name__ = "LpNormalization"
+FLOAT64_OPS = [_Erf64, _MeanVarianceNormalization64, _LRN, _LpNormalization]
 
 
 def _flat_softmax(log: bool):
@@ -229,6 +256,8 @@ UNARY = {
     "Celu": {"alpha": 0.7}, "Cos": {}, "Sin": {}, "Elu": {"alpha": 0.8}, "Erf": {}, "Exp": {},
     "HardSigmoid": {"alpha": 0.3, "beta": 0.4}, "LeakyRelu": {"alpha": 0.1}, "Relu": {},
     "Selu": {}, "Sigmoid": {}, "Softplus": {}, "Softsign": {}, "Tanh": {}, "Dropout": {},
+    "Sinh": {}, "Cosh": {}, "Asinh": {}, "Atan": {}, "ThresholdedRelu": {"alpha": 0.3},
+    "Shrink": {"lambd": 0.4, "bias": 0.2}, "Hardmax": {"axis": -1},
 }
 
 
@@ -241,6 +270,12 @@ def test_unary(op):
 @pytest.mark.parametrize("op,opset", [("Log", 17), ("Sqrt", 17), ("Reciprocal", 17)])
 def test_unary_positive(op, opset):
     check(Case([node(op, ["x"])], {"x": X}, opset=opset, positive=True))
+
+
+@pytest.mark.parametrize("op,lo,hi", [("Tan", -1.2, 1.2), ("Asin", -0.9, 0.9), ("Acos", -0.9, 0.9),
+                                      ("Atanh", -0.9, 0.9), ("Acosh", 1.2, 3.0)])
+def test_unary_on_its_domain(op, lo, hi):
+    check(Case([node(op, ["x"])], {"x": X}, values={"x": np.random.default_rng(5).uniform(lo, hi, X)}))
 
 
 def test_hardswish_and_mish():
@@ -716,6 +751,34 @@ def test_instance_norm():
                consts={"s": np.linspace(0.5, 2, 3), "b": np.zeros(3)}))
 
 
+@pytest.mark.parametrize("size", [3, 5])  # onnxruntime takes odd sizes only
+def test_lrn(size):
+    check(Case([node("LRN", ["x"], size=size, alpha=0.5, beta=0.75, bias=1.5)], {"x": (2, 5, 3, 3)}))
+
+
+@pytest.mark.parametrize("p,axis", [(2, -1), (2, 1), (1, 1)])
+def test_lp_normalization(p, axis):
+    check(Case([node("LpNormalization", ["x"], p=p, axis=axis)], {"x": IMG}))
+
+
+@pytest.mark.parametrize("exclusive,reverse", [(0, 0), (1, 0), (0, 1), (1, 1)])
+def test_cumsum(exclusive, reverse):
+    check(Case([node("CumSum", ["x", "ax"], exclusive=exclusive, reverse=reverse)], {"x": X},
+               consts={"ax": np.asarray(-2, np.int64)}))
+
+
+@pytest.mark.parametrize("upper,k", [(1, None), (0, 1), (1, -1)])
+def test_trilu(upper, k):
+    ins, consts = (["x"], {}) if k is None else (["x", "k"], {"k": np.asarray(k, np.int64)})
+    check(Case([node("Trilu", ins, upper=upper)], {"x": (2, 4, 5)}, consts=consts))
+
+
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_reduce_log_sum(keepdims):
+    check(Case([node("ReduceLogSum", ["x"], axes=[1, 2], keepdims=keepdims)], {"x": X}, positive=True,
+               opset=13))
+
+
 def test_group_norm():
     # stash_type=11: statistics in float64 (the default, float32, makes the oracle noisy)
     check(Case([node("GroupNormalization", ["x", "s", "b"], num_groups=2, epsilon=1e-2, stash_type=11)], {"x": (2, 4, 3, 3)},
@@ -983,16 +1046,19 @@ def _image_model(nodes, opset, out_shape=("N", 10)):
 
 
 def test_unsupported_operator_names_every_node_and_writes_nothing():
-    nodes = [node("Hardmax", ["x"], ["h1"], name="hm_a"), node("Hardmax", ["h1"], ["h2"], name="hm_b"),
-             node("LpNormalization", ["h2"], ["d"], name="lp"), node("Flatten", ["d"], ["f"], name="fl"),
+    nodes = [node("LpPool", ["x"], ["h1"], name="lp_a", kernel_shape=[1, 1]),
+             node("LpPool", ["h1"], ["h2"], name="lp_b", kernel_shape=[1, 1]),
+             node("DeformConv", ["h2", "w", "off"], ["d"], name="dc"), node("Flatten", ["d"], ["f"], name="fl"),
              node("Slice", ["f", "s", "e"], ["y"], name="sl")]
     m = _image_model(nodes, 17)
-    m.graph.initializer.extend([numpy_helper.from_array(ints(0), "s"), numpy_helper.from_array(ints(10), "e")])
+    m.graph.initializer.extend([numpy_helper.from_array(ints(0), "s"), numpy_helper.from_array(ints(10), "e"),
+                                numpy_helper.from_array(np.ones((3, 3, 1, 1), np.float32), "w"),
+                                numpy_helper.from_array(np.zeros((1, 2, 4, 4), np.float32), "off")])
     before = m.SerializeToString()
     with pytest.raises(UnsupportedOperatorError) as err:
         augment(m)
     msg = str(err.value)
-    assert "Hardmax" in msg and "hm_a" in msg and "hm_b" in msg and "LpNormalization" in msg and "lp" in msg
+    assert "LpPool" in msg and "lp_a" in msg and "lp_b" in msg and "DeformConv" in msg and "dc" in msg
     assert "\n" not in msg
     assert m.SerializeToString() == before
 

@@ -259,6 +259,78 @@ def cos(ctx, node, dys):
     return [ctx.b.op("Neg", [_mul(ctx, dys[0], ctx.b.op("Sin", [_x(node)]))])]
 
 
+@unary("Tan")
+def tan(ctx, node):
+    y = _y(node)
+    return ctx.b.op("Add", [ctx.scalar(1.0, y), _mul(ctx, y, y)])
+
+
+@unary("Sinh")
+def sinh(ctx, node):
+    return ctx.b.op("Cosh", [_x(node)])
+
+
+@unary("Cosh")
+def cosh(ctx, node):
+    return ctx.b.op("Sinh", [_x(node)])
+
+
+def _inverse_sqrt_slope(ctx, x, sign_x2: float, const: float, negate: bool = False):
+    """1 / sqrt(const + sign_x2 * x^2), negated if asked (Asin, Acos, Asinh, Acosh)."""
+    b = ctx.b
+    q = b.op("Add", [ctx.scalar(const, x), _mul(ctx, ctx.scalar(sign_x2, x), _mul(ctx, x, x))])
+    return b.op("Div", [ctx.scalar(-1.0 if negate else 1.0, x), b.op("Sqrt", [q])])
+
+
+@unary("Asin")
+def asin(ctx, node):
+    return _inverse_sqrt_slope(ctx, _x(node), -1.0, 1.0)
+
+
+@unary("Acos")
+def acos(ctx, node):
+    return _inverse_sqrt_slope(ctx, _x(node), -1.0, 1.0, negate=True)
+
+
+@unary("Asinh")
+def asinh(ctx, node):
+    return _inverse_sqrt_slope(ctx, _x(node), 1.0, 1.0)
+
+
+@unary("Acosh")
+def acosh(ctx, node):
+    return _inverse_sqrt_slope(ctx, _x(node), 1.0, -1.0)
+
+
+@unary("Atan")
+def atan(ctx, node):
+    x = _x(node)
+    return ctx.b.op("Reciprocal", [ctx.b.op("Add", [ctx.scalar(1.0, x), _mul(ctx, x, x)])])
+
+
+@unary("Atanh")
+def atanh(ctx, node):
+    x = _x(node)
+    return ctx.b.op("Reciprocal", [ctx.b.op("Sub", [ctx.scalar(1.0, x), _mul(ctx, x, x)])])
+
+
+@unary("ThresholdedRelu")
+def thresholded_relu(ctx, node):
+    x = _x(node)
+    alpha = ctx.attr(node, "alpha", 1.0)
+    return ctx.b.op("Cast", [ctx.b.op("Greater", [x, ctx.scalar(alpha, x)])], to=ctx.dtype(x))
+
+
+@unary("Shrink")
+def shrink(ctx, node):
+    # y = x - bias above lambd, x + bias below -lambd, 0 between: slope 1 outside [-lambd, lambd]
+    b = ctx.b
+    x = _x(node)
+    lambd = ctx.attr(node, "lambd", 0.5)
+    outside = b.op("Or", [b.op("Greater", [x, ctx.scalar(lambd, x)]), b.op("Less", [x, ctx.scalar(-lambd, x)])])
+    return b.op("Cast", [outside], to=ctx.dtype(x))
+
+
 @unary("Clip")
 def clip(ctx, node):
     b = ctx.b
@@ -385,7 +457,7 @@ def where(ctx, node, dys):
     return out
 
 
-@rule("Sign", "Floor", "Ceil", "Round")
+@rule("Sign", "Floor", "Ceil", "Round", "Hardmax")
 def zero_derivative(ctx, node, dys):
     # piecewise constant: zero almost everywhere; nothing flows back
     return [None] * len(node.input)

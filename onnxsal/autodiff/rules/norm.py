@@ -8,6 +8,7 @@ saved input rather than read from optional outputs.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from ...errors import ModelError
 from .registry import rule
@@ -137,3 +138,49 @@ def group_norm(ctx, node, dys):
         g_scale = b.op("Reshape", [scale, b.ints([groups, 1])])
     dxg, _ = _normalize_backward(ctx, dyg, xg, g_scale, [2], eps)
     return [b.reshape_cot(dxg, x), None, None]
+
+
+@rule("LpNormalization")
+def lp_normalization(ctx, node, dys):
+    """y = x / ||x||_p along the axis (p = 1 or 2): dx = (dy - g sum(dy y)) / ||x||_p, with
+    g = d||x||/dx = y for p = 2 and sign(x) for p = 1."""
+    b = ctx.b
+    x, y = node.input[0], node.output[0]
+    p = ctx.attr(node, "p", 2)
+    if p not in (1, 2):
+        raise ModelError(f"LpNormalization node '{node.name}' has p={p}; ONNX allows only 1 and 2")
+    axis = _norm_axis(ctx.attr(node, "axis", -1), ctx.rank(x))
+    norm = b.reduce("ReduceL2" if p == 2 else "ReduceL1", x, [axis], keepdims=True)
+    g = y if p == 2 else b.op("Sign", [x])
+    s = b.reduce("ReduceSum", b.op("Mul", [dys[0], y]), [axis + 1], keepdims=True)
+    return [b.op("Div", [b.op("Sub", [dys[0], b.op("Mul", [g, s])]), norm])]
+
+
+def _channel_window_sum(ctx, t, size: int, before: int, after: int, like: str):
+    """sum over channels c - before .. c + after of t ([B, C, spatial...], zero outside)."""
+    b = ctx.b
+    r = ctx.rank(like)
+    ones = b.const(np.ones([1, 1, size] + [1] * (r - 2)),
+                   dtype=onnx.helper.tensor_dtype_to_np_dtype(ctx.dtype(like)), hint="window")
+    pads = [before] + [0] * (r - 2) + [after] + [0] * (r - 2)
+    return b.squeeze(b.op("Conv", [b.unsqueeze(t, [1]), ones], pads=pads), [1])
+
+
+@rule("LRN")
+def lrn(ctx, node, dys):
+    """y = x s^-beta, s = bias + alpha/size * (sum of x^2 over a window of channels):
+    dx = dy s^-beta - (2 alpha beta / size) x W'(dy y / s), where W' sums over the transposed
+    window (the channels whose window holds c). AlexNet, CaffeNet, GoogLeNet in the ONNX zoo."""
+    b = ctx.b
+    x, y = node.input[0], node.output[0]
+    size = int(ctx.attr(node, "size"))
+    alpha, beta, bias = ctx.attr(node, "alpha", 1e-4), ctx.attr(node, "beta", 0.75), ctx.attr(node, "bias", 1.0)
+    lo, hi = (size - 1) // 2, size // 2  # floor and ceil of (size - 1) / 2
+    sq = _channel_window_sum(ctx, b.op("Mul", [x, x]), size, lo, hi, x)
+    s = b.op("Add", [ctx.scalar(bias, x), b.op("Mul", [sq, ctx.scalar(alpha / size, x)])])
+    direct = b.op("Mul", [dys[0], b.op("Pow", [s, ctx.scalar(-beta, x)])])
+    back = b.fold(b.op("Mul", [dys[0], b.op("Div", [y, s])]), y)
+    cross = b.reshape_cot(_channel_window_sum(ctx, back, size, hi, lo, x), x)
+    cross = b.op("Mul", [cross, b.op("Mul", [x, ctx.scalar(2 * alpha * beta / size, x)])])
+    return [b.op("Sub", [direct, cross])]
+

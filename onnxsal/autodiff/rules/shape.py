@@ -411,6 +411,36 @@ def reduce_log_sum_exp(ctx, node, dys):
     return [b.op("Mul", [dx, b.op("Exp", [b.op("Sub", [x, y])])])] + [None] * (len(node.input) - 1)
 
 
+@rule("ReduceLogSum")
+def reduce_log_sum(ctx, node, dys):
+    """y = log(sum x): dx = dy / exp(y), a partial cotangent that broadcasts over the axes."""
+    b = ctx.b
+    axes = _reduce_axes(ctx, node)
+    y = _output_keepdims(ctx, node, axes)
+    dx = b.op("Div", [_expand_back(ctx, node, dys[0], axes), b.op("Exp", [y])])
+    return [b.broadcast_cot(dx, node.input[0])] + [None] * (len(node.input) - 1)
+
+
+@rule("CumSum")
+def cum_sum(ctx, node, dys):
+    """The adjoint of a running sum is the running sum the other way along the same axis."""
+    x = node.input[0]
+    axis = ctx.const(node.input[1])
+    if axis is None:
+        raise ModelError(f"CumSum node '{node.name}' has a run-time axis; only a constant axis is supported")
+    axis = _norm(int(np.asarray(axis).reshape(-1)[0]), ctx.rank(x))
+    dx = ctx.b.op("CumSum", [dys[0], ctx.b.ints([axis + 1])], exclusive=ctx.attr(node, "exclusive", 0),
+                  reverse=1 - ctx.attr(node, "reverse", 0))
+    return [dx, None]
+
+
+@rule("Trilu")
+def trilu(ctx, node, dys):
+    """A mask of the last two axes: the cotangent gets the same mask."""
+    ins = [dys[0]] + ([node.input[1]] if ctx.input(node, 1) else [])
+    return [ctx.b.op("Trilu", ins, upper=ctx.attr(node, "upper", 1))] + [None] * (len(node.input) - 1)
+
+
 @rule("ReduceProd")
 def reduce_prod(ctx, node, dys):
     """d prod / dx_i = prod / x_i (inputs must be non-zero)."""
