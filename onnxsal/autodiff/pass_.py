@@ -274,11 +274,15 @@ def _convert_opset(model: onnx.ModelProto, target: int, why: str) -> onnx.ModelP
 def _path(graph: onnx.GraphProto, wrt: Sequence[str], target: str, dtypes: dict[str, int]):
     """Nodes between the wrt tensors and the target, and the tensors that need a cotangent."""
     fwd = set(wrt)
+    carriers = set()  # integer tensors that carry a cotangent: QuantizeLinear's (rules/quant.py)
     for node in graph.node:
         if any(i in fwd for i in node.input if i):
             for o in node.output:
                 if o and dtypes.get(o, TensorProto.FLOAT) in FLOAT_TYPES:
                     fwd.add(o)
+                elif o and node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx"):
+                    fwd.add(o)
+                    carriers.add(o)
     bwd = {target}
     active = []
     for node in reversed(graph.node):
@@ -288,7 +292,7 @@ def _path(graph: onnx.GraphProto, wrt: Sequence[str], target: str, dtypes: dict[
             if any(i in fwd for i in node.input if i) and any(o in fwd and o in bwd for o in node.output if o):
                 active.append(node)
             bwd.update(i for i in node.input if i)
-    need = {t for t in fwd & bwd if dtypes.get(t, TensorProto.FLOAT) in FLOAT_TYPES}
+    need = {t for t in fwd & bwd if dtypes.get(t, TensorProto.FLOAT) in FLOAT_TYPES or t in carriers}
     active.reverse()
     return active, need
 
