@@ -1063,6 +1063,13 @@ def test_unsupported_operator_names_every_node_and_writes_nothing():
     assert m.SerializeToString() == before
 
 
+def test_path_through_integers_is_an_error_not_zero_gradients():
+    nodes = [node("Cast", ["x"], ["i"], to=TensorProto.INT32, name="to_int"), node("Cast", ["i"], ["f"], to=F32),
+             node("Flatten", ["f"], ["y"])]
+    with pytest.raises(ModelError, match="do not depend on 'x'.*to_int"):
+        augment(_image_model(nodes, 17, out_shape=("N", 48)))
+
+
 def test_custom_domain_operator_is_named():
     nodes = [helper.make_node("FusedThing", ["x"], ["y0"], name="fz", domain="com.example"),
              node("Flatten", ["y0"], ["y"])]

@@ -101,3 +101,24 @@ def test_onnxruntime_quantized_model_end_to_end(tmp_path):
     assert np.isfinite(gq).all() and np.abs(gq).max() > 0
     cos = (gq * gf).sum() / np.linalg.norm(gq) / np.linalg.norm(gf)
     assert cos > 0.8, cos
+
+
+def test_qoperator_model_is_refused_by_name():
+    """The QOperator form computes in integers between QuantizeLinear and DequantizeLinear: the
+    path is reported at those operators instead of being cut without a word (zero gradients)."""
+    from onnxsal.errors import UnsupportedOperatorError
+
+    rng = np.random.default_rng(0)
+    f = numpy_helper.from_array
+    inits = [f(np.asarray(1 / 255, np.float32), "s"), f(np.asarray(0, np.uint8), "z"),
+             f(rng.integers(0, 255, (4, 3, 3, 3)).astype(np.uint8), "w"), f(np.asarray(0.01, np.float32), "ws"),
+             f(np.asarray(128, np.uint8), "wz"), f(np.asarray(0.05, np.float32), "ys"), f(np.asarray(0, np.uint8), "yz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("QLinearConv", ["xq", "s", "z", "w", "ws", "wz", "ys", "yz"], ["cq"], name="qconv"),
+             helper.make_node("DequantizeLinear", ["cq", "ys", "yz"], ["c"]),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])]
+    g = helper.make_graph(nodes, "qop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(UnsupportedOperatorError, match="QLinearConv.*qconv"):
+        augment(m)

@@ -273,14 +273,20 @@ def _convert_opset(model: onnx.ModelProto, target: int, why: str) -> onnx.ModelP
 
 def _path(graph: onnx.GraphProto, wrt: Sequence[str], target: str, dtypes: dict[str, int]):
     """Nodes between the wrt tensors and the target, and the tensors that need a cotangent."""
+    from ..model import NO_GRADIENT_OPS
+
     fwd = set(wrt)
-    carriers = set()  # integer tensors that carry a cotangent: QuantizeLinear's (rules/quant.py)
+    # integer tensors that carry a cotangent: QuantizeLinear's (rules/quant.py), and what other
+    # nodes compute from them, so that an integer-domain operator (QLinearConv...) between the
+    # input and the logits is reported instead of cutting the path without a word
+    carriers = set()
     for node in graph.node:
         if any(i in fwd for i in node.input if i):
             for o in node.output:
                 if o and dtypes.get(o, TensorProto.FLOAT) in FLOAT_TYPES:
                     fwd.add(o)
-                elif o and node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx"):
+                elif o and (node.op_type == "QuantizeLinear" or any(i in carriers for i in node.input)) \
+                        and node.op_type not in NO_GRADIENT_OPS:
                     fwd.add(o)
                     carriers.add(o)
     bwd = {target}
@@ -400,6 +406,14 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
             unsupported.setdefault(key, []).append(node.name or f"#{list(g.node).index(node)}")
     if unsupported:
         raise UnsupportedOperatorError(unsupported)
+    if logits_name not in need:  # every gradient would be zero: say where the path is cut
+        from ..model import NO_GRADIENT_OPS
+
+        cut = [n.name or n.op_type for n in g.node if n.op_type not in NO_GRADIENT_OPS
+               and any(i in need for i in n.input) and any(o and o not in need for o in n.output)]
+        raise ModelError(f"the logits '{logits_name}' do not depend on {', '.join(map(repr, wrt))} "
+                         f"through float tensors, so every gradient would be zero"
+                         + (f" (integer outputs at {', '.join(cut[:5])})" if cut else ""))
 
     needed_opset = max([rule_table[n.op_type].opset_for(n) for n in active] + [opset])
     if needed_opset > opset:
