@@ -940,6 +940,33 @@ def test_resize():
                consts={"sz": ints(1, 2, 3, 7)}))
 
 
+def test_resize_with_run_time_sizes_from_a_dynamic_batch():
+    """sizes = Concat(Shape(x)[:2], [6, 7]) with a dynamic batch (as timm's CrossViT exports):
+    not a constant, but its value is known as ['N', 3, 6, 7]. The gradient equals that of the
+    same Resize with constant scales (itself checked by finite differences above)."""
+    rng = np.random.default_rng(4)
+    fc = numpy_helper.from_array(rng.standard_normal((10, 126)).astype(np.float32), "fc")
+    tail = [node("Flatten", ["r"], ["f"]), node("Gemm", ["f", "fc"], ["y"], transB=1)]
+    run_time = [node("Shape", ["x"], ["s"]), node("Slice", ["s", "s0", "s2"], ["nc"]),
+                node("Concat", ["nc", "hw"], ["sz"], axis=0),
+                node("Resize", ["x", "", "", "sz"], ["r"], mode="linear")]
+    consts = [numpy_helper.from_array(ints(0), "s0"), numpy_helper.from_array(ints(2), "s2"),
+              numpy_helper.from_array(ints(6, 7), "hw")]
+    x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    seed = rng.standard_normal((3, 2, 10)).astype(np.float32)
+    grads = []
+    # the reference: constant scales 6/4 and 7/4 (exact in float32: the same sampling)
+    scaled = [node("Resize", ["x", "", "sc"], ["r"], mode="linear")]
+    for nodes, inits in ((run_time, consts),
+                         (scaled, [numpy_helper.from_array(np.asarray([1, 1, 1.5, 1.75], np.float32), "sc")])):
+        m = _image_model(nodes + tail, 17)
+        m.graph.initializer.extend(inits + [fc])
+        aug = augment(m)
+        meta = {p.key: p.value for p in aug.metadata_props}
+        grads.append(_session(aug).run([meta["onnxsal.grad.x"]], {"x": x, meta["onnxsal.seed"]: seed})[0])
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6, atol=1e-6)
+
+
 def test_depth_space():
     check(Case([node("DepthToSpace", ["x"], blocksize=2, mode="DCR")], {"x": (1, 8, 2, 3)}))
     check(Case([node("DepthToSpace", ["x"], blocksize=2, mode="CRD")], {"x": (1, 8, 2, 3)}))

@@ -46,12 +46,13 @@ class Context:
     def __init__(self, b: Builder, shapes: dict[str, list[Dim] | None], dtypes: dict[str, int],
                  consts: dict[str, np.ndarray], need: set[str], ruleset: str, options: dict,
                  graph: onnx.GraphProto | None = None, rules: dict[str, Rule] | None = None,
-                 wrt: Sequence[str] = ()):
+                 wrt: Sequence[str] = (), shape_values: dict | None = None):
         self.b = b
         self.opset = b.opset
         self._shapes = shapes
         self._dtypes = dtypes
         self._consts = consts
+        self._shape_values = shape_values or {}
         self._need = need
         self.ruleset = ruleset
         self.options = options
@@ -89,6 +90,15 @@ class Context:
 
     def const(self, name: str) -> np.ndarray | None:
         return self._consts.get(name)
+
+    def shape_value(self, name: str) -> list | None:
+        """A 1-D integer tensor's value as dims (int, symbol or None) when the graph computes it
+        from shapes, e.g. ['N', 3, 6, 7]; None when unknown."""
+        c = self._consts.get(name)
+        if c is not None and c.ndim == 1 and c.dtype.kind == "i":
+            return [int(v) for v in c]
+        v = self._shape_values.get(name)
+        return v if isinstance(v, list) else None
 
     def needs_grad(self, name: str) -> bool:
         return name in self._need
@@ -210,17 +220,64 @@ NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "Random
 FOLD_LIMIT = 1 << 22  # elements in a folded node's inputs; larger work stays at run time
 
 
-def _fold_static(graph: onnx.GraphProto, opset: int, shapes: dict, consts: dict) -> None:
+def _shape_value(node: onnx.NodeProto, shapes: dict, consts: dict, known: dict):
+    """The value of a shape computation as dims (int, a symbol such as 'N', or None), for
+    Shape, Slice, Gather, Concat, Unsqueeze, Squeeze, Cast and Identity on such values; None
+    when it is not one. Scalars are 1-tuples."""
+    def value(name):
+        if name in known:
+            return known[name]
+        c = consts.get(name)
+        if c is not None and c.dtype.kind == "i" and c.ndim <= 1:
+            return [int(v) for v in c] if c.ndim == 1 else (int(c),)
+        return None
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    ins = [value(i) if i else None for i in node.input]
+    op = node.op_type
+    if op == "Shape":
+        dims = shapes.get(node.input[0])
+        return None if dims is None else list(dims)[attrs.get("start", 0):attrs.get("end", len(dims))]
+    if op in ("Cast", "Identity"):
+        return ins[0]
+    if op == "Concat" and attrs.get("axis") in (0, -1) and all(isinstance(v, list) for v in ins):
+        return [d for v in ins for d in v]
+    if op == "Gather" and isinstance(ins[0], list) and attrs.get("axis", 0) == 0 and ins[1] is not None:
+        picked = [ins[0][i] for i in (ins[1] if isinstance(ins[1], list) else ins[1])]
+        return picked if isinstance(ins[1], list) else tuple(picked)
+    if op == "Unsqueeze" and isinstance(ins[0], tuple):
+        return list(ins[0])
+    if op == "Squeeze" and isinstance(ins[0], list) and len(ins[0]) == 1:
+        return tuple(ins[0])
+    if op == "Slice" and isinstance(ins[0], list):
+        if len(node.input) > 1:  # opset >= 10: starts, ends, axes, steps as inputs
+            starts, ends = ins[1], ins[2]
+            axes = ins[3] if len(ins) > 3 and ins[3] is not None else [0]
+            steps = ins[4] if len(ins) > 4 and ins[4] is not None else [1]
+        else:
+            starts, ends, axes, steps = attrs.get("starts"), attrs.get("ends"), attrs.get("axes", [0]), [1]
+        if not all(isinstance(v, list) and len(v) == 1 and isinstance(v[0], int)
+                   for v in (starts, ends, axes, steps)) or axes[0] not in (0, -1):
+            return None
+        return ins[0][starts[0]:ends[0]:steps[0]]
+    return None
+
+
+def _fold_static(graph: onnx.GraphProto, opset: int, shapes: dict, consts: dict) -> dict:
     """Add to ``consts`` the values the graph computes from constants and static shapes alone
     (a Shape of a static tensor, a Size of a known shape, and any standard node whose inputs
     are all such values), evaluated by onnx's reference implementation. Rules then see, say,
-    the axes a function body computes as Range(0, Size(Shape(x))) as constants."""
+    the axes a function body computes as Range(0, Size(Shape(x))) as constants.
+
+    Returns the shape computations known in part, as dims (see _shape_value): with a dynamic
+    batch, Concat(Shape(x)[:2], [6, 7]) is ['N', 3, 6, 7]."""
     from onnx.reference import ReferenceEvaluator
 
     def static(name):
         dims = shapes.get(name)
         return dims if dims is not None and all(isinstance(d, int) for d in dims) else None
 
+    known: dict = {}
     for node in graph.node:
         if node.domain not in ("", "ai.onnx") or not node.output or node.output[0] in consts \
                 or node.op_type in NONDETERMINISTIC | {"Constant"} \
@@ -230,11 +287,12 @@ def _fold_static(graph: onnx.GraphProto, opset: int, shapes: dict, consts: dict)
         if node.op_type == "Size" and static(ins[0]) is not None:
             consts[node.output[0]] = np.asarray(int(np.prod(static(ins[0]), dtype=np.int64)), np.int64)
             continue
-        if node.op_type == "Shape" and static(ins[0]) is not None:
-            dims = static(ins[0])
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            # (Shape's start and end clamp and count from the back as Python's slices do)
-            consts[node.output[0]] = np.asarray(dims[attrs.get("start", 0):attrs.get("end", len(dims))], np.int64)
+        dims = _shape_value(node, shapes, consts, known)
+        if dims is not None:
+            if all(isinstance(d, int) for d in dims):
+                consts[node.output[0]] = np.asarray(dims if isinstance(dims, list) else dims[0], np.int64)
+            else:
+                known[node.output[0]] = dims
             continue
         if not all(i in consts for i in ins) or sum(np.size(consts[i]) for i in ins) > FOLD_LIMIT:
             continue
@@ -250,6 +308,7 @@ def _fold_static(graph: onnx.GraphProto, opset: int, shapes: dict, consts: dict)
         for o, v in zip([o for o in node.output if o], vals):
             if isinstance(v, np.ndarray) or np.isscalar(v):
                 consts[o] = np.asarray(v)
+    return known
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -423,7 +482,7 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
         g = model.graph
 
     consts = _collect_consts(g)
-    _fold_static(g, opset, shapes, consts)
+    shape_values = _fold_static(g, opset, shapes, consts)
     unknown = sorted({t for n in active for t in list(n.input) + list(n.output)
                       if t and shapes.get(t) is None and t not in consts})
     if unknown:
@@ -432,7 +491,8 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
     taken = {t for n in g.node for t in list(n.input) + list(n.output)}
     taken |= {i.name for i in g.initializer} | {i.name for i in g.input} | {n.name for n in g.node}
     b = Builder(opset, taken)
-    ctx = Context(b, shapes, dtypes, consts, need, rules, options, graph=g, rules=rule_table, wrt=wrt)
+    ctx = Context(b, shapes, dtypes, consts, need, rules, options, graph=g, rules=rule_table, wrt=wrt,
+                  shape_values=shape_values)
 
     # the seed input: the cotangent of the logits, [K, N, C]
     seed_name = "onnxsal_seed" if "onnxsal_seed" not in taken else b.fresh("seed")

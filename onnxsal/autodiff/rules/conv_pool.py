@@ -434,7 +434,8 @@ def _resize_matrix(node, opset: int, axis: int, rank: int, n_in: int, scale: flo
 def resize(ctx, node, dys):
     """Resize is linear in its input: per resized axis, multiply the cotangent by the transpose
     of the interpolation matrix (nearest, linear, cubic; any coordinate transformation).
-    Needs static sizes and constant scales/sizes."""
+    Needs static sizes on the resized axes and constant scales or sizes (or run-time sizes
+    whose values shape inference knows)."""
     b = ctx.b
     x, y = node.input[0], node.output[0]
     r = ctx.rank(x)
@@ -443,20 +444,24 @@ def resize(ctx, node, dys):
     ctm = ctm.decode() if isinstance(ctm, bytes) else ctm
     if bad or ctm == "tf_crop_and_resize" or ctx.attr(node, "keep_aspect_ratio_policy", "stretch") not in ("stretch", b"stretch"):
         raise ModelError(f"{node.op_type} node '{node.name}' uses axes/crop/aspect-ratio options; not supported")
-    if True:
-        scales = ctx.const(node.input[2]) if ctx.input(node, 2) else None
-        sizes = ctx.const(node.input[3]) if ctx.input(node, 3) else None
-        if scales is not None and scales.size == 0:
-            scales = None
+    scales = ctx.const(node.input[2]) if ctx.input(node, 2) else None
+    if scales is not None and scales.size == 0:
+        scales = None
+    # sizes: constant, or computed from shapes (Concat(Shape(x)[:2], [H, W]) with a dynamic
+    # batch is ['N', C, H, W]); run-time scales would move the sampling coordinates themselves
+    sizes = ctx.shape_value(node.input[3]) if ctx.input(node, 3) else None
     if scales is None and sizes is None:
-        raise ModelError(f"{node.op_type} node '{node.name}' has run-time scales/sizes; not supported")
-    sin, sout = ctx.shape(x) or [None] * r, ctx.shape(y) or [None] * r
+        raise ModelError(f"{node.op_type} node '{node.name}' has run-time scales/sizes; only constant "
+                         f"scales and sizes computed from shapes are supported")
+    sin, sout = ctx.shape(x) or [None] * r, list(ctx.shape(y) or [None] * r)
     np_t = helper.tensor_dtype_to_np_dtype(ctx.dtype(x))
     dx = dys[0]
     for i in range(r):
         sc = float(scales[i]) if scales is not None else None
-        if (sc is not None and sc == 1.0) or (sc is None and int(sizes[i]) == sin[i]):
+        if (sc is not None and sc == 1.0) or (sc is None and sizes[i] is not None and sizes[i] == sin[i]):
             continue
+        if sc is None and isinstance(sizes[i], int):
+            sout[i] = sizes[i]
         if not isinstance(sin[i], int) or not isinstance(sout[i], int):
             raise ModelError(f"{node.op_type} node '{node.name}' resizes axis {i} of dynamic size; "
                              f"not supported")
