@@ -161,8 +161,14 @@ def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
 
 
 def validate(model: onnx.ModelProto, where: str = "model") -> None:
+    from .autodiff.contrib import DOMAIN as ORT_DOMAIN, LOWERED
+
+    # other domains: the model's own functions (inlined before the pass) and onnxruntime's
+    # fused operators that onnxsal writes back as standard ONNX
+    local = {(f.domain, f.name) for f in model.functions}
     custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
-                     if n.domain not in ("", "ai.onnx", "ai.onnx.ml")})
+                     if n.domain not in ("", "ai.onnx", "ai.onnx.ml") and (n.domain, n.op_type) not in local
+                     and not (n.domain == ORT_DOMAIN and n.op_type in LOWERED)})
     if custom:
         raise ModelError(f"{where}: custom operator domains are not supported: {', '.join(custom)}")
     newest = onnx.defs.onnx_opset_version()
@@ -293,11 +299,12 @@ def parameter_count(model: onnx.ModelProto) -> int:
 def summarize(model: onnx.ModelProto, path: str | None = None, output: str | None = None,
               rules: str = "default") -> ModelSummary:
     from .autodiff import supported_ops
+    from .autodiff.contrib import lower
     from .autodiff.expand import expandable, inline_local
     from .autodiff.pass_ import default_opset
 
     supported = set(supported_ops(rules))
-    model = inline_local(model)  # the operators the pass meets
+    model = lower(inline_local(model))  # the operators the pass meets
     opset = default_opset(model)
     counts = collections.Counter(
         n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph.node)

@@ -24,7 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelError, OptionError, UnsupportedOperatorError
-from . import expand, fusion
+from . import contrib, expand, fusion
 from .graph import Builder, Dim
 from .rules.registry import Rule, table
 
@@ -431,7 +431,7 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
     except KeyError:
         raise OptionError(f"unknown rule set '{rules}' (choose default, guided or lrp)") from None
     options = dict(options or {})
-    model = expand.inline_local(copy.deepcopy(model))
+    model = contrib.lower(expand.inline_local(copy.deepcopy(model)))
     opset = default_opset(model)
     if opset < MIN_OPSET:
         model = _convert_opset(model, MIN_OPSET, f"the gradient rules need opset {MIN_OPSET} or newer")
