@@ -89,6 +89,11 @@ def build(name: str, source: str):
         import timm
 
         m = timm.create_model(name, pretrained=False, num_classes=10).eval()
+        head = m.get_classifier()
+        for mod in head.modules() if isinstance(head, torch.nn.Module) else []:
+            w = getattr(mod, "weight", None)
+            if isinstance(w, torch.Tensor) and w.ndim == 2 and not w.any():  # zero-initialised
+                torch.nn.init.normal_(w, std=0.02)
         size = m.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
         return m, size
     kw = {"weights": None, "num_classes": 10}
@@ -164,6 +169,7 @@ def main() -> None:
                 if n_params > a.max_params:
                     print(f"| {name} | | skipped ({n_params / 1e6:.0f}M parameters) | | | |", flush=True)
                     continue
+                md = copy.deepcopy(m).double()  # before any run (some modules cache tensors)
                 x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
                 path = str(Path(tmp) / f"{name}.onnx")
                 try:
@@ -176,7 +182,6 @@ def main() -> None:
                 eng = Engine(path, device="cpu", threads=2, use_disk_cache=False)
                 got = np.concatenate([g for _, g in eng.class_gradients(x.numpy())])
                 ref32 = _jacobian(m, x)  # torch's own float32 error shows how kinked the model is
-                md = copy.deepcopy(m).double()
                 ref = _jacobian(md, x.double())
                 scale = np.abs(ref).max()
                 err, err32 = (float(np.abs(g - ref).max() / scale) for g in (got, ref32))

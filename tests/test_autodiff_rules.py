@@ -967,6 +967,25 @@ def test_resize_with_run_time_sizes_from_a_dynamic_batch():
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6, atol=1e-6)
 
 
+def test_tile_with_run_time_repeats():
+    """repeats that only a run computes (Div(Shape(x), Shape(x)) * [1, 1, 2, 1] with a dynamic
+    batch, as timm's GC ViT exports them): the same gradient as constant repeats."""
+    rng = np.random.default_rng(6)
+    fc = numpy_helper.from_array(rng.standard_normal((10, 96)).astype(np.float32), "fc")
+    tail = [node("Tile", ["x", "reps"], ["t"]), node("Flatten", ["t"], ["f"]), node("Gemm", ["f", "fc"], ["y"], transB=1)]
+    head = [node("Shape", ["x"], ["s"]), node("Div", ["s", "s"], ["one"]), node("Mul", ["one", "m"], ["reps"])]
+    x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    seed = rng.standard_normal((3, 2, 10)).astype(np.float32)
+    grads = []
+    for nodes, name in ((head + tail, "m"), (tail, "reps")):
+        m = _image_model(nodes, 17)
+        m.graph.initializer.extend([numpy_helper.from_array(ints(1, 1, 2, 1), name), fc])
+        aug = augment(m)
+        meta = {p.key: p.value for p in aug.metadata_props}
+        grads.append(_session(aug).run([meta["onnxsal.grad.x"]], {"x": x, meta["onnxsal.seed"]: seed})[0])
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6, atol=1e-6)
+
+
 def test_depth_space():
     check(Case([node("DepthToSpace", ["x"], blocksize=2, mode="DCR")], {"x": (1, 8, 2, 3)}))
     check(Case([node("DepthToSpace", ["x"], blocksize=2, mode="CRD")], {"x": (1, 8, 2, 3)}))

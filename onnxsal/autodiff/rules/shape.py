@@ -260,13 +260,17 @@ def tile(ctx, node, dys):
     b = ctx.b
     x = node.input[0]
     reps = ctx.const(node.input[1])
-    if reps is None:
-        raise ModelError(f"Tile node '{node.name}' has run-time repeats; not supported")
     r = ctx.rank(x)
-    parts = [b.ints([-1])]
-    for i, rep in enumerate(reps):
-        parts += [b.ints([int(rep)]), b.shape(x, i, i + 1)]
-    split = b.op("Reshape", [dys[0], b.concat(parts)])
+    # the cotangent viewed as [K, rep0, d0, rep1, d1, ...], summed over the repeats
+    if reps is not None:
+        parts = [b.ints([-1])]
+        for i, rep in enumerate(reps):
+            parts += [b.ints([int(rep)]), b.shape(x, i, i + 1)]
+        layout = b.concat(parts)
+    else:  # run-time repeats: interleave them with shape(x) at run time
+        pairs = b.op("Concat", [b.unsqueeze(node.input[1], [1]), b.unsqueeze(b.shape(x), [1])], axis=1)
+        layout = b.concat([b.ints([-1]), b.op("Reshape", [pairs, b.ints([2 * r])])])
+    split = b.op("Reshape", [dys[0], layout])
     summed = b.reduce("ReduceSum", split, [1 + 2 * i for i in range(r)], keepdims=False)
     return [summed, None]
 
