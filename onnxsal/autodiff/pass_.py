@@ -222,8 +222,8 @@ FOLD_LIMIT = 1 << 22  # elements in a folded node's inputs; larger work stays at
 
 def _shape_value(node: onnx.NodeProto, shapes: dict, consts: dict, known: dict):
     """The value of a shape computation as dims (int, a symbol such as 'N', or None), for
-    Shape, Slice, Gather, Concat, Unsqueeze, Squeeze, Cast and Identity on such values; None
-    when it is not one. Scalars are 1-tuples."""
+    Shape, Slice, Gather, Concat, Unsqueeze, Squeeze, Cast to int64 and Identity on such
+    values; None when it is not one. Scalars are 1-tuples."""
     def value(name):
         if name in known:
             return known[name]
@@ -238,8 +238,8 @@ def _shape_value(node: onnx.NodeProto, shapes: dict, consts: dict, known: dict):
     if op == "Shape":
         dims = shapes.get(node.input[0])
         return None if dims is None else list(dims)[attrs.get("start", 0):attrs.get("end", len(dims))]
-    if op in ("Cast", "Identity"):
-        return ins[0]
+    if op == "Identity" or (op == "Cast" and attrs.get("to") == TensorProto.INT64):
+        return ins[0]  # (a Cast to another type is the reference evaluator's to fold)
     if op == "Concat" and attrs.get("axis") in (0, -1) and all(isinstance(v, list) for v in ins):
         return [d for v in ins for d in v]
     if op == "Gather" and isinstance(ins[0], list) and attrs.get("axis", 0) == 0 and ins[1] is not None:
@@ -287,7 +287,10 @@ def _fold_static(graph: onnx.GraphProto, opset: int, shapes: dict, consts: dict)
         if node.op_type == "Size" and static(ins[0]) is not None:
             consts[node.output[0]] = np.asarray(int(np.prod(static(ins[0]), dtype=np.int64)), np.int64)
             continue
-        dims = _shape_value(node, shapes, consts, known)
+        try:
+            dims = _shape_value(node, shapes, consts, known)
+        except (IndexError, TypeError):  # an index out of range: the run will say so
+            dims = None
         if dims is not None:
             if all(isinstance(d, int) for d in dims):
                 consts[node.output[0]] = np.asarray(dims if isinstance(dims, list) else dims[0], np.int64)
