@@ -685,10 +685,26 @@ def test_pooling(data, op):
     check(c)
 
 
-def test_average_pool_ceil_mode_is_refused_clearly():
-    c = Case([node("AveragePool", ["x"], kernel_shape=[3, 3], strides=[3, 3], ceil_mode=1)], {"x": (1, 2, 4, 5)})
-    with pytest.raises(ModelError, match="ceil_mode"):
-        augment(c.model(F32), wrt=["x"], logits="y")
+@pytest.mark.parametrize("shape,k,s,pad,include_pad", [
+    ((1, 2, 4, 5), 3, 3, 0, 0),
+    ((2, 2, 7, 7), 2, 2, 0, 0),  # timm's ResNet-D downsampling
+    ((1, 2, 6, 5), 3, 2, 1, 1),
+])
+def test_average_pool_ceil_mode_windows_past_the_input(shape, k, s, pad, include_pad):
+    """ceil_mode=1 adds windows that run past the input: the gradient through per-axis matrices
+    taken from onnxruntime's own kernel, against torch autograd (onnx 1.23's reference
+    AveragePool divides such windows by the whole kernel: it is not the oracle here)."""
+    torch = pytest.importorskip("torch")
+    c = Case([node("AveragePool", ["x"], kernel_shape=[k, k], strides=[s, s], pads=[pad] * 4, ceil_mode=1,
+                   count_include_pad=include_pad)], {"x": shape}, opset=19)
+    x = np.random.default_rng(7).standard_normal(shape)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    y = torch.nn.functional.avg_pool2d(xt, k, s, pad, ceil_mode=True, count_include_pad=bool(include_pad))
+    seeds = np.random.default_rng(8).standard_normal((2,) + tuple(y.shape))
+    ref = np.stack([torch.autograd.grad(y, xt, torch.from_numpy(sd), retain_graph=True)[0].numpy() for sd in seeds])
+    _, grads, _ = _augment_and_run(c, {"x": x}, seeds)
+    assert tuple(y.shape) == _session(c.model(F32)).run(None, {"x": x.astype(np.float32)})[0].shape
+    np.testing.assert_allclose(grads["x"], ref, atol=1e-5)
 
 
 def test_maxpool_keeps_the_opset():

@@ -296,6 +296,27 @@ def max_pool(ctx, node, dys):
     return [b.reshape_cot(scattered, x)]
 
 
+def _pool_matrix(k: int, stride: int, dilation: int, pad_begin: int, pad_end: int, include_pad: int,
+                 n_in: int) -> np.ndarray:
+    """[n_out, n_in]: the 1-D AveragePool with ceil_mode=1 applied to the identity, as
+    onnxruntime computes it (divisors of windows that run past the input included)."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    node = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[k], strides=[stride],
+                            dilations=[dilation], pads=[pad_begin, pad_end], ceil_mode=1,
+                            count_include_pad=include_pad)
+    g = helper.make_graph([node], "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n_in, 1, n_in])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    m.ir_version = 9
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"x": np.eye(n_in, dtype=np.float32).reshape(n_in, 1, n_in)})[0]
+    return np.ascontiguousarray(out[:, 0, :].T)  # out[j, 0, o]: input j's weight in output o
+
+
 @rule("AveragePool")
 def average_pool(ctx, node, dys):
     b = ctx.b
@@ -303,15 +324,24 @@ def average_pool(ctx, node, dys):
     kernel = list(ctx.attr(node, "kernel_shape"))
     d = len(kernel)
     strides, dilations, pb, pe = _geometry(ctx, node, x, kernel)
+    include_pad = ctx.attr(node, "count_include_pad", 0)
     if ctx.attr(node, "ceil_mode", 0):
         sin = (ctx.shape(x) or [None] * (d + 2))[2:]
         sout = (ctx.shape(y) or [None] * (d + 2))[2:]
         floor_out = [((sin[i] + pb[i] + pe[i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1)
                      if isinstance(sin[i], int) else None for i in range(d)]
         if floor_out != list(sout):
-            raise ModelError(f"AveragePool node '{node.name}' with ceil_mode=1 changes the output "
-                             f"size; not supported")
-    include_pad = ctx.attr(node, "count_include_pad", 0)
+            # the last windows run past the input, with divisors of their own: the pooling is
+            # a separable linear map, each axis's matrix measured on onnxruntime's kernel
+            if not all(isinstance(v, int) for v in list(sin) + list(sout)):
+                raise ModelError(f"AveragePool node '{node.name}' with ceil_mode=1 on dynamic spatial "
+                                 f"sizes; not supported")
+            dx = dys[0]
+            for i in range(d):
+                mat = _pool_matrix(kernel[i], strides[i], dilations[i], pb[i], pe[i], include_pad, sin[i])
+                dx = _transpose_along(ctx, dx, mat.astype(helper.tensor_dtype_to_np_dtype(ctx.dtype(x))),
+                                      i + 2, d + 2)
+            return [dx]
     dyf = _fold_spatial(ctx, dys[0], y)
     ones = np.ones([1, 1] + kernel, dtype=helper.tensor_dtype_to_np_dtype(ctx.dtype(x)))
     if include_pad or not any(pb + pe):
@@ -465,14 +495,19 @@ def resize(ctx, node, dys):
         if not isinstance(sin[i], int) or not isinstance(sout[i], int):
             raise ModelError(f"{node.op_type} node '{node.name}' resizes axis {i} of dynamic size; "
                              f"not supported")
-        mat = _resize_matrix(node, ctx.opset, i, r, sin[i], sc, sout[i], np_t)
-        if i == r - 1:
-            dx = b.op("MatMul", [dx, b.const(mat, hint="resizeT")])
-        elif i == r - 2:
-            dx = b.op("MatMul", [b.const(np.ascontiguousarray(mat.T), hint="resizeT"), dx])
-        else:  # move axis i (i+1 with K) last, contract, move back
-            perm = [a for a in range(r + 1) if a != i + 1] + [i + 1]
-            inv = [perm.index(a) for a in range(r + 1)]
-            t = b.op("MatMul", [b.op("Transpose", [dx], perm=perm), b.const(mat, hint="resizeT")])
-            dx = b.op("Transpose", [t], perm=inv)
+        dx = _transpose_along(ctx, dx, _resize_matrix(node, ctx.opset, i, r, sin[i], sc, sout[i], np_t), i, r)
     return [dx] + [None] * (len(node.input) - 1)
+
+
+def _transpose_along(ctx, dy: str, mat: np.ndarray, i: int, r: int) -> str:
+    """The cotangent [K] + shape(y) multiplied along forward axis i by the transpose of the
+    [n_out, n_in] matrix of a linear map applied along that axis (Resize, pooling)."""
+    b = ctx.b
+    if i == r - 1:
+        return b.op("MatMul", [dy, b.const(mat, hint="axismapT")])
+    if i == r - 2:
+        return b.op("MatMul", [b.const(np.ascontiguousarray(mat.T), hint="axismapT"), dy])
+    perm = [a for a in range(r + 1) if a != i + 1] + [i + 1]  # axis i (i+1 with K) last, and back
+    inv = [perm.index(a) for a in range(r + 1)]
+    t = b.op("MatMul", [b.op("Transpose", [dy], perm=perm), b.const(mat, hint="axismapT")])
+    return b.op("Transpose", [t], perm=inv)
