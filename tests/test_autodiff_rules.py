@@ -1002,6 +1002,16 @@ def test_tile_with_run_time_repeats():
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("reduction,opset", [(None, 13), ("add", 16)])
+def test_scatter_nd(reduction, opset):
+    """Slices of data replaced (or increased) by updates, both differentiated (timm's MViTv2)."""
+    kw = {"reduction": reduction} if reduction else {}
+    check(Case([node("ScatterND", ["d", "i", "u"], **kw)], {"d": (3, 4, 5), "u": (2, 5)},
+               consts={"i": ints(0, 2, 2, 1).reshape(2, 2)}, opset=opset))
+    check(Case([node("ScatterND", ["d", "i", "u"], **kw)], {"d": (3, 4, 5), "u": (2, 4, 5)},
+               consts={"i": ints(2, 0).reshape(2, 1)}, opset=opset))
+
+
 def test_depth_space():
     check(Case([node("DepthToSpace", ["x"], blocksize=2, mode="DCR")], {"x": (1, 8, 2, 3)}))
     check(Case([node("DepthToSpace", ["x"], blocksize=2, mode="CRD")], {"x": (1, 8, 2, 3)}))

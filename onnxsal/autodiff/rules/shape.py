@@ -453,3 +453,34 @@ def reduce_prod(ctx, node, dys):
     x, y = node.input[0], _output_keepdims(ctx, node, axes)
     dx = _expand_back(ctx, node, dys[0], axes)
     return [b.op("Mul", [dx, b.op("Div", [y, x])])] + [None] * (len(node.input) - 1)
+
+
+@rule("ScatterND")
+def scatter_nd(ctx, node, dys):
+    """y = data with the index tuples' slices replaced by (or, reduction add, increased by)
+    updates. The seed axis goes last so the same indices address the cotangent: the data's
+    cotangent is dy with those slices zeroed (kept, for add), the updates' is dy gathered there."""
+    b = ctx.b
+    data, ind, upd = node.input[:3]
+    reduction = ctx.attr(node, "reduction", "none")
+    reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+    if reduction not in ("none", "add"):
+        raise ModelError(f"ScatterND node '{node.name}' uses reduction {reduction}; only none and add "
+                         f"are supported")
+    r = ctx.rank(data)
+    dyt = b.op("Transpose", [dys[0]], perm=list(range(1, r + 1)) + [0])
+    picked = b.op("GatherND", [dyt, ind])
+    d_upd = None
+    if ctx.needs_grad(upd):
+        ru = ctx.rank(upd)
+        d_upd = b.op("Transpose", [picked], perm=[ru] + list(range(ru)))
+    d_data = None
+    if ctx.needs_grad(data):
+        if reduction == "add":
+            d_data = dys[0]
+        else:
+            from .conv_pool import _filled
+
+            zero = b.op("ConstantOfShape", [b.shape(picked)], value=_filled(ctx.dtype(data), 0))
+            d_data = b.op("Transpose", [b.op("ScatterND", [dyt, ind, zero])], perm=[r] + list(range(r)))
+    return [d_data, None, d_upd]
