@@ -464,9 +464,8 @@ def _resize_matrix(node, opset: int, axis: int, rank: int, n_in: int, scale: flo
 def resize(ctx, node, dys):
     """Resize is linear in its input: per resized axis, multiply the cotangent by the transpose
     of the interpolation matrix (nearest, linear, cubic; any coordinate transformation).
-    Needs static sizes on the resized axes and constant scales or sizes (or run-time sizes
-    whose values shape inference knows)."""
-    b = ctx.b
+    Needs static sizes on the resized axes and constant scales, or sizes that are constant or
+    computed from shapes."""
     x, y = node.input[0], node.output[0]
     r = ctx.rank(x)
     bad = [a for a in ("axes",) if ctx.attr(node, a) is not None]

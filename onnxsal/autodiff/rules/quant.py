@@ -44,7 +44,7 @@ def _per_axis(ctx, node, name: str, like: str) -> str:
 @rule("QuantizeLinear")
 def quantize_linear(ctx, node, dys):
     b = ctx.b
-    x, q = node.input[0], node.output[0]
+    x = node.input[0]
     scale = _per_axis(ctx, node, node.input[1], x)
     zp_name = ctx.input(node, 2)
     qtype = ctx.dtype(zp_name) if zp_name else ctx.attr(node, "output_dtype", TensorProto.UINT8) or TensorProto.UINT8
