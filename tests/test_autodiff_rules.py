@@ -1135,6 +1135,17 @@ def test_unsupported_operator_names_every_node_and_writes_nothing():
     assert m.SerializeToString() == before
 
 
+def test_recursive_local_function_is_a_model_error():
+    body = [helper.make_node("F", ["a"], ["b"], domain="evil")]
+    fn = helper.make_function("evil", "F", ["a"], ["b"], body, [helper.make_opsetid("", 17), helper.make_opsetid("evil", 1)])
+    m = _image_model([helper.make_node("F", ["x"], ["y0"], domain="evil"), node("Flatten", ["y0"], ["y"])], 17,
+                     out_shape=("N", 48))
+    m.opset_import.append(helper.make_opsetid("evil", 1))
+    m.functions.append(fn)
+    with pytest.raises(ModelError, match="cannot inline the model's own functions.*recursive"):
+        augment(m)
+
+
 def test_path_through_integers_is_an_error_not_zero_gradients():
     nodes = [node("Cast", ["x"], ["i"], to=TensorProto.INT32, name="to_int"), node("Cast", ["i"], ["f"], to=F32),
              node("Flatten", ["f"], ["y"])]

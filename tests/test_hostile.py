@@ -200,6 +200,13 @@ def _hostile(kind: str, d: Path) -> Path:
     if kind == "cycle":
         m.graph.node[0].input[0] = "r"  # conv reads relu's output, relu reads conv's
         return save(m, p)
+    if kind == "recursive_function":  # the graph calls its own function, which calls itself
+        m.opset_import.append(helper.make_opsetid("my.lib", 1))
+        body = [helper.make_node("Loopy", ["a"], ["b"], domain="my.lib")]
+        m.functions.append(helper.make_function("my.lib", "Loopy", ["a"], ["b"], body,
+                                                [helper.make_opsetid("", 17), helper.make_opsetid("my.lib", 1)]))
+        m.graph.node[1].CopyFrom(helper.make_node("Loopy", ["c"], ["r"], name="relu", domain="my.lib"))
+        return save(m, p)
     if kind == "dangling_name":
         m.graph.node[2].input[0] = "nowhere"
         return save(m, p)
@@ -236,6 +243,7 @@ HOSTILE = {  # kind -> words the one error line must contain
     "huge_tensor_claim": "too small for the declared shape",
     "tensor_data_mismatch": "does not hold data of its shape and type",
     "cycle": "topologically sorted",
+    "recursive_function": "Model-local functions must not be recursive",
     "dangling_name": "input 'nowhere'",
     "duplicate_output_name": "single static assignment",
     "duplicate_node_name": "two nodes are named 'conv'",

@@ -40,7 +40,11 @@ def inline_local(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with every call to one of its own functions inlined (recursively)."""
     if not len(model.functions):
         return model
-    return onnx.inliner.inline_local_functions(model)
+    try:
+        return onnx.inliner.inline_local_functions(model)
+    except Exception as exc:  # a recursive or malformed function: onnx says which
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot inline the model's own functions: {first}") from None
 
 
 def expand_standard(model: onnx.ModelProto, op_types: set[str]) -> onnx.ModelProto:
