@@ -45,8 +45,8 @@ def inspect(model: str, as_json: bool, output: str | None) -> None:
     click.echo(f"input       {s.input.name}  shape {s.input.shape}  layout {s.input.layout}")
     click.echo(f"logits      {s.logits.tensor}  (output {s.logits.output}, "
                f"{s.logits.num_classes or '?'} classes)")
-    if s.logits.note:
-        click.echo(f"note        {s.logits.note}")
+    for note in ([s.logits.note] if s.logits.note else []) + s.notes:
+        click.echo(f"note        {note}")
     bad = [op for op, v in s.operators.items() if v["needs_rule"] and not v["differentiable"]]
     click.echo(f"operators   {sum(v['count'] for v in s.operators.values())} nodes, "
                f"{len(s.operators)} types ({len(bad)} without a gradient rule)")

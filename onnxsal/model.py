@@ -65,6 +65,7 @@ class ModelSummary:
     parameters: int
     producer: str
     operators: dict = field(default_factory=dict)  # op type -> {"count": n, "differentiable": bool}
+    notes: list = field(default_factory=list)  # how the gradient pass treats this file
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -304,8 +305,12 @@ def summarize(model: onnx.ModelProto, path: str | None = None, output: str | Non
     from .autodiff.pass_ import default_opset
 
     supported = set(supported_ops(rules))
+    notes = _pass_notes(model)
     model = lower(inline_local(model))  # the operators the pass meets
     opset = default_opset(model)
+    notes += [f"{op} has no rule: expanded into the function body ONNX defines it by"
+              for op in sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")
+                                and n.op_type not in supported and expandable(n.op_type, opset)})]
     counts = collections.Counter(
         n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph.node)
     ops = {op: {"count": c, "differentiable": op in supported or expandable(op, opset),
@@ -319,7 +324,27 @@ def summarize(model: onnx.ModelProto, path: str | None = None, output: str | Non
         parameters=parameter_count(model),
         producer=f"{model.producer_name} {model.producer_version}".strip(),
         operators=ops,
+        notes=notes,
     )
+
+
+def _pass_notes(model: onnx.ModelProto) -> list[str]:
+    """What an auditor should know about how the gradients of this file are taken."""
+    from .autodiff.contrib import DOMAIN as ORT_DOMAIN
+
+    ops = collections.Counter((n.domain, n.op_type) for n in model.graph.node)
+    notes = []
+    if any(i.type.tensor_type.elem_type == TensorProto.FLOAT16 for i in model.graph.input):
+        notes.append("float16 model: the gradients are those of its float16 arithmetic (returned as float32)")
+    if ops[("", "QuantizeLinear")] and ops[("", "DequantizeLinear")]:
+        notes.append("quantized (QDQ): gradients by the straight-through estimator (rounding counts as the "
+                     "identity inside the integer range, zero where values are clipped)")
+    fused = sorted(op for (dom, op) in ops if dom == ORT_DOMAIN)
+    if fused:
+        notes.append(f"onnxruntime's fused operators written back as standard ONNX: {', '.join(fused)}")
+    if len(model.functions):
+        notes.append(f"{len(model.functions)} model-local function(s) inlined")
+    return notes
 
 
 def set_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:

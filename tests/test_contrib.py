@@ -52,6 +52,11 @@ def test_onnxruntime_optimized_model_gradients(tmp_path):
     fused = onnx.load(tmp_path / "fused.onnx")
     ops = collections.Counter(n.op_type for n in fused.graph.node if n.domain == "com.microsoft")
     assert ops["FusedConv"] >= 2, ops  # the fusions this test is about did happen
+    from onnxsal.model import load_model, summarize
+
+    summary = summarize(load_model(tmp_path / "fused.onnx"))
+    assert any("fused operators written back" in n and "FusedConv" in n for n in summary.notes)
+    assert all(v["differentiable"] or not v["needs_rule"] for v in summary.operators.values())
     eng = Engine(tmp_path / "fused.onnx", device="cpu", use_disk_cache=False)  # validated as a file
     ref_logits, ref = torch_jacobian(net, x)
     np.testing.assert_allclose(eng.logits(x), ref_logits, atol=1e-5)
