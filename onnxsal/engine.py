@@ -32,7 +32,7 @@ from onnx import TensorProto
 
 from . import __version__
 from .autodiff import META_GRAD, META_LOGITS, META_SEED, META_VALUE, augment
-from .errors import InputError, ModelError, OptionError
+from .errors import InputError, ModelError, OptionError, first_line
 from .model import content_hash, find_image_input, find_logits, load_model
 from .preprocess import PreprocessSpec, labels_from_model, parse, prepend, raw_shape
 from .simplify import simplify
@@ -235,8 +235,7 @@ class Engine:
         try:
             sess = ort.InferenceSession(model.SerializeToString(), so, providers=self.providers)
         except Exception as exc:
-            msg = str(exc).strip().splitlines()
-            raise ModelError(f"onnxruntime cannot load the model: {msg[0] if msg else type(exc).__name__}") from None
+            raise ModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
         if self.parallel > 1 and not wide:
             self._wide[id(sess)] = (model, None)
         return sess

@@ -36,3 +36,10 @@ class InputError(OnnxsalError):
 
 class OptionError(OnnxsalError):
     """An option has a value that cannot work."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's exception text (onnx and onnxruntime write pages), or its
+    type's name when it says nothing: the detail of a one-line OnnxsalError."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

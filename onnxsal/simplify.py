@@ -15,7 +15,7 @@ from typing import Sequence
 
 import onnx
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 
 MAX_SIMPLIFY_BYTES = 1 << 30  # larger models go to the pass unsimplified
 
@@ -42,8 +42,7 @@ def simplify(model: onnx.ModelProto, keep: Sequence[str] = ()) -> onnx.ModelProt
         try:
             ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            msg = str(exc).strip().splitlines()
-            raise ModelError(f"onnxruntime cannot load the model: {msg[0] if msg else type(exc).__name__}") from None
+            raise ModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
         out = onnx.load(path)
     finally:
         os.unlink(path)

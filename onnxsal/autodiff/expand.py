@@ -22,7 +22,7 @@ import onnx.defs
 import onnx.inliner
 from onnx import helper
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 
 STANDARD = ("", "ai.onnx")
 
@@ -43,8 +43,7 @@ def inline_local(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.inliner.inline_local_functions(model)
     except Exception as exc:  # a recursive or malformed function: onnx says which
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot inline the model's own functions: {first}") from None
+        raise ModelError(f"cannot inline the model's own functions: {first_line(exc)}") from None
 
 
 def expand_standard(model: onnx.ModelProto, op_types: set[str]) -> onnx.ModelProto:
@@ -63,6 +62,5 @@ def expand_standard(model: onnx.ModelProto, op_types: set[str]) -> onnx.ModelPro
             model, [(domain, op) for op in sorted(op_types) for domain in STANDARD],
             inline_schema_functions=True)
     except Exception as exc:  # onnx raises RuntimeError with the C++ assertion's text
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot expand {', '.join(sorted(op_types))} into the function body "
-                         f"that defines it: {first}") from None
+                         f"that defines it: {first_line(exc)}") from None

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import ModelError, OptionError, UnsupportedOperatorError
+from ..errors import ModelError, OptionError, UnsupportedOperatorError, first_line
 from . import contrib, expand, fusion
 from .graph import Builder, Dim
 from .rules.registry import Rule, table
@@ -327,9 +327,8 @@ def _convert_opset(model: onnx.ModelProto, target: int, why: str) -> onnx.ModelP
     try:
         converted = version_converter.convert_version(model, target)
     except Exception as exc:  # onnx raises RuntimeError/ValueError with long texts
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot upgrade the model from opset {default_opset(model)} to {target} "
-                         f"({why}): {first}") from None
+                         f"({why}): {first_line(exc)}") from None
     return converted
 
 

@@ -275,43 +275,42 @@ def cosh(ctx, node):
     return ctx.b.op("Sinh", [_x(node)])
 
 
-def _inverse_sqrt_slope(ctx, x, sign_x2: float, const: float, negate: bool = False):
-    """1 / sqrt(const + sign_x2 * x^2), negated if asked (Asin, Acos, Asinh, Acosh)."""
+def _quadratic_slope(ctx, x, const: float, sign_x2: float, root: bool, negate: bool = False):
+    """+-1 / (const + sign_x2 x^2), or its square root: the slopes of Asin, Acos, Asinh, Acosh
+    (root) and Atan, Atanh."""
     b = ctx.b
     q = b.op("Add", [ctx.scalar(const, x), _mul(ctx, ctx.scalar(sign_x2, x), _mul(ctx, x, x))])
-    return b.op("Div", [ctx.scalar(-1.0 if negate else 1.0, x), b.op("Sqrt", [q])])
+    return b.op("Div", [ctx.scalar(-1.0 if negate else 1.0, x), b.op("Sqrt", [q]) if root else q])
 
 
 @unary("Asin")
 def asin(ctx, node):
-    return _inverse_sqrt_slope(ctx, _x(node), -1.0, 1.0)
+    return _quadratic_slope(ctx, _x(node), 1.0, -1.0, root=True)
 
 
 @unary("Acos")
 def acos(ctx, node):
-    return _inverse_sqrt_slope(ctx, _x(node), -1.0, 1.0, negate=True)
+    return _quadratic_slope(ctx, _x(node), 1.0, -1.0, root=True, negate=True)
 
 
 @unary("Asinh")
 def asinh(ctx, node):
-    return _inverse_sqrt_slope(ctx, _x(node), 1.0, 1.0)
+    return _quadratic_slope(ctx, _x(node), 1.0, 1.0, root=True)
 
 
 @unary("Acosh")
 def acosh(ctx, node):
-    return _inverse_sqrt_slope(ctx, _x(node), 1.0, -1.0)
+    return _quadratic_slope(ctx, _x(node), -1.0, 1.0, root=True)
 
 
 @unary("Atan")
 def atan(ctx, node):
-    x = _x(node)
-    return ctx.b.op("Reciprocal", [ctx.b.op("Add", [ctx.scalar(1.0, x), _mul(ctx, x, x)])])
+    return _quadratic_slope(ctx, _x(node), 1.0, 1.0, root=False)
 
 
 @unary("Atanh")
 def atanh(ctx, node):
-    x = _x(node)
-    return ctx.b.op("Reciprocal", [ctx.b.op("Sub", [ctx.scalar(1.0, x), _mul(ctx, x, x)])])
+    return _quadratic_slope(ctx, _x(node), 1.0, -1.0, root=False)
 
 
 @unary("ThresholdedRelu")
