@@ -1,4 +1,4 @@
-"""The black/white-deletion protocol (SPEC.md section 3) on the Fashion-MNIST test images with the
+"""The black/white-deletion protocol (docs/definitions.md#deletion) on the Fashion-MNIST test images with the
 paper's CNN: onnxsal's benchmark driver against a plain torch implementation written the way
 the authors' code works, measured side by side in one run (issue 7).
 
@@ -67,7 +67,7 @@ def load_model(workdir: Path):
 
 # -- the torch reference, the authors' way -----------------------------------------------
 def torch_maps(model, x, method: str):
-    """[N, H, W] saliency maps with torch autograd (SPEC.md section 2)."""
+    """[N, H, W] saliency maps with torch autograd (docs/definitions.md#signed-maps)."""
     import torch
 
     x = x.clone().requires_grad_(True)

@@ -1,4 +1,4 @@
-"""The paper's two classifiers (SPEC.md section 3): a small CNN and a from-scratch ResNet-18.
+"""The paper's two classifiers (docs/definitions.md#paper-models): a small CNN and a from-scratch ResNet-18.
 
 Both take images with pixels in [0, 1] (no mean/std normalisation) in NCHW layout.
 ``in_channels`` lets them take grey images directly (Fashion-MNIST, digits: ``in_channels=1``);

@@ -1,8 +1,8 @@
-"""A CPU-friendly training helper with the paper's recipe (SPEC.md section 3).
+"""A CPU-friendly training helper with the paper's recipe (docs/definitions.md#paper-models).
 
 AdamW (lr 1e-3, weight decay 0.01), cross-entropy, batch 128, seed 42, pixels in [0, 1],
 no normalisation and no augmentation; the model after the last epoch is evaluated.
-Also: the offline data sets this project trains on (DATA.md), loaded as float32 NCHW in [0, 1].
+Also: the offline data sets this project trains on (docs/data.md#data-sets), loaded as float32 NCHW in [0, 1].
 """
 
 from __future__ import annotations

@@ -177,7 +177,7 @@ def _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker)
               help="Images per shard (the unit of resuming).")
 @click.option("--threads", type=int, default=None, help="onnxruntime threads per session.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--rise", is_flag=True, help="Also RISE deletion and insertion (SPEC.md section 4).")
+@click.option("--rise", is_flag=True, help="Also RISE deletion and insertion (docs/definitions.md#rise-metrics).")
 @click.option("--rise-baseline", type=click.Choice(["black", "white", "mean", "blur"]),
               default="black", show_default=True, help="What RISE deletion puts in.")
 @click.option("--rise-step", type=int, default=None,
@@ -186,7 +186,7 @@ def _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker)
 def benchmark(models, data, methods, metric, limit, out, preprocess, device, seed, output,
               shard_size, threads, quiet, rise, rise_baseline, rise_step, executor, address,
               workers, cpus_per_worker, gpus_per_worker):
-    """Black/white-deletion AUCs of saliency METHODS on MODELS (SPEC.md section 3)."""
+    """Black/white-deletion AUCs of saliency METHODS on MODELS (docs/definitions.md#deletion)."""
     import shlex
 
     from .benchmark import run_benchmark
@@ -254,7 +254,7 @@ def benchmark(models, data, methods, metric, limit, out, preprocess, device, see
 def sanity(model, data, methods, mode, limit, out, seed, max_steps, threshold, margin,
            hog_correlation, grid_image, preprocess, device, output, threads, quiet, executor,
            address, workers, cpus_per_worker, gpus_per_worker):
-    """Model-parameter randomisation test of Adebayo et al. (SPEC.md section 5): do the METHODS'
+    """Model-parameter randomisation test of Adebayo et al. (docs/definitions.md#sanity-checks): do the METHODS'
     maps change when MODEL's learned weights are re-initialised?"""
     from .sanity_run import run_sanity
 

@@ -348,7 +348,7 @@ def _pass_notes(model: onnx.ModelProto) -> list[str]:
 
 
 def set_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Give a model built or edited here an IR version onnxruntime reads (see DATA.md)."""
+    """Give a model built or edited here an IR version onnxruntime reads (docs/data.md#version-traps)."""
     from .autodiff.pass_ import _ir_version_for
 
     model.ir_version = _ir_version_for(model)

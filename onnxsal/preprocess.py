@@ -3,7 +3,7 @@
 Every method and metric works in one input space: float32 images in [0, 1], NCHW. A model's
 own preprocessing (scaling to 0..255, mean/std, BGR order, NHWC layout) is prepended to its
 graph as ONNX operators, so gradients are taken with respect to the raw pixels and deletion
-happens before normalisation (SPEC.md section 3).
+happens before normalisation (docs/definitions.md#deletion).
 
 The model input receives ``(x' * scale - mean) / std`` where x' is x with its channels reversed
 when ``bgr`` (so mean and std are in the model's channel order), transposed to NHWC when the

@@ -8,7 +8,7 @@ float32 (then the tolerance is float32's). The forward of the float32 model on o
 is first checked against the reference, so that the oracle computes the same function.
 
 Properties (shapes, broadcasting, axes, attributes) are drawn with hypothesis where it pays;
-fixed cases cover the traps of AUTODIFF_NOTES.md.
+fixed cases cover the traps listed in docs/gradient-pass.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Black/white deletion (SPEC.md section 3) and RISE deletion/insertion (section 4), checked
+"""Black/white deletion (docs/definitions.md#deletion) and RISE deletion/insertion (docs/definitions.md#rise-metrics), checked
 against small examples worked out by hand and against plain-loop re-implementations."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Established methods against captum on the same torch models (SPEC.md section 6).
+"""Established methods against captum on the same torch models (docs/definitions.md#method-defaults).
 
 Models: torchvision ResNet-18 (10 classes, seeded, 64x64 so that layer4 is 2x2) and a small
 ReLU CNN with max pooling. Differences are relative to the oracle's largest magnitude.

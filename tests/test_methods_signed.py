@@ -1,6 +1,6 @@
-"""The five signed and multi-class maps (SPEC.md section 2) against torch autograd.
+"""The five signed and multi-class maps (docs/definitions.md#signed-maps) against torch autograd.
 
-The oracle below is written from the SPEC table alone: the full Jacobian by torch autograd,
+The oracle below is written from the table in docs/definitions.md#signed-maps alone: the full Jacobian by torch autograd,
 then for each image the per-channel values of the table, with "g_c > g_q for every q != c"
 evaluated literally (torch.all over the other classes), then the channel max.
 """
@@ -20,7 +20,7 @@ FIVE = ("original", "positive", "negative", "active", "inactive")
 
 
 def torch_signed_maps(module: torch.nn.Module, x: np.ndarray, targets=None):
-    """SPEC.md section 2 by torch autograd: {name: (map [N,H,W], per-channel [N,C,H,W])},
+    """docs/definitions.md#signed-maps by torch autograd: {name: (map [N,H,W], per-channel [N,C,H,W])},
     plus the margins g_c - max_{q!=c} g_q and g_c - min_{q!=c} g_q (for near-tie checks)."""
     xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
     module = module.double().eval()

@@ -1,4 +1,4 @@
-"""Sanity checks (SPEC.md section 5): randomisation of ONNX weights and the driver."""
+"""Sanity checks (docs/definitions.md#sanity-checks): randomisation of ONNX weights and the driver."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Similarity functions of the sanity checks against known values (SPEC.md section 5)."""
+"""Similarity functions of the sanity checks against known values (docs/definitions.md#similarity)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Allegiance AUCs (SPEC.md section 3, second mode) from a finished accuracy run's shards.
+"""Allegiance AUCs (docs/definitions.md#deletion, the allegiance metric) from a finished accuracy run's shards.
 
 An accuracy run of ``onnxsal benchmark`` stores, per image and per fraction deleted, the
 predicted class of every deleted variant; fraction 0 is the clean image, so its prediction is

@@ -1,13 +1,13 @@
 """Build the bundled real test model and sample: tests/data/digits_cnn.onnx and digits_sample.npz.
 
 Data: OpenCV's handwritten digits (5000 20x20 grey images, 500 per class), from the Debian
-package opencv-doc (DATA.md):
+package opencv-doc (docs/data.md#data-sets):
 
     apt-get download opencv-doc
     dpkg-deb --fsys-tarfile opencv-doc_*.deb | tar -x ./usr/share/doc/opencv-doc/examples/data/digits.png
     python benchmarks/paper/make_bundled_digits.py --png ./usr/share/doc/opencv-doc/examples/data/digits.png
 
-Split (seed 0): 400 train / 100 test images per class. Model: the paper's CNN (SPEC.md section 3)
+Split (seed 0): 400 train / 100 test images per class. Model: the paper's CNN (docs/definitions.md#paper-models)
 at half width (16, 32, 64) with one input channel, trained with the paper's recipe (AdamW lr 1e-3,
 weight decay 0.01, batch 128, seed 42, pixels in [0, 1]) for --epochs epochs; exported with the
 legacy torch exporter at opset 17 with preprocessing "none" and labels "0".."9".

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's black/white-deletion experiment (SPEC.md section 3) on Fashion-MNIST, and the
+# The paper's black/white-deletion experiment (docs/definitions.md#deletion) on Fashion-MNIST, and the
 # EfficientNet-Lite0 run on the bundled photos, with the project's own CLI.
 # Results: benchmarks/results/paper/ (accuracy), benchmarks/results/paper/allegiance/ (derived
 # from the accuracy run, see allegiance_from_shards.py),

@@ -1,4 +1,4 @@
-"""Train the paper's CNN and ResNet-18 on Fashion-MNIST (SPEC.md section 3) and export them to ONNX.
+"""Train the paper's CNN and ResNet-18 on Fashion-MNIST (docs/definitions.md#paper-models) and export them to ONNX.
 
 Recipe: AdamW lr 1e-3, weight decay 0.01, cross-entropy, batch 128, seed 42, pixels in [0, 1],
 no normalisation or augmentation, last epoch evaluated. Differences from the paper, forced by a

@@ -1,4 +1,4 @@
-"""Data randomisation test of Adebayo et al. (2018; SPEC.md section 5) on Fashion-MNIST.
+"""Data randomisation test of Adebayo et al. (2018; docs/definitions.md#sanity-checks) on Fashion-MNIST.
 
 Two copies of the paper's CNN (converters.paper_models, 1 channel, 28x28) are trained with the
 paper's recipe (AdamW lr 1e-3, weight decay 0.01, batch 128, seed 42) on the same training

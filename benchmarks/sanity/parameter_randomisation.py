@@ -1,4 +1,4 @@
-"""Cascading model-parameter randomisation (Adebayo et al. 2018; SPEC.md section 5) on the
+"""Cascading model-parameter randomisation (Adebayo et al. 2018; docs/definitions.md#sanity-checks) on the
 project's models, with results under benchmarks/results/sanity/<name>/ and a summary table
 beside the paper's findings in benchmarks/results/sanity/README.md.
 

@@ -1,4 +1,4 @@
-"""Named rule sets that override a few default rules (SPEC.md section 6).
+"""Named rule sets that override a few default rules (docs/gradient-pass.md#rule-sets).
 
 * ``guided``: guided backpropagation; at every ReLU the cotangent is
   1[x > 0] * max(dy, 0) (also at Clip with a lower bound of 0, i.e. ReLU6).

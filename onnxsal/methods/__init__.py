@@ -6,7 +6,7 @@ Every method has one call shape, ``METHODS[name](engine, images, targets=None, *
 signed. :func:`compute` runs several methods on the same images and shares the work they have
 in common (the logits, g_c, and one walk over the per-class Jacobian for active/inactive).
 
-Definitions: SPEC.md sections 1, 2 and 6.
+Definitions: docs/definitions.md#score, #signed-maps and #method-defaults.
 """
 
 from __future__ import annotations

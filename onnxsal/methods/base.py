@@ -6,7 +6,7 @@ Every method is called the same way::
 
 ``images`` are float32 [N, C, H, W] (or one [C, H, W] image) in the engine's raw input space,
 values in [0, 1]. ``targets`` are class indices (one int for all images, or one per image);
-by default the predicted class argmax_q S_q(x) of each image (SPEC.md section 1).
+by default the predicted class argmax_q S_q(x) of each image (docs/definitions.md#score).
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def one_hot_seed(targets: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def target_scores(logits: np.ndarray, targets: np.ndarray, score: str = "logit") -> np.ndarray:
-    """S_target per row: the raw logit (SPEC.md section 1) or the softmax probability."""
+    """S_target per row: the raw logit (docs/definitions.md#score) or the softmax probability."""
     logits = np.asarray(logits, dtype=np.float64)
     if score == "logit":
         return logits[np.arange(len(targets)), targets]

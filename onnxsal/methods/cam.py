@@ -1,4 +1,4 @@
-"""Grad-CAM (Selvaraju et al. 2017), SPEC.md section 6.
+"""Grad-CAM (Selvaraju et al. 2017), docs/definitions.md#method-defaults.
 
 A = activations of a 4-D tensor [N, K, h, w] ([N, h, w, K] when the graph uses it channels-last,
 see :func:`channel_axis`) (default: ``engine.default_cam_layer()``, the

@@ -1,11 +1,11 @@
-"""Gradient methods: the five signed and multi-class maps (SPEC.md section 2) and the
-established gradient methods (SPEC.md section 6).
+"""Gradient methods: the five signed and multi-class maps (docs/definitions.md#signed-maps) and the
+established gradient methods (docs/definitions.md#method-defaults).
 
 Gradients are g_q = dS_q/dx with respect to the raw [0, 1] input (the engine prepends the
 model's preprocessing). Channel reductions:
 
 * original, positive, negative, active, inactive: max over channels of the per-channel
-  value in SPEC.md section 2 (``raw`` holds that per-channel value; for active/inactive the
+  value in docs/definitions.md#signed-maps (``raw`` holds that per-channel value; for active/inactive the
   signed masked gradient A or I);
 * vanilla, gradient x input, integrated gradients, SmoothGrad, guided backprop, epsilon-LRP:
   signed, summed over channels (so that sums of attributions stay sums, e.g. completeness);
@@ -82,7 +82,7 @@ def multi_class_extremes(engine, x: np.ndarray, targets: np.ndarray, chunk: int 
 
 def signed_maps(engine, x: np.ndarray, targets: np.ndarray, which: Iterable[str],
                 chunk: int | None = None, shared: dict | None = None) -> dict[str, Maps]:
-    """The maps of SPEC.md section 2 named in ``which`` (a subset of SIGNED_FAMILY).
+    """The maps of docs/definitions.md#signed-maps named in ``which`` (a subset of SIGNED_FAMILY).
 
     original/positive/negative need g_c only; active/inactive need every class's gradient
     (one walk over the Jacobian serves both, and then also provides g_c).

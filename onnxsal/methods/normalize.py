@@ -1,4 +1,4 @@
-"""Normalisation of saliency maps for display and ranking (SPEC.md section 2)."""
+"""Normalisation of saliency maps for display and ranking (docs/definitions.md#normalisation)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Perturbation methods: forward passes only (SPEC.md section 6).
+"""Perturbation methods: forward passes only (docs/definitions.md#method-defaults).
 
-All score the explained class with S_c, the raw logit (SPEC.md section 1) unless
+All score the explained class with S_c, the raw logit (docs/definitions.md#score) unless
 ``score="probability"``, and run every perturbed copy through ``engine.logits`` in large
 batches.
 

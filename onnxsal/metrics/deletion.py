@@ -1,4 +1,4 @@
-"""Black-deletion and white-deletion (SPEC.md section 3, Signed Saliency Maps).
+"""Black-deletion and white-deletion (Signed Saliency Maps; docs/definitions.md#deletion).
 
 For each image and fraction p in {0, 0.1, ..., 0.9}: k = round(p * H * W) (Python's round),
 v = the value at index k of the map sorted in descending order, and the pixels with
@@ -33,7 +33,7 @@ def deletion_counts(h: int, w: int, fractions=FRACTIONS) -> list[int]:
 
 
 def deletion_masks(maps: np.ndarray, fractions=FRACTIONS) -> np.ndarray:
-    """bool [N, P, H, W]: True where a pixel is deleted at fraction p (SPEC.md section 3)."""
+    """bool [N, P, H, W]: True where a pixel is deleted at fraction p (docs/definitions.md#deletion)."""
     maps = np.asarray(maps)
     if maps.ndim == 2:
         maps = maps[None]

@@ -1,4 +1,4 @@
-"""Deletion and insertion (RISE, Petsiuk et al. 2018; SPEC.md section 4).
+"""Deletion and insertion (RISE, Petsiuk et al. 2018; docs/definitions.md#rise-metrics).
 
 Score: the softmax probability of the class predicted on the clean image. Pixels are taken
 in descending saliency order (ties in pixel order: a stable sort), ``step`` pixels per

@@ -1,4 +1,4 @@
-"""Model-parameter randomisation of ONNX classifiers (Adebayo et al. 2018; SPEC.md section 5).
+"""Model-parameter randomisation of ONNX classifiers (Adebayo et al. 2018; docs/definitions.md#sanity-checks).
 
 Working on the ONNX weights gives one randomisation rule for models from every framework.
 

@@ -1,4 +1,4 @@
-"""Similarity of two saliency maps, as the sanity checks use it (SPEC.md section 5).
+"""Similarity of two saliency maps, as the sanity checks use it (docs/definitions.md#similarity).
 
 Normalisations (PAIR saliency conventions), per image:
 
