@@ -12,7 +12,7 @@
 # Written for a shared 2-core CPU: nice, 2 onnxruntime threads.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PY:-/work/venv/bin/python}
+PY=${PY:-.venv/bin/python}  # the venv .ci/setup makes
 ONNXSAL=${ONNXSAL:-$(dirname "$PY")/onnxsal}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 THREADS=${THREADS:-2}
