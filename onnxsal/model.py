@@ -81,11 +81,16 @@ def type_name(elem_type: int) -> str:
         return f"type {elem_type}"
 
 
+def dim_of(d) -> int | str | None:
+    """One dimension of a declared shape: a positive int, a symbol, or None when dynamic.
+    Exporters mark a dynamic axis with dim_value -1 (paddle2onnx) or 0: any value <= 0 is one."""
+    if d.HasField("dim_value"):
+        return int(d.dim_value) if d.dim_value > 0 else None
+    return d.dim_param or None
+
+
 def _dims(vi) -> list:
-    out = []
-    for d in vi.type.tensor_type.shape.dim:
-        out.append(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None))
-    return out
+    return [dim_of(d) for d in vi.type.tensor_type.shape.dim]
 
 
 def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
