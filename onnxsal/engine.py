@@ -519,11 +519,17 @@ class Engine:
             if not cands:
                 raise ModelError("the model has no 4-D activation for Grad-CAM; name one with --layer")
             best = cands[-1]
-        if dims.get(best, [None] * 4)[2:] == [1, 1]:
+        from .methods.cam import channel_axis
+
+        def spatial(t):  # (h, w) of a 4-D tensor in its own layout
+            d = dims.get(t, [None] * 4)
+            return d[1:3] if channel_axis(m, t) == 3 else d[2:]
+
+        if spatial(best) == [1, 1]:
             # a 1x1 activation (small inputs) gives a constant map: take the last larger one
             order = {name: i for i, name in enumerate(cands)}
             bigger = [c for c in cands if order[c] < order.get(best, len(cands))
-                      and any(not isinstance(v, int) or v > 1 for v in dims.get(c, [None] * 4)[2:])]
+                      and any(not isinstance(v, int) or v > 1 for v in spatial(c))]
             if bigger:
                 best = bigger[-1]
         return best

@@ -420,6 +420,26 @@ def _probe_ranks(model: onnx.ModelProto, names: list[str], shapes: dict) -> None
         shapes[n] = [None] * np.ndim(v)
 
 
+def _logits_shape(model: onnx.ModelProto, logits: str, shapes: dict) -> list:
+    """The logits' dims; where shape inference left a classifier's [N, C] unknown, N is the
+    image input's batch axis and C the declared class count (or the symbols 'N' and 'C')."""
+    from ..model import find_image_input, find_logits
+
+    lshape = shapes.get(logits)
+    if lshape is None:  # (a scalar has the shape [], which is known)
+        lshape = [None, None]
+    if len(lshape) != 2 or None not in lshape:
+        return list(lshape)
+    try:
+        batch = find_image_input(model).shape[0]
+        spec = find_logits(model)
+    except (ModelError, OptionError):  # not an image classifier (a test graph): symbols only
+        batch, spec = None, None
+    classes = spec.num_classes if spec is not None and spec.tensor == logits else None
+    return [lshape[0] if lshape[0] is not None else (batch if batch is not None else "N"),
+            lshape[1] if lshape[1] is not None else (classes or "C")]
+
+
 def _ir_version_for(model: onnx.ModelProto) -> int:
     try:
         needed = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
@@ -526,9 +546,7 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
     # the seed input: the cotangent of the logits, [K, N, C]
     seed_name = "onnxsal_seed" if "onnxsal_seed" not in taken else b.fresh("seed")
     taken.add(seed_name)
-    lshape = shapes.get(logits_name)
-    if lshape is None:  # (a scalar has the shape [], which is known)
-        lshape = [None, None]
+    lshape = _logits_shape(model, logits_name, shapes)
     seed_dims = ["K"] + [d if d is not None else f"logits_{i}" for i, d in enumerate(lshape)]
     ltype = dtypes.get(logits_name, TensorProto.FLOAT)
     g.input.append(helper.make_tensor_value_info(seed_name, ltype, seed_dims))
