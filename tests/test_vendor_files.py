@@ -203,3 +203,60 @@ def test_keras_class_indices_labels(tmp_path):
     p.write_text(json.dumps({"dog": 1, "cat": 3}))
     with pytest.raises(InputError, match="class_indices"):
         read_labels(p)
+
+
+def _broadcast_graph(opset: int) -> onnx.ModelProto:
+    """logits = [flat((a + b) * c), flat(p @ w)]: inputs of known rank and unknown sizes, so
+    which axes broadcast is decided by each run."""
+    f = TP.FLOAT
+    nodes = [helper.make_node("Add", ["a", "b"], ["y"]),
+             helper.make_node("Mul", ["y", "c"], ["yc"]),
+             helper.make_node("MatMul", ["p", "w"], ["m"]),
+             helper.make_node("Reshape", ["m", "flat"], ["ms"]),
+             helper.make_node("Reshape", ["yc", "flat"], ["yf"]),
+             helper.make_node("Concat", ["yf", "ms"], ["logits"], axis=1)]
+    g = helper.make_graph(nodes, "bcast", [
+        helper.make_tensor_value_info("a", f, [None, None, None]),
+        helper.make_tensor_value_info("b", f, [None, None]),
+        helper.make_tensor_value_info("c", f, [None, None, None]),
+        helper.make_tensor_value_info("p", f, [None, None, 3, 4]),
+        helper.make_tensor_value_info("w", f, [None, 4, 2])],
+        [helper.make_tensor_value_info("logits", f, [None, None])],
+        [numpy_helper.from_array(np.asarray([0, -1], np.int64), "flat")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_broadcast_decided_at_run_time(opset):
+    """Several run-time broadcast patterns through one augmented file (sizes 1 where the
+    other operand has more, leading axes, MatMul batch axes), against numpy's sums."""
+    aug = augment(_broadcast_graph(opset), wrt=["a", "b", "p", "w"], logits="logits")
+    meta = {p.key: p.value for p in aug.metadata_props}
+    sess = ort.InferenceSession(aug.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    cases = [((2, 1, 5), (3, 1), (2, 1, 3, 4), (5, 4, 2)),
+             ((2, 4, 1), (1, 6), (2, 5, 3, 4), (1, 4, 2)),
+             ((2, 3, 5), (3, 5), (2, 1, 3, 4), (1, 4, 2))]
+    for sa, sb, sp, sw in cases:
+        feeds = {k: rng.normal(size=s).astype(np.float32) for k, s in zip("abpw", (sa, sb, sp, sw))}
+        y_shape = np.broadcast_shapes(sa, sb)
+        feeds["c"] = rng.normal(size=y_shape).astype(np.float32)
+        n = y_shape[0]
+        assert sp[0] == n
+        m_shape = np.broadcast_shapes(sp[:2], (sw[0],)) + (3, 2)
+        ny = int(np.prod(y_shape[1:]))
+        width = ny + int(np.prod(m_shape[1:]))
+        seed = rng.normal(size=(2, n, width)).astype(np.float32)
+        names = [meta[f"onnxsal.grad.{k}"] for k in "abpw"]
+        got = dict(zip("abpw", sess.run(names, {**feeds, meta["onnxsal.seed"]: seed})))
+        # the oracle: y's cotangent summed over the axes each operand was broadcast along
+        dy = seed[:, :, :ny].reshape((2,) + y_shape) * feeds["c"]
+        dm = seed[:, :, ny:].reshape((2,) + m_shape)
+        da_full = dm @ np.swapaxes(feeds["w"], -1, -2)
+        dw_full = np.swapaxes(feeds["p"], -1, -2) @ dm
+        for k, full, shape in (("a", dy, sa), ("b", dy, sb), ("p", da_full, sp), ("w", dw_full, sw)):
+            want = full.sum(axis=tuple(range(1, 1 + full.ndim - 1 - len(shape))))
+            axes = tuple(i + 1 for i, d in enumerate(shape) if d == 1 and want.shape[i + 1] != 1)
+            want = want.sum(axis=axes, keepdims=True)
+            assert got[k].shape == (2,) + shape, k
+            np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-5)
