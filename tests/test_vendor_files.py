@@ -158,6 +158,13 @@ def test_size_must_fit_a_fixed_input():
     m = with_image_size(vendor_model(), (8, 8))
     with pytest.raises(OptionError, match="does not fit"):
         with_image_size(m, (9, 8))
+    # channels last: H and W are axes 1 and 2
+    g = helper.make_graph([helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+                           helper.make_node("GlobalAveragePool", ["t"], ["y"])], "nhwc",
+                          [helper.make_tensor_value_info("x", TP.FLOAT, [-1, None, None, 3])],
+                          [helper.make_tensor_value_info("y", TP.FLOAT, None)])
+    fixed = with_image_size(helper.make_model(g), (6, 9))
+    assert find_image_input(fixed).shape == [None, 6, 9, 3]
 
 
 def test_parameters_in_constant_nodes(tmp_path):

@@ -490,6 +490,10 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
 
     def analysed(model):
         del model.graph.value_info[:]  # some exporters write wrong ones; infer them afresh
+        for vi in list(model.graph.input) + list(model.graph.output):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_value") and dim_of(d) is None:
+                    d.Clear()  # -1 (paddle2onnx) is a dynamic axis, not a size to propagate
         model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
         shapes, dtypes = _collect_static(model)
         return (model, shapes, dtypes) + _path(model.graph, wrt, logits_name, dtypes)
