@@ -162,7 +162,7 @@ class Builder:
     # -- opset-aware operators -----------------------------------------------------------
     def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: bool = True) -> str:
         """ReduceSum/Mean/Max... over static axes (an input from opset 13 or 18, else an
-        attribute); axes only the run knows are summed by Context._split_sum instead."""
+        attribute); axes only the run knows: see broadcast._split_sum."""
         kw = {"keepdims": int(keepdims)}
         if self.opset >= (13 if op_type == "ReduceSum" else 18):
             return self.op(op_type, [x, self.ints(axes)], **kw)

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelError, OptionError, UnsupportedOperatorError, first_line
 from ..model import dim_of
-from . import contrib, expand, fusion
+from . import broadcast, contrib, expand, fusion
 from .graph import Builder, Dim
 from .rules.registry import Rule, table
 
@@ -138,73 +138,9 @@ class Context:
 
     # shared helpers --------------------------------------------------------------------
     def unbroadcast(self, dy: str, x: str, y: str, skip_last: int = 0) -> str:
-        """Sum a cotangent of the broadcast result y ([K] + shape(y)) down to [K] + shape(x).
-
-        ``skip_last`` trailing axes are not broadcast axes (MatMul's matrix axes). Axes whose
-        sizes are known only at run time are summed by a route valid at every opset (see
-        _split_sum)."""
-        b = self.b
-        sx, sy = self.shape(x), self.shape(y)
-        rx, ry = self.rank(x), self.rank(y)
-        lead = ry - rx
-        out = dy
-        if lead > 0:
-            out = b.reduce("ReduceSum", out, list(range(1, lead + 1)), keepdims=False)
-        partners = self._partners(x, y, ry) if not skip_last else None
-        static_axes, uncertain = [], []
-        for i in range(rx - skip_last):
-            dx_, dy_ = sx[i], sy[i + lead]
-            if dx_ == 1:  # (a sum over a size-1 axis is no sum: right whatever y has)
-                if dy_ != 1:
-                    static_axes.append(i + 1)
-            elif isinstance(dx_, int) or (dx_ == dy_ and dx_ is not None):
-                continue  # x's size is not 1, or is y's
-            elif partners is not None and all(p == 1 for p in partners(i + lead)):
-                continue  # every other operand has 1 here: y's size is x's own
-            else:
-                uncertain.append(i)
-        if uncertain:
-            out = self._split_sum(out, x, uncertain)
-        if static_axes:
-            out = b.reduce("ReduceSum", out, static_axes, keepdims=True)
-        return out
-
-    def _partners(self, x: str, y: str, ry: int):
-        """For an elementwise broadcasting node computing y, a function of y's axis giving the
-        static sizes of the other operands there (1 where an operand lacks the axis); None
-        when some operand's rank is unknown or the node is not such a node."""
-        node = self.node
-        if node is None or node.op_type not in BROADCASTING or y not in node.output:
-            return None
-        shapes = [self.shape(i) for i in node.input if i and i != x]
-        if any(s is None for s in shapes):
-            return None
-        return lambda axis: [s[axis - (ry - len(s))] if axis >= ry - len(s) else 1 for s in shapes]
-
-    def _split_sum(self, out: str, x: str, axes: list[int]) -> str:
-        """Sum ``out`` ([K] + a broadcast of x's shape) over x's ``axes`` where x has size 1 at
-        run time, keeping the others: each such axis of size n is reshaped to
-        [x_i, n / x_i] and the second part summed (a sum over one entry when x_i = n), so the
-        reduced axes are known statically and no opset needs run-time axes."""
-        b = self.b
-        parts, summed, prev, rank = [b.shape(out, 0, 1)], [], 1, 1
-        for i in axes:
-            if i + 1 > prev:
-                parts.append(b.shape(out, prev, i + 1))
-                rank += i + 1 - prev
-            xi = b.shape(x, i, i + 1)
-            parts += [xi, b.op("Div", [b.shape(out, i + 1, i + 2), xi])]
-            summed.append(rank + 1)
-            rank += 2
-            prev = i + 2
-        parts.append(b.shape(out, prev))
-        split = b.op("Reshape", [out, b.concat(parts)], hint="split")
-        return b.reduce("ReduceSum", split, summed, keepdims=False)
-
-
-# elementwise operators whose inputs all broadcast together to the output
-BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where",
-                          "PRelu"})
+        """Sum a cotangent of the broadcast result y ([K] + shape(y)) down to [K] + shape(x)
+        (see :func:`.broadcast.unbroadcast`)."""
+        return broadcast.unbroadcast(self, dy, x, y, skip_last)
 
 
 def _collect_static(model: onnx.ModelProto) -> tuple[dict, dict]:
