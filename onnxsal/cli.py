@@ -118,13 +118,13 @@ def explain(model, images, methods, out, target, preprocess, labels_file, device
     from .explain import engine_for_images, run_explain
     from .preprocess import read_labels
 
-    eng, inputs, notes = engine_for_images(model, images, limit, preprocess=preprocess,
-                                           device=device, output=output)
+    eng, inputs = engine_for_images(model, images, limit, preprocess=preprocess, device=device,
+                                    output=output)
     names = [m.strip() for spec in methods for m in spec.split(",") if m.strip()]
     labels = read_labels(labels_file) if labels_file else None
     opts = {"gradcam": {"layer": layer}} if layer else {}
-    for note in ([eng.logits_spec.note] if eng.logits_spec.note else []) + notes:
-        click.echo(f"note: {note}", err=True)
+    if eng.logits_spec.note:
+        click.echo(f"note: {eng.logits_spec.note}", err=True)
     res = run_explain(eng, inputs, names, out, targets=target, labels=labels, limit=limit, options=opts)
     for note in res.notes:
         click.echo(f"note: {note}", err=True)

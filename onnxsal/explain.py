@@ -54,16 +54,16 @@ def load_inputs(inputs: Sequence[str], shape, limit: int | None = None) -> Datas
 
 
 def engine_for_images(model: str, inputs: Sequence[str], limit: int | None = None,
-                      preprocess: str | None = None, **options) -> tuple[Engine, list, list[str]]:
-    """(engine, inputs, notes) for explaining ``inputs`` with ``model``. A model with dynamic
-    H and W and no size given takes the images' own size when they all share one (a note
-    says so); the images are then read once and returned as the inputs to use."""
+                      preprocess: str | None = None, **options) -> tuple[Engine, list]:
+    """(engine, inputs) for explaining ``inputs`` with ``model``. A model with dynamic H and
+    W and no size given takes the images' own size when they all share one (a note in the
+    data says so); the images are then read once and returned as the inputs to use."""
     from .data import load_raw
     from .model import load_model
     from .preprocess import DynamicSizeError, from_model, parse
 
     try:
-        return Engine(model, preprocess=preprocess, **options), list(inputs), []
+        return Engine(model, preprocess=preprocess, **options), list(inputs)
     except DynamicSizeError:
         pass
     raws = [load_raw(src, limit=limit) for src in inputs]
@@ -75,8 +75,8 @@ def engine_for_images(model: str, inputs: Sequence[str], limit: int | None = Non
     (h, w), = sizes
     spec = parse(preprocess) if preprocess else from_model(load_model(model))
     spec = replace(spec or PreprocessSpec(), size=(int(h), int(w)))
-    note = f"the model's input size is dynamic: the images' own size {h}x{w} is used"
-    return Engine(model, preprocess=spec, **options), raws, [note]
+    raws[0].notes.append(f"the model's input size is dynamic: the images' own size {h}x{w} is used")
+    return Engine(model, preprocess=spec, **options), raws
 
 
 def _atomic_write(path: Path, write) -> None:

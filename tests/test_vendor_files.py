@@ -193,6 +193,7 @@ def test_explain_dynamic_hw_uses_the_images_size(tmp_path):
                                    "-m", "vanilla,gradcam", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "own size 14x18" in res.output
+    assert any("own size 14x18" in n for n in json.loads((out / "predictions.json").read_text())["notes"])
     maps = np.load(out / "maps.npz")
     assert maps["a/vanilla"].shape == (14, 18) and maps["b/gradcam"].shape == (14, 18)
     res = CliRunner().invoke(cli, ["explain", str(src), str(tmp_path / "a.png"), str(tmp_path / "c.png"),
