@@ -58,15 +58,15 @@ def _partners(ctx, x: str, y: str, ry: int):
 
 def _split_sum(b, out: str, x: str, axes: list[int]) -> str:
     """Sum ``out`` ([K] + a broadcast of x's shape) over x's ``axes`` where x has size 1 at
-    run time, keeping the others: each such axis of size n is reshaped to [x_i, n / x_i] and
-    the second part summed (a sum over one entry when x_i = n), so the summed axes are static."""
+    run time, keeping the others: each such axis of size n is reshaped to [1, n] when x_i is 1
+    and to [n, 1] otherwise, and the second part summed, so the summed axes are static."""
     parts, summed, prev, rank = [b.shape(out, 0, 1)], [], 1, 1
     for i in axes:
         if i + 1 > prev:
             parts.append(b.shape(out, prev, i + 1))
             rank += i + 1 - prev
-        xi = b.shape(x, i, i + 1)
-        parts += [xi, b.op("Div", [b.shape(out, i + 1, i + 2), xi])]
+        xi, one = b.shape(x, i, i + 1), b.ints([1])
+        parts += [xi, b.op("Where", [b.op("Equal", [xi, one]), b.shape(out, i + 1, i + 2), one])]
         summed.append(rank + 1)
         rank += 2
         prev = i + 2
