@@ -407,4 +407,5 @@ def save_model(model, path: str) -> None:
 
 
 __all__ = ["InputSpec", "LogitsSpec", "ModelSummary", "load_model", "validate", "content_hash",
-           "find_image_input", "with_image_size", "dim_of", "find_logits", "parameter_count", "summarize", "set_ir_version", "save_model"]
+           "find_image_input", "with_image_size", "dim_of", "find_logits", "parameter_count",
+           "summarize", "set_ir_version", "save_model"]

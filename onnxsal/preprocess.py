@@ -187,8 +187,9 @@ def from_model(model: onnx.ModelProto) -> PreprocessSpec | None:
 
 
 def labels_from_json(data) -> list[str] | None:
-    """Class names from parsed JSON: a list of names, {"0": name, ...}, or Keras's
-    ``class_indices`` {name: index}; None when it is none of these."""
+    """Class names from parsed JSON: a list of names, {"0": name, ...}, Keras's
+    ``class_indices`` {name: index}, or its ``imagenet_class_index.json`` {"0": [id, name]};
+    None when it is none of these."""
     if isinstance(data, dict) and data:
         if all(isinstance(v, int) and not isinstance(v, bool) for v in data.values()):
             by_index = {v: k for k, v in data.items()}  # {name: index}
@@ -200,6 +201,8 @@ def labels_from_json(data) -> list[str] | None:
         if sorted(by_index) != list(range(len(data))):
             return None
         data = [by_index[i] for i in range(len(data))]
+        if all(isinstance(v, list) and v and all(isinstance(e, str) for e in v) for v in data):
+            data = [v[-1] for v in data]  # [wordnet id, name]
     if not isinstance(data, list) or not all(isinstance(v, (str, int, float)) for v in data):
         return None
     return [str(v) for v in data]
@@ -217,7 +220,7 @@ def labels_from_model(model: onnx.ModelProto) -> list[str] | None:
 
 def read_labels(labels: str | os.PathLike | Sequence[str] | None) -> list[str] | None:
     """Class names from a list, or a file: a JSON list, a JSON object {"0": name, ...} or
-    {name: 0, ...} (Keras's class_indices), or one name per line."""
+    {name: 0, ...} (Keras's class_indices; see labels_from_json), or one name per line."""
     if labels is None:
         return None
     if not isinstance(labels, (str, os.PathLike)):
@@ -252,8 +255,8 @@ def raw_shape(inp: InputSpec, spec: PreprocessSpec | None) -> tuple[int, int, in
     if not isinstance(c, int):
         raise ModelError(f"input '{inp.name}' has a dynamic channel count; cannot tell grey from RGB")
     if not isinstance(h, int) or not isinstance(w, int):
-        raise DynamicSizeError(f"input '{inp.name}' has a dynamic image size {inp.shape}; give one with "
-                          f"--preprocess 'size=HxW'")
+        raise DynamicSizeError(f"input '{inp.name}' has a dynamic image size {inp.shape}; give one "
+                               f"with --preprocess 'size=HxW'")
     return c, h, w
 
 

@@ -202,12 +202,15 @@ def test_explain_dynamic_hw_uses_the_images_size(tmp_path):
 
 
 def test_keras_class_indices_labels(tmp_path):
-    """Keras's class_indices.json ({name: index}) is a labels file; a gap in the indices is not."""
+    """Keras's class_indices.json ({name: index}) and imagenet_class_index.json are labels
+    files; a gap in the indices (which would shift every later name) is not."""
     p = tmp_path / "class_indices.json"
     p.write_text(json.dumps({"dog": 1, "cat": 0, "fox": 2}))
     assert read_labels(p) == ["cat", "dog", "fox"]
     p.write_text(json.dumps({"2": "fox", "0": "cat", "1": "dog"}))
     assert read_labels(p) == ["cat", "dog", "fox"]
+    p.write_text(json.dumps({"1": ["n02084071", "dog"], "0": ["n02121808", "cat"]}))  # imagenet_class_index
+    assert read_labels(p) == ["cat", "dog"]
     p.write_text(json.dumps({"dog": 1, "cat": 3}))
     with pytest.raises(InputError, match="class_indices"):
         read_labels(p)
