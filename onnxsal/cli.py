@@ -68,17 +68,22 @@ def inspect(model: str, as_json: bool, output: str | None) -> None:
 @click.option("--output", default=None, help="The output to explain when the model has several.")
 @click.option("--simplify/--no-simplify", default=True, show_default=True,
               help="Apply onnxruntime's basic graph optimizations first (fewer, cheaper backward nodes).")
+@click.option("--size", default=None, metavar="HxW", help="Fix the image input's height and width "
+              "(a model with dynamic sizes then gets a gradient graph for that size only).")
 def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: float | None,
-            output: str | None, simplify: bool) -> None:
+            output: str | None, simplify: bool, size: str | None) -> None:
     """Add the backward graph: one run returns logits and the gradient of every class."""
     from .autodiff import augment as augment_model
-    from .model import find_image_input, find_logits, load_model, save_model
+    from .model import find_image_input, find_logits, load_model, save_model, with_image_size
+    from .preprocess import parse_size
 
     t0 = time.perf_counter()
     m = load_model(model)
     logits = find_logits(m, output)
     options = {"epsilon": epsilon} if epsilon is not None else {}
     find_image_input(m)  # a model with no float image input is refused before anything runs
+    if size is not None:
+        m = with_image_size(m, parse_size(size, "--size"))
     if simplify:
         from .simplify import simplify as simplify_model
 
@@ -110,17 +115,17 @@ def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: flo
 @click.option("--limit", type=int, default=None, help="At most this many images per source.")
 def explain(model, images, methods, out, target, preprocess, labels_file, device, output, layer, limit):
     """Saliency maps of MODEL for IMAGES (files, folders, .npz or built-in data names)."""
-    from .engine import Engine
-    from .explain import run_explain
+    from .explain import engine_for_images, run_explain
     from .preprocess import read_labels
 
-    eng = Engine(model, preprocess=preprocess, device=device, output=output)
+    eng, inputs = engine_for_images(model, images, limit, preprocess=preprocess, device=device,
+                                    output=output)
     names = [m.strip() for spec in methods for m in spec.split(",") if m.strip()]
     labels = read_labels(labels_file) if labels_file else None
     opts = {"gradcam": {"layer": layer}} if layer else {}
     if eng.logits_spec.note:
         click.echo(f"note: {eng.logits_spec.note}", err=True)
-    res = run_explain(eng, images, names, out, targets=target, labels=labels, limit=limit, options=opts)
+    res = run_explain(eng, inputs, names, out, targets=target, labels=labels, limit=limit, options=opts)
     for note in res.notes:
         click.echo(f"note: {note}", err=True)
     for f in res.failures:

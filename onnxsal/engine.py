@@ -33,7 +33,7 @@ from onnx import TensorProto
 from . import __version__
 from .autodiff import META_GRAD, META_LOGITS, META_SEED, META_VALUE, augment
 from .errors import InputError, ModelError, OptionError, first_line
-from .model import content_hash, find_image_input, find_logits, load_model
+from .model import content_hash, dim_of, find_image_input, find_logits, load_model
 from .preprocess import PreprocessSpec, labels_from_model, parse, prepend, raw_shape
 from .simplify import simplify
 from .preprocess import from_model as preprocess_from_model
@@ -125,11 +125,11 @@ def _float_bytes_per_image(model: onnx.ModelProto, input_name: str, shape) -> tu
         t = vi.type.tensor_type
         if t.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
             continue
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-        if not t.HasField("shape") or any(d is None for d in dims[1:]):
+        dims = [dim_of(d) for d in t.shape.dim]
+        if not t.HasField("shape") or any(not isinstance(d, int) for d in dims[1:]):
             unknown = True
             break
-        size = int(np.prod([d or 1 for d in dims], dtype=np.int64)) * 4
+        size = int(np.prod([d if isinstance(d, int) else 1 for d in dims], dtype=np.int64)) * 4
         total, largest = total + size, max(largest, size)
     if not unknown:
         return max(total, 1 << 16), max(largest, 1 << 12)
@@ -513,18 +513,23 @@ class Engine:
                     best = node.input[0]
             if best is not None:
                 break
-        dims = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-                for vi in inferred.graph.value_info}
+        dims = {vi.name: [dim_of(d) for d in vi.type.tensor_type.shape.dim] for vi in inferred.graph.value_info}
         cands = [n.output[0] for n in inferred.graph.node if n.output and ranks.get(n.output[0]) == 4]
         if best is None:
             if not cands:
                 raise ModelError("the model has no 4-D activation for Grad-CAM; name one with --layer")
             best = cands[-1]
-        if dims.get(best, [None] * 4)[2:] == [1, 1]:
+        from .methods.cam import channel_axis
+
+        def spatial(t):  # (h, w) of a 4-D tensor in its own layout
+            d = dims.get(t, [None] * 4)
+            return d[1:3] if channel_axis(m, t) == 3 else d[2:]
+
+        if spatial(best) == [1, 1]:
             # a 1x1 activation (small inputs) gives a constant map: take the last larger one
             order = {name: i for i, name in enumerate(cands)}
             bigger = [c for c in cands if order[c] < order.get(best, len(cands))
-                      and any(v is None or v > 1 for v in dims.get(c, [None] * 4)[2:])]
+                      and any(not isinstance(v, int) or v > 1 for v in spatial(c))]
             if bigger:
                 best = bigger[-1]
         return best

@@ -24,7 +24,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelError, OptionError, UnsupportedOperatorError, first_line
-from . import contrib, expand, fusion
+from ..model import dim_of
+from . import broadcast, contrib, expand, fusion
 from .graph import Builder, Dim
 from .rules.registry import Rule, table
 
@@ -137,39 +138,9 @@ class Context:
 
     # shared helpers --------------------------------------------------------------------
     def unbroadcast(self, dy: str, x: str, y: str, skip_last: int = 0) -> str:
-        """Sum a cotangent of the broadcast result y ([K] + shape(y)) down to [K] + shape(x).
-
-        ``skip_last`` trailing axes are not broadcast axes (MatMul's matrix axes)."""
-        b = self.b
-        sx, sy = self.shape(x), self.shape(y)
-        rx, ry = self.rank(x), self.rank(y)
-        lead = ry - rx
-        out = dy
-        if lead > 0:
-            out = b.reduce("ReduceSum", out, list(range(1, lead + 1)), keepdims=False)
-        static_axes, uncertain = [], False
-        for i in range(rx - skip_last):
-            dx_, dy_ = sx[i], sy[i + lead]
-            if dx_ == 1 and dy_ != 1:
-                static_axes.append(i + 1)
-            elif dx_ == dy_ and dx_ is not None:
-                continue
-            elif isinstance(dx_, int) and dx_ != 1:
-                continue
-            elif dx_ is None or dy_ is None or isinstance(dx_, str) or isinstance(dy_, str):
-                uncertain = True
-        if uncertain:
-            # Decide at run time: reduce every axis where x has 1 and y does not.
-            shx = b.shape(x, 0, rx - skip_last) if skip_last else b.shape(x)
-            shy = b.shape(y, lead, ry - skip_last) if (lead or skip_last) else b.shape(y)
-            one = b.ints([1])
-            mask = b.op("And", [b.op("Equal", [shx, one]), b.op("Not", [b.op("Equal", [shy, one])])])
-            axes = b.op("Reshape", [b.op("NonZero", [mask]), b.ints([-1])])
-            axes = b.op("Add", [axes, one])
-            return b.reduce("ReduceSum", out, axes, keepdims=True, noop_with_empty_axes=True)
-        if static_axes:
-            out = b.reduce("ReduceSum", out, static_axes, keepdims=True)
-        return out
+        """Sum a cotangent of the broadcast result y ([K] + shape(y)) down to [K] + shape(x)
+        (see :func:`.broadcast.unbroadcast`)."""
+        return broadcast.unbroadcast(self, dy, x, y, skip_last)
 
 
 def _collect_static(model: onnx.ModelProto) -> tuple[dict, dict]:
@@ -180,15 +151,7 @@ def _collect_static(model: onnx.ModelProto) -> tuple[dict, dict]:
         t = vi.type.tensor_type
         dtypes[vi.name] = t.elem_type
         if t.HasField("shape"):
-            dims = []
-            for d in t.shape.dim:
-                if d.HasField("dim_value"):
-                    dims.append(int(d.dim_value))
-                elif d.HasField("dim_param"):
-                    dims.append(d.dim_param)
-                else:
-                    dims.append(None)
-            shapes[vi.name] = dims
+            shapes[vi.name] = [dim_of(d) for d in t.shape.dim]
         else:
             shapes[vi.name] = None
 
@@ -378,8 +341,8 @@ def _probe_ranks(model: onnx.ModelProto, names: list[str], shapes: dict) -> None
         if vi.name in inits:
             continue
         t = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (2 if i == 0 else 64)
-                for i, d in enumerate(t.shape.dim)]
+        dims = [dim_of(d) for d in t.shape.dim]
+        dims = [d if isinstance(d, int) else (2 if i == 0 else 64) for i, d in enumerate(dims)]
         feeds[vi.name] = np.random.default_rng(0).random(dims).astype(helper.tensor_dtype_to_np_dtype(t.elem_type))
     try:
         so = ort.SessionOptions()
@@ -391,6 +354,26 @@ def _probe_ranks(model: onnx.ModelProto, names: list[str], shapes: dict) -> None
                          f"failed: {str(exc).splitlines()[0]}") from None
     for n, v in zip(names, outs):
         shapes[n] = [None] * np.ndim(v)
+
+
+def _logits_shape(model: onnx.ModelProto, logits: str, shapes: dict) -> list:
+    """The logits' dims; where shape inference left a classifier's [N, C] unknown, N is the
+    image input's batch axis and C the declared class count (or the symbols 'N' and 'C')."""
+    from ..model import find_image_input, find_logits
+
+    lshape = shapes.get(logits)
+    if lshape is None:  # (a scalar has the shape [], which is known)
+        lshape = [None, None]
+    if len(lshape) != 2 or None not in lshape:
+        return list(lshape)
+    try:
+        batch = find_image_input(model).shape[0]
+        spec = find_logits(model)
+    except (ModelError, OptionError):  # not an image classifier (a test graph): symbols only
+        batch, spec = None, None
+    classes = spec.num_classes if spec is not None and spec.tensor == logits else None
+    return [lshape[0] if lshape[0] is not None else (batch if batch is not None else "N"),
+            lshape[1] if lshape[1] is not None else (classes or "C")]
 
 
 def _ir_version_for(model: onnx.ModelProto) -> int:
@@ -443,6 +426,10 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
 
     def analysed(model):
         del model.graph.value_info[:]  # some exporters write wrong ones; infer them afresh
+        for vi in list(model.graph.input) + list(model.graph.output):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_value") and dim_of(d) is None:
+                    d.Clear()  # -1 (paddle2onnx) is a dynamic axis, not a size to propagate
         model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
         shapes, dtypes = _collect_static(model)
         return (model, shapes, dtypes) + _path(model.graph, wrt, logits_name, dtypes)
@@ -499,9 +486,7 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
     # the seed input: the cotangent of the logits, [K, N, C]
     seed_name = "onnxsal_seed" if "onnxsal_seed" not in taken else b.fresh("seed")
     taken.add(seed_name)
-    lshape = shapes.get(logits_name)
-    if lshape is None:  # (a scalar has the shape [], which is known)
-        lshape = [None, None]
+    lshape = _logits_shape(model, logits_name, shapes)
     seed_dims = ["K"] + [d if d is not None else f"logits_{i}" for i, d in enumerate(lshape)]
     ltype = dtypes.get(logits_name, TensorProto.FLOAT)
     g.input.append(helper.make_tensor_value_info(seed_name, ltype, seed_dims))
