@@ -169,6 +169,23 @@ def test_static_if_is_inlined(kind):
     assert np.abs(g - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
+def test_function_operator_inside_a_branch_is_expanded():
+    """MeanVarianceNormalization has no rule: ONNX's function body replaces it, in a branch too
+    (float32: the body's constants are float)."""
+    f = TensorProto.FLOAT
+    then = _branch("then", [helper.make_node("MeanVarianceNormalization", ["x"], ["mv"], axes=[1]),
+                            helper.make_node("MatMul", ["mv", "Wa"], ["tout"])], "tout", f)
+    els = _branch("else", [helper.make_node("MatMul", ["x", "Wb"], ["eout"])], "eout", f)
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], keepdims=0), helper.make_node("Greater", ["m", "t"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], name="if1", then_branch=then, else_branch=els)]
+    inits = [numpy_helper.from_array(np.array(0, np.float32), "t"), _w("Wa", (4, 3), 1, np.float32),
+             _w("Wb", (4, 3), 2, np.float32)]
+    model, x = _model(nodes, inits, elem=f), _x(2.0).astype(np.float32)
+    _, g = pass_gradient(model, x)
+    ref = fd_jacobian(model, x, h=1e-2)
+    assert np.abs(g - ref).max() <= 2e-3 * np.abs(ref).max()
+
+
 def loop_model(direct: bool):
     """y = Loop(2 times: acc += mean_hw(x) Wa) [+ max_hw(x) Wd] on a [2, 3, 2, 2] image: the body
     reads x from the outer graph."""
@@ -268,10 +285,12 @@ def test_torch_cond_export_matches_torch_autograd():
 
 def image_if_model(with_if: bool):
     """A tiny float32 image classifier; with_if puts its conv head in the then-branch of an If
-    on mean(x) > -100 (true at run time for any image), beside a direct path."""
+    on mean(x) > -100 (true at run time for any image), beside a direct path. (The MaxPool's
+    rule adds an indices output to the branch's forward node.)"""
     f = TensorProto.FLOAT
     head = [helper.make_node("Conv", ["r", "Wk"], ["k"], pads=[1, 1, 1, 1]),
-            helper.make_node("GlobalAveragePool", ["k"], ["gp"]), helper.make_node("Flatten", ["gp"], ["fl"]),
+            helper.make_node("MaxPool", ["k"], ["kp"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+            helper.make_node("GlobalAveragePool", ["kp"], ["gp"]), helper.make_node("Flatten", ["gp"], ["fl"]),
             helper.make_node("MatMul", ["fl", "Wl"], ["tout"])]
     nodes = [helper.make_node("Relu", ["x"], ["r"])]
     if with_if:
@@ -332,3 +351,24 @@ def test_cli_loop_model_exits_2_naming_the_loop(tmp_path, command):
     errors = [line for line in p.stderr.strip().splitlines() if not line.startswith("note:")]
     assert p.returncode == 2, p.stderr
     assert len(errors) == 1 and errors[0].startswith("error:") and "Loop (nodes: loop1)" in errors[0], p.stderr
+
+
+def test_inspect_lists_the_operators_inside_branches():
+    from onnxsal.model import summarize
+
+    ops = summarize(image_if_model(True)).operators
+    assert ops["If"]["differentiable"] and ops["Conv"]["count"] == 1 and ops["MaxPool"]["count"] == 1
+    assert summarize(loop_model(True)).operators["Loop"]["differentiable"] is False
+
+
+def test_pre_augmented_if_model_runs_in_the_engine(tmp_path, monkeypatch):
+    """The forward part cut from an augmented file keeps the producers the branches read."""
+    from onnxsal.engine import Engine
+
+    monkeypatch.setenv("ONNXSAL_CACHE", str(tmp_path / "cache"))
+    model = image_if_model(True)
+    path = tmp_path / "aug.onnx"
+    onnx.save(augment(model), str(path))
+    x = np.random.default_rng(0).random((1, 3, 8, 8)).astype(np.float32)
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(Engine(str(path)).logits(x), ref, rtol=1e-5, atol=1e-6)

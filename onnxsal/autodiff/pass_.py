@@ -500,7 +500,7 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
         if t not in known:
             raise OptionError(f"tensor '{t}' is not in the model's graph")
     for _ in range(4):  # a body may hold further function operators
-        inline = {n.op_type for n in active if n.domain in expand.STANDARD
+        inline = {n.op_type for n in control_flow.walk(active) if n.domain in expand.STANDARD
                   and n.op_type not in rule_table and expand.expandable(n.op_type, opset)}
         if not inline:
             break
