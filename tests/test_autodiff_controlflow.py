@@ -286,10 +286,12 @@ def test_torch_cond_export_matches_torch_autograd():
 def image_if_model(with_if: bool):
     """A tiny float32 image classifier; with_if puts its conv head in the then-branch of an If
     on mean(x) > -100 (true at run time for any image), beside a direct path. (The MaxPool's
-    rule adds an indices output to the branch's forward node.)"""
+    rule adds an indices output to the branch's forward node; guided backprop changes the
+    branch's Relu.)"""
     f = TensorProto.FLOAT
     head = [helper.make_node("Conv", ["r", "Wk"], ["k"], pads=[1, 1, 1, 1]),
-            helper.make_node("MaxPool", ["k"], ["kp"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["k"], ["kr"]),
+            helper.make_node("MaxPool", ["kr"], ["kp"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
             helper.make_node("GlobalAveragePool", ["kp"], ["gp"]), helper.make_node("Flatten", ["gp"], ["fl"]),
             helper.make_node("MatMul", ["fl", "Wl"], ["tout"])]
     nodes = [helper.make_node("Relu", ["x"], ["r"])]
@@ -351,6 +353,18 @@ def test_cli_loop_model_exits_2_naming_the_loop(tmp_path, command):
     errors = [line for line in p.stderr.strip().splitlines() if not line.startswith("note:")]
     assert p.returncode == 2, p.stderr
     assert len(errors) == 1 and errors[0].startswith("error:") and "Loop (nodes: loop1)" in errors[0], p.stderr
+
+
+@pytest.mark.parametrize("rules, options", [("guided", {}), ("lrp", {"epsilon": 1.0})])
+def test_rule_sets_apply_inside_branches(rules, options):
+    """guided backprop's Relu and lrp's Conv/MatMul rules inside the then-branch: the same
+    gradient as the model with the branch written out."""
+    x = np.random.default_rng(0).random((1, 3, 8, 8)).astype(np.float32)
+    seed = np.eye(3, dtype=np.float32)[:, None]
+    g_if, g_plain, g_default = (run_augmented(augment(image_if_model(w), rules=r, options=options), x, seed)[1]["x"]
+                                for w, r in ((True, rules), (False, rules), (False, "default")))
+    assert np.abs(g_plain - g_default).max() > 0.01 * np.abs(g_default).max()  # the rule set matters here
+    np.testing.assert_allclose(g_if, g_plain, rtol=1e-5, atol=1e-6)
 
 
 def test_inspect_lists_the_operators_inside_branches():
