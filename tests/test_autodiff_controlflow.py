@@ -386,3 +386,12 @@ def test_pre_augmented_if_model_runs_in_the_engine(tmp_path, monkeypatch):
     x = np.random.default_rng(0).random((1, 3, 8, 8)).astype(np.float32)
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(Engine(str(path)).logits(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sanity_layers_see_a_weight_shared_with_a_branch():
+    """W33 is read by a top-level MatMul and inside the else-branch: randomising that layer
+    must not change the stored tensor in place (the branch would change too)."""
+    from onnxsal.metrics.sanity import find_layers
+
+    layer = next(lay for lay in find_layers(image_if_model(True)) if lay.op_type == "MatMul")
+    assert [(o.source, o.private) for o in layer.weights] == [("W33", False)]
