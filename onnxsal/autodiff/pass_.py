@@ -482,6 +482,8 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
 
     def analysed(model):
         del model.graph.value_info[:]  # some exporters write wrong ones; infer them afresh
+        for sub in (g for n in control_flow.walk(model.graph.node) for g in control_flow.subgraphs(n)):
+            del sub.value_info[:]
         model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
         shapes, dtypes = _collect_static(model.graph)
         return (model, shapes, dtypes) + _path(model.graph, wrt, [logits_name], dtypes)
