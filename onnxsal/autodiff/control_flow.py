@@ -206,21 +206,16 @@ def if_rule(ctx, node, dys):
 def _branch_backward(ctx, g: onnx.GraphProto, dys: list, wanted: list[str]) -> onnx.GraphProto:
     """A graph with no inputs that recomputes branch ``g`` and returns the cotangents of the
     outer tensors ``wanted`` (fresh output names) given the cotangents ``dys`` of g's outputs."""
-    from .graph import Builder
     from .pass_ import Context, _collect_consts, _collect_static, _fold_static, _path, backward, check_rules
 
-    shapes, dtypes = _collect_static(g, dict(ctx._shapes), dict(ctx._dtypes))
-    consts = dict(ctx._consts)
+    shapes, dtypes, consts, shape_values = ctx.facts()
+    _collect_static(g, shapes, dtypes)
     consts.update(_collect_consts(g))
-    shape_values = dict(ctx._shape_values)
     shape_values.update(_fold_static(g, ctx.opset, shapes, consts))
     targets = [vi.name for vi, dy in zip(g.output, dys) if dy is not None]
     active, need = _path(g, wanted, targets, dtypes)
     check_rules(active, ctx.rules, g)
-    parent = ctx.b
-    b = Builder(ctx.opset, parent.taken)
-    b.k_name, b.initializers, b.dtypes = parent.k_name, parent.initializers, parent.dtypes
-    b._const_cache, b._shape_cache = parent._const_cache, dict(parent._shape_cache)
+    b = ctx.b.child()
     sub = Context(b, shapes, dtypes, consts, need, ctx.ruleset, ctx.options,
                   graph=g, rules=ctx.rules, wrt=wanted, shape_values=shape_values)
     cot: dict[str, list[str]] = {}

@@ -76,6 +76,10 @@ class Context:
                 self._uses[o.name] = self._uses.get(o.name, 0) + 1
 
     # static facts ----------------------------------------------------------------------
+    def facts(self) -> tuple[dict, dict, dict, dict]:
+        """Copies of (shapes, dtypes, consts, shape values), for a subgraph to extend."""
+        return dict(self._shapes), dict(self._dtypes), dict(self._consts), dict(self._shape_values)
+
     def shape(self, name: str) -> list[Dim] | None:
         return self._shapes.get(name)
 
