@@ -32,6 +32,7 @@ from onnx import TensorProto
 
 from . import __version__
 from .autodiff import META_GRAD, META_LOGITS, META_SEED, META_VALUE, augment
+from .autodiff.control_flow import extract
 from .errors import InputError, ModelError, OptionError, first_line
 from .model import content_hash, dim_of, find_image_input, find_logits, load_model
 from .preprocess import PreprocessSpec, labels_from_model, parse, prepend, raw_shape
@@ -296,7 +297,7 @@ class Engine:
         tensor = self.logits_spec.tensor
         if self.pre_augmented:
             # the logits do not depend on the seed: keep only the forward part
-            m = onnx.utils.Extractor(m).extract_model([self.input_name], [tensor])
+            m = extract(m, [self.input_name], [tensor])
         elif tensor not in {o.name for o in m.graph.output}:
             m = onnx.ModelProto.FromString(m.SerializeToString())
             m.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor))

@@ -328,6 +328,7 @@ def summarize(model: onnx.ModelProto, path: str | None = None, output: str | Non
               rules: str = "default") -> ModelSummary:
     from .autodiff import supported_ops
     from .autodiff.contrib import lower
+    from .autodiff.control_flow import walk
     from .autodiff.expand import expandable, inline_local
     from .autodiff.pass_ import default_opset
 
@@ -336,10 +337,10 @@ def summarize(model: onnx.ModelProto, path: str | None = None, output: str | Non
     model = lower(inline_local(model))  # the operators the pass meets
     opset = default_opset(model)
     notes += [f"{op} has no rule: expanded into the function body ONNX defines it by"
-              for op in sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")
+              for op in sorted({n.op_type for n in walk(model.graph.node) if n.domain in ("", "ai.onnx")
                                 and n.op_type not in supported and expandable(n.op_type, opset)})]
-    counts = collections.Counter(
-        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph.node)
+    counts = collections.Counter(  # with the nodes inside If, Loop and Scan bodies
+        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in walk(model.graph.node))
     ops = {op: {"count": c, "differentiable": op in supported or expandable(op, opset),
                 "needs_rule": op not in NO_GRADIENT_OPS} for op, c in sorted(counts.items())}
     return ModelSummary(

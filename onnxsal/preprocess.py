@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .autodiff.control_flow import all_names
 from .errors import InputError, ModelError, OptionError
 from .model import FLOAT_TYPES, InputSpec, type_name
 
@@ -278,7 +279,7 @@ def prepend(model: onnx.ModelProto, spec: PreprocessSpec | None, inp: InputSpec)
                          f"inputs can be explained by gradients")
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
-    names = {t for n in g.node for t in list(n.input) + list(n.output)} | {i.name for i in g.initializer}
+    names = all_names(g)  # with the names inside subgraphs, which a fresh name must not shadow
     raw = RAW_INPUT
     while raw in names:
         raw += "_"

@@ -43,6 +43,15 @@ class Builder:
         # padded copies (q, k, v taken from one projection; a class token and the rest).
         self.placed: dict[str, tuple[str, int, int, int, int]] = {}
 
+    def child(self) -> "Builder":
+        """A builder for a subgraph's nodes (a backward If branch): the same names, seed axis,
+        initializers and constants; a shape cache seeded with this one's, whose tensors the
+        subgraph sees, but not the other way round."""
+        b = Builder(self.opset, self.taken, self.prefix)
+        b.k_name, b.initializers, b.dtypes, b._const_cache = self.k_name, self.initializers, self.dtypes, self._const_cache
+        b._shape_cache = dict(self._shape_cache)
+        return b
+
     # -- names and raw nodes -------------------------------------------------------------
     def fresh(self, hint: str = "t") -> str:
         hint = "".join(c if c.isalnum() or c in "_." else "_" for c in hint)[-40:]

@@ -46,7 +46,7 @@ def rule(*op_types: str, min_opset: int | Callable = 0, ruleset: str = "default"
 def table(name: str = "default") -> dict[str, Rule]:
     """The effective rule table of a rule set: the default rules with its overrides."""
     from . import conv_pool, elementwise, linalg, norm, quant, shape  # noqa: F401  (registration)
-    from .. import rulesets  # noqa: F401
+    from .. import control_flow, rulesets  # noqa: F401
 
     if name not in RULESETS:
         raise KeyError(name)
