@@ -12,25 +12,23 @@ onnxruntime session. The engine
   and DepthToSpace kernels hardly use a second thread);
 * simplifies the graph with onnxruntime's basic optimizations before the gradient pass
   (:mod:`onnxsal.simplify`);
-* caches augmented (gradient) models on disk, keyed by the model's content hash and options,
-  in ``$ONNXSAL_CACHE`` or the user cache folder (``~/.cache/onnxsal``).
+* caches augmented (gradient) models on disk, keyed by the model's content hash, options and
+  onnxsal's code fingerprint, each entry checked against its content hash when read
+  (:mod:`onnxsal.cache`), in ``$ONNXSAL_CACHE`` or the user cache folder (``~/.cache/onnxsal``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto
 
-from . import __version__
+from . import cache
 from .autodiff import META_GRAD, META_LOGITS, META_SEED, META_VALUE, augment
 from .errors import InputError, ModelError, OptionError, first_line
 from .model import content_hash, find_image_input, find_logits, load_model
@@ -52,16 +50,6 @@ class VJP:
     logits: np.ndarray
     grads: dict[str, np.ndarray]
     values: dict[str, np.ndarray]
-
-
-def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    if override:
-        return Path(override)
-    env = os.environ.get("ONNXSAL_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "onnxsal"
 
 
 _PROVIDER_PROBE: dict[str, bool] = {}
@@ -316,41 +304,22 @@ class Engine:
             if "pre" not in self._sessions:
                 self._sessions["pre"] = (self._session(self.model), dict(self.pre_augmented))
             return self._sessions["pre"]
-        key = json.dumps([self._key, rules, list(wrt or []), opts, self.simplify, __version__], sort_keys=True)
+        key = cache.entry_key(self._key, rules, list(wrt or []), opts, self.simplify)
         if key in self._sessions:
             return self._sessions[key]
-        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-        path = cache_dir(self._cache_dir) / f"{digest}.onnx"
-        aug = None
-        if self._use_disk_cache and path.is_file():
-            try:
-                aug = onnx.load(str(path))
-            except Exception:
-                aug = None
+        folder = cache.cache_dir(self._cache_dir)
+        aug = cache.load(folder, key) if self._use_disk_cache else None
         if aug is None:
             keep = [self.logits_spec.tensor] + list(wrt or [])
             base = simplify(self.model, keep=keep) if self.simplify else self.model
             aug = augment(base, wrt=list(wrt) if wrt else None, rules=rules,
                           logits=self.logits_spec.tensor, options=opts)
             if self._use_disk_cache:
-                self._write_cache(aug, path)
+                cache.store(folder, key, aug)
         meta = {p.key: p.value for p in aug.metadata_props}
         entry = (self._session(aug), meta)
         self._sessions[key] = entry
         return entry
-
-    @staticmethod
-    def _write_cache(model: onnx.ModelProto, path: Path) -> None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if model.ByteSize() > (1 << 30):
-                return  # too big for one protobuf file; rebuilt each time instead
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(model.SerializeToString())
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only cache folder only costs time
 
     # -- batching ------------------------------------------------------------------------
     def _check_images(self, x: np.ndarray) -> np.ndarray:
