@@ -29,8 +29,9 @@ import onnx
 from onnx import TensorProto
 
 from . import cache
-from .autodiff import META_GRAD, META_LOGITS, META_SEED, META_VALUE, augment
-from .errors import InputError, ModelError, OptionError, first_line
+from . import trust
+from .autodiff import META_GRAD, META_LOGITS, META_RULES, META_SEED, META_VALUE, augment
+from .errors import InputError, ModelError, OptionError, UnsupportedOperatorError, first_line
 from .model import content_hash, find_image_input, find_logits, load_model
 from .preprocess import PreprocessSpec, labels_from_model, parse, prepend, raw_shape
 from .simplify import simplify
@@ -153,7 +154,7 @@ class Engine:
                  preprocess: str | PreprocessSpec | None = None, device: str = "auto",
                  output: str | None = None, memory_budget_mb: int = 2048,
                  cache_dir: str | os.PathLike | None = None, threads: int | None = None,
-                 use_disk_cache: bool = True, simplify: bool = True):
+                 use_disk_cache: bool = True, simplify: bool = True, gradients: str = "auto"):
         if isinstance(model, onnx.ModelProto):
             self.path = None
             source = model
@@ -161,24 +162,28 @@ class Engine:
             self.path = str(model)
             source = load_model(model)
         self.source_model = source
+        # a file that carries its own gradient graph (onnxsal augment, converters.torch_gradients):
+        # onnxsal works on its forward part and uses the file's gradient only after a check
+        # (onnxsal.trust, `gradients`: auto, rebuild or file)
+        self.gradients = trust.check_mode(gradients)
+        self.carries_gradient = trust.carries_gradient(source)
+        forward = source
+        if self.carries_gradient:
+            forward = trust.forward_part(source, find_image_input(source).name,
+                                         keep=(output,) if output else ())
+        elif self.gradients == "file":
+            raise OptionError("gradients 'file': this model carries no gradient graph of its own")
         spec = parse(preprocess) if isinstance(preprocess, str) else preprocess
         if spec is None:
-            spec = preprocess_from_model(source)
+            spec = preprocess_from_model(forward)
         self.preprocess = spec or PreprocessSpec()
-        self.input_spec = find_image_input(source)
-        self.logits_spec = find_logits(source, output)
-        self.labels = labels_from_model(source)
+        self.input_spec = find_image_input(forward)
+        self.logits_spec = find_logits(forward, output)
+        self.labels = labels_from_model(forward)
         self.input_shape = raw_shape(self.input_spec, self.preprocess)
-        # a file that already carries its gradient graph (onnxsal augment, or
-        # converters.torch_gradients): used as is, with the gradient it was built for
-        self.pre_augmented = {p.key: p.value for p in source.metadata_props
-                              if p.key.startswith("onnxsal.")} if any(
-            p.key == META_SEED for p in source.metadata_props) else None
-        if self.pre_augmented and not self.preprocess.is_identity():
-            raise OptionError("this model carries its own gradient graph, taken with respect to its "
-                              "input; it cannot take a preprocessing prefix (export it without one, "
-                              "or give onnxsal the plain model)")
-        self.model = prepend(source, self.preprocess, self.input_spec)
+        self.model = prepend(forward, self.preprocess, self.input_spec)
+        # the file's gradient takes the file's input as is: only when nothing is prepended
+        self._input_as_is = self.model is forward
         inp = find_image_input(self.model)
         self.input_name = inp.name
         # a model exported with a fixed batch size runs in chunks of exactly that size
@@ -199,6 +204,7 @@ class Engine:
         self.simplify = simplify
         self._bytes_per_image, self._largest_tensor = _float_bytes_per_image(self.model, self.input_name, self.input_shape)
         self._sessions: dict = {}
+        self._file = None  # (session, roles) of the file's own gradient graph, once verified
         self._forward = self._make_forward()
         # the declared class count is only a claim (a file may lie): one run says what it is
         nc = int(self.logits(np.zeros((1,) + self.input_shape, np.float32)).shape[-1])
@@ -208,6 +214,8 @@ class Engine:
         self.num_classes = nc
         if self.labels is not None and len(self.labels) != self.num_classes:
             self.labels = None
+        # which gradients this engine gives: recorded in inspect's and the results' files
+        self.gradient_source = self._choose_gradients() if self.carries_gradient else trust.OWN_PASS
 
     # -- sessions ------------------------------------------------------------------------
     def _session(self, model: onnx.ModelProto, wide: bool = False):
@@ -282,28 +290,65 @@ class Engine:
     def _make_forward(self):
         m = self.model
         tensor = self.logits_spec.tensor
-        if self.pre_augmented:
-            # the logits do not depend on the seed: keep only the forward part
-            m = onnx.utils.Extractor(m).extract_model([self.input_name], [tensor])
-        elif tensor not in {o.name for o in m.graph.output}:
+        if tensor not in {o.name for o in m.graph.output}:
             m = onnx.ModelProto.FromString(m.SerializeToString())
             m.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor))
         return self._session(m)
+
+    def _choose_gradients(self) -> str:
+        """For a file with its own gradient graph: rebuild it with onnxsal's pass (rebuild; auto
+        when the pass can differentiate the forward part), else verify the file's and use it."""
+        if self.gradients == "rebuild":
+            return trust.REBUILT
+        if self.gradients == "auto":
+            try:
+                self.augmented()
+                return trust.REBUILT
+            except UnsupportedOperatorError:
+                pass  # no rule for an operator of the forward part: the file's gradient, checked
+        return self._verify_file_gradient(try_pass=self.gradients == "file")
+
+    def _verify_file_gradient(self, try_pass: bool) -> str:
+        """Check the file's gradient on a probe (trust.verify) against onnxsal's pass when it
+        can run, else finite differences; on success the engine uses it."""
+        if not self._input_as_is:
+            raise OptionError(f"this model's own gradient graph is taken with respect to its input "
+                              f"'{self.input_spec.name}' as it is; it cannot take a preprocessing "
+                              f"prefix or a layout or type conversion (use --gradients rebuild)")
+        roles = trust.file_roles(self.source_model, self.input_name, self.logits_spec.tensor)
+        rules = roles[META_RULES]
+        x, seeds, rng = trust.probe(self.model_hash, self.fixed_batch or 2, self.input_shape,
+                                    self.num_classes, self.predict)
+        reference = None
+        if try_pass:
+            try:
+                reference = self.vjp(x, seeds, rules=rules).grads[self.input_name]
+            except UnsupportedOperatorError:
+                pass
+        if reference is None and rules != "default":
+            raise ModelError(f"the file's own gradient has rules '{rules}', which finite differences "
+                             f"cannot check, and onnxsal's pass cannot differentiate the forward "
+                             f"part: refused")
+        sess = self._session(self.source_model)
+        grad = roles[META_GRAD + self.input_name]
+        grads = self._run(sess, [grad], {self.input_name: x, roles[META_SEED]: seeds})[0]
+        used = trust.verify(np.asarray(grads), seeds.shape[:2] + x.shape[1:], grad, reference,
+                            lambda: trust.fd_errors(grads, x, seeds, self.logits, rng))
+        self._file = (sess, roles)
+        return used
 
     def augmented(self, rules: str = "default", wrt: Sequence[str] | None = None,
                   epsilon: float | None = None):
         """(session, metadata) of the gradient model for these options (memory and disk cached)."""
         opts = {"epsilon": epsilon} if epsilon is not None else {}
-        if self.pre_augmented:
-            built = self.pre_augmented.get("onnxsal.rules", "default")
+        if self._file is not None:
+            built = self._file[1][META_RULES]
             if rules != built or wrt or epsilon is not None:
-                raise OptionError(f"this model carries its own gradient graph (rules '{built}', with "
-                                  f"respect to the input); it cannot give rules '{rules}'"
+                raise OptionError(f"this engine uses the model's own gradient graph (rules '{built}', "
+                                  f"with respect to the input); it cannot give rules '{rules}'"
                                   f"{' or gradients of ' + ', '.join(wrt) if wrt else ''}: give "
-                                  f"onnxsal the plain model")
-            if "pre" not in self._sessions:
-                self._sessions["pre"] = (self._session(self.model), dict(self.pre_augmented))
-            return self._sessions["pre"]
+                                  f"onnxsal the plain model, or use --gradients rebuild")
+            return self._file
         key = cache.entry_key(self._key, rules, list(wrt or []), opts, self.simplify)
         if key in self._sessions:
             return self._sessions[key]

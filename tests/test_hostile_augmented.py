@@ -1,0 +1,233 @@
+"""Files that carry their own gradient graph are not trusted (onnxsal.trust).
+
+A file augmented by onnxsal's pass is tampered with (its gradient output zeroed, or its seed
+rolled to other classes) while its metadata stays: the default engine rebuilds the gradient
+from the forward part and matches torch autograd; ``gradients='file'`` refuses it in one
+line; the untampered file verifies and is used. Hostile metadata is refused in one line in
+file mode and does not matter when the gradient is rebuilt.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import export_torch, torch_jacobian
+from onnxsal.autodiff import augment
+from onnxsal.engine import Engine
+from onnxsal.errors import ModelError, OptionError, UnsupportedOperatorError
+from onnxsal.trust import REBUILT
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+SHAPE = (3, 8, 8)
+CLASSES = 5
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    """(torch module, onnxsal-augmented file of its export)."""
+    torch.manual_seed(5)
+    m = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                      nn.Linear(6 * 4 * 4, CLASSES)).eval()
+    return m, augment(export_torch(m, torch.randn(2, *SHAPE)))
+
+
+def _copy(model):
+    return onnx.ModelProto.FromString(model.SerializeToString())
+
+
+def _roles(model):
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def zeroed(model):
+    """The gradient output multiplied by 0 (the metadata unchanged)."""
+    m = _copy(model)
+    out = _roles(m)["onnxsal.grad.x"]
+    node = next(n for n in m.graph.node if out in n.output)
+    node.output[list(node.output).index(out)] = out + "_before"
+    m.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), "tamper_zero"))
+    m.graph.node.append(helper.make_node("Mul", [out + "_before", "tamper_zero"], [out]))
+    return m
+
+
+def rolled(model):
+    """The seed's classes rolled by one: row k gives the gradient of class k - 1."""
+    m = _copy(model)
+    seed = _roles(m)["onnxsal.seed"]
+    for n in m.graph.node:
+        n.input[:] = [seed + "_rolled" if i == seed else i for i in n.input]
+    perm = np.roll(np.arange(CLASSES), -1).astype(np.int64)
+    m.graph.initializer.append(numpy_helper.from_array(perm, "tamper_perm"))
+    m.graph.node.insert(0, helper.make_node("Gather", [seed, "tamper_perm"], [seed + "_rolled"], axis=2))
+    return m
+
+
+def _x():
+    return np.random.default_rng(1).random((3, *SHAPE), dtype=np.float32)
+
+
+def _assert_true(module, eng):
+    x = _x()
+    _, ref = torch_jacobian(module, x)
+    for cls, g in eng.class_gradients(x):
+        np.testing.assert_allclose(g, ref[cls], atol=1e-5 * np.abs(ref).max())
+
+
+def _one_line_error(kind, match, model, **kw):
+    with pytest.raises(kind, match=match) as info:
+        Engine(model, device="cpu", use_disk_cache=False, threads=1, **kw)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("tamper", [zeroed, rolled])
+def test_default_rebuilds_a_tampered_gradient(cnn, tamper):
+    module, aug = cnn
+    bad = tamper(aug)
+    # the tampering is real: the file's own gradient output is wrong
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(bad.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = _x()
+    seed = np.repeat(np.eye(CLASSES, dtype=np.float32)[:, None], len(x), axis=1)
+    own = sess.run([_roles(bad)["onnxsal.grad.x"]], {"x": x, _roles(bad)["onnxsal.seed"]: seed})[0]
+    _, ref = torch_jacobian(module, x)
+    assert np.abs(own - ref).max() > 0.1 * np.abs(ref).max()
+    for mode in ("auto", "rebuild"):
+        eng = Engine(bad, device="cpu", use_disk_cache=False, threads=1, gradients=mode)
+        assert eng.gradient_source == REBUILT
+        _assert_true(module, eng)
+
+
+@pytest.mark.parametrize("tamper", [zeroed, rolled])
+def test_file_mode_refuses_a_tampered_gradient(cnn, tamper):
+    msg = _one_line_error(ModelError, "disagrees with onnxsal's pass", tamper(cnn[1]), gradients="file")
+    assert "max rel err" in msg
+
+
+def test_file_mode_uses_a_verified_gradient(cnn):
+    module, aug = cnn
+    eng = Engine(aug, device="cpu", use_disk_cache=False, threads=1, gradients="file")
+    assert eng.gradient_source.startswith("file's own, verified against onnxsal's pass (max rel err")
+    _assert_true(module, eng)
+    assert eng.augmented()[1]["onnxsal.seed"] == _roles(aug)["onnxsal.seed"]
+    with pytest.raises(OptionError, match="own gradient graph"):
+        eng.gradient(_x(), rules="guided")
+
+
+def _no_rule(monkeypatch):
+    """onnxsal's pass cannot differentiate the model (as for an operator without a rule)."""
+    def refuse(*a, **k):
+        raise UnsupportedOperatorError({"LpPool": ["pool"]})
+
+    monkeypatch.setattr("onnxsal.engine.augment", refuse)
+
+
+def test_auto_checks_the_file_by_finite_differences_when_the_pass_cannot(cnn, monkeypatch):
+    module, aug = cnn
+    _no_rule(monkeypatch)
+    eng = Engine(aug, device="cpu", use_disk_cache=False, threads=1)
+    assert eng.gradient_source.startswith(
+        "file's own, verified against central finite differences of the forward part")
+    _assert_true(module, eng)
+    for tamper in (zeroed, rolled):
+        _one_line_error(ModelError, "disagrees with central finite differences", tamper(aug))
+    with pytest.raises(UnsupportedOperatorError):
+        Engine(aug, device="cpu", use_disk_cache=False, threads=1, gradients="rebuild").gradient(_x())
+
+
+def test_a_slightly_scaled_gradient_fails_finite_differences(cnn, monkeypatch):
+    m = _copy(cnn[1])
+    out = _roles(m)["onnxsal.grad.x"]
+    node = next(n for n in m.graph.node if out in n.output)
+    node.output[0] = out + "_before"
+    m.graph.initializer.append(numpy_helper.from_array(np.float32(1.05), "tamper_scale"))
+    m.graph.node.append(helper.make_node("Mul", [out + "_before", "tamper_scale"], [out]))
+    _no_rule(monkeypatch)
+    _one_line_error(ModelError, "along the gradient", m)
+
+
+def _with_meta(model, **changes):
+    m = _copy(model)
+    keep = [p for p in m.metadata_props if p.key not in changes]
+    del m.metadata_props[:]
+    m.metadata_props.extend(keep)
+    for k, values in changes.items():
+        for v in ([] if values is None else values if isinstance(values, list) else [values]):
+            m.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    return m
+
+
+def wrong_shape(model):
+    """The gradient output summed over its seed rows: [N, C, H, W] instead of [K, N, C, H, W]."""
+    m = _copy(model)
+    out = _roles(m)["onnxsal.grad.x"]
+    node = next(n for n in m.graph.node if out in n.output)
+    node.output[0] = out + "_before"
+    m.graph.initializer.append(numpy_helper.from_array(np.int64([0]), "tamper_axes"))
+    m.graph.node.append(helper.make_node("ReduceSum", [out + "_before", "tamper_axes"], [out], keepdims=0))
+    vi = next(o for o in m.graph.output if o.name == out)
+    vi.CopyFrom(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
+    return m
+
+
+def extra_seed(model):
+    """A second seed input that the gradient output also depends on."""
+    m = _copy(model)
+    m.graph.input.append(helper.make_tensor_value_info("seed2", TensorProto.FLOAT, [1]))
+    out = _roles(m)["onnxsal.grad.x"]
+    node = next(n for n in m.graph.node if out in n.output)
+    node.output[0] = out + "_before"
+    m.graph.node.append(helper.make_node("Mul", [out + "_before", "seed2"], [out]))
+    return m
+
+
+HOSTILE = {
+    "seed without logits": (lambda m: _with_meta(m, **{"onnxsal.logits": None}), "no logits"),
+    "two seeds named": (lambda m: _with_meta(m, **{"onnxsal.seed": ["onnxsal_seed", "x"]}),
+                        "more than once"),
+    "seed is no input": (lambda m: _with_meta(m, **{"onnxsal.seed": "nowhere"}), "not an input"),
+    "gradient is no output": (lambda m: _with_meta(m, **{"onnxsal.grad.x": "nowhere"}),
+                              "not an output"),
+    "no gradient of the image": (lambda m: _with_meta(m, **{"onnxsal.grad.x": None}), "is missing"),
+    "gradient of other logits": (lambda m: _with_meta(m, **{"onnxsal.logits": "x"}), "is not the logits"),
+    "gradient of the wrong shape": (wrong_shape, r"has shape \[2, 3, 8, 8\] for 5 seed rows of 2 images"),
+    "second seed input": (extra_seed, "inputs besides"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_metadata(cnn, case):
+    """File mode: one line naming the problem. Default: the metadata does not matter, the
+    gradient is rebuilt from the forward part and is right."""
+    module, aug = cnn
+    make, match = HOSTILE[case]
+    bad = make(aug)
+    _one_line_error(ModelError, match, bad, gradients="file")
+    eng = Engine(bad, device="cpu", use_disk_cache=False, threads=1)
+    assert eng.gradient_source == REBUILT
+    _assert_true(module, eng)
+
+
+def test_plain_model_file_mode_and_modes(cnn):
+    module, aug = cnn
+    plain = export_torch(module, torch.randn(2, *SHAPE))
+    assert Engine(plain, device="cpu", use_disk_cache=False).gradient_source == "onnxsal pass"
+    _one_line_error(OptionError, "carries no gradient graph", plain, gradients="file")
+    _one_line_error(OptionError, "not one of", aug, gradients="trusted")
+
+
+def test_rebuilt_file_takes_preprocessing(cnn):
+    """The rebuilt gradient goes through a preprocessing prefix; the file's own cannot."""
+    module, aug = cnn
+    eng = Engine(aug, device="cpu", use_disk_cache=False, threads=1, preprocess="scale=2")
+    x = _x()
+    _, ref = torch_jacobian(module, 2 * x)
+    _, g = eng.gradient(x, targets=[0, 1, 2])
+    want = 2 * ref[[0, 1, 2], [0, 1, 2]]
+    np.testing.assert_allclose(g, want, atol=1e-5 * np.abs(want).max())
+    _one_line_error(OptionError, "preprocessing", aug, gradients="file", preprocess="scale=2")
