@@ -45,6 +45,7 @@ def inspect(model: str, as_json: bool, output: str | None) -> None:
     click.echo(f"input       {s.input.name}  shape {s.input.shape}  layout {s.input.layout}")
     click.echo(f"logits      {s.logits.tensor}  (output {s.logits.output}, "
                f"{s.logits.num_classes or '?'} classes)")
+    click.echo(f"gradients   {s.gradients}")
     for note in ([s.logits.note] if s.logits.note else []) + s.notes:
         click.echo(f"note        {note}")
     bad = [op for op, v in s.operators.items() if v["needs_rule"] and not v["differentiable"]]
@@ -108,13 +109,17 @@ def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: flo
 @click.option("--output", default=None, help="The output to explain when the model has several.")
 @click.option("--layer", default=None, help="Grad-CAM layer (tensor name; default: found).")
 @click.option("--limit", type=int, default=None, help="At most this many images per source.")
-def explain(model, images, methods, out, target, preprocess, labels_file, device, output, layer, limit):
+@click.option("--gradients", type=click.Choice(["auto", "rebuild", "file"]), default="auto",
+              show_default=True, help="For a file with its own gradient graph: rebuild it with "
+              "onnxsal's pass (auto: unless the pass cannot), or use the file's after a check.")
+def explain(model, images, methods, out, target, preprocess, labels_file, device, output, layer, limit,
+            gradients):
     """Saliency maps of MODEL for IMAGES (files, folders, .npz or built-in data names)."""
     from .engine import Engine
     from .explain import run_explain
     from .preprocess import read_labels
 
-    eng = Engine(model, preprocess=preprocess, device=device, output=output)
+    eng = Engine(model, preprocess=preprocess, device=device, output=output, gradients=gradients)
     names = [m.strip() for spec in methods for m in spec.split(",") if m.strip()]
     labels = read_labels(labels_file) if labels_file else None
     opts = {"gradcam": {"layer": layer}} if layer else {}

@@ -66,6 +66,7 @@ class ModelSummary:
     producer: str
     operators: dict = field(default_factory=dict)  # op type -> {"count": n, "differentiable": bool}
     notes: list = field(default_factory=list)  # how the gradient pass treats this file
+    gradients: str = ""  # whose gradients onnxsal uses (onnxsal.trust.plan)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -303,8 +304,12 @@ def summarize(model: onnx.ModelProto, path: str | None = None, output: str | Non
     from .autodiff.contrib import lower
     from .autodiff.expand import expandable, inline_local
     from .autodiff.pass_ import default_opset
+    from .trust import carries_gradient, forward_part, plan
 
     supported = set(supported_ops(rules))
+    own = carries_gradient(model)
+    if own:  # what onnxsal differentiates: the forward part (onnxsal.trust)
+        model = forward_part(model, find_image_input(model).name, keep=(output,) if output else ())
     notes = _pass_notes(model)
     model = lower(inline_local(model))  # the operators the pass meets
     opset = default_opset(model)
@@ -325,6 +330,7 @@ def summarize(model: onnx.ModelProto, path: str | None = None, output: str | Non
         producer=f"{model.producer_name} {model.producer_version}".strip(),
         operators=ops,
         notes=notes,
+        gradients=plan(own, all(v["differentiable"] or not v["needs_rule"] for v in ops.values())),
     )
 
 

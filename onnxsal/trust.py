@@ -223,6 +223,19 @@ def verify(grads: np.ndarray, expected_shape: tuple, name: str, reference: np.nd
     return f"file's own, verified against {what} (max rel err {shown})"
 
 
+def plan(carries: bool, differentiable: bool) -> str:
+    """What ``onnxsal inspect`` says of whose gradients the default engine will use."""
+    if not carries:
+        return OWN_PASS
+    if differentiable:
+        return ("onnxsal pass: the file carries its own gradient graph, which is not used; it is "
+                "rebuilt from the forward part listed here (--gradients file: use the file's, "
+                "after a check against the pass)")
+    return ("the file's own gradient graph, after a check against finite differences of the "
+            "forward part listed here (refused on disagreement): onnxsal's pass cannot "
+            "differentiate it")
+
+
 def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise OptionError(f"gradients '{mode}' is not one of {', '.join(MODES)}")
@@ -230,4 +243,4 @@ def check_mode(mode: str) -> str:
 
 
 __all__ = ["MODES", "carries_gradient", "forward_part", "file_roles", "probe", "fd_errors",
-           "verify", "check_mode", "REBUILT", "OWN_PASS"]
+           "verify", "plan", "check_mode", "REBUILT", "OWN_PASS"]

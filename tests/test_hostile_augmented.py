@@ -231,3 +231,80 @@ def test_rebuilt_file_takes_preprocessing(cnn):
     want = 2 * ref[[0, 1, 2], [0, 1, 2]]
     np.testing.assert_allclose(g, want, atol=1e-5 * np.abs(want).max())
     _one_line_error(OptionError, "preprocessing", aug, gradients="file", preprocess="scale=2")
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    """A softmax CNN's file, its `onnxsal augment` output (logits exposed beside the
+    probabilities) and that output with its gradient zeroed."""
+    from click.testing import CliRunner
+    from onnxsal.cli import cli
+
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(4 * 8 * 8, CLASSES), nn.Softmax(dim=1)).eval()
+    d = tmp_path_factory.mktemp("cli")
+    onnx.save(export_torch(m, torch.randn(2, *SHAPE)), str(d / "plain.onnx"))
+    res = CliRunner().invoke(cli, ["augment", str(d / "plain.onnx"), "-o", str(d / "aug.onnx")])
+    assert res.exit_code == 0, res.output
+    onnx.save(zeroed(onnx.load(str(d / "aug.onnx"))), str(d / "bad.onnx"))
+    rng = np.random.default_rng(0)
+    np.savez(d / "x.npz", x=rng.random((2, *SHAPE), dtype=np.float32), y=np.array([0, 1]))
+    return d
+
+
+def test_inspect_says_which_gradients(cli_files):
+    import json
+
+    from click.testing import CliRunner
+    from onnxsal.cli import cli
+
+    run = CliRunner().invoke
+    plain = json.loads(run(cli, ["inspect", str(cli_files / "plain.onnx"), "--json"]).output)
+    own = json.loads(run(cli, ["inspect", str(cli_files / "bad.onnx"), "--json"]).output)
+    assert plain["gradients"] == "onnxsal pass"
+    assert own["gradients"].startswith("onnxsal pass: the file carries its own gradient graph, which is not used")
+    # the summary is of the forward part: the same operators and logits as the plain file
+    assert own["operators"] == plain["operators"] and own["logits"] == plain["logits"]
+    text = run(cli, ["inspect", str(cli_files / "bad.onnx")]).output
+    assert "gradients   onnxsal pass: the file carries its own gradient graph" in text
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "onnxsal.cli", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_explain_records_and_refuses(cli_files, tmp_path):
+    import json
+
+    p = _cli("explain", cli_files / "bad.onnx", cli_files / "x.npz", "-m", "vanilla",
+             "--out", tmp_path / "ok", "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    pred = json.loads((tmp_path / "ok" / "predictions.json").read_text())
+    assert pred["gradients"] == REBUILT
+    maps = np.load(tmp_path / "ok" / "maps.npz")
+    assert len(maps.files) == 2 and all(np.abs(maps[k]).max() > 0 for k in maps.files)
+    p = _cli("explain", cli_files / "bad.onnx", cli_files / "x.npz", "-m", "vanilla",
+             "--out", tmp_path / "no", "--device", "cpu", "--gradients", "file")
+    assert p.returncode == 2
+    errors = [line for line in p.stderr.strip().splitlines() if not line.startswith("note:")]
+    assert len(errors) == 1 and errors[0].startswith("error: the file's own gradient disagrees"), p.stderr
+    p = _cli("explain", cli_files / "aug.onnx", cli_files / "x.npz", "-m", "vanilla",
+             "--out", tmp_path / "file", "--device", "cpu", "--gradients", "file")
+    assert p.returncode == 0, p.stderr
+    pred = json.loads((tmp_path / "file" / "predictions.json").read_text())
+    assert pred["gradients"].startswith("file's own, verified against onnxsal's pass")
+
+
+def test_benchmark_records_which_gradients(cli_files, tmp_path):
+    import json
+
+    p = _cli("benchmark", cli_files / "bad.onnx", cli_files / "plain.onnx", "--data",
+             cli_files / "x.npz", "-m", "original", "--out", tmp_path, "--device", "cpu", "--quiet")
+    assert p.returncode == 0, p.stderr
+    models = json.loads((tmp_path / "results.json").read_text())["models"]
+    assert [m["gradients"] for m in models] == [REBUILT, "onnxsal pass"]
