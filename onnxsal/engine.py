@@ -31,7 +31,7 @@ from onnx import TensorProto
 from . import cache
 from . import trust
 from .autodiff import META_GRAD, META_LOGITS, META_RULES, META_SEED, META_VALUE, augment
-from .errors import InputError, ModelError, OptionError, UnsupportedOperatorError, first_line
+from .errors import InputError, ModelError, OptionError, first_line
 from .model import content_hash, find_image_input, find_logits, load_model
 from .preprocess import PreprocessSpec, labels_from_model, parse, prepend, raw_shape
 from .simplify import simplify
@@ -300,13 +300,18 @@ class Engine:
         when the pass can differentiate the forward part), else verify the file's and use it."""
         if self.gradients == "rebuild":
             return trust.REBUILT
-        if self.gradients == "auto":
-            try:
-                self.augmented()
-                return trust.REBUILT
-            except UnsupportedOperatorError:
-                pass  # no rule for an operator of the forward part: the file's gradient, checked
-        return self._verify_file_gradient(try_pass=self.gradients == "file")
+        if self.gradients == "file":
+            return self._verify_file_gradient(try_pass=True)
+        try:
+            self.augmented()
+            return trust.REBUILT
+        except ModelError as exc:  # e.g. no rule for an operator: the file's gradient, checked
+            why = str(exc)
+        try:
+            return self._verify_file_gradient(try_pass=False)
+        except ModelError as exc:
+            raise ModelError(f"onnxsal's pass cannot differentiate the forward part ({why}), and "
+                             f"the file's own gradient cannot be used: {exc}") from None
 
     def _verify_file_gradient(self, try_pass: bool) -> str:
         """Check the file's gradient on a probe (trust.verify) against onnxsal's pass when it
@@ -323,8 +328,8 @@ class Engine:
         if try_pass:
             try:
                 reference = self.vjp(x, seeds, rules=rules).grads[self.input_name]
-            except UnsupportedOperatorError:
-                pass
+            except ModelError:
+                pass  # the pass cannot differentiate the forward part: finite differences
         if reference is None and rules != "default":
             raise ModelError(f"the file's own gradient has rules '{rules}', which finite differences "
                              f"cannot check, and onnxsal's pass cannot differentiate the forward "

@@ -308,3 +308,68 @@ def test_benchmark_records_which_gradients(cli_files, tmp_path):
     assert p.returncode == 0, p.stderr
     models = json.loads((tmp_path / "results.json").read_text())["models"]
     assert [m["gradients"] for m in models] == [REBUILT, "onnxsal pass"]
+
+
+def _if_file():
+    """(weights, file): x -> Conv -> Relu -> Flatten -> If(true: @A, else: @B) -> logits, with a
+    gradient graph from onnxsal's pass on the If-free model. The branches read the outer
+    tensors h, A and B: the forward part must keep what subgraphs capture."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((3, 3, 3, 3)).astype(np.float32)
+    a = rng.standard_normal((75, 4)).astype(np.float32)
+    b = rng.standard_normal((75, 4)).astype(np.float32)
+    inits = [numpy_helper.from_array(v, n) for v, n in ((w, "W"), (a, "A"), (b, "B"))]
+    inits.append(numpy_helper.from_array(np.float32(-1), "minus_one"))
+    # a condition computed from the image (always true for pixels in [0, 1]): not folded away
+    body = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+            helper.make_node("Greater", ["total", "minus_one"], ["cond"]),
+            helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Flatten", ["r"], ["h"])]
+    io = ([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])],
+          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])])
+    plain = helper.make_model(helper.make_graph(body + [helper.make_node("MatMul", ["h", "A"], ["logits"])],
+                                                "g", *io, inits), opset_imports=[helper.make_opsetid("", 17)])
+    plain.ir_version = 8
+    aug = augment(plain)
+
+    def branch(name, weight):
+        out = helper.make_tensor_value_info(name + "_y", TensorProto.FLOAT, None)
+        return helper.make_graph([helper.make_node("MatMul", ["h", weight], [name + "_y"])], name, [], [out])
+
+    node = next(n for n in aug.graph.node if n.op_type == "MatMul" and list(n.output) == ["logits"])
+    node.CopyFrom(helper.make_node("If", ["cond"], ["logits"], then_branch=branch("then", "A"),
+                                   else_branch=branch("else", "B")))
+    onnx.checker.check_model(aug)
+    return (w, a), aug
+
+
+def _if_oracle(w, a, x):
+    xt = torch.from_numpy(x).requires_grad_(True)
+    y = torch.relu(torch.nn.functional.conv2d(xt, torch.from_numpy(w), padding=1)).flatten(1) @ torch.from_numpy(a)
+    return np.stack([torch.autograd.grad(y[:, k].sum(), xt, retain_graph=True)[0].numpy() for k in range(4)])
+
+
+def test_forward_part_keeps_what_subgraphs_read():
+    """If has no gradient rule here (or has one): either way the engine's gradients are
+    right, the forward part runs, and a zeroed file gradient is never used."""
+    from onnxsal.trust import forward_part
+
+    (w, a), aug = _if_file()
+    fwd = forward_part(aug, "x")
+    assert [i.name for i in fwd.graph.input] == ["x"] and [o.name for o in fwd.graph.output] == ["logits"]
+    assert {n.op_type for n in fwd.graph.node} == {"ReduceSum", "Greater", "Conv", "Relu", "Flatten", "If"}
+    x = np.random.default_rng(0).random((2, 3, 5, 5), dtype=np.float32)
+    ref = _if_oracle(w, a, x)
+    eng = Engine(aug, device="cpu", use_disk_cache=False, threads=1)
+    assert eng.gradient_source == REBUILT or eng.gradient_source.startswith(
+        "file's own, verified against central finite differences")
+    got = np.concatenate([g for _, g in eng.class_gradients(x)])
+    np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
+    try:
+        bad = Engine(zeroed(aug), device="cpu", use_disk_cache=False, threads=1)
+    except ModelError as exc:
+        assert "disagrees with central finite differences" in str(exc)
+    else:
+        assert bad.gradient_source == REBUILT
+        np.testing.assert_allclose(np.concatenate([g for _, g in bad.class_gradients(x)]), ref,
+                                   atol=1e-5 * np.abs(ref).max())
