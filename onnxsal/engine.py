@@ -12,6 +12,8 @@ onnxruntime session. The engine
   and DepthToSpace kernels hardly use a second thread);
 * simplifies the graph with onnxruntime's basic optimizations before the gradient pass
   (:mod:`onnxsal.simplify`);
+* does not trust a file's own gradient graph: it is rebuilt from the forward part, or used
+  only after a check (:mod:`onnxsal.trust`);
 * caches augmented (gradient) models on disk, keyed by the model's content hash, options and
   onnxsal's code fingerprint, each entry checked against its content hash when read
   (:mod:`onnxsal.cache`), in ``$ONNXSAL_CACHE`` or the user cache folder (``~/.cache/onnxsal``).
@@ -28,8 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from . import cache
-from . import trust
+from . import cache, trust
 from .autodiff import META_GRAD, META_LOGITS, META_RULES, META_SEED, META_VALUE, augment
 from .errors import InputError, ModelError, OptionError, first_line
 from .model import content_hash, find_image_input, find_logits, load_model
@@ -148,7 +149,10 @@ _ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tens
 
 
 class Engine:
-    """An ONNX image classifier on onnxruntime, with gradients (see the module docstring)."""
+    """An ONNX image classifier on onnxruntime, with gradients (see the module docstring).
+
+    ``gradients`` (auto, rebuild, file) says what to do with a file that carries its own
+    gradient graph (:mod:`onnxsal.trust`); ``gradient_source`` says whose gradients are used."""
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, *,
                  preprocess: str | PreprocessSpec | None = None, device: str = "auto",
@@ -321,23 +325,18 @@ class Engine:
                               f"'{self.input_spec.name}' as it is; it cannot take a preprocessing "
                               f"prefix or a layout or type conversion (use --gradients rebuild)")
         roles = trust.file_roles(self.source_model, self.input_name, self.logits_spec.tensor)
-        rules = roles[META_RULES]
         x, seeds, rng = trust.probe(self.model_hash, self.fixed_batch or 2, self.input_shape,
                                     self.num_classes, self.predict)
         reference = None
         if try_pass:
             try:
-                reference = self.vjp(x, seeds, rules=rules).grads[self.input_name]
+                reference = self.vjp(x, seeds, rules=roles[META_RULES]).grads[self.input_name]
             except ModelError:
                 pass  # the pass cannot differentiate the forward part: finite differences
-        if reference is None and rules != "default":
-            raise ModelError(f"the file's own gradient has rules '{rules}', which finite differences "
-                             f"cannot check, and onnxsal's pass cannot differentiate the forward "
-                             f"part: refused")
         sess = self._session(self.source_model)
         grad = roles[META_GRAD + self.input_name]
         grads = self._run(sess, [grad], {self.input_name: x, roles[META_SEED]: seeds})[0]
-        used = trust.verify(np.asarray(grads), seeds.shape[:2] + x.shape[1:], grad, reference,
+        used = trust.verify(np.asarray(grads), seeds.shape[:2] + x.shape[1:], roles, reference,
                             lambda: trust.fd_errors(grads, x, seeds, self.logits, rng))
         self._file = (sess, roles)
         return used

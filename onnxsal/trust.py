@@ -200,10 +200,16 @@ def fd_errors(grads: np.ndarray, x: np.ndarray, seeds: np.ndarray, logits: Calla
             min(_row_error(*_fd(logits, x, seeds, grads, signs, h / 10, False)) for h in FD_STEPS))
 
 
-def verify(grads: np.ndarray, expected_shape: tuple, name: str, reference: np.ndarray | None,
-           fd: Callable[[], float] | None) -> str:
-    """Check the file's gradients on the probe; return what they were checked against (for
-    :attr:`Engine.gradient_source`), or raise one ModelError line."""
+def verify(grads: np.ndarray, expected_shape: tuple, roles: dict, reference: np.ndarray | None,
+           fd: Callable[[], tuple[float, float]]) -> str:
+    """Check the file's gradients (of ``roles``, :func:`file_roles`) on the probe against
+    ``reference`` (onnxsal's pass) or else ``fd()`` (:func:`fd_errors`); return what they were
+    checked against (for ``Engine.gradient_source``), or raise one ModelError line."""
+    name = roles[META_GRAD + roles["onnxsal.input"]]
+    if reference is None and roles[META_RULES] != "default":
+        raise ModelError(f"the file's own gradient has rules '{roles[META_RULES]}', which finite "
+                         f"differences cannot check, and onnxsal's pass cannot differentiate the "
+                         f"forward part: refused")
     if tuple(grads.shape) != tuple(expected_shape):
         raise ModelError(f"the file's gradient output '{name}' has shape {list(grads.shape)} for "
                          f"{expected_shape[0]} seed rows of {expected_shape[1]} images; expected "
