@@ -8,8 +8,8 @@ the graph too). Every read re-hashes the bytes: an entry whose bytes do not matc
 is a symbolic link or not a regular file, or that does not parse as a self-contained ONNX model
 is deleted and rebuilt, never used.
 
-The folder is created with mode 0700, and used only when it belongs to the user and nobody
-else can write to it. The content hash catches corrupted and edited entries; it cannot stop
+The folder is created with mode 0700 and used only when it belongs to the user; when others
+could write to it, it is made private and its entries are dropped first. The content hash catches corrupted and edited entries; it cannot stop
 someone who may write to the folder and names a forged entry by its own hash: keeping such
 people out is the folder permissions' job.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -28,6 +29,7 @@ import onnx
 from . import code_fingerprint
 
 MAX_ENTRY_BYTES = 1 << 30  # one protobuf file; larger models are rebuilt each time
+ENTRY = re.compile(r"[0-9a-f]{64}\.[0-9a-f]{64}\.onnx")
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
@@ -51,14 +53,24 @@ def entry_key(*parts) -> str:
 
 
 def _private(folder: Path) -> bool:
-    """Whether ``folder`` is a directory of this user that nobody else can write to."""
+    """Whether ``folder`` is a directory of this user that nobody else can write to. One of
+    this user's that others could write to (an older onnxsal's, under umask 002) is made so,
+    and its entries, which anyone could have planted, are dropped."""
     try:
         st = os.stat(folder)
     except OSError:
         return False
-    if not stat.S_ISDIR(st.st_mode) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    if not stat.S_ISDIR(st.st_mode) or (hasattr(os, "getuid") and st.st_uid != os.getuid()):
         return False
-    return not hasattr(os, "getuid") or st.st_uid == os.getuid()
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        try:
+            os.chmod(folder, 0o700)
+            for path in folder.iterdir():
+                if ENTRY.fullmatch(path.name):
+                    path.unlink()
+        except OSError:
+            return False
+    return True
 
 
 def _read(path: Path, digest: str) -> onnx.ModelProto | None:

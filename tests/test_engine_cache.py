@@ -128,17 +128,21 @@ def test_code_fingerprint_is_in_the_key(cnn, tmp_path, monkeypatch):
     assert len({p.name.split(".")[0] for p in entries}) == 2
 
 
-def test_folder_others_can_write_is_not_used(cnn, tmp_path):
+def test_folder_others_can_write_is_made_private_and_emptied(cnn, tmp_path):
+    """A folder of this user's that others could write to (umask 002, or chmod 777): entries
+    planted there are dropped, unread, and the folder becomes 0700 before it is used."""
     module, model = cnn
-    folder = tmp_path / "shared"
-    folder.mkdir()
-    folder.chmod(0o777)
-    _assert_true_gradients(module, Engine(model, device="cpu", cache_dir=folder))
-    assert _entries(folder) == []
-    # a forged entry planted there is not read either
     Engine(model, device="cpu", cache_dir=tmp_path / "own").gradient(_x())
     (entry,) = _entries(tmp_path / "own")
     forged = _tampered(entry).SerializeToString()
     key = entry.name.split(".")[0]
-    (folder / f"{key}.{hashlib.sha256(forged).hexdigest()}.onnx").write_bytes(forged)
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    planted = folder / f"{key}.{hashlib.sha256(forged).hexdigest()}.onnx"
+    planted.write_bytes(forged)
+    (folder / "notes.txt").write_text("not an entry")
+    folder.chmod(0o777)
     _assert_true_gradients(module, Engine(model, device="cpu", cache_dir=folder))
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    assert not planted.exists() and (folder / "notes.txt").exists()
+    assert len(_entries(folder)) == 1  # the rebuilt entry, written under the true hash
