@@ -9,9 +9,9 @@ is a symbolic link or not a regular file, or that does not parse as a self-conta
 is deleted and rebuilt, never used.
 
 The folder is created with mode 0700 and used only when it belongs to the user; when others
-could write to it, it is made private and its entries are dropped first. The content hash catches corrupted and edited entries; it cannot stop
-someone who may write to the folder and names a forged entry by its own hash: keeping such
-people out is the folder permissions' job.
+could write to it, it is made private and its entries are dropped first. The content hash
+catches corrupted and edited entries; it cannot stop someone who may write to the folder and
+names a forged entry by its own hash: keeping such people out is the folder permissions' job.
 """
 
 from __future__ import annotations

@@ -31,9 +31,9 @@ from .errors import ModelError, OptionError
 MODES = ("auto", "rebuild", "file")
 PASS_RTOL = 1e-3  # the file's gradient vs onnxsal's pass (float32, other summation orders)
 # vs central differences in float32, along each gradient and along random directions (rounding
-# and ReLU kinks within a step; measured on torchvision's ResNet-18 at 224 px, MobileNetV3 and
-# a ViT: <= 9.1e-4 along, <= 5.1e-2 across (benchmarks/gradient_trust.py); a gradient scaled by 1.05 is 4.8e-2 along, a zeroed
-# or half-zeroed one >= 0.8 across)
+# and ReLU kinks within a step). Correct gradients of torchvision's ResNet-18 (224 px),
+# MobileNetV3 and a ViT: <= 1e-3 along, <= 7e-2 across; scaled by 1.05: 4.8e-2 along; zeroed
+# or half-zeroed: >= 0.8 across (benchmarks/gradient_trust.py)
 FD_RTOL = (2e-2, 0.3)
 FD_STEPS = (1e-3, 1e-4)  # largest pixel change; random directions take a tenth of it
 FD_DIRECTIONS = 3
