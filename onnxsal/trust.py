@@ -26,7 +26,7 @@ import onnx
 from onnx import helper
 
 from .autodiff import META_GRAD, META_LOGITS, META_RULES, META_SEED
-from .errors import ModelError, OptionError
+from .errors import ModelError, OnnxsalError, OptionError
 
 MODES = ("auto", "rebuild", "file")
 PASS_RTOL = 1e-3  # the file's gradient vs onnxsal's pass (float32, other summation orders)
@@ -69,8 +69,8 @@ def forward_part(model: onnx.ModelProto, image: str, keep: tuple[str, ...] = ())
     and the nodes they need, with the file's metadata except the gradient roles.
 
     Every other input counts as a seed, whatever the metadata says. Outputs the gradient pass
-    adds (the logits or forward values exposed by name in the roles) are dropped when another
-    forward output remains, unless named in ``keep`` (the user's ``--output``)."""
+    adds (forward values, and the logits beside a Softmax output of them) are dropped when
+    another forward output remains, unless named in ``keep`` (the user's ``--output``)."""
     g = model.graph
     inits = {t.name for t in g.initializer}
     seeds = {i.name for i in g.input if i.name != image and i.name not in inits}
@@ -79,8 +79,9 @@ def forward_part(model: onnx.ModelProto, image: str, keep: tuple[str, ...] = ())
         if _reads(n) & tainted:
             tainted.update(o for o in n.output if o)
     outs = [o for o in g.output if o.name not in tainted]
-    roles = {p.value for p in model.metadata_props if p.key.startswith("onnxsal.")}
-    outs = [o for o in outs if o.name not in roles or o.name in keep] or outs
+    values = {p.value for p in model.metadata_props if p.key.startswith("onnxsal.value.")}
+    outs = [o for o in outs if o.name not in values or o.name in keep] or outs
+    outs = _without_exposed_logits(model, outs, keep)
     if not outs:
         raise ModelError(f"every output of the file depends on inputs other than its image "
                          f"input '{image}' ({', '.join(sorted(seeds))}): no forward part to "
@@ -108,6 +109,24 @@ def forward_part(model: onnx.ModelProto, image: str, keep: tuple[str, ...] = ())
         raise ModelError(f"the forward part of the file is not a valid model on its own: "
                          f"{' '.join(str(exc).split())[:200]}") from None
     return m
+
+
+def _without_exposed_logits(model: onnx.ModelProto, outs: list, keep) -> list:
+    """``outs`` without the logits output that ``augment`` exposes beside a Softmax output of
+    them (the remaining outputs lead onnxsal to the same logits tensor)."""
+    from .model import find_logits
+
+    named = next((p.value for p in model.metadata_props if p.key == META_LOGITS), None)
+    others = [o for o in outs if o.name != named]
+    if named in keep or not others or len(others) == len(outs):
+        return outs
+    probe = onnx.ModelProto()
+    probe.graph.node.extend(model.graph.node)
+    probe.graph.output.extend(others)
+    try:
+        return others if find_logits(probe).tensor == named else outs
+    except OnnxsalError:
+        return outs
 
 
 def file_roles(model: onnx.ModelProto, image: str, logits: str) -> dict[str, str]:

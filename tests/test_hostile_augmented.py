@@ -373,3 +373,22 @@ def test_forward_part_keeps_what_subgraphs_read():
         assert bad.gradient_source == REBUILT
         np.testing.assert_allclose(np.concatenate([g for _, g in bad.class_gradients(x)]), ref,
                                    atol=1e-5 * np.abs(ref).max())
+
+
+def test_forward_part_keeps_a_second_model_output():
+    """A model with two outputs (logits and features), augmented for its logits: the forward
+    part keeps both (the logits output is the model's, not one the pass exposed)."""
+    from onnxsal.trust import forward_part
+
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal((48, 4)).astype(np.float32), "A"),
+             numpy_helper.from_array(rng.standard_normal((48, 2)).astype(np.float32), "F")]
+    nodes = [helper.make_node("Flatten", ["x"], ["h"]), helper.make_node("MatMul", ["h", "A"], ["logits"]),
+             helper.make_node("MatMul", ["h", "F"], ["features"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4]),
+                           helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 2])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    fwd = forward_part(augment(m, logits="logits"), "x")
+    assert [o.name for o in fwd.graph.output] == ["logits", "features"]
