@@ -392,3 +392,22 @@ def test_forward_part_keeps_a_second_model_output():
     m.ir_version = 8
     fwd = forward_part(augment(m, logits="logits"), "x")
     assert [o.name for o in fwd.graph.output] == ["logits", "features"]
+
+
+def test_augment_replaces_a_files_own_gradient_graph(cli_files, tmp_path):
+    """`onnxsal augment` of a file with a (tampered) gradient graph: the result has one seed
+    input and onnxsal's gradient, not the old graph stacked under the new one."""
+    from click.testing import CliRunner
+    from conftest import identity_seed, run_augmented
+    from onnxsal.cli import cli
+
+    out = tmp_path / "again.onnx"
+    res = CliRunner().invoke(cli, ["augment", str(cli_files / "bad.onnx"), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    again, ref = onnx.load(str(out)), onnx.load(str(cli_files / "aug.onnx"))
+    assert [i.name for i in again.graph.input] == [i.name for i in ref.graph.input]
+    x = np.load(cli_files / "x.npz")["x"]
+    _, g = run_augmented(again, x, identity_seed(CLASSES, len(x)))
+    _, want = run_augmented(ref, x, identity_seed(CLASSES, len(x)))
+    assert np.abs(want["x"]).max() > 0
+    np.testing.assert_allclose(g["x"], want["x"], atol=1e-6 * np.abs(want["x"]).max())
