@@ -74,13 +74,11 @@ def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: flo
     """Add the backward graph: one run returns logits and the gradient of every class."""
     from .autodiff import augment as augment_model
     from .model import find_image_input, find_logits, load_model, save_model
-
-    from .trust import carries_gradient, forward_part
+    from .trust import without_own_gradient
 
     t0 = time.perf_counter()
-    m = load_model(model)
-    if carries_gradient(m):  # a gradient graph of its own is replaced, not stacked under the new one
-        m = forward_part(m, find_image_input(m).name, keep=(output,) if output else ())
+    # a gradient graph of the file's own is replaced, not stacked under the new one
+    m = without_own_gradient(load_model(model), output)
     logits = find_logits(m, output)
     options = {"epsilon": epsilon} if epsilon is not None else {}
     find_image_input(m)  # a model with no float image input is refused before anything runs

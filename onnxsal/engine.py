@@ -171,11 +171,8 @@ class Engine:
         # (onnxsal.trust, `gradients`: auto, rebuild or file)
         self.gradients = trust.check_mode(gradients)
         self.carries_gradient = trust.carries_gradient(source)
-        forward = source
-        if self.carries_gradient:
-            forward = trust.forward_part(source, find_image_input(source).name,
-                                         keep=(output,) if output else ())
-        elif self.gradients == "file":
+        forward = trust.without_own_gradient(source, output)
+        if self.gradients == "file" and not self.carries_gradient:
             raise OptionError("gradients 'file': this model carries no gradient graph of its own")
         spec = parse(preprocess) if isinstance(preprocess, str) else preprocess
         if spec is None:

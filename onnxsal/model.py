@@ -304,12 +304,11 @@ def summarize(model: onnx.ModelProto, path: str | None = None, output: str | Non
     from .autodiff.contrib import lower
     from .autodiff.expand import expandable, inline_local
     from .autodiff.pass_ import default_opset
-    from .trust import carries_gradient, forward_part, plan
+    from .trust import carries_gradient, plan, without_own_gradient
 
     supported = set(supported_ops(rules))
     own = carries_gradient(model)
-    if own:  # what onnxsal differentiates: the forward part (onnxsal.trust)
-        model = forward_part(model, find_image_input(model).name, keep=(output,) if output else ())
+    model = without_own_gradient(model, output)  # what onnxsal differentiates (onnxsal.trust)
     notes = _pass_notes(model)
     model = lower(inline_local(model))  # the operators the pass meets
     opset = default_opset(model)

@@ -111,6 +111,16 @@ def forward_part(model: onnx.ModelProto, image: str, keep: tuple[str, ...] = ())
     return m
 
 
+def without_own_gradient(model: onnx.ModelProto, output: str | None = None) -> onnx.ModelProto:
+    """The model onnxsal differentiates: the file's :func:`forward_part` when it carries a
+    gradient graph of its own, else the file (``output``: the user's choice of output)."""
+    if not carries_gradient(model):
+        return model
+    from .model import find_image_input
+
+    return forward_part(model, find_image_input(model).name, keep=(output,) if output else ())
+
+
 def _without_exposed_logits(model: onnx.ModelProto, outs: list, keep) -> list:
     """``outs`` without the logits output that ``augment`` exposes beside a Softmax output of
     them (the remaining outputs lead onnxsal to the same logits tensor)."""
@@ -267,5 +277,5 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-__all__ = ["MODES", "carries_gradient", "forward_part", "file_roles", "probe", "fd_errors",
-           "verify", "plan", "check_mode", "REBUILT", "OWN_PASS"]
+__all__ = ["MODES", "carries_gradient", "forward_part", "without_own_gradient", "file_roles",
+           "probe", "fd_errors", "verify", "plan", "check_mode", "REBUILT", "OWN_PASS"]
