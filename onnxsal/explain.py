@@ -170,6 +170,7 @@ def run_explain(engine: Engine, inputs: Sequence[str], methods: Sequence[str], o
 
     _atomic_write(out_dir / "maps.npz", save_maps)
     summary = {"model": engine.path, "model_hash": engine.model_hash, "provider": engine.provider,
+               "gradients": getattr(engine, "gradient_source", None),
                "preprocess": engine.preprocess.describe(), "methods": names,
                "images": predictions, "failures": failures, "notes": data.notes,
                "seconds": seconds}

@@ -66,6 +66,7 @@ class ModelSummary:
     producer: str
     operators: dict = field(default_factory=dict)  # op type -> {"count": n, "differentiable": bool}
     notes: list = field(default_factory=list)  # how the gradient pass treats this file
+    gradients: str = ""  # whose gradients onnxsal uses (onnxsal.trust.plan)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -331,8 +332,11 @@ def summarize(model: onnx.ModelProto, path: str | None = None, output: str | Non
     from .autodiff.control_flow import walk
     from .autodiff.expand import expandable, inline_local
     from .autodiff.pass_ import default_opset
+    from .trust import carries_gradient, plan, without_own_gradient
 
     supported = set(supported_ops(rules))
+    own = carries_gradient(model)
+    model = without_own_gradient(model, output)  # what onnxsal differentiates (onnxsal.trust)
     notes = _pass_notes(model)
     model = lower(inline_local(model))  # the operators the pass meets
     opset = default_opset(model)
@@ -353,6 +357,7 @@ def summarize(model: onnx.ModelProto, path: str | None = None, output: str | Non
         producer=f"{model.producer_name} {model.producer_version}".strip(),
         operators=ops,
         notes=notes,
+        gradients=plan(own, all(v["differentiable"] or not v["needs_rule"] for v in ops.values())),
     )
 
 

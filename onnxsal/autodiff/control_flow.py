@@ -94,24 +94,6 @@ def live(nodes: Sequence[onnx.NodeProto], wanted: set[str]) -> list[onnx.NodePro
 
 
 
-def extract(model: onnx.ModelProto, inputs: Sequence[str], outputs: Sequence[str]) -> onnx.ModelProto:
-    """The part of ``model`` that computes ``outputs`` from the graph inputs ``inputs``, as
-    onnx.utils.Extractor cuts it, but keeping the producers of the tensors subgraphs read."""
-    m = onnx.ModelProto.FromString(model.SerializeToString())
-    g = m.graph
-    wanted = set(outputs)
-    nodes = live(list(g.node), wanted)
-    typed = {vi.name: vi for vi in list(g.output) + list(g.value_info) + list(g.input)}
-    keep_in = [vi for vi in g.input if vi.name in inputs]
-    keep_init = [t for t in g.initializer if t.name in wanted]
-    outs = [typed.get(o) or helper.make_empty_tensor_value_info(o) for o in outputs]
-    del g.node[:], g.input[:], g.output[:], g.initializer[:]
-    g.node.extend(nodes)
-    g.input.extend(keep_in)
-    g.output.extend(outs)
-    g.initializer.extend(keep_init)
-    return m
-
 # -- If with a condition known before the run -------------------------------------------------
 
 def _rename_reads(graph: onnx.GraphProto, names: dict[str, str]) -> None:
