@@ -13,9 +13,17 @@ from pathlib import Path
 
 import click
 
+from .display import printable
 from .errors import OnnxsalError
 
 _DEBUG = {"on": False}
+
+
+def _echo(message: object = "", err: bool = False, nl: bool = True, block: bool = False) -> None:
+    """Print a line that may carry strings from a file (a producer name, a label, a node name):
+    control characters are shown escaped, so a file cannot clear the screen or fake output;
+    ``block`` keeps the line breaks of text onnxsal formats itself (tables)."""
+    click.echo(printable(message, keep_newlines=block), err=err, nl=nl)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,24 +44,24 @@ def inspect(model: str, as_json: bool, output: str | None) -> None:
 
     s = summarize(load_model(model), path=model, output=output)
     if as_json:
-        click.echo(json.dumps(s.to_dict(), indent=2))
+        _echo(json.dumps(s.to_dict(), indent=2), block=True)
         return
-    click.echo(f"model       {model}")
-    click.echo(f"producer    {s.producer or '-'}")
-    click.echo(f"opset       {s.opset}   IR version {s.ir_version}")
-    click.echo(f"parameters  {s.parameters:,}")
-    click.echo(f"input       {s.input.name}  shape {s.input.shape}  layout {s.input.layout}")
-    click.echo(f"logits      {s.logits.tensor}  (output {s.logits.output}, "
+    _echo(f"model       {model}")
+    _echo(f"producer    {s.producer or '-'}")
+    _echo(f"opset       {s.opset}   IR version {s.ir_version}")
+    _echo(f"parameters  {s.parameters:,}")
+    _echo(f"input       {s.input.name}  shape {s.input.shape}  layout {s.input.layout}")
+    _echo(f"logits      {s.logits.tensor}  (output {s.logits.output}, "
                f"{s.logits.num_classes or '?'} classes)")
     for note in ([s.logits.note] if s.logits.note else []) + s.notes:
-        click.echo(f"note        {note}")
+        _echo(f"note        {note}")
     bad = [op for op, v in s.operators.items() if v["needs_rule"] and not v["differentiable"]]
-    click.echo(f"operators   {sum(v['count'] for v in s.operators.values())} nodes, "
+    _echo(f"operators   {sum(v['count'] for v in s.operators.values())} nodes, "
                f"{len(s.operators)} types ({len(bad)} without a gradient rule)")
-    click.echo(f"  {'operator':<24}{'nodes':>6}  gradient")
+    _echo(f"  {'operator':<24}{'nodes':>6}  gradient")
     for op, v in s.operators.items():
         grad = "yes" if v["differentiable"] else ("none flows" if not v["needs_rule"] else "NO (no rule)")
-        click.echo(f"  {op:<24}{v['count']:>6}  {grad}")
+        _echo(f"  {op:<24}{v['count']:>6}  {grad}")
 
 
 @cli.command()
@@ -87,9 +95,9 @@ def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: flo
     save_model(aug, out)
     dt = time.perf_counter() - t0
     if logits.note:
-        click.echo(f"note: {logits.note}", err=True)
+        _echo(f"note: {logits.note}", err=True)
     added = len(aug.graph.node) - len(m.graph.node)
-    click.echo(f"wrote {out}: {added} backward nodes, seed input "
+    _echo(f"wrote {out}: {added} backward nodes, seed input "
                f"'{_meta(aug, 'onnxsal.seed')}' [K, N, C], in {dt:.2f} s")
 
 
@@ -113,19 +121,21 @@ def explain(model, images, methods, out, target, preprocess, labels_file, device
     from .engine import Engine
     from .explain import run_explain
     from .preprocess import read_labels
+    from .report import check_output_dir
 
+    check_output_dir(out)  # before the model is read: minutes of work must have a place to go
     eng = Engine(model, preprocess=preprocess, device=device, output=output)
     names = [m.strip() for spec in methods for m in spec.split(",") if m.strip()]
     labels = read_labels(labels_file) if labels_file else None
     opts = {"gradcam": {"layer": layer}} if layer else {}
     if eng.logits_spec.note:
-        click.echo(f"note: {eng.logits_spec.note}", err=True)
+        _echo(f"note: {eng.logits_spec.note}", err=True)
     res = run_explain(eng, images, names, out, targets=target, labels=labels, limit=limit, options=opts)
     for note in res.notes:
-        click.echo(f"note: {note}", err=True)
+        _echo(f"note: {note}", err=True)
     for f in res.failures:
-        click.echo(f"failed: {f['image']}: {f['error']}", err=True)
-    click.echo(f"{res.images} images x {len(res.methods)} methods on {eng.provider} in "
+        _echo(f"failed: {f['image']}: {f['error']}", err=True)
+    _echo(f"{res.images} images x {len(res.methods)} methods on {eng.provider} in "
                f"{res.seconds:.1f} s ({res.per_image_seconds:.2f} s/image); wrote {out}/")
 
 
@@ -202,22 +212,22 @@ def benchmark(models, data, methods, metric, limit, out, preprocess, device, see
                             threads=threads, progress=not quiet, command=command, rise=rise,
                             rise_baseline=rise_baseline, rise_step=rise_step, executor=ex)
     except KeyboardInterrupt:
-        click.echo(f"interrupted: finished shards are kept in {out}/shards; run the same "
+        _echo(f"interrupted: finished shards are kept in {out}/shards; run the same "
                    "command again to resume", err=True)
         raise
     for note in res["data"]["notes"]:
-        click.echo(f"note: {note}", err=True)
-    for f in res["data"]["failures"]:
-        click.echo(f"failed: {f['name']}: {f['error']}", err=True)
+        _echo(f"note: {note}", err=True)
+    for f in res["data"]["failures"] + res.get("figure_failures", []):
+        _echo(f"failed: {f['name']}: {f['error']}", err=True)
     nfail = sum(len(r["failures"]) for r in res["results"])
     if nfail:
-        click.echo(f"note: {nfail} per-image failures (listed in {out}/results.md)", err=True)
+        _echo(f"note: {nfail} per-image failures (listed in {out}/results.md)", err=True)
     from .report import deletion_table, rise_table
 
-    click.echo(deletion_table(res), nl=False)
+    _echo(deletion_table(res), nl=False, block=True)
     if rise:
-        click.echo(rise_table(res), nl=False)
-    click.echo(f"wrote {out}/results.json, results.md, curves.csv, curves.png "
+        _echo(rise_table(res), nl=False, block=True)
+    _echo(f"wrote {out}/results.json, results.md, curves.csv, curves.png "
                f"({res['data']['count']} images, {res['timing']['seconds_this_run']:.1f} s)")
 
 
@@ -260,22 +270,24 @@ def sanity(model, data, methods, mode, limit, out, seed, max_steps, threshold, m
 
     ex = _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker)
     names = [m.strip() for spec in methods for m in spec.split(",") if m.strip()]
-    say = None if quiet else (lambda s: click.echo(s, err=True))
+    say = None if quiet else (lambda s: _echo(s, err=True))
     try:
         rep = run_sanity(model, data, names, out, mode=mode, seed=seed, preprocess=preprocess,
                          device=device, threads=threads, output=output, max_steps=max_steps,
                          threshold=threshold, margin=margin, hog_correlation=hog_correlation,
                          grid_image=grid_image, limit=limit, progress=say, executor=ex)
     except KeyboardInterrupt:
-        click.echo(f"interrupted: finished steps are kept in {out}/steps; run the same command "
+        _echo(f"interrupted: finished steps are kept in {out}/steps; run the same command "
                    "again to resume", err=True)
         raise
     for note in (rep.get("data") or {}).get("notes", []):
-        click.echo(f"note: {note}", err=True)
+        _echo(f"note: {note}", err=True)
+    for f in rep.get("figure_failures", []):
+        _echo(f"failed: {f['name']}: {f['error']}", err=True)
     for m, v in rep["verdicts"].items():
         word = {True: "pass", False: "FAIL", None: "undecided"}[v["passes"]]
-        click.echo(f"{m:<24}{word:<10}{v['reason']}")
-    click.echo(f"wrote {out}/sanity.json, sanity.md, {mode}.png, maps_grid.png "
+        _echo(f"{m:<24}{word:<10}{v['reason']}")
+    _echo(f"wrote {out}/sanity.json, sanity.md, {mode}.png, maps_grid.png "
                f"({rep['images']} images, {len(rep['steps']) - 1} steps)")
 
 
@@ -327,11 +339,11 @@ def convert(framework, source, out, opset, dynamo, input_shape, weights, preproc
                       check_parity=not no_parity)
     dt = time.perf_counter() - t0
     c, h, w = res.input_shape
-    click.echo(f"wrote {out}: {framework}, opset {res.opset}, input [N,{c},{h},{w}] "
+    _echo(f"wrote {out}: {framework}, opset {res.opset}, input [N,{c},{h},{w}] "
                f"({res.layout} in the file), in {dt:.1f} s")
     if res.parity:
         p = res.parity
-        click.echo(f"parity vs {framework} on {p['n']} random inputs: max abs logit diff "
+        _echo(f"parity vs {framework} on {p['n']} random inputs: max abs logit diff "
                    f"{p['max_abs_logit_diff']:.2e}, top-1 agreement {p['argmax_agreement']:.0%}")
 
 
@@ -374,9 +386,9 @@ def compare(model_a, model_b, data, methods, limit, out, preprocess_a, preproces
                          threads=threads, seed=seed, atol=atol, rtol=rtol,
                          min_spearman=min_spearman)
     for note in rep["data"]["notes"]:
-        click.echo(f"note: {note}", err=True)
-    click.echo(markdown(rep), nl=False)
-    click.echo(f"wrote {out}/compare.json, compare.md ({rep['data']['count']} images, "
+        _echo(f"note: {note}", err=True)
+    _echo(markdown(rep), nl=False, block=True)
+    _echo(f"wrote {out}/compare.json, compare.md ({rep['data']['count']} images, "
                f"{rep['seconds']:.1f} s)")
 
 
@@ -388,7 +400,7 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+        _echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
@@ -397,17 +409,17 @@ def main() -> None:
         if _DEBUG["on"]:
             raise
         # one line even when a hostile file puts line breaks into a name the message quotes
-        click.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        _echo(f"error: {' '.join(str(exc).split())}", err=True)
         sys.exit(2)
     except MemoryError as exc:
         if _DEBUG["on"]:
             raise
         detail = " ".join(str(exc).split()) or "no detail"
-        click.echo(f"error: out of memory ({detail}); use fewer or smaller images (--limit), "
+        _echo(f"error: out of memory ({detail}); use fewer or smaller images (--limit), "
                    "or a model with a smaller input", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+        _echo("interrupted", err=True)
         sys.exit(130)
 
 
