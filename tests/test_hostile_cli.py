@@ -1,0 +1,257 @@
+"""Hostile names, folders, options and files at the CLI (issue 14): nothing computed is lost,
+one line instead of a traceback, terminal-safe output, one bad file never stops a run.
+
+Models are built with onnx.helper (see tests/test_hostile.py); the CLI runs in-process through
+``onnxsal.cli.main``, exactly as the console script does.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from test_hostile import nan_for_dark_images, one_error_line, run_main, save, tiny
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNXSAL_CACHE", str(tmp_path / "cache"))
+
+
+def write_png(path: Path, seed: int = 0, hw: int = 8) -> Path:
+    from skimage import io as skio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    skio.imsave(path, (np.random.default_rng(seed).random((hw, hw, 3)) * 255).astype(np.uint8),
+                check_contrast=False)
+    return path
+
+
+@pytest.fixture
+def model(tmp_path) -> Path:
+    return save(tiny(), tmp_path / "m.onnx")
+
+
+def explain(model, images, out, *extra):
+    return run_main(["explain", model, *images, "--out", out, "-m", "vanilla,gradient_x_input",
+                     "--device", "cpu", *extra])
+
+
+def without_progress(stderr: str) -> str:
+    """stderr without tqdm's progress bar (shown for more than four images)."""
+    return "\n".join(ln for ln in stderr.splitlines() if not ln.startswith("explain:"))
+
+
+def maps_in(out: Path) -> dict:
+    with np.load(out / "maps.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. nothing computed is lost
+
+
+def test_math_text_in_labels_and_names_is_drawn_as_written(tmp_path, model):
+    """matplotlib parses "$...$" as TeX: a label or file name like this used to fail the figure
+    and, with it, the run (the maps were written only at the end)."""
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(["$\\frac{$", "a$x^{$b", "$$", "plain"]))
+    img = write_png(tmp_path / "in" / "x$\\frac{$y.png")
+    code, _, err = explain(model, [img], tmp_path / "out", "--labels", labels)
+    assert code == 0, err
+    out = tmp_path / "out"
+    pred = json.loads((out / "predictions.json").read_text())
+    assert pred["complete"] and not pred["failures"], pred["failures"]
+    assert (out / pred["images"][0]["figure"]).stat().st_size > 0
+    assert len(maps_in(out)) == 2
+
+
+def test_a_255_byte_name_gets_a_short_hashed_file_name(tmp_path, model):
+    long1 = "a" * 240 + "1.png"
+    long2 = "a" * 240 + "2.png"  # the same first 240 characters: the hash tells them apart
+    imgs = [write_png(tmp_path / "in" / long1, 0), write_png(tmp_path / "in" / long2, 1)]
+    code, _, err = explain(model, imgs, tmp_path / "out")
+    assert code == 0, err
+    pred = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    figures = [p["figure"] for p in pred["images"]]
+    assert len(set(figures)) == 2
+    for f in figures:
+        assert len(f.encode()) <= 130 and (tmp_path / "out" / f).is_file()
+    assert len(maps_in(tmp_path / "out")) == 4
+
+
+def test_a_non_utf8_file_name_is_escaped_in_json_figures_and_terminal(tmp_path, model):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    raw = os.fsencode(folder) + b"/caf\xe9.png"
+    write_png(Path(os.fsdecode(raw)))
+    code, _, err = explain(model, [os.fsdecode(raw)], tmp_path / "out")
+    assert code == 0, err
+    text = (tmp_path / "out" / "predictions.json").read_bytes().decode("utf-8")  # valid UTF-8
+    pred = json.loads(text)
+    assert pred["images"][0]["image"].endswith("caf\\xe9.png")
+    assert (tmp_path / "out" / pred["images"][0]["figure"]).is_file()
+
+
+def test_an_output_folder_under_a_file_is_refused_before_any_work(tmp_path, model, monkeypatch):
+    img = write_png(tmp_path / "a.png")
+    (tmp_path / "file.txt").write_text("x")
+    from onnxsal import engine
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(engine.Engine, "__init__", no_model)
+    code, _, err = explain(model, [img], tmp_path / "file.txt" / "out")
+    assert code == 2
+    line = one_error_line(err)
+    assert "under" in line and "file.txt" in line and "is a file" in line
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, model, monkeypatch):
+    """Root may write anywhere, so the file system's refusal is simulated at the probe file."""
+    import tempfile
+
+    img = write_png(tmp_path / "a.png")
+    (tmp_path / "ro").mkdir()
+    real = tempfile.TemporaryFile
+
+    def refuse(*a, dir=None, **k):
+        if dir is not None and Path(dir).name == "ro":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real(*a, dir=dir, **k)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    code, _, err = explain(model, [img], tmp_path / "ro" / "out")
+    assert code == 2
+    line = one_error_line(err)
+    assert "not writable" in line and "Permission denied" in line
+    assert not (tmp_path / "ro" / "out").exists()
+
+
+def test_a_failing_figure_is_a_failure_line_and_every_map_is_kept(tmp_path, model, monkeypatch):
+    from onnxsal import overlays
+
+    imgs = [write_png(tmp_path / f"in/{k}.png", k) for k in range(3)]
+    draw = overlays._draw
+
+    def flaky(fig, axes, image, panels, title):
+        if title.startswith(str(imgs[1])):
+            raise RuntimeError("the font cache is broken")
+        return draw(fig, axes, image, panels, title)
+
+    monkeypatch.setattr(overlays, "_draw", flaky)
+    code, _, err = explain(model, imgs, tmp_path / "out")
+    assert code == 0, err
+    failed = [ln for ln in err.splitlines() if ln.startswith("failed:")]
+    assert len(failed) == 1 and "1.png" in failed[0] and "figure not written" in failed[0]
+    assert "Traceback" not in err
+    assert sorted(maps_in(tmp_path / "out")) == sorted(f"{k}/{m}" for k in "012"
+                                                       for m in ("vanilla", "gradient_x_input"))
+    assert {p.name for p in (tmp_path / "out").glob("*.png")} == {"0.png", "2.png"}
+
+
+def test_a_full_disk_is_one_line_and_the_maps_written_so_far_remain(tmp_path, model, monkeypatch):
+    """The file system fills up while the second batch's maps are written: one line, the
+    first batch's maps in maps.npz, its figures on disk, predictions.json says incomplete."""
+    imgs = [write_png(tmp_path / f"in/{k:02d}.png", k) for k in range(10)]  # batches of 8
+    real, parts = os.fsync, []
+
+    def fsync(fd):
+        if ".maps-parts-" in os.readlink(f"/proc/self/fd/{fd}"):
+            parts.append(fd)
+            if len(parts) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "out"
+    code, _, err = explain(model, imgs, out)
+    assert code == 2
+    line = one_error_line(without_progress(err))
+    assert "No space left on device" in line and "maps of the 8 images" in line
+    assert len(maps_in(out)) == 16
+    assert len(list(out.glob("*.png"))) == 8
+    pred = json.loads((out / "predictions.json").read_text())
+    assert pred["complete"] is False and len(pred["images"]) == 8
+    assert not list(out.glob(".*tmp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. terminal safety
+
+
+ESC = "\x1b"
+
+
+def test_model_strings_are_printed_with_control_characters_escaped(tmp_path):
+    m = tiny()
+    m.producer_name = f"{ESC}[2J{ESC}[31mfake\rok"
+    m.graph.input[0].name = m.graph.node[0].input[0] = f"x{ESC}]0;title\x07"
+    code, out, err = run_main(["inspect", save(m, tmp_path / "m.onnx")])
+    assert code == 0, err
+    assert ESC not in out and "\r" not in out and "\x07" not in out
+    assert "\\x1b[2J\\x1b[31mfake\\rok" in out and "x\\x1b]0;title\\x07" in out
+
+
+def test_error_lines_escape_control_characters(tmp_path):
+    m = tiny()
+    n = m.graph.node[1]
+    n.domain, n.op_type = f"evil{ESC}[2J", "Op"
+    m.opset_import.append(helper.make_opsetid(n.domain, 1))
+    code, _, err = run_main(["inspect", save(m, tmp_path / "m.onnx")])
+    assert code == 2
+    line = one_error_line(err)
+    assert ESC not in err and "evil\\x1b[2J" in line
+
+
+def test_markdown_tables_escape_control_characters():
+    from onnxsal.report import markdown_table
+
+    text = markdown_table(["model"], [[f"a{ESC}[2J\nb|c"]])
+    assert ESC not in text and "a\\x1b[2J\\nb\\|c" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. one bad file never stops a run
+
+
+def test_a_bad_file_among_good_ones_is_listed_and_the_rest_explained(tmp_path, model):
+    good = [write_png(tmp_path / "a.png", 0), write_png(tmp_path / "c.png", 2)]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png at all")
+    code, _, err = explain(model, [good[0], bad, good[1]], tmp_path / "out")
+    assert code == 0, err
+    failed = [ln for ln in err.splitlines() if ln.startswith("failed:")]
+    assert len(failed) == 1 and "bad.png" in failed[0]
+    pred = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert [Path(p["image"]).name for p in pred["images"]] == ["a.png", "c.png"]
+    assert [Path(f["image"]).name for f in pred["failures"]] == ["bad.png"]
+
+
+def test_a_single_bad_file_is_still_one_error(tmp_path, model):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png at all")
+    code, _, err = explain(model, [bad], tmp_path / "out")
+    assert code == 2 and "bad.png" in one_error_line(err)
+
+
+def test_compare_says_when_logits_are_nan(tmp_path):
+    from onnxsal.compare import compare_models
+
+    m = nan_for_dark_images()
+    a, b = save(m, tmp_path / "a.onnx"), save(m, tmp_path / "b.onnx")
+    x = np.full((4, 1, 6, 6), 0.2, np.float32)
+    x[0] = 0.9  # one image with finite logits
+    with np.errstate(all="raise"):  # no numpy warning on the way either
+        rep = compare_models(a, b, x, [], device="cpu", out=tmp_path / "cmp")
+    assert "NaN" in rep["verdict"] and "3 of 4" in rep["verdict"], rep["verdict"]
+    assert "same top-1" not in rep["verdict"]
+    assert rep["verdict"] in (tmp_path / "cmp" / "compare.md").read_text()
