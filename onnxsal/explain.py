@@ -175,7 +175,7 @@ class _Run:
         maps = methods_pkg.compute(self.engine, x, self.names, targets=self.targets, **self.options)
         logits = self.engine.logits(x)
         probs = softmax(logits)
-        arrays, figures = {}, []
+        arrays, figures, preds, fails = {}, [], [], []
         for i in range(len(x)):
             n = start + i
             name, stem = printable(self.data.names[n]), self.stems[n]
@@ -192,12 +192,12 @@ class _Run:
                 panels.append(Panel(f"{m}\n{cls} p={probs[i, target]:.2f}", mp, res.signed))
             finite = bool(np.isfinite(logits[i]).all())
             if not finite:
-                self.failures.append({"image": name, "error": "the model's logits are NaN or Inf "
+                fails.append({"image": name, "error": "the model's logits are NaN or Inf "
                                       "for this image: its maps explain no real score"})
             if bad:
-                self.failures.append({"image": name, "error": f"non-finite map from {', '.join(bad)}"})
+                fails.append({"image": name, "error": f"non-finite map from {', '.join(bad)}"})
             top = np.argsort(-probs[i])[:5]
-            self.predictions.append({
+            preds.append({
                 "image": name, "figure": f"{stem}.png", "predicted": pred,
                 "predicted_name": self._label(pred), "probability": float(probs[i, pred]),
                 "target": target,
@@ -210,8 +210,10 @@ class _Run:
             figures.append((name, lambda i=i, p=panels, s=stem, t=title:
                             render(x[i], p, out_dir / f"{s}.png", title=t)))
         store.add(arrays, len(x))  # the data first: a figure never costs a map
+        self.predictions += preds  # what predictions.json lists is what maps.npz holds
+        self.failures += fails
         for name, err in draw_figures(figures):
-            self.failures.append({"image": name, "error": f"{err}; its maps are in maps.npz"})
+            fails.append({"image": name, "error": f"{err}; its maps are in maps.npz"})
 
     def save(self, store: _MapStore, out_dir: Path, seconds: float, complete: bool) -> str:
         """Write maps.npz and predictions.json; returns where the maps are. A run that stopped
