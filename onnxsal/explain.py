@@ -213,7 +213,7 @@ class _Run:
         self.predictions += preds  # what predictions.json lists is what maps.npz holds
         self.failures += fails
         for name, err in draw_figures(figures):
-            fails.append({"image": name, "error": f"{err}; its maps are in maps.npz"})
+            self.failures.append({"image": name, "error": f"{err}; its maps are in maps.npz"})
 
     def save(self, store: _MapStore, out_dir: Path, seconds: float, complete: bool) -> str:
         """Write maps.npz and predictions.json; returns where the maps are. A run that stopped
