@@ -7,6 +7,7 @@ status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,24 @@ from .display import printable
 from .errors import OnnxsalError
 
 _DEBUG = {"on": False}
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses NaN and infinity: a range alone lets NaN through, since no
+    comparison with NaN fails."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+SEED = click.IntRange(0, 2**32 - 1)  # what numpy's and onnxruntime's generators take
+COUNT = click.IntRange(min=1)
+THREADS = click.IntRange(1, 1024)
 
 
 def _echo(message: object = "", err: bool = False, nl: bool = True, block: bool = False) -> None:
@@ -72,7 +91,7 @@ def inspect(model: str, as_json: bool, output: str | None) -> None:
               "(repeatable; default: the image input).")
 @click.option("--rules", type=click.Choice(["default", "guided", "lrp"]), default="default",
               show_default=True, help="Rule set of the backward pass.")
-@click.option("--epsilon", type=float, default=None, help="Epsilon of the lrp rule set.")
+@click.option("--epsilon", type=FiniteFloat(min=0), default=None, help="Epsilon of the lrp rule set.")
 @click.option("--output", default=None, help="The output to explain when the model has several.")
 @click.option("--simplify/--no-simplify", default=True, show_default=True,
               help="Apply onnxruntime's basic graph optimizations first (fewer, cheaper backward nodes).")
@@ -107,7 +126,7 @@ def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: flo
 @click.option("-m", "--method", "methods", multiple=True, default=["all"], show_default=True,
               help="Method name (repeatable, comma lists allowed), or 'all'.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--target", type=int, default=None, help="Class to explain (default: predicted).")
+@click.option("--target", type=click.IntRange(min=0), default=None, help="Class to explain (default: predicted).")
 @click.option("--preprocess", default=None, help="Model preprocessing: a preset (imagenet, "
               "imagenet255, tf, caffe, lite, x255) or 'scale=255 mean=.. std=.. bgr nhwc'.")
 @click.option("--labels", "labels_file", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -115,7 +134,7 @@ def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: flo
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--output", default=None, help="The output to explain when the model has several.")
 @click.option("--layer", default=None, help="Grad-CAM layer (tensor name; default: found).")
-@click.option("--limit", type=int, default=None, help="At most this many images per source.")
+@click.option("--limit", type=COUNT, default=None, help="At most this many images per source.")
 def explain(model, images, methods, out, target, preprocess, labels_file, device, output, layer, limit):
     """Saliency maps of MODEL for IMAGES (files, folders, .npz or built-in data names)."""
     from .engine import Engine
@@ -147,11 +166,11 @@ def _executor_options(f):
                      "(pip install 'onnxsal[ray]'); see README, Running on a Ray cluster."),
         click.option("--address", default=None, help="Ray cluster to use (host:port, or auto "
                      "for the one `ray start` runs here); default: start Ray for this run."),
-        click.option("--workers", type=int, default=None, help="Ray worker actors (default: "
+        click.option("--workers", type=COUNT, default=None, help="Ray worker actors (default: "
                      "as many as the cluster's CPUs, or GPUs, allow)."),
-        click.option("--cpus-per-worker", type=float, default=None,
+        click.option("--cpus-per-worker", type=FiniteFloat(min=0, min_open=True), default=None,
                      help="CPUs per Ray worker [1]."),
-        click.option("--gpus-per-worker", type=float, default=None, help="GPUs per Ray worker "
+        click.option("--gpus-per-worker", type=FiniteFloat(min=0), default=None, help="GPUs per Ray worker "
                      "[0; 1 with --device cuda]."),
     ]):
         f = opt(f)
@@ -176,21 +195,21 @@ def _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker)
 @click.option("--metric", type=click.Choice(["accuracy", "allegiance"]), default="accuracy",
               show_default=True, help="Top-1 accuracy against labels, or agreement with the "
               "clean prediction (needs no labels).")
-@click.option("--limit", type=int, default=None, help="Use the first N images.")
+@click.option("--limit", type=COUNT, default=None, help="Use the first N images.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder "
               "(results.json, results.md, curves.csv, curves.png; shards/ for resuming).")
 @click.option("--preprocess", default=None, help="Model preprocessing (as for explain).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of seeded methods.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of seeded methods.")
 @click.option("--output", default=None, help="The output to explain when the model has several.")
-@click.option("--shard-size", type=int, default=256, show_default=True,
+@click.option("--shard-size", type=COUNT, default=256, show_default=True,
               help="Images per shard (the unit of resuming).")
-@click.option("--threads", type=int, default=None, help="onnxruntime threads per session.")
+@click.option("--threads", type=THREADS, default=None, help="onnxruntime threads per session.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--rise", is_flag=True, help="Also RISE deletion and insertion (SPEC.md section 4).")
 @click.option("--rise-baseline", type=click.Choice(["black", "white", "mean", "blur"]),
               default="black", show_default=True, help="What RISE deletion puts in.")
-@click.option("--rise-step", type=int, default=None,
+@click.option("--rise-step", type=COUNT, default=None,
               help="Pixels per RISE step (default: one image row).")
 @_executor_options
 def benchmark(models, data, methods, metric, limit, out, preprocess, device, seed, output,
@@ -241,24 +260,24 @@ def benchmark(models, data, methods, metric, limit, out, preprocess, device, see
               show_default=True, help="Method names (repeatable, comma lists allowed), or 'all'.")
 @click.option("--mode", type=click.Choice(["cascading", "independent"]), default="cascading",
               show_default=True, help="Randomise layers top-down cumulatively, or one at a time.")
-@click.option("--limit", type=int, default=16, show_default=True, help="Use the first N images.")
+@click.option("--limit", type=COUNT, default=16, show_default=True, help="Use the first N images.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder "
               "(sanity.json, sanity.md, <mode>.png, maps_grid.png; steps/ for resuming).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the re-initialisation.")
-@click.option("--max-steps", type=int, default=None,
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the re-initialisation.")
+@click.option("--max-steps", type=COUNT, default=None,
               help="At most this many randomisation steps, spread over the layers (default: all).")
-@click.option("--threshold", type=float, default=0.5, show_default=True,
+@click.option("--threshold", type=FiniteFloat(), default=0.5, show_default=True,
               help="Pass rule: final mean Spearman(abs) similarity must fall below this.")
-@click.option("--margin", type=float, default=0.3, show_default=True,
+@click.option("--margin", type=FiniteFloat(), default=0.3, show_default=True,
               help="Pass rule: ... and at least this far below the self-similarity.")
 @click.option("--hog-correlation", type=click.Choice(["pearson", "spearman"]), default="pearson",
               show_default=True, help="Correlation of the HOG vectors.")
-@click.option("--grid-image", type=int, default=0, show_default=True,
+@click.option("--grid-image", type=click.IntRange(min=0), default=0, show_default=True,
               help="Index of the image shown in maps_grid.png.")
 @click.option("--preprocess", default=None, help="Model preprocessing (as for explain).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--output", default=None, help="The output to explain when the model has several.")
-@click.option("--threads", type=int, default=None, help="onnxruntime threads per session.")
+@click.option("--threads", type=THREADS, default=None, help="onnxruntime threads per session.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @_executor_options
 def sanity(model, data, methods, mode, limit, out, seed, max_steps, threshold, margin,
@@ -296,7 +315,7 @@ def sanity(model, data, methods, mode, limit, out, seed, max_steps, threshold, m
 @click.argument("source")
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False),
               help="Where to write the ONNX model.")
-@click.option("--opset", type=int, default=None,
+@click.option("--opset", type=COUNT, default=None,
               help="ONNX opset (default: torch 17 (18 with --dynamo), keras 17 (max 18), jax 23 (min 18)).")
 @click.option("--dynamo", is_flag=True, help="torch: use the torch.export-based exporter.")
 @click.option("--input-shape", default=None, help="C,H,W of the model input (required for torch "
@@ -321,6 +340,7 @@ def convert(framework, source, out, opset, dynamo, input_shape, weights, preproc
     'module:function'; for jax, 'module:function' returning fn(x), (apply_fn, params) or an nnx
     module (x is N,H,W,C). The module is imported from the current folder or PYTHONPATH.
     """
+    from converters.common import quiet_frameworks
     from converters.convert import convert as run_convert
 
     from .errors import OptionError
@@ -334,9 +354,10 @@ def convert(framework, source, out, opset, dynamo, input_shape, weights, preproc
         if len(shape) != 3:
             raise OptionError(f"--input-shape {input_shape!r}: expected C,H,W")
     t0 = time.perf_counter()
-    res = run_convert(framework, source, out, opset=opset, dynamo=dynamo, input_shape=shape,
-                      preprocess=preprocess, labels=labels_file, weights=weights,
-                      check_parity=not no_parity)
+    with quiet_frameworks():
+        res = run_convert(framework, source, out, opset=opset, dynamo=dynamo, input_shape=shape,
+                          preprocess=preprocess, labels=labels_file, weights=weights,
+                          check_parity=not no_parity)
     dt = time.perf_counter() - t0
     c, h, w = res.input_shape
     _echo(f"wrote {out}: {framework}, opset {res.opset}, input [N,{c},{h},{w}] "
@@ -357,21 +378,21 @@ def convert(framework, source, out, opset, dynamo, input_shape, weights, preproc
               default=["vanilla,gradient_x_input,integrated_gradients,gradcam,original"],
               show_default=True, help="Method names (repeatable, comma lists allowed), 'all', "
               "or 'none' for predictions only.")
-@click.option("--limit", type=int, default=32, show_default=True, help="Use the first N images.")
+@click.option("--limit", type=COUNT, default=32, show_default=True, help="Use the first N images.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output folder (compare.json, compare.md).")
 @click.option("--preprocess-a", default=None, help="Preprocessing of MODEL_A (as for explain; "
               "default: recorded in the file).")
 @click.option("--preprocess-b", default=None, help="Preprocessing of MODEL_B.")
-@click.option("--atol", type=float, default=1e-4, show_default=True,
+@click.option("--atol", type=FiniteFloat(min=0), default=1e-4, show_default=True,
               help="Logit tolerance (absolute part) of the 'same model' verdict.")
-@click.option("--rtol", type=float, default=1e-4, show_default=True,
+@click.option("--rtol", type=FiniteFloat(min=0), default=1e-4, show_default=True,
               help="Logit tolerance relative to A's logit range.")
-@click.option("--min-spearman", type=float, default=0.99, show_default=True,
+@click.option("--min-spearman", type=FiniteFloat(-1, 1), default=0.99, show_default=True,
               help="Smallest per-image map Spearman still called 'the same'.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of seeded methods.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of seeded methods.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--threads", type=int, default=None, help="onnxruntime threads per session.")
+@click.option("--threads", type=THREADS, default=None, help="onnxruntime threads per session.")
 def compare(model_a, model_b, data, methods, limit, out, preprocess_a, preprocess_b, atol, rtol,
             min_spearman, seed, device, threads):
     """Are MODEL_A and MODEL_B the same model, and where do they differ? Prediction agreement
@@ -396,12 +417,28 @@ def _meta(model, key: str) -> str:
     return next((p.value for p in model.metadata_props if p.key == key), "")
 
 
+def _run_quietly() -> None:
+    """The command, without numpy's floating-point warnings: NaN and Inf are expected from
+    hostile models and onnxsal reports them itself (per-image failure lines, verdicts, n/a)."""
+    import warnings
+
+    import numpy as np
+
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        cli.main(standalone_mode=False)
+
+
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
+        _run_quietly()
     except click.exceptions.Abort:
         _echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # a bad option value: one line, as every other error
+        ctx = exc.ctx.command_path if exc.ctx is not None else "onnxsal"
+        _echo(f"error: {' '.join(exc.format_message().split())} (see '{ctx} -h')", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -156,9 +156,23 @@ def parse(text: str | None) -> PreprocessSpec | None:
     return validated(spec)
 
 
+MAX_META_JSON = 16 << 20  # characters of one JSON metadata entry (labels of 20k classes fit)
+
+
+def _meta_json(text: str):
+    """``json.loads`` of JSON a model file carries: more than :data:`MAX_META_JSON` characters
+    or nesting deeper than Python's recursion limit is a ValueError like any invalid JSON."""
+    if len(text) > MAX_META_JSON:
+        raise ValueError(f"{len(text):,} characters, beyond the {MAX_META_JSON:,} read")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def from_json(text: str) -> PreprocessSpec:
     try:
-        d = json.loads(text)
+        d = _meta_json(text)
         layout = d.get("layout")
         spec = PreprocessSpec(
             scale=float(d.get("scale", 1.0)),
@@ -185,10 +199,11 @@ def labels_from_model(model: onnx.ModelProto) -> list[str] | None:
     for p in model.metadata_props:
         if p.key == META_LABELS:
             try:
-                labels = json.loads(p.value)
+                labels = _meta_json(p.value)
             except ValueError:
                 return None
-            return [str(v) for v in labels] if isinstance(labels, list) else None
+            ok = isinstance(labels, list) and all(isinstance(v, (str, int, float)) for v in labels)
+            return [str(v) for v in labels] if ok else None
     return None
 
 

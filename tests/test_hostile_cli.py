@@ -255,3 +255,203 @@ def test_compare_says_when_logits_are_nan(tmp_path):
     assert "NaN" in rep["verdict"] and "3 of 4" in rep["verdict"], rep["verdict"]
     assert "same top-1" not in rep["verdict"]
     assert rep["verdict"] in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. one line, never a traceback
+
+
+def _with_input(extra: onnx.ValueInfoProto, op: str) -> onnx.ModelProto:
+    m = tiny()
+    m.graph.input.append(extra)
+    m.graph.node[0].input[0] = "xs"
+    m.graph.node.insert(0, helper.make_node(op, ["x", extra.name], ["xs"], name="mix"))
+    return m
+
+
+def _resized(dims) -> onnx.ModelProto:
+    m = tiny()
+    for d, v in zip(m.graph.input[0].type.tensor_type.shape.dim, dims):
+        if v is not None:
+            d.dim_value = v
+    return m
+
+
+def _scalar_output() -> onnx.ModelProto:
+    m = tiny()
+    m.graph.node.append(helper.make_node("ReduceSum", ["logits"], ["s"], keepdims=0, name="sum"))
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, []))
+    return m
+
+
+def _nested_metadata() -> onnx.ModelProto:
+    m = tiny()
+    p = m.metadata_props.add()
+    p.key, p.value = "onnxsal.preprocess", "[" * 100_000 + "]" * 100_000
+    return m
+
+
+BAD_MODELS = {
+    "second image input": (lambda: _with_input(helper.make_tensor_value_info(
+        "y", TensorProto.FLOAT, ["N", 3, 8, 8]), "Add"), "besides the image 'x': y"),
+    "second float input": (lambda: _with_input(helper.make_tensor_value_info(
+        "scale", TensorProto.FLOAT, [1]), "Mul"), "besides the image 'x': scale"),
+    "negative size": (lambda: _resized([None, None, -5, None]), "sizes must be positive"),
+    "zero channels": (lambda: _resized([None, 0, None, None]), "sizes must be positive"),
+    "absurd size": (lambda: _resized([None, None, 10**9, 10**9]), "values per image"),
+    "scalar output": (_scalar_output, "output 's' is a scalar"),
+    "nested preprocess metadata": (_nested_metadata, "nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("kind, command", [
+    (k, c) for k in sorted(BAD_MODELS) for c in ("inspect", "explain")
+    if not (k == "nested preprocess metadata" and c == "inspect")])  # inspect reads no preprocessing
+def test_unusable_model_inputs_and_outputs_are_one_line(tmp_path, kind, command):
+    build, expected = BAD_MODELS[kind]
+    path = save(build(), tmp_path / "m.onnx")
+    args = ["inspect", path] if command == "inspect" else \
+        ["explain", path, write_png(tmp_path / "a.png"), "--out", tmp_path / "out", "-m", "vanilla"]
+    code, _, err = run_main(args)
+    assert code == 2, err
+    assert expected in one_error_line(err)
+
+
+def test_nested_labels_metadata_is_ignored_like_any_invalid_labels(tmp_path):
+    m = tiny()
+    p = m.metadata_props.add()
+    p.key, p.value = "onnxsal.labels", "[" * 100_000 + "]" * 100_000
+    from onnxsal.preprocess import labels_from_model
+
+    assert labels_from_model(m) is None
+
+
+def test_non_utf8_model_and_image_names_in_benchmark_sanity_compare(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_png(Path(os.fsdecode(os.fsencode(folder) + b"/caf\xe9.png")), 0)
+    write_png(folder / "ok.png", 1)
+    odd = os.fsdecode(os.fsencode(tmp_path) + b"/t\xe9.onnx")
+    save(tiny(), Path(odd))
+    plain = save(tiny(), tmp_path / "plain.onnx")
+    runs = {"bench": ["benchmark", plain, odd, "--data", folder, "--metric", "allegiance",
+                      "-m", "vanilla", "--quiet"],
+            "sanity": ["sanity", odd, "--data", folder, "-m", "vanilla", "--quiet"],
+            "compare": ["compare", plain, odd, "--data", folder, "-m", "vanilla"]}
+    for name, args in runs.items():
+        code, out, err = run_main([*args, "--out", tmp_path / name])
+        assert code == 0, (name, err)
+        for f in (tmp_path / name).glob("*.md"):
+            f.read_bytes().decode("utf-8")  # valid UTF-8
+    assert "t\\xe9" in (tmp_path / "bench" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("args, option", [
+    (["benchmark", "M", "--data", "D", "--out", "O", "--seed", "-1"], "--seed"),
+    (["benchmark", "M", "--data", "D", "--out", "O", "--threads", "100000"], "--threads"),
+    (["sanity", "M", "--data", "D", "--out", "O", "--threads", "0"], "--threads"),
+    (["augment", "M", "-o", "O", "--epsilon", "nan"], "--epsilon"),
+    (["compare", "M", "M", "--data", "D", "--out", "O", "--atol", "inf"], "--atol"),
+    (["compare", "M", "M", "--data", "D", "--out", "O", "--min-spearman", "nan"], "--min-spearman"),
+    (["explain", "M", "D", "--out", "O", "--limit", "0"], "--limit"),
+    (["sanity", "M", "--data", "D", "--out", "O", "--seed", str(2**70)], "--seed"),
+])
+def test_bad_option_values_are_one_line(tmp_path, args, option):
+    model = save(tiny(), tmp_path / "m.onnx")
+    img = write_png(tmp_path / "a.png")
+    subst = {"M": model, "D": img, "O": tmp_path / "out"}
+    code, _, err = run_main([subst.get(a, a) for a in args])
+    assert code == 2
+    line = one_error_line(err)
+    assert option in line
+
+
+def test_onnxruntime_log_lines_do_not_come_before_the_error(tmp_path, capfd):
+    """onnxruntime logs a failing node in colour on the process's stderr (C++), before the
+    exception reaches onnxsal; sessions log at level 4 (fatal only) now."""
+    from onnx import numpy_helper
+
+    m = tiny()  # the convolution's weights want 5 channels, the image has 3
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.zeros((4, 5, 3, 3), np.float32), "W"))
+    path = save(m, tmp_path / "m.onnx")
+    code, _, err = run_main(["explain", path, write_png(tmp_path / "a.png"), "--out",
+                             tmp_path / "out", "-m", "vanilla", "--device", "cpu"])
+    native = capfd.readouterr().err
+    assert code == 2 and "onnxruntime failed to run the model" in one_error_line(err)
+    assert "onnxruntime" not in native and ESC not in native, native
+
+
+def test_numpy_warnings_are_not_printed(tmp_path):
+    """Logits of +-Inf: onnxsal lists the failures itself; numpy's RuntimeWarnings about the
+    same values are not shown (even with warnings switched on)."""
+    import warnings
+
+    from onnx import numpy_helper
+
+    m = tiny(c=1, hw=6, classes=3)
+    m.graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
+    m.graph.node[-1].output[0] = "pre"
+    m.graph.node.append(helper.make_node("Div", ["pre", "zero"], ["logits"], name="div"))
+    path = save(m, tmp_path / "inf.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        code, _, err = run_main(["explain", path, write_png(tmp_path / "a.png", hw=6), "--out",
+                                 tmp_path / "out", "-m", "vanilla,occlusion", "--device", "cpu"])
+    assert code == 0, err
+    assert "Warning" not in err, err
+    assert "logits are NaN or Inf" in err
+
+
+def _module(tmp_path, monkeypatch, name: str, body: str) -> None:
+    (tmp_path / f"{name}.py").write_text(body)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("import", "importing module 'hostile_mod_import' failed (RuntimeError: boom at import)"),
+    ("args", "calling build() failed (TypeError"),
+    ("path", "not a file path"),
+])
+def test_convert_torch_sources_that_fail_are_one_line(tmp_path, monkeypatch, case, expected):
+    name = f"hostile_mod_{case}"
+    body = {"import": "raise RuntimeError('boom at import')\n",
+            "args": "def build(width):\n    return None\n",
+            "path": "def build():\n    return None\n"}[case]
+    _module(tmp_path, monkeypatch, name, body)
+    source = f"{name}.py:build" if case == "path" else f"{name}:build"
+    code, _, err = run_main(["convert", "torch", source, "-o", tmp_path / "o.onnx",
+                             "--input-shape", "3,8,8"])
+    assert code == 2
+    assert expected in one_error_line(err)
+
+
+def test_a_dotted_torch_source_is_imported(tmp_path, monkeypatch):
+    pkg = tmp_path / "hostile_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text(
+        "import torch\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), "
+        "torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 5))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = run_main(["convert", "torch", "hostile_pkg.nets:build", "-o",
+                               tmp_path / "o.onnx", "--input-shape", "3,8,8"])
+    assert code == 0, err
+    assert "top-1 agreement 100%" in out and err == ""
+
+
+def test_framework_banners_are_silenced_during_convert(capfd):
+    """TensorFlow prints its oneDNN/absl banners from C++ straight to the process's stderr."""
+    import sys
+    import warnings
+
+    from converters.common import quiet_frameworks
+
+    with quiet_frameworks():
+        os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on\n")
+        print("WARNING: All log messages before absl::InitializeLog()", file=sys.stderr)
+        warnings.warn("np.object", FutureWarning)
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"
