@@ -394,11 +394,12 @@ def test_numpy_warnings_are_not_printed(tmp_path):
     m.graph.node[-1].output[0] = "pre"
     m.graph.node.append(helper.make_node("Div", ["pre", "zero"], ["logits"], name="div"))
     path = save(m, tmp_path / "inf.onnx")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         code, _, err = run_main(["explain", path, write_png(tmp_path / "a.png", hw=6), "--out",
                                  tmp_path / "out", "-m", "vanilla,occlusion", "--device", "cpu"])
     assert code == 0, err
+    assert not [w for w in seen if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in seen]
     assert "Warning" not in err, err
     assert "logits are NaN or Inf" in err
 
