@@ -160,8 +160,9 @@ MAX_META_JSON = 16 << 20  # characters of one JSON metadata entry (labels of 20k
 
 
 def _meta_json(text: str):
-    """``json.loads`` of JSON a model file carries: more than :data:`MAX_META_JSON` characters
-    or nesting deeper than Python's recursion limit is a ValueError like any invalid JSON."""
+    """``json.loads`` of JSON a model or labels file carries: more than :data:`MAX_META_JSON`
+    characters or nesting deeper than Python's recursion limit is a ValueError like any
+    invalid JSON."""
     if len(text) > MAX_META_JSON:
         raise ValueError(f"{len(text):,} characters, beyond the {MAX_META_JSON:,} read")
     try:
@@ -202,8 +203,7 @@ def labels_from_model(model: onnx.ModelProto) -> list[str] | None:
                 labels = _meta_json(p.value)
             except ValueError:
                 return None
-            ok = isinstance(labels, list) and all(isinstance(v, (str, int, float)) for v in labels)
-            return [str(v) for v in labels] if ok else None
+            return [str(v) for v in labels] if isinstance(labels, list) else None
     return None
 
 
@@ -221,7 +221,7 @@ def read_labels(labels: str | os.PathLike | Sequence[str] | None) -> list[str] |
         raise InputError(f"labels file {path}: cannot read it as UTF-8 text ({type(exc).__name__})") from None
     if text.lstrip().startswith(("[", "{")):
         try:
-            data = json.loads(text)
+            data = _meta_json(text)
         except ValueError as exc:
             raise InputError(f"labels file {path}: invalid JSON ({exc})") from None
         if isinstance(data, dict):

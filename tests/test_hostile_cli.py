@@ -327,6 +327,14 @@ def test_nested_labels_metadata_is_ignored_like_any_invalid_labels(tmp_path):
     assert labels_from_model(m) is None
 
 
+def test_a_deeply_nested_labels_file_is_one_line(tmp_path, model):
+    labels = tmp_path / "labels.json"
+    labels.write_text("[" * 100_000 + "]" * 100_000)
+    code, _, err = explain(model, [write_png(tmp_path / "a.png")], tmp_path / "out", "--labels", labels)
+    assert code == 2
+    assert "labels file" in one_error_line(err) and "nested too deeply" in err
+
+
 def test_non_utf8_model_and_image_names_in_benchmark_sanity_compare(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
