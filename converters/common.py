@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
-from typing import Any
+import sys
+import tempfile
+import warnings
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
@@ -14,6 +19,28 @@ from onnxsal.errors import OptionError
 from onnxsal.preprocess import META_LABELS as LABELS_KEY
 from onnxsal.preprocess import META_PREPROCESS as PREPROCESS_KEY
 from onnxsal.preprocess import read_labels  # noqa: F401  (re-exported for the converters)
+
+
+@contextlib.contextmanager
+def quiet_frameworks() -> Iterator[None]:
+    """Silence what the frameworks print while they load and export (TensorFlow's oneDNN and
+    absl banners come from C++ at library load, whatever TF_CPP_MIN_LOG_LEVEL says; torch's
+    and keras's warnings): the process's stderr goes to a discarded file meanwhile. Errors still
+    arrive as exceptions, and the CLI prints them as one line."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink, warnings.catch_warnings(), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 def preprocess_spec(spec, layout: str = "NCHW") -> dict | None:
@@ -87,7 +114,7 @@ def run_onnx(model: str | os.PathLike | onnx.ModelProto, x: np.ndarray, threads:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)

@@ -33,8 +33,9 @@ from .data import Dataset, RawImages, conform, load_raw
 from .errors import InputError, ModelError, OnnxsalError, OptionError
 from .metrics.deletion import FRACTIONS, MODES, BlackWhiteDeletion
 from .metrics.rise import RiseDeletion, RiseInsertion
-from .report import (atomic_savez, atomic_write_json, atomic_write_text, deletion_csv_rows,
-                     deletion_markdown, plot_deletion_curves, write_csv)
+from .overlays import draw_figures
+from .report import (atomic_savez, atomic_write_json, atomic_write_text, check_output_dir,
+                     deletion_csv_rows, deletion_markdown, plot_deletion_curves, write_csv)
 
 MapsFn = Callable[[Any, str, np.ndarray], np.ndarray]
 SHARD_FORMAT = 1
@@ -240,6 +241,7 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
     """
     from .executors import make_executor
 
+    check_output_dir(out_dir)  # before any work
     if executor is None or isinstance(executor, str):
         executor = make_executor(executor or "local")
     t_start = time.time()
@@ -490,7 +492,10 @@ def _run(*, models, data, method_names, metric, limit, out_dir, maps_fn, preproc
     atomic_write_text(out / "results.md", deletion_markdown(summary))
     headers, rows = deletion_csv_rows(summary)
     write_csv(out / "curves.csv", headers, rows)
-    plot_deletion_curves(summary, out / "curves.png")
+    failed = draw_figures([("curves.png", lambda: plot_deletion_curves(summary, out / "curves.png"))])
+    if failed:
+        summary["figure_failures"] = [{"name": n, "error": e} for n, e in failed]
+        atomic_write_json(out / "results.json", summary)
     summary["complete"] = True
     return summary
 

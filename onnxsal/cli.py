@@ -7,15 +7,42 @@ status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import click
 
+from .display import printable
 from .errors import OnnxsalError
 
 _DEBUG = {"on": False}
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses NaN and infinity: a range alone lets NaN through, since no
+    comparison with NaN fails."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+SEED = click.IntRange(0, 2**32 - 1)  # what numpy's and onnxruntime's generators take
+COUNT = click.IntRange(min=1)
+THREADS = click.IntRange(1, 1024)
+
+
+def _echo(message: object = "", err: bool = False, nl: bool = True, block: bool = False) -> None:
+    """Print a line that may carry strings from a file (a producer name, a label, a node name):
+    control characters are shown escaped, so a file cannot clear the screen or fake output;
+    ``block`` keeps the line breaks of text onnxsal formats itself (tables)."""
+    click.echo(printable(message, keep_newlines=block), err=err, nl=nl)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,25 +63,25 @@ def inspect(model: str, as_json: bool, output: str | None) -> None:
 
     s = summarize(load_model(model), path=model, output=output)
     if as_json:
-        click.echo(json.dumps(s.to_dict(), indent=2))
+        _echo(json.dumps(s.to_dict(), indent=2), block=True)
         return
-    click.echo(f"model       {model}")
-    click.echo(f"producer    {s.producer or '-'}")
-    click.echo(f"opset       {s.opset}   IR version {s.ir_version}")
-    click.echo(f"parameters  {s.parameters:,}")
-    click.echo(f"input       {s.input.name}  shape {s.input.shape}  layout {s.input.layout}")
-    click.echo(f"logits      {s.logits.tensor}  (output {s.logits.output}, "
+    _echo(f"model       {model}")
+    _echo(f"producer    {s.producer or '-'}")
+    _echo(f"opset       {s.opset}   IR version {s.ir_version}")
+    _echo(f"parameters  {s.parameters:,}")
+    _echo(f"input       {s.input.name}  shape {s.input.shape}  layout {s.input.layout}")
+    _echo(f"logits      {s.logits.tensor}  (output {s.logits.output}, "
                f"{s.logits.num_classes or '?'} classes)")
-    click.echo(f"gradients   {s.gradients}")
+    _echo(f"gradients   {s.gradients}")
     for note in ([s.logits.note] if s.logits.note else []) + s.notes:
-        click.echo(f"note        {note}")
+        _echo(f"note        {note}")
     bad = [op for op, v in s.operators.items() if v["needs_rule"] and not v["differentiable"]]
-    click.echo(f"operators   {sum(v['count'] for v in s.operators.values())} nodes, "
+    _echo(f"operators   {sum(v['count'] for v in s.operators.values())} nodes, "
                f"{len(s.operators)} types ({len(bad)} without a gradient rule)")
-    click.echo(f"  {'operator':<24}{'nodes':>6}  gradient")
+    _echo(f"  {'operator':<24}{'nodes':>6}  gradient")
     for op, v in s.operators.items():
         grad = "yes" if v["differentiable"] else ("none flows" if not v["needs_rule"] else "NO (no rule)")
-        click.echo(f"  {op:<24}{v['count']:>6}  {grad}")
+        _echo(f"  {op:<24}{v['count']:>6}  {grad}")
 
 
 @cli.command()
@@ -65,7 +92,7 @@ def inspect(model: str, as_json: bool, output: str | None) -> None:
               "(repeatable; default: the image input).")
 @click.option("--rules", type=click.Choice(["default", "guided", "lrp"]), default="default",
               show_default=True, help="Rule set of the backward pass.")
-@click.option("--epsilon", type=float, default=None, help="Epsilon of the lrp rule set.")
+@click.option("--epsilon", type=FiniteFloat(min=0), default=None, help="Epsilon of the lrp rule set.")
 @click.option("--output", default=None, help="The output to explain when the model has several.")
 @click.option("--simplify/--no-simplify", default=True, show_default=True,
               help="Apply onnxruntime's basic graph optimizations first (fewer, cheaper backward nodes).")
@@ -95,9 +122,9 @@ def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: flo
     save_model(aug, out)
     dt = time.perf_counter() - t0
     if logits.note:
-        click.echo(f"note: {logits.note}", err=True)
+        _echo(f"note: {logits.note}", err=True)
     added = len(aug.graph.node) - len(m.graph.node)
-    click.echo(f"wrote {out}: {added} backward nodes, seed input "
+    _echo(f"wrote {out}: {added} backward nodes, seed input "
                f"'{_meta(aug, 'onnxsal.seed')}' [K, N, C], in {dt:.2f} s")
 
 
@@ -107,7 +134,7 @@ def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: flo
 @click.option("-m", "--method", "methods", multiple=True, default=["all"], show_default=True,
               help="Method name (repeatable, comma lists allowed), or 'all'.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--target", type=int, default=None, help="Class to explain (default: predicted).")
+@click.option("--target", type=click.IntRange(min=0), default=None, help="Class to explain (default: predicted).")
 @click.option("--preprocess", default=None, help="Model preprocessing: a preset (imagenet, "
               "imagenet255, tf, caffe, lite, x255) or 'scale=255 mean=.. std=.. bgr nhwc'.")
 @click.option("--labels", "labels_file", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -115,7 +142,7 @@ def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: flo
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--output", default=None, help="The output to explain when the model has several.")
 @click.option("--layer", default=None, help="Grad-CAM layer (tensor name; default: found).")
-@click.option("--limit", type=int, default=None, help="At most this many images per source.")
+@click.option("--limit", type=COUNT, default=None, help="At most this many images per source.")
 @click.option("--gradients", type=click.Choice(["auto", "rebuild", "file"]), default="auto",
               show_default=True, help="For a file with its own gradient graph: rebuild it with "
               "onnxsal's pass (auto: unless the pass cannot), or use the file's after a check.")
@@ -124,20 +151,22 @@ def explain(model, images, methods, out, target, preprocess, labels_file, device
     """Saliency maps of MODEL for IMAGES (files, folders, .npz or built-in data names)."""
     from .explain import engine_for_images, run_explain
     from .preprocess import read_labels
+    from .report import check_output_dir
 
+    check_output_dir(out)  # before the model is read: minutes of work must have a place to go
     eng, inputs = engine_for_images(model, images, limit, preprocess=preprocess, device=device,
                                     output=output, gradients=gradients)
     names = [m.strip() for spec in methods for m in spec.split(",") if m.strip()]
     labels = read_labels(labels_file) if labels_file else None
     opts = {"gradcam": {"layer": layer}} if layer else {}
     if eng.logits_spec.note:
-        click.echo(f"note: {eng.logits_spec.note}", err=True)
+        _echo(f"note: {eng.logits_spec.note}", err=True)
     res = run_explain(eng, inputs, names, out, targets=target, labels=labels, limit=limit, options=opts)
     for note in res.notes:
-        click.echo(f"note: {note}", err=True)
+        _echo(f"note: {note}", err=True)
     for f in res.failures:
-        click.echo(f"failed: {f['image']}: {f['error']}", err=True)
-    click.echo(f"{res.images} images x {len(res.methods)} methods on {eng.provider} in "
+        _echo(f"failed: {f['image']}: {f['error']}", err=True)
+    _echo(f"{res.images} images x {len(res.methods)} methods on {eng.provider} in "
                f"{res.seconds:.1f} s ({res.per_image_seconds:.2f} s/image); wrote {out}/")
 
 
@@ -149,11 +178,11 @@ def _executor_options(f):
                      "(pip install 'onnxsal[ray]'); see README, Running on a Ray cluster."),
         click.option("--address", default=None, help="Ray cluster to use (host:port, or auto "
                      "for the one `ray start` runs here); default: start Ray for this run."),
-        click.option("--workers", type=int, default=None, help="Ray worker actors (default: "
+        click.option("--workers", type=COUNT, default=None, help="Ray worker actors (default: "
                      "as many as the cluster's CPUs, or GPUs, allow)."),
-        click.option("--cpus-per-worker", type=float, default=None,
+        click.option("--cpus-per-worker", type=FiniteFloat(min=0, min_open=True), default=None,
                      help="CPUs per Ray worker [1]."),
-        click.option("--gpus-per-worker", type=float, default=None, help="GPUs per Ray worker "
+        click.option("--gpus-per-worker", type=FiniteFloat(min=0), default=None, help="GPUs per Ray worker "
                      "[0; 1 with --device cuda]."),
     ]):
         f = opt(f)
@@ -178,21 +207,21 @@ def _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker)
 @click.option("--metric", type=click.Choice(["accuracy", "allegiance"]), default="accuracy",
               show_default=True, help="Top-1 accuracy against labels, or agreement with the "
               "clean prediction (needs no labels).")
-@click.option("--limit", type=int, default=None, help="Use the first N images.")
+@click.option("--limit", type=COUNT, default=None, help="Use the first N images.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder "
               "(results.json, results.md, curves.csv, curves.png; shards/ for resuming).")
 @click.option("--preprocess", default=None, help="Model preprocessing (as for explain).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of seeded methods.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of seeded methods.")
 @click.option("--output", default=None, help="The output to explain when the model has several.")
-@click.option("--shard-size", type=int, default=256, show_default=True,
+@click.option("--shard-size", type=COUNT, default=256, show_default=True,
               help="Images per shard (the unit of resuming).")
-@click.option("--threads", type=int, default=None, help="onnxruntime threads per session.")
+@click.option("--threads", type=THREADS, default=None, help="onnxruntime threads per session.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--rise", is_flag=True, help="Also RISE deletion and insertion (docs/definitions.md#rise-metrics).")
 @click.option("--rise-baseline", type=click.Choice(["black", "white", "mean", "blur"]),
               default="black", show_default=True, help="What RISE deletion puts in.")
-@click.option("--rise-step", type=int, default=None,
+@click.option("--rise-step", type=COUNT, default=None,
               help="Pixels per RISE step (default: one image row).")
 @_executor_options
 def benchmark(models, data, methods, metric, limit, out, preprocess, device, seed, output,
@@ -214,22 +243,22 @@ def benchmark(models, data, methods, metric, limit, out, preprocess, device, see
                             threads=threads, progress=not quiet, command=command, rise=rise,
                             rise_baseline=rise_baseline, rise_step=rise_step, executor=ex)
     except KeyboardInterrupt:
-        click.echo(f"interrupted: finished shards are kept in {out}/shards; run the same "
+        _echo(f"interrupted: finished shards are kept in {out}/shards; run the same "
                    "command again to resume", err=True)
         raise
     for note in res["data"]["notes"]:
-        click.echo(f"note: {note}", err=True)
-    for f in res["data"]["failures"]:
-        click.echo(f"failed: {f['name']}: {f['error']}", err=True)
+        _echo(f"note: {note}", err=True)
+    for f in res["data"]["failures"] + res.get("figure_failures", []):
+        _echo(f"failed: {f['name']}: {f['error']}", err=True)
     nfail = sum(len(r["failures"]) for r in res["results"])
     if nfail:
-        click.echo(f"note: {nfail} per-image failures (listed in {out}/results.md)", err=True)
+        _echo(f"note: {nfail} per-image failures (listed in {out}/results.md)", err=True)
     from .report import deletion_table, rise_table
 
-    click.echo(deletion_table(res), nl=False)
+    _echo(deletion_table(res), nl=False, block=True)
     if rise:
-        click.echo(rise_table(res), nl=False)
-    click.echo(f"wrote {out}/results.json, results.md, curves.csv, curves.png "
+        _echo(rise_table(res), nl=False, block=True)
+    _echo(f"wrote {out}/results.json, results.md, curves.csv, curves.png "
                f"({res['data']['count']} images, {res['timing']['seconds_this_run']:.1f} s)")
 
 
@@ -243,24 +272,24 @@ def benchmark(models, data, methods, metric, limit, out, preprocess, device, see
               show_default=True, help="Method names (repeatable, comma lists allowed), or 'all'.")
 @click.option("--mode", type=click.Choice(["cascading", "independent"]), default="cascading",
               show_default=True, help="Randomise layers top-down cumulatively, or one at a time.")
-@click.option("--limit", type=int, default=16, show_default=True, help="Use the first N images.")
+@click.option("--limit", type=COUNT, default=16, show_default=True, help="Use the first N images.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder "
               "(sanity.json, sanity.md, <mode>.png, maps_grid.png; steps/ for resuming).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the re-initialisation.")
-@click.option("--max-steps", type=int, default=None,
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the re-initialisation.")
+@click.option("--max-steps", type=COUNT, default=None,
               help="At most this many randomisation steps, spread over the layers (default: all).")
-@click.option("--threshold", type=float, default=0.5, show_default=True,
+@click.option("--threshold", type=FiniteFloat(), default=0.5, show_default=True,
               help="Pass rule: final mean Spearman(abs) similarity must fall below this.")
-@click.option("--margin", type=float, default=0.3, show_default=True,
+@click.option("--margin", type=FiniteFloat(), default=0.3, show_default=True,
               help="Pass rule: ... and at least this far below the self-similarity.")
 @click.option("--hog-correlation", type=click.Choice(["pearson", "spearman"]), default="pearson",
               show_default=True, help="Correlation of the HOG vectors.")
-@click.option("--grid-image", type=int, default=0, show_default=True,
+@click.option("--grid-image", type=click.IntRange(min=0), default=0, show_default=True,
               help="Index of the image shown in maps_grid.png.")
 @click.option("--preprocess", default=None, help="Model preprocessing (as for explain).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--output", default=None, help="The output to explain when the model has several.")
-@click.option("--threads", type=int, default=None, help="onnxruntime threads per session.")
+@click.option("--threads", type=THREADS, default=None, help="onnxruntime threads per session.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @_executor_options
 def sanity(model, data, methods, mode, limit, out, seed, max_steps, threshold, margin,
@@ -272,22 +301,24 @@ def sanity(model, data, methods, mode, limit, out, seed, max_steps, threshold, m
 
     ex = _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker)
     names = [m.strip() for spec in methods for m in spec.split(",") if m.strip()]
-    say = None if quiet else (lambda s: click.echo(s, err=True))
+    say = None if quiet else (lambda s: _echo(s, err=True))
     try:
         rep = run_sanity(model, data, names, out, mode=mode, seed=seed, preprocess=preprocess,
                          device=device, threads=threads, output=output, max_steps=max_steps,
                          threshold=threshold, margin=margin, hog_correlation=hog_correlation,
                          grid_image=grid_image, limit=limit, progress=say, executor=ex)
     except KeyboardInterrupt:
-        click.echo(f"interrupted: finished steps are kept in {out}/steps; run the same command "
+        _echo(f"interrupted: finished steps are kept in {out}/steps; run the same command "
                    "again to resume", err=True)
         raise
     for note in (rep.get("data") or {}).get("notes", []):
-        click.echo(f"note: {note}", err=True)
+        _echo(f"note: {note}", err=True)
+    for f in rep.get("figure_failures", []):
+        _echo(f"failed: {f['name']}: {f['error']}", err=True)
     for m, v in rep["verdicts"].items():
         word = {True: "pass", False: "FAIL", None: "undecided"}[v["passes"]]
-        click.echo(f"{m:<24}{word:<10}{v['reason']}")
-    click.echo(f"wrote {out}/sanity.json, sanity.md, {mode}.png, maps_grid.png "
+        _echo(f"{m:<24}{word:<10}{v['reason']}")
+    _echo(f"wrote {out}/sanity.json, sanity.md, {mode}.png, maps_grid.png "
                f"({rep['images']} images, {len(rep['steps']) - 1} steps)")
 
 
@@ -296,7 +327,7 @@ def sanity(model, data, methods, mode, limit, out, seed, max_steps, threshold, m
 @click.argument("source")
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False),
               help="Where to write the ONNX model.")
-@click.option("--opset", type=int, default=None,
+@click.option("--opset", type=COUNT, default=None,
               help="ONNX opset (default: torch 17 (18 with --dynamo), keras 17 (max 18), jax 23 (min 18)).")
 @click.option("--dynamo", is_flag=True, help="torch: use the torch.export-based exporter.")
 @click.option("--input-shape", default=None, help="C,H,W of the model input (required for torch "
@@ -321,6 +352,7 @@ def convert(framework, source, out, opset, dynamo, input_shape, weights, preproc
     'module:function'; for jax, 'module:function' returning fn(x), (apply_fn, params) or an nnx
     module (x is N,H,W,C). The module is imported from the current folder or PYTHONPATH.
     """
+    from converters.common import quiet_frameworks
     from converters.convert import convert as run_convert
 
     from .errors import OptionError
@@ -334,16 +366,17 @@ def convert(framework, source, out, opset, dynamo, input_shape, weights, preproc
         if len(shape) != 3:
             raise OptionError(f"--input-shape {input_shape!r}: expected C,H,W")
     t0 = time.perf_counter()
-    res = run_convert(framework, source, out, opset=opset, dynamo=dynamo, input_shape=shape,
-                      preprocess=preprocess, labels=labels_file, weights=weights,
-                      check_parity=not no_parity)
+    with quiet_frameworks():
+        res = run_convert(framework, source, out, opset=opset, dynamo=dynamo, input_shape=shape,
+                          preprocess=preprocess, labels=labels_file, weights=weights,
+                          check_parity=not no_parity)
     dt = time.perf_counter() - t0
     c, h, w = res.input_shape
-    click.echo(f"wrote {out}: {framework}, opset {res.opset}, input [N,{c},{h},{w}] "
+    _echo(f"wrote {out}: {framework}, opset {res.opset}, input [N,{c},{h},{w}] "
                f"({res.layout} in the file), in {dt:.1f} s")
     if res.parity:
         p = res.parity
-        click.echo(f"parity vs {framework} on {p['n']} random inputs: max abs logit diff "
+        _echo(f"parity vs {framework} on {p['n']} random inputs: max abs logit diff "
                    f"{p['max_abs_logit_diff']:.2e}, top-1 agreement {p['argmax_agreement']:.0%}")
 
 
@@ -357,21 +390,21 @@ def convert(framework, source, out, opset, dynamo, input_shape, weights, preproc
               default=["vanilla,gradient_x_input,integrated_gradients,gradcam,original"],
               show_default=True, help="Method names (repeatable, comma lists allowed), 'all', "
               "or 'none' for predictions only.")
-@click.option("--limit", type=int, default=32, show_default=True, help="Use the first N images.")
+@click.option("--limit", type=COUNT, default=32, show_default=True, help="Use the first N images.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output folder (compare.json, compare.md).")
 @click.option("--preprocess-a", default=None, help="Preprocessing of MODEL_A (as for explain; "
               "default: recorded in the file).")
 @click.option("--preprocess-b", default=None, help="Preprocessing of MODEL_B.")
-@click.option("--atol", type=float, default=1e-4, show_default=True,
+@click.option("--atol", type=FiniteFloat(min=0), default=1e-4, show_default=True,
               help="Logit tolerance (absolute part) of the 'same model' verdict.")
-@click.option("--rtol", type=float, default=1e-4, show_default=True,
+@click.option("--rtol", type=FiniteFloat(min=0), default=1e-4, show_default=True,
               help="Logit tolerance relative to A's logit range.")
-@click.option("--min-spearman", type=float, default=0.99, show_default=True,
+@click.option("--min-spearman", type=FiniteFloat(-1, 1), default=0.99, show_default=True,
               help="Smallest per-image map Spearman still called 'the same'.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of seeded methods.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of seeded methods.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--threads", type=int, default=None, help="onnxruntime threads per session.")
+@click.option("--threads", type=THREADS, default=None, help="onnxruntime threads per session.")
 def compare(model_a, model_b, data, methods, limit, out, preprocess_a, preprocess_b, atol, rtol,
             min_spearman, seed, device, threads):
     """Are MODEL_A and MODEL_B the same model, and where do they differ? Prediction agreement
@@ -386,9 +419,9 @@ def compare(model_a, model_b, data, methods, limit, out, preprocess_a, preproces
                          threads=threads, seed=seed, atol=atol, rtol=rtol,
                          min_spearman=min_spearman)
     for note in rep["data"]["notes"]:
-        click.echo(f"note: {note}", err=True)
-    click.echo(markdown(rep), nl=False)
-    click.echo(f"wrote {out}/compare.json, compare.md ({rep['data']['count']} images, "
+        _echo(f"note: {note}", err=True)
+    _echo(markdown(rep), nl=False, block=True)
+    _echo(f"wrote {out}/compare.json, compare.md ({rep['data']['count']} images, "
                f"{rep['seconds']:.1f} s)")
 
 
@@ -396,12 +429,28 @@ def _meta(model, key: str) -> str:
     return next((p.value for p in model.metadata_props if p.key == key), "")
 
 
+def _run_quietly() -> None:
+    """The command, without numpy's floating-point warnings: NaN and Inf are expected from
+    hostile models and onnxsal reports them itself (per-image failure lines, verdicts, n/a)."""
+    import warnings
+
+    import numpy as np
+
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        cli.main(standalone_mode=False)
+
+
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
+        _run_quietly()
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+        _echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # a bad option value: one line, as every other error
+        ctx = exc.ctx.command_path if exc.ctx is not None else "onnxsal"
+        _echo(f"error: {' '.join(exc.format_message().split())} (see '{ctx} -h')", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -409,17 +458,17 @@ def main() -> None:
         if _DEBUG["on"]:
             raise
         # one line even when a hostile file puts line breaks into a name the message quotes
-        click.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        _echo(f"error: {' '.join(str(exc).split())}", err=True)
         sys.exit(2)
     except MemoryError as exc:
         if _DEBUG["on"]:
             raise
         detail = " ".join(str(exc).split()) or "no detail"
-        click.echo(f"error: out of memory ({detail}); use fewer or smaller images (--limit), "
+        _echo(f"error: out of memory ({detail}); use fewer or smaller images (--limit), "
                    "or a model with a smaller input", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+        _echo("interrupted", err=True)
         sys.exit(130)
 
 

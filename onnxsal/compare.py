@@ -19,7 +19,6 @@ at most ``atol + rtol * (logit range of A)`` and every map pair has Spearman >= 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -28,9 +27,18 @@ from typing import Any
 
 import numpy as np
 
+from .display import printable
 from .errors import OnnxsalError, OptionError
+from .report import atomic_write_json, atomic_write_text, check_output_dir
 
 DEFAULT_METHODS = ("vanilla", "gradient_x_input", "integrated_gradients", "gradcam", "original")
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf logits: reported, not warned
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
 
 
 def _engine(model, preprocess, device, threads):
@@ -39,12 +47,6 @@ def _engine(model, preprocess, device, threads):
     if hasattr(model, "logits") and hasattr(model, "input_shape"):
         return model
     return Engine(model, preprocess=preprocess, device=device, threads=threads)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def map_agreement(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
@@ -87,6 +89,8 @@ def compare_models(model_a, model_b, data, methods: Sequence[str] | str = DEFAUL
     from .data import load_dataset
 
     t0 = time.perf_counter()
+    if out is not None:
+        check_output_dir(out)  # before any work
     ea = _engine(model_a, preprocess_a, device, threads)
     eb = _engine(model_b, preprocess_b, device, threads)
     if tuple(ea.input_shape) != tuple(eb.input_shape):
@@ -113,17 +117,20 @@ def compare_models(model_a, model_b, data, methods: Sequence[str] | str = DEFAUL
     la, lb = ea.logits(x), eb.logits(x)
     pa, pb = _softmax(la.astype(np.float64)), _softmax(lb.astype(np.float64))
     ya, yb = la.argmax(1), lb.argmax(1)
-    dl = np.abs(la.astype(np.float64) - lb.astype(np.float64))
-    span = float(la.max() - la.min()) if la.size else 0.0
-    pred = {
-        "images": int(len(x)),
-        "top1_agreement": float((ya == yb).mean()),
-        "disagreements": [int(i) for i in np.flatnonzero(ya != yb)[:50]],
-        "max_abs_logit_diff": float(dl.max()),
-        "mean_abs_logit_diff": float(dl.mean()),
-        "max_rel_logit_diff": float(dl.max() / span) if span > 0 else float(dl.max()),
-        "max_abs_prob_diff": float(np.abs(pa - pb).max()),
-    }
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf logits get their own verdict
+        dl = np.abs(la.astype(np.float64) - lb.astype(np.float64))
+        span = float(la.max() - la.min()) if la.size else 0.0
+        pred = {
+            "images": int(len(x)),
+            "top1_agreement": float((ya == yb).mean()),
+            "disagreements": [int(i) for i in np.flatnonzero(ya != yb)[:50]],
+            "max_abs_logit_diff": float(dl.max()),
+            "mean_abs_logit_diff": float(dl.mean()),
+            "max_rel_logit_diff": float(dl.max() / span) if span > 0 else float(dl.max()),
+            "max_abs_prob_diff": float(np.abs(pa - pb).max()),
+            "nonfinite_a": int((~np.isfinite(la).all(axis=1)).sum()),
+            "nonfinite_b": int((~np.isfinite(lb).all(axis=1)).sum()),
+        }
     if labels is not None:
         pred["accuracy_a"] = float((ya == labels).mean())
         pred["accuracy_b"] = float((yb == labels).mean())
@@ -149,7 +156,11 @@ def compare_models(model_a, model_b, data, methods: Sequence[str] | str = DEFAUL
     same_pred = pred["top1_agreement"] == 1.0 and pred["max_abs_logit_diff"] <= tol
     same_maps = all(np.isfinite(v["spearman_min"]) and v["spearman_min"] >= min_spearman
                     for v in per_method.values())
-    if same_pred and same_maps and not errors:
+    if pred["nonfinite_a"] or pred["nonfinite_b"]:
+        verdict = "not comparable: " + "; ".join(
+            f"model {k.upper()}'s logits are NaN or Inf on {pred['nonfinite_' + k]} of {len(x)} images"
+            for k in "ab" if pred["nonfinite_" + k])
+    elif same_pred and same_maps and not errors:
         verdict = "same model: predictions and maps agree within tolerance"
     elif not same_pred:
         k = int((ya != yb).sum())
@@ -173,10 +184,8 @@ def compare_models(model_a, model_b, data, methods: Sequence[str] | str = DEFAUL
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if out is not None:
-        d = Path(out)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "compare.json").write_text(json.dumps(report, indent=2, allow_nan=True), encoding="utf-8")
-        (d / "compare.md").write_text(markdown(report), encoding="utf-8")
+        atomic_write_json(Path(out) / "compare.json", report)
+        atomic_write_text(Path(out) / "compare.md", markdown(report))
     return report
 
 
@@ -192,8 +201,8 @@ def markdown(report: dict) -> str:
     a, b = report["models"]["a"], report["models"]["b"]
     p = report["predictions"]
     lines = ["# Model comparison", "",
-             f"A: `{a['path'] or a['hash'][:12]}` ({a['preprocess']})  ",
-             f"B: `{b['path'] or b['hash'][:12]}` ({b['preprocess']})  ",
+             f"A: `{printable(a['path'] or a['hash'][:12])}` ({a['preprocess']})  ",
+             f"B: `{printable(b['path'] or b['hash'][:12])}` ({b['preprocess']})  ",
              f"Data: {report['data']['source']}, {report['data']['count']} images "
              f"{report['data']['shape']}; maps explain {report['targets']}.", "",
              f"**Verdict: {report['verdict']}**", "",

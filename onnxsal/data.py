@@ -79,7 +79,7 @@ class Dataset:
         h.update(np.ascontiguousarray(self.images, dtype=np.float32).tobytes())
         if self.labels is not None:
             h.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
-        h.update("\n".join(self.names).encode())
+        h.update("\n".join(self.names).encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
     def subset(self, index: slice | np.ndarray) -> "Dataset":

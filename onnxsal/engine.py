@@ -133,7 +133,7 @@ def _float_bytes_per_image(model: onnx.ModelProto, input_name: str, shape) -> tu
                 m.graph.output.append(onnx.helper.make_empty_tensor_value_info(o))
                 outputs.add(o)
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -225,7 +225,7 @@ class Engine:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so.log_severity_level = 4
         if self.threads:
             so.intra_op_num_threads = 1 if (self.parallel > 1 and not wide) else int(self.threads)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

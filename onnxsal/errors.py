@@ -38,6 +38,10 @@ class OptionError(OnnxsalError):
     """An option has a value that cannot work."""
 
 
+class OutputError(OnnxsalError):
+    """The output folder cannot take the results (a file, read-only, full)."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of a library's exception text (onnx and onnxruntime write pages), or its
     type's name when it says nothing: the detail of a one-line OnnxsalError."""

@@ -251,7 +251,14 @@ def find_image_input(model: onnx.ModelProto) -> InputSpec:
                           f"{_dims(vi)}" for vi in cands) or "none"
         raise ModelError(f"no float image input of rank 4 (N,C,H,W or N,H,W,C); inputs: {found}")
     vi = images[0]
+    seed = next((p.value for p in model.metadata_props if p.key == "onnxsal.seed"), None)
+    others = [o.name for o in cands if o is not vi and o.name != seed]  # the seed: an augmented file
+    if others:
+        raise ModelError(f"the model needs inputs besides the image '{vi.name}': "
+                         f"{', '.join(others[:5])}; onnxsal feeds the image only (export the "
+                         "model with the others fixed, as initializers or constants)")
     dims = _dims(vi)
+    _check_image_dims(vi.name, dims)
     small = (1, 3, 4)
     if dims[1] in small and dims[3] not in small:
         layout = "NCHW"
@@ -280,6 +287,19 @@ def with_image_size(model: onnx.ModelProto, size: tuple[int, int]) -> onnx.Model
     return out
 
 
+MAX_IMAGE_VALUES = 1 << 28  # values in one declared image (1 GiB of float32)
+
+
+def _check_image_dims(name: str, dims: list) -> None:
+    """A declared image size must be positive and fit in memory (a file may claim anything)."""
+    if any(isinstance(d, int) and d < (0 if k == 0 else 1) for k, d in enumerate(dims)):
+        raise ModelError(f"input '{name}' declares the shape {dims}: sizes must be positive")
+    per_image = int(np.prod([d for d in dims[1:] if isinstance(d, int)], dtype=object))
+    if per_image > MAX_IMAGE_VALUES:
+        raise ModelError(f"input '{name}' declares the shape {dims}: {per_image:,} values per "
+                         f"image, beyond the {MAX_IMAGE_VALUES:,} onnxsal takes")
+
+
 def find_logits(model: onnx.ModelProto, output: str | None = None) -> LogitsSpec:
     """The logits: the classifier's output, or the input of a final Softmax/LogSoftmax."""
     g = model.graph
@@ -300,6 +320,10 @@ def find_logits(model: onnx.ModelProto, output: str | None = None) -> LogitsSpec
             raise OptionError(f"the model has several outputs ({', '.join(o.name for o in outs)}): "
                               f"choose one with --output")
         out = two_d[0]
+    shape = out.type.tensor_type.shape if out.type.tensor_type.HasField("shape") else None
+    if shape is not None and len(shape.dim) == 0:
+        raise ModelError(f"output '{out.name}' is a scalar: a classifier returns logits per "
+                         "image (N, classes)")
     producers = {o: n for n in g.node for o in n.output}
     tensor, after, note = out.name, None, ""
     node = producers.get(tensor)

@@ -8,10 +8,13 @@ the map's magnitude (the raw maps in maps.npz are not clipped).
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .display import printable
 
 DIVERGING = "RdBu_r"
 SEQUENTIAL = "inferno"
@@ -46,9 +49,44 @@ def _robust_max(a: np.ndarray, q: float = 99.5) -> float:
     return v if v > 0 else 1.0
 
 
+def literal_texts(fig) -> None:
+    """Draw every text of ``fig`` as written: no math text (a ``$`` in a label or file name
+    would be parsed as TeX and can fail the figure), control characters and undecodable bytes
+    shown as escapes (the font renderer refuses them). Call before layout; tick labels given
+    with ``set_xticklabels`` are re-set at drawing, so pass those through ``printable``."""
+    from matplotlib.text import Text
+
+    for t in fig.findobj(Text):
+        t.set_parse_math(False)
+        t.set_text(printable(t.get_text(), keep_newlines=True))
+
+
+def png_bytes(fig, layout: bool = True, **savefig) -> bytes:
+    """``fig`` as PNG bytes, its texts literal (:func:`literal_texts`), laid out with
+    ``tight_layout`` when ``layout``; closes the figure."""
+    import matplotlib.pyplot as plt
+
+    try:
+        literal_texts(fig)
+        if layout:
+            fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", **savefig)
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
+
+
 def render(image: np.ndarray, panels: list[Panel], path: str | Path, title: str = "",
            columns: int = 5, dpi: int = 110) -> Path:
     """Write a PNG: the image, then one overlay per panel; returns the path."""
+    from .report import atomic_write_bytes
+
+    atomic_write_bytes(path, png_bytes(_figure(image, panels, title, columns), dpi=dpi))
+    return Path(path)
+
+
+def _figure(image: np.ndarray, panels: list[Panel], title: str, columns: int):
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -59,6 +97,18 @@ def render(image: np.ndarray, panels: list[Panel], path: str | Path, title: str 
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows + (0.4 if title else 0)),
                              squeeze=False)
+    try:
+        _draw(fig, axes, image, panels, title)
+    except BaseException:
+        plt.close(fig)
+        raise
+    return fig
+
+
+def _draw(fig, axes, image, panels, title) -> None:
+    import matplotlib
+    import matplotlib.pyplot as plt
+
     for ax in axes.flat:
         ax.axis("off")
     disp = _display_image(image)
@@ -87,11 +137,21 @@ def render(image: np.ndarray, panels: list[Panel], path: str | Path, title: str 
         cb.ax.tick_params(labelsize=6)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+
+
+def draw_figures(figures) -> list[tuple[str, str]]:
+    """Write each ``(name, write)`` figure in turn; one that fails becomes ``(name, "figure not
+    written (...)")`` in the list returned and the others go on (callers write their data
+    first, so a figure never costs data). A full disk still stops the run."""
+    from .errors import OutputError, first_line
+
+    failed = []
+    for name, write in figures:
+        try:
+            write()
+        except OutputError:
+            raise
+        except Exception as exc:  # matplotlib fails in many ways (fonts, layout, sizes)
+            failed.append((name, f"figure not written ({type(exc).__name__}: "
+                                  f"{printable(first_line(exc))})"))
+    return failed

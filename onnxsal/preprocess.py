@@ -162,9 +162,24 @@ def parse(text: str | None) -> PreprocessSpec | None:
     return validated(spec)
 
 
+MAX_META_JSON = 16 << 20  # characters of one JSON metadata entry (labels of 20k classes fit)
+
+
+def _meta_json(text: str):
+    """``json.loads`` of JSON a model or labels file carries: more than :data:`MAX_META_JSON`
+    characters or nesting deeper than Python's recursion limit is a ValueError like any
+    invalid JSON."""
+    if len(text) > MAX_META_JSON:
+        raise ValueError(f"{len(text):,} characters, beyond the {MAX_META_JSON:,} read")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def from_json(text: str) -> PreprocessSpec:
     try:
-        d = json.loads(text)
+        d = _meta_json(text)
         layout = d.get("layout")
         spec = PreprocessSpec(
             scale=float(d.get("scale", 1.0)),
@@ -213,7 +228,7 @@ def labels_from_model(model: onnx.ModelProto) -> list[str] | None:
     for p in model.metadata_props:
         if p.key == META_LABELS:
             try:
-                return labels_from_json(json.loads(p.value))
+                return labels_from_json(_meta_json(p.value))
             except ValueError:
                 return None
     return None
@@ -233,7 +248,7 @@ def read_labels(labels: str | os.PathLike | Sequence[str] | None) -> list[str] |
         raise InputError(f"labels file {path}: cannot read it as UTF-8 text ({type(exc).__name__})") from None
     if text.lstrip().startswith(("[", "{")):
         try:
-            data = json.loads(text)
+            data = _meta_json(text)
         except ValueError as exc:
             raise InputError(f"labels file {path}: invalid JSON ({exc})") from None
         names = labels_from_json(data)

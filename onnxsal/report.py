@@ -14,9 +14,12 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Sequence
 
 import numpy as np
+
+from .display import printable
+from .errors import OutputError, first_line
 
 # --------------------------------------------------------------------------------------------
 # atomic writes
@@ -26,28 +29,71 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Fill ``path`` through ``write(file)`` on a temporary file in the same folder, then
+    ``os.replace``: the old file stays whole until the new one is. A file system that refuses
+    (a full disk, a read-only folder) is one :class:`OutputError` and no temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # the temporary name stays short: the final name may already be near the 255-byte limit
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.", suffix=".tmp")
+    except OSError as exc:
+        raise _output_error(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are for sharing
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError):
+            raise _output_error(path, exc) from None
         raise
 
 
+def _output_error(path: Path, exc: OSError) -> OutputError:
+    return OutputError(f"cannot write {printable(path)}: {exc.strerror or first_line(exc)}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Refuse an output folder that cannot take results, before any work: a file in the way,
+    a folder under a file, a read-only or full file system (a probe file is written in the
+    folder, or in its nearest existing parent, which stays as it was) is one
+    :class:`OutputError` instead of a loss after the work is done."""
+    path = Path(path)
+    where = printable(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output folder {where} is a file")
+    up = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not up.is_dir():
+        raise OutputError(f"output folder {where} is under {printable(up)}, which is a file")
+    try:
+        with tempfile.TemporaryFile(dir=up) as f:
+            f.write(b"onnxsal write probe\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise OutputError(f"output folder {where} is not writable"
+                          + (f" ({printable(up)})" if up != path else "")
+                          + f": {exc.strerror or first_line(exc)}") from None
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Write ``text`` as UTF-8; bytes of a non-UTF-8 file name it quotes are written as
+    ``\\xff`` escapes (see :func:`onnxsal.display.printable`)."""
+    atomic_write_bytes(path, printable(text, keep_newlines=True).encode("utf-8"))
 
 
 def _json_default(o: Any):
@@ -68,7 +114,8 @@ def to_json(obj: Any) -> str:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, to_json(obj))
+    """Write ``obj`` as JSON (ASCII: other characters, also undecodable bytes, are escaped)."""
+    atomic_write_bytes(path, to_json(obj).encode("ascii"))
 
 
 def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> None:
@@ -97,7 +144,7 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
     lines = ["| " + " | ".join(headers) + " |",
              "| " + " | ".join(sep[a] for a in align) + " |"]
     for r in rows:
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |")
+        lines.append("| " + " | ".join(printable(c).replace("|", "\\|") for c in r) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -291,8 +338,6 @@ def plot_deletion_curves(results: dict, path: str | os.PathLike) -> None:
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8, title="method (AUC)", title_fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    from .overlays import png_bytes
+
+    atomic_write_bytes(path, png_bytes(fig, dpi=110, metadata={"Software": None}))

@@ -49,6 +49,7 @@ import onnx
 
 from . import __version__, code_fingerprint
 from .benchmark import EngineSpec
+from .display import printable
 from .errors import InputError, ModelError, OptionError
 from .metrics import similarity as sim
 from .metrics.sanity import Layer, cascading_steps, find_layers, independent_steps, pick_steps, randomize
@@ -304,7 +305,9 @@ def run_sanity(model: str | os.PathLike | onnx.ModelProto, images: Any,
     :func:`onnxsal.executors.make_executor`; the result files do not depend on it.
     """
     from .executors import make_executor
+    from .report import check_output_dir
 
+    check_output_dir(out)  # before any work
     if executor is None or isinstance(executor, str):
         executor = make_executor(executor or "local")
     executor.for_device(device)
@@ -467,8 +470,15 @@ def _run_sanity(model, images, methods, out, *, mode, seed, preprocess, device, 
     atomic_write_json(out / "sanity.json", report)
     atomic_write_text(out / "sanity.md", markdown(report))
     if plots:
-        plot_curves(report, out / f"{mode}.png")
-        plot_grid(report, x[grid_image], original, grids, out / "maps_grid.png", grid_image)
+        from .overlays import draw_figures
+
+        failed = draw_figures([
+            (f"{mode}.png", lambda: plot_curves(report, out / f"{mode}.png")),
+            ("maps_grid.png", lambda: plot_grid(report, x[grid_image], original, grids,
+                                                out / "maps_grid.png", grid_image))])
+        if failed:  # the data are written; the report says which figures are missing
+            report["figure_failures"] = [{"name": n, "error": e} for n, e in failed]
+            atomic_write_json(out / "sanity.json", report)
     say(f"wrote {out / 'sanity.json'}")
     return report
 
@@ -555,12 +565,9 @@ def markdown(report: dict) -> str:
 
 
 def _save_fig(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
+    from .overlays import png_bytes
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    _atomic_bytes(path, buf.getvalue())
+    _atomic_bytes(path, png_bytes(fig, layout=False, dpi=110, bbox_inches="tight"))
 
 
 def plot_curves(report: dict, path: str | os.PathLike) -> None:
@@ -572,7 +579,8 @@ def plot_curves(report: dict, path: str | os.PathLike) -> None:
 
     steps = report["steps"]
     xs = np.array([s["step"] for s in steps])  # cascading: number of layers randomised
-    labels = [s["label"] if len(s["label"]) <= 24 else "..." + s["label"][-21:] for s in steps]
+    labels = [printable(s["label"] if len(s["label"]) <= 24 else "..." + s["label"][-21:])
+              for s in steps]
     fig, axes = plt.subplots(1, len(sim.METRICS), figsize=(4.2 * len(sim.METRICS), 4.2), sharey=True)
     for ax, metric in zip(axes, sim.METRICS):
         for m in report["methods"]:

@@ -38,7 +38,7 @@ def simplify(model: onnx.ModelProto, keep: Sequence[str] = ()) -> onnx.ModelProt
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         so.optimized_model_filepath = path
-        so.log_severity_level = 3
+        so.log_severity_level = 4
         try:
             ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as exc:

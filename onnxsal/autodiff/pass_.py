@@ -355,7 +355,7 @@ def _probe_ranks(model: onnx.ModelProto, names: list[str], shapes: dict) -> None
         feeds[vi.name] = np.random.default_rng(0).random(dims).astype(helper.tensor_dtype_to_np_dtype(t.elem_type))
     try:
         so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so.log_severity_level = 4
         sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
         outs = sess.run(names, feeds)
     except Exception as exc:

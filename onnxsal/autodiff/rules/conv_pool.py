@@ -311,7 +311,7 @@ def _pool_matrix(k: int, stride: int, dilation: int, pad_begin: int, pad_end: in
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
     m.ir_version = 9
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     out = sess.run(None, {"x": np.eye(n_in, dtype=np.float32).reshape(n_in, 1, n_in)})[0]
     return np.ascontiguousarray(out[:, 0, :].T)  # out[j, 0, o]: input j's weight in output o
