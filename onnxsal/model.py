@@ -234,8 +234,10 @@ def content_hash(model: onnx.ModelProto) -> str:
     return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
 
 
-def find_image_input(model: onnx.ModelProto) -> InputSpec:
-    """The image input: the one float graph input of rank 4, NCHW or NHWC."""
+def find_image_input(model: onnx.ModelProto, alone: bool = True) -> InputSpec:
+    """The image input: the one float graph input of rank 4, NCHW or NHWC. ``alone``: refuse
+    a model that needs other inputs too (False for a file with a gradient graph of its own,
+    whose other inputs are seeds whatever its metadata says: see onnxsal.trust)."""
     inits = {i.name for i in model.graph.initializer}
     cands = [vi for vi in model.graph.input if vi.name not in inits]
     floats = [vi for vi in cands if vi.type.tensor_type.elem_type in FLOAT_TYPES]
@@ -253,7 +255,7 @@ def find_image_input(model: onnx.ModelProto) -> InputSpec:
     vi = images[0]
     seed = next((p.value for p in model.metadata_props if p.key == "onnxsal.seed"), None)
     others = [o.name for o in cands if o is not vi and o.name != seed]  # the seed: an augmented file
-    if others:
+    if others and alone:
         raise ModelError(f"the model needs inputs besides the image '{vi.name}': "
                          f"{', '.join(others[:5])}; onnxsal feeds the image only (export the "
                          "model with the others fixed, as initializers or constants)")
@@ -291,9 +293,8 @@ MAX_IMAGE_VALUES = 1 << 28  # values in one declared image (1 GiB of float32)
 
 
 def _check_image_dims(name: str, dims: list) -> None:
-    """A declared image size must be positive and fit in memory (a file may claim anything)."""
-    if any(isinstance(d, int) and d < (0 if k == 0 else 1) for k, d in enumerate(dims)):
-        raise ModelError(f"input '{name}' declares the shape {dims}: sizes must be positive")
+    """A declared image size must fit in memory (a file may claim anything; sizes <= 0 were
+    read as dynamic already, see dim_of)."""
     per_image = int(np.prod([d for d in dims[1:] if isinstance(d, int)], dtype=object))
     if per_image > MAX_IMAGE_VALUES:
         raise ModelError(f"input '{name}' declares the shape {dims}: {per_image:,} values per "

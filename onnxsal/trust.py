@@ -103,7 +103,7 @@ def without_own_gradient(model: onnx.ModelProto, output: str | None = None) -> o
         return model
     from .model import find_image_input
 
-    return forward_part(model, find_image_input(model).name, keep=(output,) if output else ())
+    return forward_part(model, find_image_input(model, alone=False).name, keep=(output,) if output else ())
 
 
 def _without_exposed_logits(model: onnx.ModelProto, outs: list, keep) -> list:

@@ -297,8 +297,8 @@ BAD_MODELS = {
         "y", TensorProto.FLOAT, ["N", 3, 8, 8]), "Add"), "besides the image 'x': y"),
     "second float input": (lambda: _with_input(helper.make_tensor_value_info(
         "scale", TensorProto.FLOAT, [1]), "Mul"), "besides the image 'x': scale"),
-    "negative size": (lambda: _resized([None, None, -5, None]), "sizes must be positive"),
-    "zero channels": (lambda: _resized([None, 0, None, None]), "sizes must be positive"),
+    # a size <= 0 is a dynamic axis (paddle2onnx writes -1): a channel count must be known
+    "zero channels": (lambda: _resized([None, 0, None, None]), "dynamic channel count"),
     "absurd size": (lambda: _resized([None, None, 10**9, 10**9]), "values per image"),
     "scalar output": (_scalar_output, "output 's' is a scalar"),
     "nested preprocess metadata": (_nested_metadata, "nested too deeply"),
@@ -307,7 +307,8 @@ BAD_MODELS = {
 
 @pytest.mark.parametrize("kind, command", [
     (k, c) for k in sorted(BAD_MODELS) for c in ("inspect", "explain")
-    if not (k == "nested preprocess metadata" and c == "inspect")])  # inspect reads no preprocessing
+    # inspect reads no preprocessing, and reports a dynamic channel count as it is
+    if not (k in ("nested preprocess metadata", "zero channels") and c == "inspect")])
 def test_unusable_model_inputs_and_outputs_are_one_line(tmp_path, kind, command):
     build, expected = BAD_MODELS[kind]
     path = save(build(), tmp_path / "m.onnx")
@@ -464,3 +465,16 @@ def test_framework_banners_are_silenced_during_convert(capfd):
         warnings.warn("np.object", FutureWarning)
     os.write(2, b"after\n")
     assert capfd.readouterr().err == "after\n"
+
+
+def test_a_negative_declared_size_is_a_dynamic_axis(tmp_path):
+    """-5 as a height is read as a dynamic axis, like paddle2onnx's -1: explain takes the
+    images' own size and says so."""
+    path = save(_resized([None, None, -5, None]), tmp_path / "m.onnx")
+    code, out, err = run_main(["inspect", path])
+    assert code == 0, err
+    assert "None" in next(line for line in out.splitlines() if line.startswith("input"))
+    code, _, err = run_main(["explain", path, write_png(tmp_path / "a.png"), "--out",
+                             tmp_path / "out", "-m", "vanilla"])
+    assert code == 0, err
+    assert "the images' own size 8x8 is used" in err
