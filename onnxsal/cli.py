@@ -62,8 +62,9 @@ def inspect(model: str, as_json: bool, output: str | None) -> None:
               help="Where to write the augmented model.")
 @click.option("--wrt", multiple=True, help="Tensor to differentiate with respect to "
               "(repeatable; default: the image input).")
-@click.option("--rules", type=click.Choice(["default", "guided", "lrp"]), default="default",
-              show_default=True, help="Rule set of the backward pass.")
+@click.option("--rules", default="default", show_default=True,
+              help="Rule set of the backward pass: default, or one that a method or plugin registers "
+              "(an unknown name lists them).")
 @click.option("--epsilon", type=float, default=None, help="Epsilon of the lrp rule set.")
 @click.option("--output", default=None, help="The output to explain when the model has several.")
 @click.option("--simplify/--no-simplify", default=True, show_default=True,
@@ -72,8 +73,10 @@ def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: flo
             output: str | None, simplify: bool) -> None:
     """Add the backward graph: one run returns logits and the gradient of every class."""
     from .autodiff import augment as augment_model
+    from .autodiff.rules.registry import table
     from .model import find_image_input, find_logits, load_model, save_model
 
+    table(rules)  # an unknown rule set is refused before any work
     t0 = time.perf_counter()
     m = load_model(model)
     logits = find_logits(m, output)
