@@ -20,10 +20,17 @@ _DEBUG = {"on": False}
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("--plugin", "plugins", multiple=True, metavar="MODULE", help="Import MODULE (a "
+              "module name or a .py file; repeatable) first: the methods and rule sets it "
+              "registers can be used (docs/extending.md).")
 @click.version_option(package_name="onnxsal")
-def cli(debug: bool) -> None:
+def cli(debug: bool, plugins: tuple[str, ...]) -> None:
     """Saliency maps for any ONNX image classifier, computed by onnxruntime."""
     _DEBUG["on"] = debug
+    if plugins:
+        from .plugins import load
+
+        load(plugins)
 
 
 @cli.command()

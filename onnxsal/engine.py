@@ -32,6 +32,7 @@ from onnx import TensorProto
 
 from . import __version__
 from .autodiff import META_GRAD, META_LOGITS, META_SEED, META_VALUE, augment
+from .autodiff.rules.registry import packaged
 from .errors import InputError, ModelError, OptionError, first_line
 from .model import content_hash, find_image_input, find_logits, load_model
 from .preprocess import PreprocessSpec, labels_from_model, parse, prepend, raw_shape
@@ -322,7 +323,8 @@ class Engine:
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
         path = cache_dir(self._cache_dir) / f"{digest}.onnx"
         aug = None
-        if self._use_disk_cache and path.is_file():
+        disk = self._use_disk_cache and packaged(rules)  # a plugin's rules are not cached
+        if disk and path.is_file():
             try:
                 aug = onnx.load(str(path))
             except Exception:
@@ -332,7 +334,7 @@ class Engine:
             base = simplify(self.model, keep=keep) if self.simplify else self.model
             aug = augment(base, wrt=list(wrt) if wrt else None, rules=rules,
                           logits=self.logits_spec.tensor, options=opts)
-            if self._use_disk_cache:
+            if disk:
                 self._write_cache(aug, path)
         meta = {p.key: p.value for p in aug.metadata_props}
         entry = (self._session(aug), meta)

@@ -76,3 +76,10 @@ def table(name: str = "default") -> dict[str, Rule]:
 
 def supported_ops(name: str = "default") -> list[str]:
     return sorted(table(name))
+
+
+def packaged(name: str = "default") -> bool:
+    """True when every rule of the rule set's table is onnxsal's own: a gradient model built
+    with it depends only on the onnxsal version, so it may be cached on disk (a plugin's rules
+    may change between runs under the same name)."""
+    return all(r.fn.__module__.startswith("onnxsal.") for r in table(name).values())
