@@ -39,9 +39,11 @@ def restore_registries():
     for d, old in zip((registry.METHODS, registry.ALIASES), saved[:2]):
         d.clear()
         d.update(old)
+    rules_registry.DEFAULT.clear()  # in place: the pass and the other rule sets refer to it
+    rules_registry.DEFAULT.update(saved[2]["default"])
     rules_registry.RULESETS.clear()
-    rules_registry.RULESETS.update(saved[2])
-    rules_registry.RULESETS["default"] = rules_registry.DEFAULT
+    rules_registry.RULESETS.update((k, rules_registry.DEFAULT if k == "default" else v)
+                                   for k, v in saved[2].items())
     plugins._done.clear()
     plugins._done.update(saved[3])
     for name in set(sys.modules) - saved[4]:
