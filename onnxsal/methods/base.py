@@ -105,9 +105,10 @@ class Method:
 
     @classmethod
     def run_group(cls, engine, x: np.ndarray, targets: np.ndarray, names: list[str],
-                  opts: dict[str, Any], shared: dict) -> dict[str, Maps]:
+                  opts: dict[str, Any], shared: dict
+                  ) -> dict[str, Maps]:  # pragma: no cover - abstract
         """{name: Maps} of the methods ``names`` of this class's ``group``, all with ``opts``
-        (only called when ``group`` is set)."""  # pragma: no cover - abstract
+        (only called when ``group`` is set)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
