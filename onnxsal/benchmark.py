@@ -455,6 +455,7 @@ def _run(*, models, data, method_names, metric, limit, out_dir, maps_fn, preproc
             "num_classes": int(eng.num_classes),
             "preprocess": json.loads(pre.to_json()) if hasattr(pre, "to_json") else str(pre),
             "provider": executor.providers.get(i, getattr(eng, "provider", None)),
+            "gradients": getattr(eng, "gradient_source", None),
             "clean": clean or {"score": float("nan"), "images": 0},
             "shards": str(model_info[i]["dir"].relative_to(out)),
         })

@@ -52,6 +52,7 @@ def inspect(model: str, as_json: bool, output: str | None) -> None:
     click.echo(f"input       {s.input.name}  shape {s.input.shape}  layout {s.input.layout}")
     click.echo(f"logits      {s.logits.tensor}  (output {s.logits.output}, "
                f"{s.logits.num_classes or '?'} classes)")
+    click.echo(f"gradients   {s.gradients}")
     for note in ([s.logits.note] if s.logits.note else []) + s.notes:
         click.echo(f"note        {note}")
     bad = [op for op, v in s.operators.items() if v["needs_rule"] and not v["differentiable"]]
@@ -76,19 +77,26 @@ def inspect(model: str, as_json: bool, output: str | None) -> None:
 @click.option("--output", default=None, help="The output to explain when the model has several.")
 @click.option("--simplify/--no-simplify", default=True, show_default=True,
               help="Apply onnxruntime's basic graph optimizations first (fewer, cheaper backward nodes).")
+@click.option("--size", default=None, metavar="HxW", help="Fix the image input's height and width "
+              "(a model with dynamic sizes then gets a gradient graph for that size only).")
 def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: float | None,
-            output: str | None, simplify: bool) -> None:
+            output: str | None, simplify: bool, size: str | None) -> None:
     """Add the backward graph: one run returns logits and the gradient of every class."""
     from .autodiff import augment as augment_model
     from .autodiff.rules.registry import table
-    from .model import find_image_input, find_logits, load_model, save_model
+    from .model import find_image_input, find_logits, load_model, save_model, with_image_size
+    from .preprocess import parse_size
+    from .trust import without_own_gradient
 
     table(rules)  # an unknown rule set is refused before any work
     t0 = time.perf_counter()
-    m = load_model(model)
+    # a gradient graph of the file's own is replaced, not stacked under the new one
+    m = without_own_gradient(load_model(model), output)
     logits = find_logits(m, output)
     options = {"epsilon": epsilon} if epsilon is not None else {}
     find_image_input(m)  # a model with no float image input is refused before anything runs
+    if size is not None:
+        m = with_image_size(m, parse_size(size, "--size"))
     if simplify:
         from .simplify import simplify as simplify_model
 
@@ -118,19 +126,23 @@ def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: flo
 @click.option("--output", default=None, help="The output to explain when the model has several.")
 @click.option("--layer", default=None, help="Grad-CAM layer (tensor name; default: found).")
 @click.option("--limit", type=int, default=None, help="At most this many images per source.")
-def explain(model, images, methods, out, target, preprocess, labels_file, device, output, layer, limit):
+@click.option("--gradients", type=click.Choice(["auto", "rebuild", "file"]), default="auto",
+              show_default=True, help="For a file with its own gradient graph: rebuild it with "
+              "onnxsal's pass (auto: unless the pass cannot), or use the file's after a check.")
+def explain(model, images, methods, out, target, preprocess, labels_file, device, output, layer, limit,
+            gradients):
     """Saliency maps of MODEL for IMAGES (files, folders, .npz or built-in data names)."""
-    from .engine import Engine
-    from .explain import run_explain
+    from .explain import engine_for_images, run_explain
     from .preprocess import read_labels
 
-    eng = Engine(model, preprocess=preprocess, device=device, output=output)
+    eng, inputs = engine_for_images(model, images, limit, preprocess=preprocess, device=device,
+                                    output=output, gradients=gradients)
     names = [m.strip() for spec in methods for m in spec.split(",") if m.strip()]
     labels = read_labels(labels_file) if labels_file else None
     opts = {"gradcam": {"layer": layer}} if layer else {}
     if eng.logits_spec.note:
         click.echo(f"note: {eng.logits_spec.note}", err=True)
-    res = run_explain(eng, images, names, out, targets=target, labels=labels, limit=limit, options=opts)
+    res = run_explain(eng, inputs, names, out, targets=target, labels=labels, limit=limit, options=opts)
     for note in res.notes:
         click.echo(f"note: {note}", err=True)
     for f in res.failures:

@@ -12,29 +12,29 @@ onnxruntime session. The engine
   and DepthToSpace kernels hardly use a second thread);
 * simplifies the graph with onnxruntime's basic optimizations before the gradient pass
   (:mod:`onnxsal.simplify`);
-* caches augmented (gradient) models on disk, keyed by the model's content hash and options,
-  in ``$ONNXSAL_CACHE`` or the user cache folder (``~/.cache/onnxsal``).
+* does not trust a file's own gradient graph: it is rebuilt from the forward part, or used
+  only after a check (:mod:`onnxsal.trust`);
+* caches augmented (gradient) models on disk, keyed by the model's content hash, options and
+  onnxsal's code fingerprint, each entry checked against its content hash when read
+  (:mod:`onnxsal.cache`), in ``$ONNXSAL_CACHE`` or the user cache folder (``~/.cache/onnxsal``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto
 
-from . import __version__
-from .autodiff import META_GRAD, META_LOGITS, META_SEED, META_VALUE, augment
+from . import cache, trust
+from .autodiff import META_GRAD, META_LOGITS, META_RULES, META_SEED, META_VALUE, augment
 from .autodiff.rules.registry import packaged
 from .errors import InputError, ModelError, OptionError, first_line
-from .model import content_hash, find_image_input, find_logits, load_model
+from .model import content_hash, dim_of, find_image_input, find_logits, load_model
 from .preprocess import PreprocessSpec, labels_from_model, parse, prepend, raw_shape
 from .simplify import simplify
 from .preprocess import from_model as preprocess_from_model
@@ -53,16 +53,6 @@ class VJP:
     logits: np.ndarray
     grads: dict[str, np.ndarray]
     values: dict[str, np.ndarray]
-
-
-def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    if override:
-        return Path(override)
-    env = os.environ.get("ONNXSAL_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "onnxsal"
 
 
 _PROVIDER_PROBE: dict[str, bool] = {}
@@ -126,11 +116,11 @@ def _float_bytes_per_image(model: onnx.ModelProto, input_name: str, shape) -> tu
         t = vi.type.tensor_type
         if t.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
             continue
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-        if not t.HasField("shape") or any(d is None for d in dims[1:]):
+        dims = [dim_of(d) for d in t.shape.dim]
+        if not t.HasField("shape") or any(not isinstance(d, int) for d in dims[1:]):
             unknown = True
             break
-        size = int(np.prod([d or 1 for d in dims], dtype=np.int64)) * 4
+        size = int(np.prod([d if isinstance(d, int) else 1 for d in dims], dtype=np.int64)) * 4
         total, largest = total + size, max(largest, size)
     if not unknown:
         return max(total, 1 << 16), max(largest, 1 << 12)
@@ -160,13 +150,16 @@ _ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tens
 
 
 class Engine:
-    """An ONNX image classifier on onnxruntime, with gradients (see the module docstring)."""
+    """An ONNX image classifier on onnxruntime, with gradients (see the module docstring).
+
+    ``gradients`` (auto, rebuild, file) says what to do with a file that carries its own
+    gradient graph (:mod:`onnxsal.trust`); ``gradient_source`` says whose gradients are used."""
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, *,
                  preprocess: str | PreprocessSpec | None = None, device: str = "auto",
                  output: str | None = None, memory_budget_mb: int = 2048,
                  cache_dir: str | os.PathLike | None = None, threads: int | None = None,
-                 use_disk_cache: bool = True, simplify: bool = True):
+                 use_disk_cache: bool = True, simplify: bool = True, gradients: str = "auto"):
         if isinstance(model, onnx.ModelProto):
             self.path = None
             source = model
@@ -174,24 +167,25 @@ class Engine:
             self.path = str(model)
             source = load_model(model)
         self.source_model = source
+        # a file that carries its own gradient graph (onnxsal augment, converters.torch_gradients):
+        # onnxsal works on its forward part and uses the file's gradient only after a check
+        # (onnxsal.trust, `gradients`: auto, rebuild or file)
+        self.gradients = trust.check_mode(gradients)
+        self.carries_gradient = trust.carries_gradient(source)
+        forward = trust.without_own_gradient(source, output)
+        if self.gradients == "file" and not self.carries_gradient:
+            raise OptionError("gradients 'file': this model carries no gradient graph of its own")
         spec = parse(preprocess) if isinstance(preprocess, str) else preprocess
         if spec is None:
-            spec = preprocess_from_model(source)
+            spec = preprocess_from_model(forward)
         self.preprocess = spec or PreprocessSpec()
-        self.input_spec = find_image_input(source)
-        self.logits_spec = find_logits(source, output)
-        self.labels = labels_from_model(source)
+        self.input_spec = find_image_input(forward)
+        self.logits_spec = find_logits(forward, output)
+        self.labels = labels_from_model(forward)
         self.input_shape = raw_shape(self.input_spec, self.preprocess)
-        # a file that already carries its gradient graph (onnxsal augment, or
-        # converters.torch_gradients): used as is, with the gradient it was built for
-        self.pre_augmented = {p.key: p.value for p in source.metadata_props
-                              if p.key.startswith("onnxsal.")} if any(
-            p.key == META_SEED for p in source.metadata_props) else None
-        if self.pre_augmented and not self.preprocess.is_identity():
-            raise OptionError("this model carries its own gradient graph, taken with respect to its "
-                              "input; it cannot take a preprocessing prefix (export it without one, "
-                              "or give onnxsal the plain model)")
-        self.model = prepend(source, self.preprocess, self.input_spec)
+        self.model = prepend(forward, self.preprocess, self.input_spec)
+        # the file's gradient takes the file's input as is: only when nothing is prepended
+        self._input_as_is = self.model is forward
         inp = find_image_input(self.model)
         self.input_name = inp.name
         # a model exported with a fixed batch size runs in chunks of exactly that size
@@ -212,6 +206,7 @@ class Engine:
         self.simplify = simplify
         self._bytes_per_image, self._largest_tensor = _float_bytes_per_image(self.model, self.input_name, self.input_shape)
         self._sessions: dict = {}
+        self._file = None  # (session, roles) of the file's own gradient graph, once verified
         self._forward = self._make_forward()
         # the declared class count is only a claim (a file may lie): one run says what it is
         nc = int(self.logits(np.zeros((1,) + self.input_shape, np.float32)).shape[-1])
@@ -221,6 +216,8 @@ class Engine:
         self.num_classes = nc
         if self.labels is not None and len(self.labels) != self.num_classes:
             self.labels = None
+        # which gradients this engine gives: recorded in inspect's and the results' files
+        self.gradient_source = self._choose_gradients() if self.carries_gradient else trust.OWN_PASS
 
     # -- sessions ------------------------------------------------------------------------
     def _session(self, model: onnx.ModelProto, wide: bool = False):
@@ -295,64 +292,83 @@ class Engine:
     def _make_forward(self):
         m = self.model
         tensor = self.logits_spec.tensor
-        if self.pre_augmented:
-            # the logits do not depend on the seed: keep only the forward part
-            m = onnx.utils.Extractor(m).extract_model([self.input_name], [tensor])
-        elif tensor not in {o.name for o in m.graph.output}:
+        if tensor not in {o.name for o in m.graph.output}:
             m = onnx.ModelProto.FromString(m.SerializeToString())
             m.graph.output.append(onnx.helper.make_empty_tensor_value_info(tensor))
         return self._session(m)
+
+    def _choose_gradients(self) -> str:
+        """For a file with its own gradient graph: rebuild it with onnxsal's pass (rebuild; auto
+        when the pass can differentiate the forward part), else verify the file's and use it."""
+        if self.gradients == "rebuild":
+            return trust.REBUILT
+        if self.gradients == "file":
+            return self._verify_file_gradient(try_pass=True)
+        try:
+            self.augmented()
+            return trust.REBUILT
+        except ModelError as exc:  # e.g. no rule for an operator: the file's gradient, checked
+            why = str(exc)
+        try:
+            return self._verify_file_gradient(try_pass=False)
+        except ModelError as exc:
+            raise ModelError(f"onnxsal's pass cannot differentiate the forward part ({why}), and "
+                             f"the file's own gradient cannot be used: {exc}") from None
+
+    def _verify_file_gradient(self, try_pass: bool) -> str:
+        """Check the file's gradient on a probe (trust.verify) against onnxsal's pass when it
+        can run, else finite differences; on success the engine uses it."""
+        if not self._input_as_is:
+            raise OptionError(f"this model's own gradient graph is taken with respect to its input "
+                              f"'{self.input_spec.name}' as it is; it cannot take a preprocessing "
+                              f"prefix or a layout or type conversion (use --gradients rebuild)")
+        roles = trust.file_roles(self.source_model, self.input_name, self.logits_spec.tensor)
+        x, seeds, rng = trust.probe(self.model_hash, self.fixed_batch or 2, self.input_shape,
+                                    self.num_classes, self.predict)
+        reference = None
+        if try_pass:
+            try:
+                reference = self.vjp(x, seeds, rules=roles[META_RULES]).grads[self.input_name]
+            except ModelError:
+                pass  # the pass cannot differentiate the forward part: finite differences
+        sess = self._session(self.source_model)
+        grad = roles[META_GRAD + self.input_name]
+        grads = self._run(sess, [grad], {self.input_name: x, roles[META_SEED]: seeds})[0]
+        used = trust.verify(np.asarray(grads), seeds.shape[:2] + x.shape[1:], roles, reference,
+                            lambda: trust.fd_errors(grads, x, seeds, self.logits, rng))
+        self._file = (sess, roles)
+        return used
 
     def augmented(self, rules: str = "default", wrt: Sequence[str] | None = None,
                   epsilon: float | None = None):
         """(session, metadata) of the gradient model for these options (memory and disk cached)."""
         opts = {"epsilon": epsilon} if epsilon is not None else {}
-        if self.pre_augmented:
-            built = self.pre_augmented.get("onnxsal.rules", "default")
+        if self._file is not None:
+            built = self._file[1][META_RULES]
             if rules != built or wrt or epsilon is not None:
-                raise OptionError(f"this model carries its own gradient graph (rules '{built}', with "
-                                  f"respect to the input); it cannot give rules '{rules}'"
+                raise OptionError(f"this engine uses the model's own gradient graph (rules '{built}', "
+                                  f"with respect to the input); it cannot give rules '{rules}'"
                                   f"{' or gradients of ' + ', '.join(wrt) if wrt else ''}: give "
-                                  f"onnxsal the plain model")
-            if "pre" not in self._sessions:
-                self._sessions["pre"] = (self._session(self.model), dict(self.pre_augmented))
-            return self._sessions["pre"]
-        key = json.dumps([self._key, rules, list(wrt or []), opts, self.simplify, __version__], sort_keys=True)
+                                  f"onnxsal the plain model, or use --gradients rebuild")
+            return self._file
+        key = cache.entry_key(self._key, rules, list(wrt or []), opts, self.simplify)
         if key in self._sessions:
             return self._sessions[key]
-        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-        path = cache_dir(self._cache_dir) / f"{digest}.onnx"
-        aug = None
-        disk = self._use_disk_cache and packaged(rules)  # a plugin's rules are not cached
-        if disk and path.is_file():
-            try:
-                aug = onnx.load(str(path))
-            except Exception:
-                aug = None
+        folder = cache.cache_dir(self._cache_dir)
+        # the code fingerprint in the key covers onnxsal's rules only, not a plugin's
+        disk = self._use_disk_cache and packaged(rules)
+        aug = cache.load(folder, key) if disk else None
         if aug is None:
             keep = [self.logits_spec.tensor] + list(wrt or [])
             base = simplify(self.model, keep=keep) if self.simplify else self.model
             aug = augment(base, wrt=list(wrt) if wrt else None, rules=rules,
                           logits=self.logits_spec.tensor, options=opts)
             if disk:
-                self._write_cache(aug, path)
+                cache.store(folder, key, aug)
         meta = {p.key: p.value for p in aug.metadata_props}
         entry = (self._session(aug), meta)
         self._sessions[key] = entry
         return entry
-
-    @staticmethod
-    def _write_cache(model: onnx.ModelProto, path: Path) -> None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if model.ByteSize() > (1 << 30):
-                return  # too big for one protobuf file; rebuilt each time instead
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(model.SerializeToString())
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only cache folder only costs time
 
     # -- batching ------------------------------------------------------------------------
     def _check_images(self, x: np.ndarray) -> np.ndarray:
@@ -515,18 +531,23 @@ class Engine:
                     best = node.input[0]
             if best is not None:
                 break
-        dims = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-                for vi in inferred.graph.value_info}
+        dims = {vi.name: [dim_of(d) for d in vi.type.tensor_type.shape.dim] for vi in inferred.graph.value_info}
         cands = [n.output[0] for n in inferred.graph.node if n.output and ranks.get(n.output[0]) == 4]
         if best is None:
             if not cands:
                 raise ModelError("the model has no 4-D activation for Grad-CAM; name one with --layer")
             best = cands[-1]
-        if dims.get(best, [None] * 4)[2:] == [1, 1]:
+        from .methods.cam import channel_axis
+
+        def spatial(t):  # (h, w) of a 4-D tensor in its own layout
+            d = dims.get(t, [None] * 4)
+            return d[1:3] if channel_axis(m, t) == 3 else d[2:]
+
+        if spatial(best) == [1, 1]:
             # a 1x1 activation (small inputs) gives a constant map: take the last larger one
             order = {name: i for i, name in enumerate(cands)}
             bigger = [c for c in cands if order[c] < order.get(best, len(cands))
-                      and any(v is None or v > 1 for v in dims.get(c, [None] * 4)[2:])]
+                      and any(not isinstance(v, int) or v > 1 for v in spatial(c))]
             if bigger:
                 best = bigger[-1]
         return best

@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +23,7 @@ from .data import Dataset, load_dataset
 from .engine import Engine, softmax
 from .errors import InputError, OnnxsalError
 from .overlays import Panel, render
+from .preprocess import PreprocessSpec
 
 
 @dataclass
@@ -50,6 +51,32 @@ def load_inputs(inputs: Sequence[str], shape, limit: int | None = None) -> Datas
                    [n for p in parts for n in p.names], "; ".join(p.source for p in parts),
                    parts[0].class_names, [n for p in parts for n in p.notes],
                    [f for p in parts for f in p.failures])
+
+
+def engine_for_images(model: str, inputs: Sequence[str], limit: int | None = None,
+                      preprocess: str | None = None, **options) -> tuple[Engine, list]:
+    """(engine, inputs) for explaining ``inputs`` with ``model``. A model with dynamic H and
+    W and no size given takes the images' own size when they all share one (a note in the
+    data says so); the images are then read once and returned as the inputs to use."""
+    from .data import load_raw
+    from .model import load_model
+    from .preprocess import DynamicSizeError, from_model, parse
+
+    try:
+        return Engine(model, preprocess=preprocess, **options), list(inputs)
+    except DynamicSizeError:
+        pass
+    raws = [load_raw(src, limit=limit) for src in inputs]
+    sizes = sorted({im.shape[:2] for r in raws for im in r.images})
+    if len(sizes) != 1:
+        raise InputError(f"the model's input size is dynamic and the images have "
+                         f"{len(sizes)} sizes ({', '.join(f'{h}x{w}' for h, w in sizes[:4])}): "
+                         "give one with --preprocess 'size=HxW'")
+    (h, w), = sizes
+    spec = parse(preprocess) if preprocess else from_model(load_model(model))
+    spec = replace(spec or PreprocessSpec(), size=(int(h), int(w)))
+    raws[0].notes.append(f"the model's input size is dynamic: the images' own size {h}x{w} is used")
+    return Engine(model, preprocess=spec, **options), raws
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -143,6 +170,7 @@ def run_explain(engine: Engine, inputs: Sequence[str], methods: Sequence[str], o
 
     _atomic_write(out_dir / "maps.npz", save_maps)
     summary = {"model": engine.path, "model_hash": engine.model_hash, "provider": engine.provider,
+               "gradients": getattr(engine, "gradient_source", None),
                "preprocess": engine.preprocess.describe(), "methods": names,
                "images": predictions, "failures": failures, "notes": data.notes,
                "seconds": seconds}

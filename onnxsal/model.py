@@ -66,6 +66,7 @@ class ModelSummary:
     producer: str
     operators: dict = field(default_factory=dict)  # op type -> {"count": n, "differentiable": bool}
     notes: list = field(default_factory=list)  # how the gradient pass treats this file
+    gradients: str = ""  # whose gradients onnxsal uses (onnxsal.trust.plan)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -81,11 +82,16 @@ def type_name(elem_type: int) -> str:
         return f"type {elem_type}"
 
 
+def dim_of(d) -> int | str | None:
+    """One dimension of a declared shape: a positive int, a symbol, or None when dynamic.
+    Exporters mark a dynamic axis with dim_value -1 (paddle2onnx) or 0: any value <= 0 is one."""
+    if d.HasField("dim_value"):
+        return int(d.dim_value) if d.dim_value > 0 else None
+    return d.dim_param or None
+
+
 def _dims(vi) -> list:
-    out = []
-    for d in vi.type.tensor_type.shape.dim:
-        out.append(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None))
-    return out
+    return [dim_of(d) for d in vi.type.tensor_type.shape.dim]
 
 
 def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
@@ -256,6 +262,24 @@ def find_image_input(model: onnx.ModelProto) -> InputSpec:
     return InputSpec(vi.name, dims, layout, vi.type.tensor_type.elem_type)
 
 
+def with_image_size(model: onnx.ModelProto, size: tuple[int, int]) -> onnx.ModelProto:
+    """A copy of ``model`` whose image input has the spatial size (H, W), so that shape
+    inference knows every size downstream (a model exported with dynamic H and W)."""
+    inp = find_image_input(model)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    vi = next(v for v in out.graph.input if v.name == inp.name)
+    axes = (2, 3) if inp.layout == "NCHW" else (1, 2)
+    for axis, value in zip(axes, size):
+        d = vi.type.tensor_type.shape.dim[axis]
+        if isinstance(dim_of(d), int) and dim_of(d) != value:
+            raise OptionError(f"input '{inp.name}' has the fixed shape {inp.shape} ({inp.layout}); "
+                              f"size {size[0]}x{size[1]} does not fit it")
+        d.Clear()
+        d.dim_value = int(value)
+    return out
+
+
 def find_logits(model: onnx.ModelProto, output: str | None = None) -> LogitsSpec:
     """The logits: the classifier's output, or the input of a final Softmax/LogSoftmax."""
     g = model.graph
@@ -293,26 +317,34 @@ def find_logits(model: onnx.ModelProto, output: str | None = None) -> LogitsSpec
 
 
 def parameter_count(model: onnx.ModelProto) -> int:
-    return int(sum(np.prod(i.dims, dtype=np.int64) for i in model.graph.initializer
-                   if i.data_type in FLOAT_TYPES))
+    """Float values the file stores: its initializers and its Constant nodes' tensors (some
+    exporters keep every weight in Constant nodes)."""
+    consts = [a.t for n in model.graph.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
+              for a in n.attribute if a.name == "value"]
+    return int(sum(np.prod(t.dims, dtype=np.int64) for t in list(model.graph.initializer) + consts
+                   if t.data_type in FLOAT_TYPES))
 
 
 def summarize(model: onnx.ModelProto, path: str | None = None, output: str | None = None,
               rules: str = "default") -> ModelSummary:
     from .autodiff import supported_ops
     from .autodiff.contrib import lower
+    from .autodiff.control_flow import walk
     from .autodiff.expand import expandable, inline_local
     from .autodiff.pass_ import default_opset
+    from .trust import carries_gradient, plan, without_own_gradient
 
     supported = set(supported_ops(rules))
+    own = carries_gradient(model)
+    model = without_own_gradient(model, output)  # what onnxsal differentiates (onnxsal.trust)
     notes = _pass_notes(model)
     model = lower(inline_local(model))  # the operators the pass meets
     opset = default_opset(model)
     notes += [f"{op} has no rule: expanded into the function body ONNX defines it by"
-              for op in sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")
+              for op in sorted({n.op_type for n in walk(model.graph.node) if n.domain in ("", "ai.onnx")
                                 and n.op_type not in supported and expandable(n.op_type, opset)})]
-    counts = collections.Counter(
-        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in model.graph.node)
+    counts = collections.Counter(  # with the nodes inside If, Loop and Scan bodies
+        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in walk(model.graph.node))
     ops = {op: {"count": c, "differentiable": op in supported or expandable(op, opset),
                 "needs_rule": op not in NO_GRADIENT_OPS} for op, c in sorted(counts.items())}
     return ModelSummary(
@@ -325,6 +357,7 @@ def summarize(model: onnx.ModelProto, path: str | None = None, output: str | Non
         producer=f"{model.producer_name} {model.producer_version}".strip(),
         operators=ops,
         notes=notes,
+        gradients=plan(own, all(v["differentiable"] or not v["needs_rule"] for v in ops.values())),
     )
 
 
@@ -380,4 +413,5 @@ def save_model(model, path: str) -> None:
 
 
 __all__ = ["InputSpec", "LogitsSpec", "ModelSummary", "load_model", "validate", "content_hash",
-           "find_image_input", "find_logits", "parameter_count", "summarize", "set_ir_version", "save_model"]
+           "find_image_input", "with_image_size", "dim_of", "find_logits", "parameter_count",
+           "summarize", "set_ir_version", "save_model"]

@@ -23,12 +23,17 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .autodiff.control_flow import all_names
 from .errors import InputError, ModelError, OptionError
 from .model import FLOAT_TYPES, InputSpec, type_name
 
 META_PREPROCESS = "onnxsal.preprocess"
 META_LABELS = "onnxsal.labels"
 RAW_INPUT = "onnxsal_image"
+
+
+class DynamicSizeError(OptionError):
+    """The model's input has dynamic H and W and no size was given."""
 
 
 @dataclass(frozen=True)
@@ -93,13 +98,14 @@ def _number(text: str, key: str) -> float:
     return vals[0]
 
 
-def _size(text: str) -> tuple[int, int]:
+def parse_size(text: str, what: str = "preprocessing: 'size'") -> tuple[int, int]:
+    """(H, W) from 'HxW', 'H,W' or one number for a square; ``what`` names the option in errors."""
     try:
         dims = [int(v) for v in text.lower().replace("x", ",").split(",") if v.strip()]
     except ValueError:
         dims = []
-    if len(dims) not in (1, 2):
-        raise OptionError(f"preprocessing: 'size={text}' must be HxW (or one number for a square)")
+    if len(dims) not in (1, 2) or not all(0 < v <= 1 << 16 for v in dims):
+        raise OptionError(f"{what} {text!r} must be HxW (or one number for a square), positive")
     return dims[0], dims[-1]
 
 
@@ -149,7 +155,7 @@ def parse(text: str | None) -> PreprocessSpec | None:
         elif key in ("nhwc", "nchw") and not val:
             spec = replace(spec, layout=key.upper())
         elif key == "size":
-            spec = replace(spec, size=_size(val))
+            spec = replace(spec, size=parse_size(val))
         else:
             raise OptionError(f"preprocessing: unknown item '{tok}' (presets: {', '.join(PRESETS)}; "
                               f"keys: scale=, mean=, std=, bgr, nhwc, nchw, size=HxW)")
@@ -181,20 +187,41 @@ def from_model(model: onnx.ModelProto) -> PreprocessSpec | None:
     return None
 
 
+def labels_from_json(data) -> list[str] | None:
+    """Class names from parsed JSON: a list of names, {"0": name, ...}, Keras's
+    ``class_indices`` {name: index}, or its ``imagenet_class_index.json`` {"0": [id, name]};
+    None when it is none of these."""
+    if isinstance(data, dict) and data:
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in data.values()):
+            by_index = {v: k for k, v in data.items()}  # {name: index}
+        else:
+            try:
+                by_index = {int(k): v for k, v in data.items()}
+            except (ValueError, TypeError):
+                return None
+        if sorted(by_index) != list(range(len(data))):
+            return None
+        data = [by_index[i] for i in range(len(data))]
+        if all(isinstance(v, list) and v and all(isinstance(e, str) for e in v) for v in data):
+            data = [v[-1] for v in data]  # [wordnet id, name]
+    if not isinstance(data, list) or not all(isinstance(v, (str, int, float)) for v in data):
+        return None
+    return [str(v) for v in data]
+
+
 def labels_from_model(model: onnx.ModelProto) -> list[str] | None:
     for p in model.metadata_props:
         if p.key == META_LABELS:
             try:
-                labels = json.loads(p.value)
+                return labels_from_json(json.loads(p.value))
             except ValueError:
                 return None
-            return [str(v) for v in labels] if isinstance(labels, list) else None
     return None
 
 
 def read_labels(labels: str | os.PathLike | Sequence[str] | None) -> list[str] | None:
-    """Class names from a list, or a file: a JSON list, a JSON object {"0": name, ...}, or one
-    name per line."""
+    """Class names from a list, or a file: a JSON list, a JSON object {"0": name, ...} or
+    {name: 0, ...} (Keras's class_indices; see labels_from_json), or one name per line."""
     if labels is None:
         return None
     if not isinstance(labels, (str, os.PathLike)):
@@ -209,14 +236,12 @@ def read_labels(labels: str | os.PathLike | Sequence[str] | None) -> list[str] |
             data = json.loads(text)
         except ValueError as exc:
             raise InputError(f"labels file {path}: invalid JSON ({exc})") from None
-        if isinstance(data, dict):
-            try:
-                data = [data[k] for k in sorted(data, key=lambda k: int(k))]
-            except (ValueError, TypeError):
-                raise InputError(f"labels file {path}: a JSON object must map class numbers to names") from None
-        if not isinstance(data, list) or not all(isinstance(v, (str, int, float)) for v in data):
-            raise InputError(f"labels file {path}: a JSON labels file must be one list of names")
-        return [str(v) for v in data]
+        names = labels_from_json(data)
+        if names is None:
+            raise InputError(f"labels file {path}: expected a JSON list of names, an object "
+                             "{\"0\": name, ...} or Keras's class_indices {name: 0, ...} with "
+                             "indices 0..n-1")
+        return names
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -231,8 +256,8 @@ def raw_shape(inp: InputSpec, spec: PreprocessSpec | None) -> tuple[int, int, in
     if not isinstance(c, int):
         raise ModelError(f"input '{inp.name}' has a dynamic channel count; cannot tell grey from RGB")
     if not isinstance(h, int) or not isinstance(w, int):
-        raise OptionError(f"input '{inp.name}' has a dynamic image size {inp.shape}; give one with "
-                          f"--preprocess 'size=HxW'")
+        raise DynamicSizeError(f"input '{inp.name}' has a dynamic image size {inp.shape}; give one "
+                               f"with --preprocess 'size=HxW'")
     return c, h, w
 
 
@@ -254,7 +279,7 @@ def prepend(model: onnx.ModelProto, spec: PreprocessSpec | None, inp: InputSpec)
                          f"inputs can be explained by gradients")
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
-    names = {t for n in g.node for t in list(n.input) + list(n.output)} | {i.name for i in g.initializer}
+    names = all_names(g)  # with the names inside subgraphs, which a fresh name must not shadow
     raw = RAW_INPUT
     while raw in names:
         raw += "_"

@@ -143,22 +143,29 @@ def test_forward_does_not_need_the_seed(exported):
 
 
 def test_engine_loads_it(exported):
-    """The engine uses a file that carries its own gradient graph as is; same gradients as
-    the engine's own pass on the plain export, and other rule sets are refused."""
+    """By default the engine rebuilds the gradient of a file that carries its own (so other
+    rule sets work); with gradients='file' it checks the file's against its own pass and uses
+    it. Both give the gradients of the engine's pass on the plain export."""
     from onnxsal.engine import Engine
     from onnxsal.errors import OptionError
 
     _, shape, ours, theirs = exported["cnn"]
-    eng = Engine(ours, use_disk_cache=False, threads=1)
     plain = Engine(theirs, use_disk_cache=False, threads=1)
-    assert eng.input_shape == shape and eng.num_classes == CLASSES
     x = np.random.default_rng(4).random((2, *shape), dtype=np.float32)
-    logits, g = eng.gradient(x)
     ref_logits, ref = plain.gradient(x)
-    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(g, ref, atol=1e-5 * np.abs(ref).max())
+    for mode in ("auto", "file"):
+        eng = Engine(ours, use_disk_cache=False, threads=1, gradients=mode)
+        assert eng.input_shape == shape and eng.num_classes == CLASSES
+        assert ("rebuilt" in eng.gradient_source) == (mode == "auto")
+        logits, g = eng.gradient(x)
+        np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(g, ref, atol=1e-5 * np.abs(ref).max())
+    assert eng.gradient_source.startswith("file's own, verified against onnxsal's pass")
     with pytest.raises(OptionError, match="own gradient graph"):
         eng.gradient(x, rules="guided")
+    rebuilt = Engine(ours, use_disk_cache=False, threads=1)
+    np.testing.assert_allclose(rebuilt.gradient(x, rules="guided")[1],
+                               plain.gradient(x, rules="guided")[1], atol=1e-6)
 
 
 def test_refusals():

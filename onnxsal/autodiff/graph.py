@@ -43,6 +43,15 @@ class Builder:
         # padded copies (q, k, v taken from one projection; a class token and the rest).
         self.placed: dict[str, tuple[str, int, int, int, int]] = {}
 
+    def child(self) -> "Builder":
+        """A builder for a subgraph's nodes (a backward If branch): the same names, seed axis,
+        initializers and constants; a shape cache seeded with this one's, whose tensors the
+        subgraph sees, but not the other way round."""
+        b = Builder(self.opset, self.taken, self.prefix)
+        b.k_name, b.initializers, b.dtypes, b._const_cache = self.k_name, self.initializers, self.dtypes, self._const_cache
+        b._shape_cache = dict(self._shape_cache)
+        return b
+
     # -- names and raw nodes -------------------------------------------------------------
     def fresh(self, hint: str = "t") -> str:
         hint = "".join(c if c.isalnum() or c in "_." else "_" for c in hint)[-40:]
@@ -160,18 +169,12 @@ class Builder:
         return self.op("ConstantOfShape", [self.k_shape(x)], hint="zeros", value=zero)
 
     # -- opset-aware operators -----------------------------------------------------------
-    def reduce(self, op_type: str, x: str, axes: Sequence[int] | str, keepdims: bool = True,
-               noop_with_empty_axes: bool = False) -> str:
-        """ReduceSum/Mean/Max...; axes given as a list or as the name of a 1-D int64 tensor."""
-        axes_as_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
+    def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: bool = True) -> str:
+        """ReduceSum/Mean/Max... over static axes (an input from opset 13 or 18, else an
+        attribute); axes only the run knows: see broadcast._split_sum."""
         kw = {"keepdims": int(keepdims)}
-        if noop_with_empty_axes:
-            kw["noop_with_empty_axes"] = 1
-        if axes_as_input:
-            axes_name = axes if isinstance(axes, str) else self.ints(axes)
-            return self.op(op_type, [x, axes_name], **kw)
-        if isinstance(axes, str):
-            raise NotImplementedError(f"{op_type} with run-time axes needs opset 18")
+        if self.opset >= (13 if op_type == "ReduceSum" else 18):
+            return self.op(op_type, [x, self.ints(axes)], **kw)
         return self.op(op_type, [x], axes=list(axes), **kw)
 
     def unsqueeze(self, x: str, axes: Sequence[int]) -> str:

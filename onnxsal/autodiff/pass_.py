@@ -24,7 +24,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelError, OptionError, UnsupportedOperatorError, first_line
-from . import contrib, expand, fusion
+from ..model import dim_of
+from . import broadcast, contrib, control_flow, expand, fusion
+from .control_flow import effective_inputs
 from .graph import Builder, Dim
 from .rules.registry import Rule, table
 
@@ -68,13 +70,17 @@ class Context:
                 for o in n.output:
                     if o:
                         self._producer[o] = n
-                for i in n.input:
+                for i in effective_inputs(n):
                     if i:
                         self._uses[i] = self._uses.get(i, 0) + 1
             for o in graph.output:
                 self._uses[o.name] = self._uses.get(o.name, 0) + 1
 
     # static facts ----------------------------------------------------------------------
+    def facts(self) -> tuple[dict, dict, dict, dict]:
+        """Copies of (shapes, dtypes, consts, shape values), for a subgraph to extend."""
+        return dict(self._shapes), dict(self._dtypes), dict(self._consts), dict(self._shape_values)
+
     def shape(self, name: str) -> list[Dim] | None:
         return self._shapes.get(name)
 
@@ -137,62 +143,25 @@ class Context:
 
     # shared helpers --------------------------------------------------------------------
     def unbroadcast(self, dy: str, x: str, y: str, skip_last: int = 0) -> str:
-        """Sum a cotangent of the broadcast result y ([K] + shape(y)) down to [K] + shape(x).
-
-        ``skip_last`` trailing axes are not broadcast axes (MatMul's matrix axes)."""
-        b = self.b
-        sx, sy = self.shape(x), self.shape(y)
-        rx, ry = self.rank(x), self.rank(y)
-        lead = ry - rx
-        out = dy
-        if lead > 0:
-            out = b.reduce("ReduceSum", out, list(range(1, lead + 1)), keepdims=False)
-        static_axes, uncertain = [], False
-        for i in range(rx - skip_last):
-            dx_, dy_ = sx[i], sy[i + lead]
-            if dx_ == 1 and dy_ != 1:
-                static_axes.append(i + 1)
-            elif dx_ == dy_ and dx_ is not None:
-                continue
-            elif isinstance(dx_, int) and dx_ != 1:
-                continue
-            elif dx_ is None or dy_ is None or isinstance(dx_, str) or isinstance(dy_, str):
-                uncertain = True
-        if uncertain:
-            # Decide at run time: reduce every axis where x has 1 and y does not.
-            shx = b.shape(x, 0, rx - skip_last) if skip_last else b.shape(x)
-            shy = b.shape(y, lead, ry - skip_last) if (lead or skip_last) else b.shape(y)
-            one = b.ints([1])
-            mask = b.op("And", [b.op("Equal", [shx, one]), b.op("Not", [b.op("Equal", [shy, one])])])
-            axes = b.op("Reshape", [b.op("NonZero", [mask]), b.ints([-1])])
-            axes = b.op("Add", [axes, one])
-            return b.reduce("ReduceSum", out, axes, keepdims=True, noop_with_empty_axes=True)
-        if static_axes:
-            out = b.reduce("ReduceSum", out, static_axes, keepdims=True)
-        return out
+        """Sum a cotangent of the broadcast result y ([K] + shape(y)) down to [K] + shape(x)
+        (see :func:`.broadcast.unbroadcast`)."""
+        return broadcast.unbroadcast(self, dy, x, y, skip_last)
 
 
-def _collect_static(model: onnx.ModelProto) -> tuple[dict, dict]:
-    shapes: dict[str, list[Dim] | None] = {}
-    dtypes: dict[str, int] = {}
+def _collect_static(g: onnx.GraphProto, shapes: dict | None = None,
+                    dtypes: dict | None = None) -> tuple[dict, dict]:
+    """Shapes and element types the graph records (added to ``shapes``, ``dtypes``)."""
+    shapes = {} if shapes is None else shapes
+    dtypes = {} if dtypes is None else dtypes
 
     def add(vi):
         t = vi.type.tensor_type
         dtypes[vi.name] = t.elem_type
         if t.HasField("shape"):
-            dims = []
-            for d in t.shape.dim:
-                if d.HasField("dim_value"):
-                    dims.append(int(d.dim_value))
-                elif d.HasField("dim_param"):
-                    dims.append(d.dim_param)
-                else:
-                    dims.append(None)
-            shapes[vi.name] = dims
+            shapes[vi.name] = [dim_of(d) for d in t.shape.dim]
         else:
             shapes[vi.name] = None
 
-    g = model.graph
     for vi in list(g.input) + list(g.output) + list(g.value_info):
         add(vi)
     for init in g.initializer:
@@ -332,8 +301,9 @@ def _convert_opset(model: onnx.ModelProto, target: int, why: str) -> onnx.ModelP
     return converted
 
 
-def _path(graph: onnx.GraphProto, wrt: Sequence[str], target: str, dtypes: dict[str, int]):
-    """Nodes between the wrt tensors and the target, and the tensors that need a cotangent."""
+def _path(graph: onnx.GraphProto, wrt: Sequence[str], targets: Sequence[str], dtypes: dict[str, int]):
+    """Nodes between the wrt tensors and the targets, and the tensors that need a cotangent
+    (a node depends on the outer tensors its subgraphs read, too)."""
     from ..model import NO_GRADIENT_OPS
 
     fwd = set(wrt)
@@ -342,23 +312,25 @@ def _path(graph: onnx.GraphProto, wrt: Sequence[str], target: str, dtypes: dict[
     # input and the logits is reported instead of cutting the path without a word
     carriers = set()
     for node in graph.node:
-        if any(i in fwd for i in node.input if i):
+        ins = effective_inputs(node)
+        if any(i in fwd for i in ins if i):
             for o in node.output:
                 if o and dtypes.get(o, TensorProto.FLOAT) in FLOAT_TYPES:
                     fwd.add(o)
-                elif o and (node.op_type == "QuantizeLinear" or any(i in carriers for i in node.input)) \
+                elif o and (node.op_type == "QuantizeLinear" or any(i in carriers for i in ins)) \
                         and node.op_type not in NO_GRADIENT_OPS:
                     fwd.add(o)
                     carriers.add(o)
-    bwd = {target}
+    bwd = set(targets)
     active = []
     for node in reversed(graph.node):
         if any(o in bwd for o in node.output if o):
             # active: a differentiable input feeds a differentiable output that reaches the
             # target (Shape(x) and other integer paths carry no gradient)
-            if any(i in fwd for i in node.input if i) and any(o in fwd and o in bwd for o in node.output if o):
+            ins = effective_inputs(node)
+            if any(i in fwd for i in ins if i) and any(o in fwd and o in bwd for o in node.output if o):
                 active.append(node)
-            bwd.update(i for i in node.input if i)
+            bwd.update(i for i in ins if i)
     need = {t for t in fwd & bwd if dtypes.get(t, TensorProto.FLOAT) in FLOAT_TYPES or t in carriers}
     active.reverse()
     return active, need
@@ -378,8 +350,8 @@ def _probe_ranks(model: onnx.ModelProto, names: list[str], shapes: dict) -> None
         if vi.name in inits:
             continue
         t = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (2 if i == 0 else 64)
-                for i, d in enumerate(t.shape.dim)]
+        dims = [dim_of(d) for d in t.shape.dim]
+        dims = [d if isinstance(d, int) else (2 if i == 0 else 64) for i, d in enumerate(dims)]
         feeds[vi.name] = np.random.default_rng(0).random(dims).astype(helper.tensor_dtype_to_np_dtype(t.elem_type))
     try:
         so = ort.SessionOptions()
@@ -391,6 +363,26 @@ def _probe_ranks(model: onnx.ModelProto, names: list[str], shapes: dict) -> None
                          f"failed: {str(exc).splitlines()[0]}") from None
     for n, v in zip(names, outs):
         shapes[n] = [None] * np.ndim(v)
+
+
+def _logits_shape(model: onnx.ModelProto, logits: str, shapes: dict) -> list:
+    """The logits' dims; where shape inference left a classifier's [N, C] unknown, N is the
+    image input's batch axis and C the declared class count (or the symbols 'N' and 'C')."""
+    from ..model import find_image_input, find_logits
+
+    lshape = shapes.get(logits)
+    if lshape is None:  # (a scalar has the shape [], which is known)
+        lshape = [None, None]
+    if len(lshape) != 2 or None not in lshape:
+        return list(lshape)
+    try:
+        batch = find_image_input(model).shape[0]
+        spec = find_logits(model)
+    except (ModelError, OptionError):  # not an image classifier (a test graph): symbols only
+        batch, spec = None, None
+    classes = spec.num_classes if spec is not None and spec.tensor == logits else None
+    return [lshape[0] if lshape[0] is not None else (batch if batch is not None else "N"),
+            lshape[1] if lshape[1] is not None else (classes or "C")]
 
 
 def _ir_version_for(model: onnx.ModelProto) -> int:
@@ -408,13 +400,47 @@ def _safe(name: str) -> str:
 def _live(nodes: list, inits: list, g: onnx.GraphProto) -> tuple[list, list]:
     """The backward nodes and initializers that some output depends on (rules may build
     terms that the pass then replaces, e.g. padded slices joined by one Concat)."""
-    wanted = {o.name for o in g.output} | {i for n in g.node for i in n.input}
-    keep = [False] * len(nodes)
-    for k in range(len(nodes) - 1, -1, -1):  # nodes are in topological order
-        if any(o in wanted for o in nodes[k].output):
-            keep[k] = True
-            wanted.update(nodes[k].input)
-    return [n for n, k in zip(nodes, keep) if k], [t for t in inits if t.name in wanted]
+    wanted = {o.name for o in g.output} | {i for n in g.node for i in effective_inputs(n)}
+    kept = control_flow.live(nodes, wanted)
+    return kept, [t for t in inits if t.name in wanted]
+
+
+def check_rules(active: list, rule_table: dict[str, Rule], g: onnx.GraphProto) -> None:
+    """Raise UnsupportedOperatorError naming every active node without a rule."""
+    unsupported: dict[str, list[str]] = {}
+    for node in active:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in rule_table:
+            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+            unsupported.setdefault(key, []).append(node.name or f"#{list(g.node).index(node)}")
+    if unsupported:
+        raise UnsupportedOperatorError(unsupported)
+
+
+def backward(ctx: Context, active: list, cot: dict[str, list[str]]) -> dict[str, str]:
+    """Run the rules over the active nodes in reverse order, adding each input's cotangent
+    terms to ``cot``; return the cotangents of the wrt tensors that active nodes compute."""
+    b, final = ctx.b, {}
+    for node in reversed(active):
+        dys = []
+        for o in node.output:
+            terms = cot.pop(o, None) if o else None
+            dys.append(b.accumulate(terms, o) if terms else None)
+            if o in ctx.wrt and dys[-1] is not None:
+                final[o] = dys[-1]
+        if all(d is None for d in dys):
+            continue
+        ctx.node = node
+        fused = fusion.gradient(ctx, node, dys)
+        if fused is not None:  # the nodes between x and this one get no cotangent
+            x, dx = fused
+            if dx is not None:
+                cot.setdefault(x, []).append(dx)
+            continue
+        grads = ctx.rules[node.op_type].fn(ctx, node, dys)
+        for name, gname in zip(effective_inputs(node), grads):
+            if name and gname is not None and ctx.needs_grad(name):
+                cot.setdefault(name, []).append(gname)
+    return final
 
 
 def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str = "default",
@@ -440,35 +466,43 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
 
     def analysed(model):
         del model.graph.value_info[:]  # some exporters write wrong ones; infer them afresh
+        for vi in list(model.graph.input) + list(model.graph.output):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_value") and dim_of(d) is None:
+                    d.Clear()  # -1 (paddle2onnx) is a dynamic axis, not a size to propagate
+        for sub in (g for n in control_flow.walk(model.graph.node) for g in control_flow.subgraphs(n)):
+            del sub.value_info[:]
         model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-        shapes, dtypes = _collect_static(model)
-        return (model, shapes, dtypes) + _path(model.graph, wrt, logits_name, dtypes)
+        shapes, dtypes = _collect_static(model.graph)
+        return (model, shapes, dtypes) + _path(model.graph, wrt, [logits_name], dtypes)
 
     model, shapes, dtypes, active, need = analysed(model)
+    for _ in range(4):  # an If whose condition is known: its taken branch (nested ones next)
+        if not any(n.op_type == "If" for n in model.graph.node):
+            break
+        consts = _collect_consts(model.graph)
+        _fold_static(model.graph, opset, shapes, consts)
+        if not control_flow.inline_static_ifs(model.graph, consts):
+            break
+        model, shapes, dtypes, active, need = analysed(model)
     known = set(shapes) | {o for n in model.graph.node for o in n.output}
     for t in wrt + [logits_name]:
         if t not in known:
             raise OptionError(f"tensor '{t}' is not in the model's graph")
     for _ in range(4):  # a body may hold further function operators
-        inline = {n.op_type for n in active if n.domain in expand.STANDARD
+        inline = {n.op_type for n in control_flow.walk(active) if n.domain in expand.STANDARD
                   and n.op_type not in rule_table and expand.expandable(n.op_type, opset)}
         if not inline:
             break
         model, shapes, dtypes, active, need = analysed(expand.expand_standard(model, inline))
     g = model.graph
 
-    unsupported: dict[str, list[str]] = {}
-    for node in active:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in rule_table:
-            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
-            unsupported.setdefault(key, []).append(node.name or f"#{list(g.node).index(node)}")
-    if unsupported:
-        raise UnsupportedOperatorError(unsupported)
+    check_rules(active, rule_table, g)
     if logits_name not in need:  # every gradient would be zero: say where the path is cut
         from ..model import NO_GRADIENT_OPS
 
         cut = [n.name or n.op_type for n in g.node if n.op_type not in NO_GRADIENT_OPS
-               and any(i in need for i in n.input) and any(o and o not in need for o in n.output)]
+               and any(i in need for i in effective_inputs(n)) and any(o and o not in need for o in n.output)]
         raise ModelError(f"the logits '{logits_name}' do not depend on {', '.join(map(repr, wrt))} "
                          f"through float tensors, so every gradient would be zero"
                          + (f" (integer outputs at {', '.join(cut[:5])})" if cut else ""))
@@ -482,13 +516,12 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
 
     consts = _collect_consts(g)
     shape_values = _fold_static(g, opset, shapes, consts)
-    unknown = sorted({t for n in active for t in list(n.input) + list(n.output)
+    unknown = sorted({t for n in active for t in effective_inputs(n) + list(n.output)
                       if t and shapes.get(t) is None and t not in consts})
     if unknown:
         _probe_ranks(model, unknown, shapes)
 
-    taken = {t for n in g.node for t in list(n.input) + list(n.output)}
-    taken |= {i.name for i in g.initializer} | {i.name for i in g.input} | {n.name for n in g.node}
+    taken = control_flow.all_names(g)
     b = Builder(opset, taken)
     ctx = Context(b, shapes, dtypes, consts, need, rules, options, graph=g, rules=rule_table, wrt=wrt,
                   shape_values=shape_values)
@@ -496,9 +529,7 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
     # the seed input: the cotangent of the logits, [K, N, C]
     seed_name = "onnxsal_seed" if "onnxsal_seed" not in taken else b.fresh("seed")
     taken.add(seed_name)
-    lshape = shapes.get(logits_name)
-    if lshape is None:  # (a scalar has the shape [], which is known)
-        lshape = [None, None]
+    lshape = _logits_shape(model, logits_name, shapes)
     seed_dims = ["K"] + [d if d is not None else f"logits_{i}" for i, d in enumerate(lshape)]
     ltype = dtypes.get(logits_name, TensorProto.FLOAT)
     g.input.append(helper.make_tensor_value_info(seed_name, ltype, seed_dims))
@@ -510,27 +541,7 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
     else:
         cot[logits_name] = [b.reshape_cot(seed_name, logits_name)]
 
-    wrt_set, final = set(wrt), {}
-    for node in reversed(active):
-        dys = []
-        for o in node.output:
-            terms = cot.pop(o, None) if o else None
-            dys.append(b.accumulate(terms, o) if terms else None)
-            if o in wrt_set and dys[-1] is not None:
-                final[o] = dys[-1]
-        if all(d is None for d in dys):
-            continue
-        ctx.node = node
-        fused = fusion.gradient(ctx, node, dys)
-        if fused is not None:  # the nodes between x and this one get no cotangent
-            x, dx = fused
-            if dx is not None:
-                cot.setdefault(x, []).append(dx)
-            continue
-        grads = rule_table[node.op_type].fn(ctx, node, dys)
-        for name, gname in zip(node.input, grads):
-            if name and gname is not None and name in need:
-                cot.setdefault(name, []).append(gname)
+    final = backward(ctx, active, cot)
 
     # outputs: logits, gradients, forward values of intermediate tensors
     out_names = {o.name for o in g.output}
@@ -561,8 +572,8 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
                 out_names.add(t)
             meta[META_VALUE + t] = t
 
-    backward, inits = _live(b.nodes, b.initializers, g)
-    g.node.extend(backward)
+    nodes, inits = _live(b.nodes, b.initializers, g)
+    g.node.extend(nodes)
     g.initializer.extend(inits)
     del g.value_info[:]
     existing = {p.key: p for p in model.metadata_props}

@@ -34,14 +34,45 @@ _PASS_THROUGH = ("Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwi
                  "Selu", "Gelu", "Identity", "Mul", "Add", "Div", "Sub", "BatchNormalization")
 
 
+# operators whose 4-D output is NCHW by ONNX's definition
+_NCHW_PRODUCERS = ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool",
+                   "LpPool", "GlobalAveragePool", "GlobalMaxPool", "InstanceNormalization",
+                   "LRN", "DepthToSpace", "SpaceToDepth")
+
+
+def _produced_layout(g, layer: str) -> int | None:
+    """1 or 3 from how ``layer`` was made, followed back through elementwise ops: a
+    convolution or pooling writes NCHW, a Transpose with perm (0, 2, 3, 1) of it NHWC (as
+    tf2onnx writes before a Keras Flatten); None when the producers do not say."""
+    from onnx import helper
+
+    producer = {o: n for n in g.node for o in n.output}
+    n = producer.get(layer)
+    while n is not None:
+        if n.op_type in _NCHW_PRODUCERS:
+            return 1
+        if n.op_type == "Transpose":
+            perm = [list(helper.get_attribute_value(a)) for a in n.attribute if a.name == "perm"]
+            return {(0, 2, 3, 1): 3, (0, 3, 1, 2): 1}.get(tuple(perm[0]) if perm else (), None)
+        if n.op_type not in _PASS_THROUGH or not n.input:
+            return None
+        n = next((producer[i] for i in n.input if i in producer
+                  and producer[i].op_type != "Constant"), None)
+    return None
+
+
 def channel_axis(model, layer: str) -> int:
-    """1 (NCHW) or 3 (NHWC): the channel axis of the 4-D tensor ``layer``, read from what
-    consumes it (through elementwise ops): a reduction over axes (1, 2) or a Transpose with
-    perm (0, 3, 1, 2) means NHWC (as jax2onnx and unoptimised TF exports write); anything else
+    """1 (NCHW) or 3 (NHWC): the channel axis of the 4-D tensor ``layer``. From its own
+    layout when its producers say (see _produced_layout); else read from what consumes it
+    (through elementwise ops): a reduction over axes (1, 2) or a Transpose with perm
+    (0, 3, 1, 2) means NHWC (as jax2onnx and unoptimised TF exports write); anything else
     (GlobalAveragePool, Conv, a reduction over (2, 3)) NCHW."""
     from onnx import helper, numpy_helper
 
     g = model.graph
+    own = _produced_layout(g, layer)
+    if own is not None:
+        return own
     consts = {t.name: t for t in g.initializer}
     consts.update({n.output[0]: a.t for n in g.node if n.op_type == "Constant"
                    for a in n.attribute if a.name == "value"})

@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..autodiff.control_flow import effective_inputs
 from ..errors import ModelError, OptionError
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization",
@@ -112,14 +113,14 @@ class _Graph:
             for o in n.output:
                 if o:
                     self.producer[o] = i
-            for t in n.input:
+            for t in effective_inputs(n):  # a subgraph's outer reads are reads of n
                 if t:
                     self.consumers.setdefault(t, []).append(i)
         self.outputs = {o.name for o in g.output}
         # tensors that depend on a (non-initializer) graph input
         dyn = {vi.name for vi in g.input if vi.name not in self.inits}
         for n in self.nodes:
-            if any(t in dyn for t in n.input if t):
+            if any(t in dyn for t in effective_inputs(n) if t):
                 dyn.update(o for o in n.output if o)
         self.dynamic = dyn
 

@@ -48,7 +48,7 @@ def rule(*op_types: str, min_opset: int | Callable = 0, ruleset: str = "default"
 def _load() -> None:
     """Import the modules that register rules: the built-in ones, then the plugins."""
     from . import conv_pool, elementwise, linalg, norm, quant, shape  # noqa: F401  (registration)
-    from .. import rulesets  # noqa: F401
+    from .. import control_flow, rulesets  # noqa: F401
     from ... import plugins
 
     plugins.load()
