@@ -47,10 +47,17 @@ def _echo(message: object = "", err: bool = False, nl: bool = True, block: bool 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("--plugin", "plugins", multiple=True, metavar="MODULE", help="Import MODULE (a "
+              "module name or a .py file; repeatable) first: the methods and rule sets it "
+              "registers can be used (docs/extending.md).")
 @click.version_option(package_name="onnxsal")
-def cli(debug: bool) -> None:
+def cli(debug: bool, plugins: tuple[str, ...]) -> None:
     """Saliency maps for any ONNX image classifier, computed by onnxruntime."""
     _DEBUG["on"] = debug
+    if plugins:
+        from .plugins import load
+
+        load(plugins)
 
 
 @cli.command()
@@ -90,8 +97,9 @@ def inspect(model: str, as_json: bool, output: str | None) -> None:
               help="Where to write the augmented model.")
 @click.option("--wrt", multiple=True, help="Tensor to differentiate with respect to "
               "(repeatable; default: the image input).")
-@click.option("--rules", type=click.Choice(["default", "guided", "lrp"]), default="default",
-              show_default=True, help="Rule set of the backward pass.")
+@click.option("--rules", default="default", show_default=True,
+              help="Rule set of the backward pass: default, or one that a method or plugin registers "
+              "(an unknown name lists them).")
 @click.option("--epsilon", type=FiniteFloat(min=0), default=None, help="Epsilon of the lrp rule set.")
 @click.option("--output", default=None, help="The output to explain when the model has several.")
 @click.option("--simplify/--no-simplify", default=True, show_default=True,
@@ -102,10 +110,12 @@ def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: flo
             output: str | None, simplify: bool, size: str | None) -> None:
     """Add the backward graph: one run returns logits and the gradient of every class."""
     from .autodiff import augment as augment_model
+    from .autodiff.rules.registry import table
     from .model import find_image_input, find_logits, load_model, save_model, with_image_size
     from .preprocess import parse_size
     from .trust import without_own_gradient
 
+    table(rules)  # an unknown rule set is refused before any work
     t0 = time.perf_counter()
     # a gradient graph of the file's own is replaced, not stacked under the new one
     m = without_own_gradient(load_model(model), output)

@@ -32,6 +32,7 @@ from onnx import TensorProto
 
 from . import cache, trust
 from .autodiff import META_GRAD, META_LOGITS, META_RULES, META_SEED, META_VALUE, augment
+from .autodiff.rules.registry import packaged
 from .errors import InputError, ModelError, OptionError, first_line
 from .model import content_hash, dim_of, find_image_input, find_logits, load_model
 from .preprocess import PreprocessSpec, labels_from_model, parse, prepend, raw_shape
@@ -354,13 +355,15 @@ class Engine:
         if key in self._sessions:
             return self._sessions[key]
         folder = cache.cache_dir(self._cache_dir)
-        aug = cache.load(folder, key) if self._use_disk_cache else None
+        # the code fingerprint in the key covers onnxsal's rules only, not a plugin's
+        disk = self._use_disk_cache and packaged(rules)
+        aug = cache.load(folder, key) if disk else None
         if aug is None:
             keep = [self.logits_spec.tensor] + list(wrt or [])
             base = simplify(self.model, keep=keep) if self.simplify else self.model
             aug = augment(base, wrt=list(wrt) if wrt else None, rules=rules,
                           logits=self.logits_spec.tensor, options=opts)
-            if self._use_disk_cache:
+            if disk:
                 cache.store(folder, key, aug)
         meta = {p.key: p.value for p in aug.metadata_props}
         entry = (self._session(aug), meta)

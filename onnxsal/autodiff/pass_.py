@@ -448,16 +448,13 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
     """Return a copy of ``model`` with its backward graph (see the module docstring).
 
     ``wrt``: tensors to differentiate with respect to (default: the image input).
-    ``rules``: ``default``, ``guided`` or ``lrp``. ``logits``: the tensor whose cotangent is
-    seeded (default: found by :func:`onnxsal.model.find_logits`). ``options``: rule-set
-    parameters, e.g. ``{"epsilon": 1e-6}`` for ``lrp``.
+    ``rules``: a rule set (:func:`.rules.registry.ruleset_names`). ``logits``: the tensor
+    whose cotangent is seeded (default: found by :func:`onnxsal.model.find_logits`).
+    ``options``: rule-set parameters, e.g. ``{"epsilon": 1e-6}`` for ``lrp``.
     """
     from ..model import find_image_input, find_logits
 
-    try:
-        rule_table: dict[str, Rule] = table(rules)
-    except KeyError:
-        raise OptionError(f"unknown rule set '{rules}' (choose default, guided or lrp)") from None
+    rule_table: dict[str, Rule] = table(rules)
     options = dict(options or {})
     model = contrib.lower(expand.inline_local(copy.deepcopy(model)))
     opset = default_opset(model)

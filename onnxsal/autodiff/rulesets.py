@@ -1,4 +1,5 @@
-"""Named rule sets that override a few default rules (docs/gradient-pass.md#rule-sets).
+"""Named rule sets that override a few default rules (docs/gradient-pass.md#rule-sets), each
+named by the method that uses it (``Method.rules``); more come from plugins (docs/extending.md).
 
 * ``guided``: guided backpropagation; at every ReLU the cotangent is
   1[x > 0] * max(dy, 0) (also at Clip with a lower bound of 0, i.e. ReLU6).

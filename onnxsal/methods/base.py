@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import InputError, OptionError
+from . import registry
 
 #: What a method may declare it needs from the engine.
 NEEDS = frozenset({"forward", "gradients", "class_gradients", "intermediate_gradients"})
@@ -53,7 +54,12 @@ class Method:
     """Base class: a named saliency method with declared needs and default options.
 
     Subclasses set ``name``, ``needs`` (a subset of :data:`NEEDS`), ``signed``, ``defaults``
-    (every option the method accepts, with its default) and implement :meth:`run`.
+    (every option the method accepts, with its default) and implement :meth:`run`. A subclass
+    that defines ``name`` registers itself (:mod:`.registry`); one without stays abstract.
+    ``rules``: the rule set of the backward pass the method uses (``engine.gradient(...,
+    rules=self.rules)``). ``group``: methods of one group that :func:`onnxsal.methods.compute`
+    runs with the same options share one call of :meth:`run_group` (e.g. one walk over the
+    per-class Jacobian serves both active and inactive).
     """
 
     name: ClassVar[str] = ""
@@ -62,6 +68,17 @@ class Method:
     defaults: ClassVar[dict[str, Any]] = {}
     aliases: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
+    rules: ClassVar[str] = "default"
+    group: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__ and cls.name:
+            unknown = set(cls.needs) - NEEDS
+            if not cls.needs or unknown:
+                raise TypeError(f"method '{cls.name}' must declare needs from {sorted(NEEDS)}, "
+                                f"got {sorted(cls.needs)}")
+            registry.register(cls)
 
     def __call__(self, engine, images, targets=None, **options) -> Maps:
         x = as_batch(engine, images)
@@ -84,6 +101,14 @@ class Method:
 
     def run(self, engine, x: np.ndarray, targets: np.ndarray, logits: np.ndarray | None,
             opts: dict[str, Any], shared: dict) -> Maps:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def run_group(cls, engine, x: np.ndarray, targets: np.ndarray, names: list[str],
+                  opts: dict[str, Any], shared: dict
+                  ) -> dict[str, Maps]:  # pragma: no cover - abstract
+        """{name: Maps} of the methods ``names`` of this class's ``group``, all with ``opts``
+        (only called when ``group`` is set)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

@@ -133,6 +133,3 @@ class GradCAM(Method):
         info = {"layer": layer, "layer_shape": list(act.shape[1:])}
         return Maps(self.name, maps, targets, False, coarse,
                     np.asarray(res.logits, np.float32), info)
-
-
-METHOD_CLASSES = (GradCAM,)

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from ..errors import OptionError
+from . import registry
 from .base import Maps, Method, target_scores
 
 SIGNED_FAMILY = ("original", "positive", "negative", "active", "inactive")
@@ -85,14 +86,15 @@ def signed_maps(engine, x: np.ndarray, targets: np.ndarray, which: Iterable[str]
     """The maps of docs/definitions.md#signed-maps named in ``which`` (a subset of SIGNED_FAMILY).
 
     original/positive/negative need g_c only; active/inactive need every class's gradient
-    (one walk over the Jacobian serves both, and then also provides g_c).
+    (their declared ``class_gradients``): one walk over the Jacobian serves both, and then
+    also provides g_c.
     """
     shared = {} if shared is None else shared
     which = list(which)
     bad = [w for w in which if w not in SIGNED_FAMILY]
     if bad:
         raise OptionError(f"not a signed/multi-class map: {bad}")
-    if any(w in ("active", "inactive") for w in which):
+    if any("class_gradients" in registry.get(w).needs for w in which):
         key = ("multi", chunk)
         if key not in shared:
             shared[key] = multi_class_extremes(engine, x, targets, chunk)
@@ -173,9 +175,14 @@ class _Signed(Method):
     needs = frozenset({"gradients"})
     signed = False
     defaults = {"chunk": None}
+    group = "signed_maps"
+
+    @classmethod
+    def run_group(cls, engine, x, targets, names, opts, shared):
+        return signed_maps(engine, x, targets, names, opts["chunk"], shared)
 
     def run(self, engine, x, targets, logits, opts, shared):
-        return signed_maps(engine, x, targets, [self.name], opts["chunk"], shared)[self.name]
+        return self.run_group(engine, x, targets, [self.name], opts, shared)[self.name]
 
 
 class Original(_Signed):
@@ -318,11 +325,12 @@ class GuidedBackprop(Method):
     aliases = ("guided", "guidedbackprop", "guided_backpropagation")
     needs = frozenset({"gradients"})
     signed = True
+    rules = "guided"
     defaults: dict[str, Any] = {}
     description = "gradient with ReLU backward 1[x > 0] * max(dy, 0) (Springenberg et al.)"
 
     def run(self, engine, x, targets, logits, opts, shared):
-        lg, g = target_gradient(engine, x, targets, shared, rules="guided")
+        lg, g = target_gradient(engine, x, targets, shared, rules=self.rules)
         return Maps(self.name, _reduce_sum(g), targets, True, g, lg)
 
 
@@ -331,6 +339,7 @@ class EpsilonLRP(Method):
     aliases = ("epsilon_lrp", "elrp", "lrp_epsilon")
     needs = frozenset({"gradients"})
     signed = True
+    rules = "lrp"
     defaults = {"epsilon": 1e-6}
     description = "epsilon-LRP as x times a modified gradient (Bach et al.; Ancona et al.)"
 
@@ -338,12 +347,8 @@ class EpsilonLRP(Method):
         eps = float(opts["epsilon"])
         if not eps > 0:
             raise OptionError(f"lrp epsilon must be > 0, got {eps}")
-        lg, g = target_gradient(engine, x, targets, shared, rules="lrp", epsilon=eps)
+        lg, g = target_gradient(engine, x, targets, shared, rules=self.rules, epsilon=eps)
         raw = x * g
         info = {"epsilon": eps, "relevance_sum": raw.reshape(len(x), -1).sum(axis=1),
                 "score": target_scores(lg, targets)}
         return Maps(self.name, _reduce_sum(raw), targets, True, raw, lg, info)
-
-
-METHOD_CLASSES = (Original, Positive, Negative, Active, Inactive, Vanilla, GradientXInput,
-                  IntegratedGradients, SmoothGrad, GuidedBackprop, EpsilonLRP)

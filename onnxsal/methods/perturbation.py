@@ -301,6 +301,3 @@ class LIME(Method):
         info = {"segments": segs, "coefficients": coefs, "intercept": np.array(intercepts),
                 "r2": np.array(r2s), "samples": samples}
         return Maps(self.name, maps, targets, True, None, logits, info)
-
-
-METHOD_CLASSES = (Occlusion, RISE, LIME)

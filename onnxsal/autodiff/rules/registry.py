@@ -4,8 +4,10 @@ A rule receives the pass context, the forward node, and the cotangents of the no
 (``None`` where an output has no cotangent), and returns one cotangent name (or ``None``) per
 input. A cotangent of a tensor of shape S has shape [K] + S: the seed axis K leads.
 
-Rule sets (``guided``, ``lrp``) are dictionaries that override a few entries of the default
-table by name; the pass itself never changes.
+A rule set is a dictionary that overrides a few entries of the default table by name; it
+exists as soon as one rule is registered under its name (``rule(op, ruleset=name)``: the
+built-in ones in :mod:`..rulesets`, others from plugins, docs/extending.md), and the pass
+itself never changes.
 """
 
 from __future__ import annotations
@@ -43,13 +45,30 @@ def rule(*op_types: str, min_opset: int | Callable = 0, ruleset: str = "default"
     return deco
 
 
-def table(name: str = "default") -> dict[str, Rule]:
-    """The effective rule table of a rule set: the default rules with its overrides."""
+def _load() -> None:
+    """Import the modules that register rules: the built-in ones, then the plugins."""
     from . import conv_pool, elementwise, linalg, norm, quant, shape  # noqa: F401  (registration)
     from .. import control_flow, rulesets  # noqa: F401
+    from ... import plugins
 
+    plugins.load()
+
+
+def ruleset_names() -> list[str]:
+    """The known rule sets: ``default``, then the others in registration order."""
+    _load()
+    return list(RULESETS)
+
+
+def table(name: str = "default") -> dict[str, Rule]:
+    """The effective rule table of a rule set: the default rules with its overrides.
+
+    An unknown name raises OptionError naming the known ones."""
+    _load()
     if name not in RULESETS:
-        raise KeyError(name)
+        from ...errors import OptionError
+
+        raise OptionError(f"unknown rule set '{name}' (choose from: {', '.join(RULESETS)})")
     merged = dict(DEFAULT)
     merged.update(RULESETS[name])
     return merged
@@ -57,3 +76,10 @@ def table(name: str = "default") -> dict[str, Rule]:
 
 def supported_ops(name: str = "default") -> list[str]:
     return sorted(table(name))
+
+
+def packaged(name: str = "default") -> bool:
+    """True when every rule of the rule set's table is onnxsal's own: a gradient model built
+    with it depends only on the onnxsal version, so it may be cached on disk (a plugin's rules
+    may change between runs under the same name)."""
+    return all(r.fn.__module__.startswith("onnxsal.") for r in table(name).values())
