@@ -33,7 +33,7 @@ from onnx import TensorProto
 from . import __version__
 from .autodiff import META_GRAD, META_LOGITS, META_SEED, META_VALUE, augment
 from .errors import InputError, ModelError, OptionError, first_line
-from .model import content_hash, find_image_input, find_logits, load_model
+from .model import check_external_data, content_hash, densify, find_image_input, find_logits, load_model
 from .preprocess import PreprocessSpec, labels_from_model, parse, prepend, raw_shape
 from .simplify import simplify
 from .preprocess import from_model as preprocess_from_model
@@ -169,6 +169,7 @@ class Engine:
         if isinstance(model, onnx.ModelProto):
             self.path = None
             source = model
+            check_external_data(source, None)  # no folder to read them from, never the CWD
         else:
             self.path = str(model)
             source = load_model(model)
@@ -190,7 +191,7 @@ class Engine:
             raise OptionError("this model carries its own gradient graph, taken with respect to its "
                               "input; it cannot take a preprocessing prefix (export it without one, "
                               "or give onnxsal the plain model)")
-        self.model = prepend(source, self.preprocess, self.input_spec)
+        self.model = prepend(densify(source, int(memory_budget_mb) << 20), self.preprocess, self.input_spec)
         inp = find_image_input(self.model)
         self.input_name = inp.name
         # a model exported with a fixed batch size runs in chunks of exactly that size
