@@ -33,7 +33,7 @@ from onnx import TensorProto
 from . import __version__
 from .autodiff import META_GRAD, META_LOGITS, META_SEED, META_VALUE, augment
 from .errors import InputError, ModelError, OptionError, first_line
-from .model import check_external_data, content_hash, densify, find_image_input, find_logits, load_model
+from .model import check_external_data, check_tensor_sizes, content_hash, densify, find_image_input, find_logits, load_model
 from .preprocess import PreprocessSpec, labels_from_model, parse, prepend, raw_shape
 from .simplify import simplify
 from .preprocess import from_model as preprocess_from_model
@@ -110,16 +110,13 @@ def pick_providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _float_bytes_per_image(model: onnx.ModelProto, input_name: str, shape) -> tuple[int, int]:
+def _float_bytes_per_image(model: onnx.ModelProto, input_name: str, shape, budget: int) -> tuple[int, int]:
     """(bytes of all float activations, bytes of the largest one) for one image: the
-    batching estimate.
+    batching estimate. A model with a tensor beyond ``budget`` is refused first.
 
     From shape inference when it knows every dimension; otherwise measured by one run at
     batch 1 with every float tensor exposed (exporters' run-time shapes defeat inference)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception:
-        inferred = model
+    inferred = check_tensor_sizes(model, budget, {input_name: (1,) + tuple(shape)})
     total, largest, unknown = 0, 0, False
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
         t = vi.type.tensor_type
@@ -210,7 +207,8 @@ class Engine:
         self._cache_dir = cache_dir
         self._use_disk_cache = use_disk_cache
         self.simplify = simplify
-        self._bytes_per_image, self._largest_tensor = _float_bytes_per_image(self.model, self.input_name, self.input_shape)
+        self._bytes_per_image, self._largest_tensor = _float_bytes_per_image(
+            self.model, self.input_name, self.input_shape, self.memory_budget)
         self._sessions: dict = {}
         self._forward = self._make_forward()
         # the declared class count is only a claim (a file may lie): one run says what it is

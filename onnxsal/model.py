@@ -20,6 +20,7 @@ from .errors import ModelError, OptionError, first_line
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 MAX_MODEL_BYTES = 4 << 30
+PROBE_BUDGET = 2 << 30  # largest tensor a run outside the engine may make (its default budget)
 # Operators whose outputs are integers, booleans or constants: no gradient flows through them,
 # so they need no rule (the pass stops at them).
 NO_GRADIENT_OPS = frozenset({
@@ -225,7 +226,7 @@ def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
     _load_external_data(model, path.parent, str(path))
     if check:
         validate(model, str(path))
-    return model
+    return densify(model, MAX_MODEL_BYTES)
 
 
 def validate(model: onnx.ModelProto, where: str = "model") -> None:
@@ -290,10 +291,54 @@ def _check_tensor_data(model: onnx.ModelProto, where: str) -> None:
                              f"hold data of its shape and type: {msg}") from None
 
 
+def check_tensor_sizes(model: onnx.ModelProto, budget: int, inputs: dict | None = None) -> onnx.ModelProto:
+    """Refuse, before any session runs it, a model one of whose tensors would exceed
+    ``budget`` bytes (a ConstantOfShape, Expand, Tile, Range or Resize bomb): sizes from onnx
+    shape inference with data propagation, the unknown dimensions of the graph inputs set from
+    ``inputs`` (name -> dims) and any still unknown counted as 1. Returns the inferred model
+    (the model itself when inference fails: nothing can be said then)."""
+    if inputs:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        for vi in model.graph.input:
+            for d, v in zip(vi.type.tensor_type.shape.dim, inputs.get(vi.name, ())):
+                if not d.HasField("dim_value"):
+                    d.dim_value = int(v)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:
+        return model
+    graphs = [g for g in _all_graphs(inferred) if isinstance(g, onnx.GraphProto)]
+    producers = {o: n for g in graphs for n in g.node for o in n.output}
+    for name, elem_type, dims in (x for g in graphs for x in _typed_shapes(g)):
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            continue
+        size = int(np.prod(dims, dtype=object)) * itemsize
+        if size > budget:
+            n = producers.get(name)
+            by = f"node '{n.name or n.op_type}' ({n.op_type}) makes" if n is not None else "the graph holds"
+            raise ModelError(f"{by} tensor '{name}' of shape {dims} ({type_name(elem_type)}, "
+                             f"{size / 2**20:.0f} MiB for one image), beyond the {budget >> 20} MiB "
+                             "memory budget: refused")
+    return inferred
+
+
+def _typed_shapes(g: onnx.GraphProto):
+    """(name, element type, dims) of a graph's initializers and of the tensors whose shape
+    inference knows, unknown dimensions counted as 1."""
+    for t in g.initializer:
+        yield t.name, t.data_type, [int(d) for d in t.dims]
+    for vi in list(g.value_info) + list(g.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape") and t.elem_type not in (TensorProto.STRING, TensorProto.UNDEFINED):
+            yield vi.name, t.elem_type, [int(d.dim_value) if d.HasField("dim_value") else 1 for d in t.shape.dim]
+
+
 def densify(model: onnx.ModelProto, limit: int) -> onnx.ModelProto:
     """The model with its sparse tensors (sparse initializers, Constant ``sparse_value``, in
     every graph and function) stored dense, as onnxruntime runs them: the gradient pass reads
-    dense tensors only. A sparse tensor whose dense form exceeds ``limit`` bytes is refused."""
+    dense tensors only. Refused when their dense forms add up to more than ``limit`` bytes."""
     def sparse_constant(n):
         return n.op_type == "Constant" and any(a.name == "sparse_value" for a in n.attribute)
 
@@ -301,12 +346,19 @@ def densify(model: onnx.ModelProto, limit: int) -> onnx.ModelProto:
                for g in _all_graphs(model)):
         return model
     model = onnx.ModelProto.FromString(model.SerializeToString())
+    left = [limit]
+
+    def dense(s):
+        t = _dense(s, left[0], limit)
+        left[0] -= len(t.raw_data)
+        return t
+
     for g in _all_graphs(model):
         if isinstance(g, onnx.GraphProto):
-            g.initializer.extend(_dense(s, limit) for s in g.sparse_initializer)
+            g.initializer.extend(dense(s) for s in g.sparse_initializer)
             del g.sparse_initializer[:]
         for a in (a for n in filter(sparse_constant, g.node) for a in n.attribute if a.name == "sparse_value"):
-            a.CopyFrom(helper.make_attribute("value", _dense(a.sparse_tensor, limit)))
+            a.CopyFrom(helper.make_attribute("value", dense(a.sparse_tensor)))
     return model
 
 
@@ -322,24 +374,24 @@ def _all_graphs(model: onnx.ModelProto):
                 stack += ([a.g] if a.HasField("g") else []) + list(a.graphs)
 
 
-def _dense(s: onnx.SparseTensorProto, limit: int) -> onnx.TensorProto:
+def _dense(s: onnx.SparseTensorProto, left: int, limit: int) -> onnx.TensorProto:
+    """One sparse tensor as a dense TensorProto of at most ``left`` bytes."""
     from onnx import numpy_helper
 
-    name = s.values.name
-    values = numpy_helper.to_array(s.values)
-    shape = [int(d) for d in s.dims]
-    size = int(np.prod(shape, dtype=object)) * values.dtype.itemsize
-    if size > limit:
-        raise ModelError(f"sparse tensor '{name}' is {size / 2**20:.0f} MiB dense (shape {shape}), "
-                         f"beyond the {limit >> 20} MiB memory budget: refused")
-    dense = np.zeros(int(np.prod(shape, dtype=np.int64)), values.dtype)
+    name, shape = s.values.name, [int(d) for d in s.dims]
     try:
+        values = numpy_helper.to_array(s.values)
+        size = int(np.prod(shape, dtype=object)) * values.dtype.itemsize
+        if size > left:
+            raise ModelError(f"sparse tensor '{name}' is {size / 2**20:.0f} MiB dense (shape {shape}): "
+                             f"the sparse tensors exceed the {limit >> 20} MiB limit: refused")
+        dense = np.zeros(int(np.prod(shape, dtype=np.int64)), values.dtype)
         idx = numpy_helper.to_array(s.indices).astype(np.int64)
         flat = idx.reshape(-1) if idx.ndim == 1 else np.ravel_multi_index(tuple(idx.T), shape)
         dense[flat] = values.reshape(-1)
-    except (ValueError, IndexError) as exc:
-        raise ModelError(f"sparse tensor '{name}': its indices do not fit its values and shape "
-                         f"{shape} ({first_line(exc)})") from None
+    except (ValueError, IndexError, TypeError) as exc:
+        raise ModelError(f"sparse tensor '{name}': its values, indices and shape {shape} do not "
+                         f"agree ({first_line(exc)})") from None
     return numpy_helper.from_array(dense.reshape(shape), name)
 
 
@@ -498,5 +550,5 @@ def save_model(model, path: str) -> None:
             os.unlink(tmp)
 
 
-__all__ = ["InputSpec", "LogitsSpec", "ModelSummary", "load_model", "check_external_data", "iter_tensors", "densify", "validate", "content_hash",
+__all__ = ["InputSpec", "LogitsSpec", "ModelSummary", "load_model", "check_external_data", "check_tensor_sizes", "iter_tensors", "densify", "validate", "content_hash",
            "find_image_input", "find_logits", "parameter_count", "summarize", "set_ir_version", "save_model"]

@@ -368,6 +368,8 @@ def _probe_ranks(model: onnx.ModelProto, names: list[str], shapes: dict) -> None
     """Fill in unknown ranks by running the model once on a small input (onnxruntime)."""
     import onnxruntime as ort
 
+    from ..model import PROBE_BUDGET, check_tensor_sizes
+
     m = copy.deepcopy(model)
     del m.graph.output[:]
     for n in names:
@@ -381,6 +383,7 @@ def _probe_ranks(model: onnx.ModelProto, names: list[str], shapes: dict) -> None
         dims = [d.dim_value if d.HasField("dim_value") else (2 if i == 0 else 64)
                 for i, d in enumerate(t.shape.dim)]
         feeds[vi.name] = np.random.default_rng(0).random(dims).astype(helper.tensor_dtype_to_np_dtype(t.elem_type))
+    check_tensor_sizes(m, PROBE_BUDGET, {k: v.shape for k, v in feeds.items()})  # no bomb runs
     try:
         so = ort.SessionOptions()
         so.log_severity_level = 3
