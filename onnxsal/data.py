@@ -580,7 +580,7 @@ def _resize(im: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     if kh > 1 or kw > 1:
         h, w = im.shape[0] // kh * kh, im.shape[1] // kw * kw
         top, left = (im.shape[0] - h) // 2, (im.shape[1] - w) // 2  # the crop is < one block
-        im = block_reduce(im[top:top + h, left:left + w], (kh, kw, 1), np.mean)
+        im = block_reduce(im[top:top + h, left:left + w], (kh, kw, 1), np.mean, func_kwargs={"dtype": np.float64})
     out = resize(im, (hw[0], hw[1], im.shape[2]), order=1, mode="reflect",
                  anti_aliasing=(hw[0] < im.shape[0] or hw[1] < im.shape[1]),
                  preserve_range=True)
