@@ -170,6 +170,8 @@ def from_json(text: str) -> PreprocessSpec:
         )
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError) as exc:
         raise OptionError(f"preprocessing: invalid JSON spec ({exc})") from None
+    except RecursionError:  # deeply nested JSON (a hostile file's metadata)
+        raise OptionError("preprocessing: invalid JSON spec (nested too deeply)") from None
     return validated(spec)
 
 
@@ -186,9 +188,10 @@ def labels_from_model(model: onnx.ModelProto) -> list[str] | None:
         if p.key == META_LABELS:
             try:
                 labels = json.loads(p.value)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: deeply nested JSON
                 return None
-            return [str(v) for v in labels] if isinstance(labels, list) else None
+            flat = isinstance(labels, list) and all(isinstance(v, (str, int, float)) for v in labels)
+            return [str(v) for v in labels] if flat else None
     return None
 
 
@@ -209,6 +212,8 @@ def read_labels(labels: str | os.PathLike | Sequence[str] | None) -> list[str] |
             data = json.loads(text)
         except ValueError as exc:
             raise InputError(f"labels file {path}: invalid JSON ({exc})") from None
+        except RecursionError:
+            raise InputError(f"labels file {path}: invalid JSON (nested too deeply)") from None
         if isinstance(data, dict):
             try:
                 data = [data[k] for k in sorted(data, key=lambda k: int(k))]

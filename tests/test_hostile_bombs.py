@@ -191,3 +191,19 @@ def test_a_huge_sparse_tensor_is_refused_not_densified(tmp_path):
     m.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [1 << 20, 1 << 20]))
     with pytest.raises(ModelError, match="sparse tensor 'S' is .* MiB dense .*: refused"):
         load_model(save(m, tmp_path / "m.onnx"))
+
+
+@pytest.mark.parametrize("key", ["onnxsal.preprocess", "onnxsal.labels"])
+def test_deeply_nested_json_metadata_is_refused_or_ignored(key):
+    """JSON nested 100000 deep in the metadata (a recursion bomb for json.loads): the
+    preprocessing is a one-line OptionError, labels are ignored."""
+    from onnxsal.engine import Engine
+    from onnxsal.errors import OptionError
+
+    m = tiny()
+    helper.set_model_props(m, {key: "[" * 100000 + "]" * 100000})
+    if key == "onnxsal.preprocess":
+        with pytest.raises(OptionError, match="nested too deeply"):
+            Engine(m, device="cpu", use_disk_cache=False)
+    else:
+        assert Engine(m, device="cpu", use_disk_cache=False).labels is None
