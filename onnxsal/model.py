@@ -319,7 +319,7 @@ def check_tensor_sizes(model: onnx.ModelProto, budget: int, inputs: dict | None 
             n = producers.get(name)
             by = f"node '{n.name or n.op_type}' ({n.op_type}) makes" if n is not None else "the graph holds"
             raise ModelError(f"{by} tensor '{name}' of shape {dims} ({type_name(elem_type)}, "
-                             f"{size / 2**20:.0f} MiB for one image), beyond the {budget >> 20} MiB "
+                             f"{size / 2**20:.0f} MiB at batch 1 or its fixed batch), beyond the {budget >> 20} MiB "
                              "memory budget: refused")
     return inferred
 

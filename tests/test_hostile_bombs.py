@@ -112,7 +112,7 @@ def test_the_cap_is_set_by_the_environment(folder, monkeypatch):
 
 def test_cli_explains_the_good_image_beside_the_bombs(folder, tmp_path):
     m = save(tiny(hw=32), tmp_path / "m.onnx")
-    code, out, err = run_main(["explain", m, folder, "--out", tmp_path / "out", "--method", "gradient",
+    code, _, err = run_main(["explain", m, folder, "--out", tmp_path / "out", "--method", "gradient",
                                "--device", "cpu"])
     assert code == 0, err
     assert "bomb.png: 12500x12500 pixels" in err and "bomb.tif: 40000x40000 pixels" in err

@@ -178,7 +178,7 @@ def test_symlink_inside_the_folder_to_a_secret_is_refused(cwd_with_secret):
 def test_training_info_tensors_are_checked(cwd_with_secret):
     from onnxsal.model import iter_tensors, load_model
 
-    cwd, models = cwd_with_secret
+    _, models = cwd_with_secret
     m = sparse_initializer(None)
     t = _external(numpy_helper.from_array(np.zeros(16, np.float32), "step"), "../secret.bin", 64)
     init = helper.make_graph([], "init", [], [], initializer=[t])
