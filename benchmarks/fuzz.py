@@ -3,7 +3,9 @@
 Each case takes one of a few small, valid classifiers (built here with onnx.helper), applies
 one to three mutations (bit flips, truncations, spliced bytes, shape lies, cycles, dangling
 names, duplicate names, wrong element types, swapped operators, bad attributes, deleted or
-duplicated nodes, missing initializers, odd opsets, garbage metadata) and runs the three
+duplicated nodes, missing initializers, odd opsets, garbage metadata, a node moved into an
+If/Loop body that reads outer tensors, sparse tensors with inline or external data inside,
+outside or linked out of the folder, fake augmented-model metadata) and runs the three
 commands through ``onnxsal.cli.main`` exactly as the console script does. Allowed outcomes:
 exit 0, or exit 2 with exactly one ``error:`` line and no traceback (an OnnxsalError). Anything
 else is a finding: another exception, another exit code, several error lines, a hang, or a
@@ -355,6 +357,92 @@ def garbage_metadata(rng, m):
     return m
 
 
+
+def subgraph(rng, m):
+    """One node moved into an If's branches or a one-trip Loop's body, which read the outer
+    tensors it used (the control-flow scoping the gradient pass must follow)."""
+    k = int(rng.integers(len(m.graph.node)))
+    n = m.graph.node[k]
+    if len(n.output) != 1 or not n.input:
+        return m
+    out = n.output[0]
+    cond = helper.make_tensor("fuzz_true", TensorProto.BOOL, [], [True])
+    inner = onnx.NodeProto()
+    inner.CopyFrom(n)
+    if rng.random() < 0.5:
+        inner.output[0] = "fuzz_b"
+        body = helper.make_graph([inner], "fuzz_branch", [],
+                                 [helper.make_tensor_value_info("fuzz_b", TensorProto.FLOAT, None)])
+        wrapped = helper.make_node("If", ["fuzz_true"], [out], then_branch=body, else_branch=body)
+    else:  # the node's first input is the loop-carried value; the others are read from outside
+        inner.input[0], inner.output[0] = "fuzz_v", "fuzz_v_out"
+        body = helper.make_graph(
+            [helper.make_node("Identity", ["fuzz_c"], ["fuzz_c_out"]), inner], "fuzz_body",
+            [helper.make_tensor_value_info("fuzz_i", TensorProto.INT64, []),
+             helper.make_tensor_value_info("fuzz_c", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("fuzz_v", TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info("fuzz_c_out", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("fuzz_v_out", TensorProto.FLOAT, None)])
+        m.graph.initializer.append(helper.make_tensor("fuzz_trips", TensorProto.INT64, [], [1]))
+        wrapped = helper.make_node("Loop", ["fuzz_trips", "fuzz_true", n.input[0]], [out], body=body)
+    m.graph.initializer.append(cond)
+    m.graph.node[k].CopyFrom(wrapped)
+    return m
+
+
+# external-data locations of the sparse mutation: a file beside the model (written by the
+# worker), missing, outside, absolute, and a link inside the folder to a file outside it
+SPARSE_LOCATIONS = ["weights.bin", "missing.bin", "../outside.bin", "/etc/hostname", "link.bin"]
+
+
+def sparse(rng, m):
+    """A float initializer stored sparse (a sparse initializer, or a Constant's sparse_value),
+    its values inline or external (SPARSE_LOCATIONS), sometimes with a lying dense shape."""
+    floats = [t for t in m.graph.initializer if t.data_type == TensorProto.FLOAT]
+    if not floats:
+        return m
+    t = floats[int(rng.integers(len(floats)))]
+    a = numpy_helper.to_array(t)
+    nz = np.flatnonzero(a)
+    values = numpy_helper.from_array(a.reshape(-1)[nz].astype(np.float32), t.name)
+    if rng.random() < 0.5:
+        values.ClearField("raw_data")
+        values.data_location = TensorProto.EXTERNAL
+        loc = str(rng.choice(SPARSE_LOCATIONS))
+        for key, v in (("location", loc), ("offset", str(int(rng.choice([0, 0, 4, 1 << 40])))),
+                       ("length", str(4 * len(nz)))):
+            e = values.external_data.add()
+            e.key, e.value = key, v
+    dims = list(a.shape) if rng.random() < 0.8 else [int(rng.choice([1 << 20, 0, 3]))] * max(a.ndim, 1)
+    st = helper.make_sparse_tensor(values, numpy_helper.from_array(nz.astype(np.int64), t.name + "_idx"), dims)
+    m.graph.initializer.remove(t)
+    if rng.random() < 0.5:
+        m.graph.sparse_initializer.append(st)
+    else:
+        m.graph.node.insert(0, helper.make_node("Constant", [], [t.name], sparse_value=st))
+    return m
+
+
+def fake_augmented(rng, m):
+    """onnxsal's augmented-model metadata (seed, logits, gradients) on a plain file, naming
+    tensors that exist, do not, or are the wrong ones; or deep, huge or odd JSON values."""
+    names = [m.graph.input[0].name, m.graph.output[0].name] + _names(m) + ["nope", ""]
+    pick = lambda: str(names[int(rng.integers(len(names)))])  # noqa: E731
+    what = int(rng.integers(3))
+    if what == 0:
+        props = {"onnxsal.seed": pick(), "onnxsal.logits": pick(), "onnxsal.grad." + pick(): pick()}
+        if rng.random() < 0.5:
+            props["onnxsal.rules"] = str(rng.choice(["default", "zzz", ""]))
+    elif what == 1:
+        depth = int(rng.choice([50, 5000, 200000]))
+        props = {str(rng.choice(["onnxsal.preprocess", "onnxsal.labels", "onnxsal.seed"])):
+                 "[" * depth + "]" * depth}
+    else:
+        props = {str(rng.choice(["onnxsal.labels", "onnxsal.preprocess"])):
+                 json.dumps(["x" * 1000] * int(rng.choice([10, 5000])))}
+    helper.set_model_props(m, {**{p.key: p.value for p in m.metadata_props}, **props})
+    return m
+
 MUTATIONS = {
     "bit_flips": bit_flips, "truncate": truncate, "splice": splice, "shape_lie": shape_lie,
     "cycle": cycle, "dangling": dangling, "duplicate_names": duplicate_names,
@@ -363,9 +451,10 @@ MUTATIONS = {
     "drop_initializer": drop_initializer, "odd_opset": odd_opset,
     "garbage_metadata": garbage_metadata, "swap_unary": swap_unary,
     "weird_weights": weird_weights, "extra_output": extra_output,
+    "subgraph": subgraph, "sparse": sparse, "fake_augmented": fake_augmented,
 }
 MILD = ["shape_lie", "wrong_type", "bad_attribute", "odd_opset", "garbage_metadata", "swap_unary",
-        "weird_weights", "extra_output"]
+        "weird_weights", "extra_output", "subgraph", "sparse", "fake_augmented"]
 STRUCTURAL = [k for k in MUTATIONS if k not in ("bit_flips", "truncate", "splice")]
 
 
@@ -454,6 +543,12 @@ def worker(seed: int, indices: list[int], workdir: Path, progress: Path, figures
         pass
     from skimage import io as skio
 
+    models = workdir / "models"  # the cases' folder, with the files SPARSE_LOCATIONS name
+    models.mkdir(exist_ok=True)
+    (models / "weights.bin").write_bytes(np.zeros(1 << 16, np.float32).tobytes())
+    (workdir / "outside.bin").write_bytes(b"outside the model's folder\n" * 64)
+    if not (models / "link.bin").is_symlink():
+        os.symlink(workdir / "outside.bin", models / "link.bin")
     image = workdir / "image.png"
     if not image.exists():
         skio.imsave(image, (np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8),
@@ -463,7 +558,7 @@ def worker(seed: int, indices: list[int], workdir: Path, progress: Path, figures
     with open(progress, "a", encoding="utf-8") as log:
         for i in indices:
             data, applied = make_case(seed, i, bases)
-            path = workdir / f"case{i}.onnx"
+            path = models / f"case{i}.onnx"
             path.write_bytes(data)
             log.write(json.dumps({"start": i}) + "\n")
             log.flush()

@@ -27,6 +27,9 @@ import numpy as np
 
 from .errors import InputError
 
+# one image's decoded pixels at most (an 8000x8000 photograph; 768 MB as float32 RGB): a few
+# KB of PNG or TIFF can claim gigapixels. $ONNXSAL_MAX_PIXELS overrides it.
+MAX_PIXELS = 64_000_000
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm", ".pbm", ".pnm"}
 
@@ -349,15 +352,43 @@ def _from_folder(root: Path, limit: int | None) -> RawImages:
     return raw
 
 
+def max_pixels() -> int:
+    """The cap on one image's decoded pixels: ``$ONNXSAL_MAX_PIXELS`` or MAX_PIXELS."""
+    text = os.environ.get("ONNXSAL_MAX_PIXELS", "").strip()
+    if not text:
+        return MAX_PIXELS
+    try:
+        cap = int(float(text))
+    except ValueError:
+        cap = 0
+    if cap < 1:
+        raise InputError(f"ONNXSAL_MAX_PIXELS='{text}' is not a positive number of pixels")
+    return cap
+
+
 def _read_image(path: Path) -> np.ndarray:
+    """One image file's first frame, refused from its header (before anything is decoded)
+    when it holds more than max_pixels() pixels: a small file can decode to gigabytes."""
     import warnings
 
-    from skimage import io as skio
+    import imageio.v3 as iio
+    from PIL import Image
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # imageio's plugin probing on unreadable files
-        arr = skio.imread(str(path))
-    if arr.ndim == 4:  # animated image: the first frame
+    cap = max_pixels()
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # Pillow's own bomb check (a warning, then a bare error): ours governs
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+        if w * h > cap:
+            raise InputError(f"{w}x{h} pixels ({w * h / 1e6:.0f} megapixels) exceed the {cap / 1e6:g}-"
+                             "megapixel cap on one image (ONNXSAL_MAX_PIXELS): not decoded")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # imageio's plugin probing on unreadable files
+            arr = iio.imread(path, index=0)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    if arr.ndim == 4:  # some plugins keep a frame axis
         arr = arr[0]
     return arr
 
@@ -374,6 +405,9 @@ def _from_files(files: list[Path], labels: np.ndarray | None, class_names: list[
             continue
         try:
             arr = _read_image(f)
+        except InputError as exc:
+            failures.append((name, str(exc)))
+            continue
         except Exception as exc:
             failures.append((name, f"unreadable image ({type(exc).__name__}: "
                                    f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})"))
@@ -536,8 +570,17 @@ def _convert_channels(im: np.ndarray, c_want: int) -> tuple[np.ndarray, str]:
 
 
 def _resize(im: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize with anti-aliasing. A large reduction first averages blocks of whole
+    factors (a box filter, cheap), so that skimage's Gaussian anti-aliasing that follows has
+    a small kernel instead of one as wide as the reduction over the full-size image."""
+    from skimage.measure import block_reduce
     from skimage.transform import resize
 
+    kh, kw = max(1, im.shape[0] // hw[0]), max(1, im.shape[1] // hw[1])
+    if kh > 1 or kw > 1:
+        h, w = im.shape[0] // kh * kh, im.shape[1] // kw * kw
+        top, left = (im.shape[0] - h) // 2, (im.shape[1] - w) // 2  # the crop is < one block
+        im = block_reduce(im[top:top + h, left:left + w], (kh, kw, 1), np.mean, func_kwargs={"dtype": np.float64})
     out = resize(im, (hw[0], hw[1], im.shape[2]), order=1, mode="reflect",
                  anti_aliasing=(hw[0] < im.shape[0] or hw[1] < im.shape[1]),
                  preserve_range=True)

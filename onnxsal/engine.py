@@ -34,7 +34,8 @@ from . import cache, trust
 from .autodiff import META_GRAD, META_LOGITS, META_RULES, META_SEED, META_VALUE, augment
 from .autodiff.rules.registry import packaged
 from .errors import InputError, ModelError, OptionError, first_line
-from .model import content_hash, dim_of, find_image_input, find_logits, load_model
+from .model import (check_external_data, check_tensor_sizes, content_hash, densify, dim_of,
+                    find_image_input, find_logits, load_model)
 from .preprocess import PreprocessSpec, labels_from_model, parse, prepend, raw_shape
 from .simplify import simplify
 from .preprocess import from_model as preprocess_from_model
@@ -101,16 +102,13 @@ def pick_providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _float_bytes_per_image(model: onnx.ModelProto, input_name: str, shape) -> tuple[int, int]:
+def _float_bytes_per_image(model: onnx.ModelProto, input_name: str, shape, budget: int) -> tuple[int, int]:
     """(bytes of all float activations, bytes of the largest one) for one image: the
-    batching estimate.
+    batching estimate. A model with a tensor beyond ``budget`` is refused first.
 
     From shape inference when it knows every dimension; otherwise measured by one run at
     batch 1 with every float tensor exposed (exporters' run-time shapes defeat inference)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception:
-        inferred = model
+    inferred = check_tensor_sizes(model, budget, {input_name: (1,) + tuple(shape)})
     total, largest, unknown = 0, 0, False
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
         t = vi.type.tensor_type
@@ -163,6 +161,7 @@ class Engine:
         if isinstance(model, onnx.ModelProto):
             self.path = None
             source = model
+            check_external_data(source, None)  # no folder to read them from, never the CWD
         else:
             self.path = str(model)
             source = load_model(model)
@@ -183,6 +182,7 @@ class Engine:
         self.logits_spec = find_logits(forward, output)
         self.labels = labels_from_model(forward)
         self.input_shape = raw_shape(self.input_spec, self.preprocess)
+        forward = densify(forward, int(memory_budget_mb) << 20)  # the pass reads dense tensors
         self.model = prepend(forward, self.preprocess, self.input_spec)
         # the file's gradient takes the file's input as is: only when nothing is prepended
         self._input_as_is = self.model is forward
@@ -204,7 +204,8 @@ class Engine:
         self._cache_dir = cache_dir
         self._use_disk_cache = use_disk_cache
         self.simplify = simplify
-        self._bytes_per_image, self._largest_tensor = _float_bytes_per_image(self.model, self.input_name, self.input_shape)
+        self._bytes_per_image, self._largest_tensor = _float_bytes_per_image(
+            self.model, self.input_name, self.input_shape, self.memory_budget)
         self._sessions: dict = {}
         self._file = None  # (session, roles) of the file's own gradient graph, once verified
         self._forward = self._make_forward()

@@ -191,6 +191,8 @@ def from_json(text: str) -> PreprocessSpec:
         )
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError) as exc:
         raise OptionError(f"preprocessing: invalid JSON spec ({exc})") from None
+    except RecursionError:  # deeply nested JSON (a hostile file's metadata)
+        raise OptionError("preprocessing: invalid JSON spec (nested too deeply)") from None
     return validated(spec)
 
 

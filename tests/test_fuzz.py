@@ -219,3 +219,5 @@ def test_mutated_onnx_files_give_onnxsal_errors_only(tmp_path):
     for cmd in ("inspect", "augment", "explain"):
         assert summary["outcomes"][f"{cmd} ok"] >= 45, summary["outcomes"]
         assert summary["outcomes"][f"{cmd} error"] >= 100, summary["outcomes"]
+    for name in ("subgraph", "sparse", "fake_augmented"):  # control flow, sparse data, metadata
+        assert summary["mutations"].get(name, 0) >= 15, summary["mutations"]

@@ -287,7 +287,7 @@ def test_load_model_refuses_before_reading_outside(hostile_dir, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("external data were read")
 
-    monkeypatch.setattr(edh, "load_external_data_for_model", boom)
+    monkeypatch.setattr(edh, "load_external_data_for_tensor", boom)
     for kind in ("external_absolute", "external_dotdot", "external_symlink", "external_huge_claim"):
         with pytest.raises(ModelError):
             load_model(_hostile(kind, hostile_dir))

@@ -340,6 +340,8 @@ def _probe_ranks(model: onnx.ModelProto, names: list[str], shapes: dict) -> None
     """Fill in unknown ranks by running the model once on a small input (onnxruntime)."""
     import onnxruntime as ort
 
+    from ..model import PROBE_BUDGET, check_tensor_sizes
+
     m = copy.deepcopy(model)
     del m.graph.output[:]
     for n in names:
@@ -353,6 +355,7 @@ def _probe_ranks(model: onnx.ModelProto, names: list[str], shapes: dict) -> None
         dims = [dim_of(d) for d in t.shape.dim]
         dims = [d if isinstance(d, int) else (2 if i == 0 else 64) for i, d in enumerate(dims)]
         feeds[vi.name] = np.random.default_rng(0).random(dims).astype(helper.tensor_dtype_to_np_dtype(t.elem_type))
+    check_tensor_sizes(m, PROBE_BUDGET, {k: v.shape for k, v in feeds.items()})  # no bomb runs
     try:
         so = ort.SessionOptions()
         so.log_severity_level = 4
