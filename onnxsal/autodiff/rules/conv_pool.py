@@ -111,14 +111,16 @@ def _dense_conv_matrix(weight: np.ndarray, strides, dilations, pb, sin, sout, gr
     kernel = weight.shape[2:]
     cin, cout_g = cin_g * group, cout // group
     n_in, n_out = int(np.prod(sin)), int(np.prod(sout))
+    dense = cout * n_out * cin * n_in
+    if dense > DENSE_MAX_ELEMS:
+        return None  # before enumerating taps: a large plane has millions of them
     hits = []
     for opos in np.ndindex(*sout):
         for kk in np.ndindex(*kernel):
             ipos = [opos[a] * strides[a] - pb[a] + kk[a] * dilations[a] for a in range(d)]
             if all(0 <= ipos[a] < sin[a] for a in range(d)):
                 hits.append((int(np.ravel_multi_index(opos, sout)), int(np.ravel_multi_index(ipos, sin)), kk))
-    dense = cout * n_out * cin * n_in
-    if not hits or dense > DENSE_MAX_ELEMS or dense > DENSE_MAX_RATIO * len(hits) * cin_g * cout:
+    if not hits or dense > DENSE_MAX_RATIO * len(hits) * cin_g * cout:
         return None
     M = np.zeros((cout, n_out, cin, n_in), weight.dtype)
     for oi, ii, kk in hits:
