@@ -27,9 +27,7 @@ class Metric:
     name: str = "metric"
     direction: Literal["lower", "higher"] = "lower"
     #: the per-image arrays (first axis: images) evaluate_batch returns and a shard stores
-    arrays: tuple[str, ...] = ()
-    #: the key of the scalar in :meth:`summarize`'s dict that the report tabulates
-    headline: str = "value"
+    arrays: tuple[str, ...] = ("value",)
     #: the prefix of its arrays' names in a benchmark shard file (None: "<name>:")
     shard_prefix: str | None = None
     #: bytes of model input one batch may hold (the callable batches again internally)
@@ -41,7 +39,7 @@ class Metric:
             register(cls)
 
     @classmethod
-    def from_options(cls, options: dict) -> "Metric":
+    def from_options(cls, options: dict) -> Metric:
         """The metric for a benchmark's options (``max_batch_bytes`` and the metric's own
         keys); the default takes only the memory budget."""
         m = cls()
@@ -81,13 +79,21 @@ class Metric:
         raise NotImplementedError
 
     def aggregate(self, parts: list) -> Any:
-        """Combine the per-batch results into the metric's result."""
-        raise NotImplementedError
+        """Combine the per-batch results into the metric's result. The default: the mean of
+        the per-image ``value`` array over the images where it is finite."""
+        v = np.concatenate([np.asarray(p["value"], np.float64).reshape(-1) for p in parts])
+        ok = np.isfinite(v)
+        return {"value": float(v[ok].mean()) if ok.any() else float("nan"),
+                "images": len(v), "valid_images": int(ok.sum()), "per_image": v}
 
     def summarize(self, result: Any, names: list[str]) -> dict:
-        """The JSON-ready summary of an aggregated result (``names``: the image names); it
-        holds the :attr:`headline` scalar."""
-        return dict(result.to_dict())
+        """The JSON-ready summary of an aggregated result (``names``: the image names); the
+        default, for :meth:`aggregate`'s default: the mean ``value``, the direction and the
+        images without a finite value."""
+        return {"value": result["value"], "direction": self.direction,
+                "images": result["images"], "valid_images": result["valid_images"],
+                "failures": [{"name": names[j], "error": "non-finite value"}
+                             for j in np.flatnonzero(~np.isfinite(result["per_image"]))]}
 
     def place(self, entry: dict, summary: dict) -> None:
         """Put the summary into a benchmark result ``entry`` (one model x method)."""
@@ -154,8 +160,8 @@ def get(name: str) -> type[Metric]:
 
 
 def _load_builtin() -> None:
-    from . import deletion, rise  # noqa: F401  (they register themselves)
     from .. import plugins
+    from . import deletion, rise  # noqa: F401  (they register themselves)
 
     plugins.load()
 

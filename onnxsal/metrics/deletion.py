@@ -109,7 +109,7 @@ class BlackWhiteDeletion(Metric):
 
     name = "black-white-deletion"
     direction = "lower"
-    arrays = ("reference", "errors")  # and one "pred_<mode>" per mode (set in __init__)
+    arrays: tuple[str, ...] = ("reference", "errors")  # and "pred_<mode>" (set in __init__)
     shard_prefix = ""
 
     def __init__(self, metric: str = "accuracy", fractions=FRACTIONS, modes=MODES,
@@ -128,7 +128,7 @@ class BlackWhiteDeletion(Metric):
         self.arrays = ("reference", "errors") + tuple(f"pred_{m}" for m in self.modes)
 
     @classmethod
-    def from_options(cls, options: dict) -> "BlackWhiteDeletion":
+    def from_options(cls, options: dict) -> BlackWhiteDeletion:
         return cls(options.get("metric", "accuracy"), options.get("fractions", FRACTIONS),
                    options.get("modes", MODES), options.get("max_batch_bytes", 256 << 20))
 
@@ -166,14 +166,14 @@ class BlackWhiteDeletion(Metric):
         """Run every deleted variant of the batch in one model call; per-image arrays."""
         images = np.asarray(images, np.float32)
         maps = np.asarray(maps)
-        n, c, h, w = images.shape
+        n = len(images)
         P = len(self.fractions)
         errors = [""] * n
         preds = {m: np.full((n, P), -1, np.int64) for m in self.modes}
         clean = np.full(n, -1, np.int64)
         finite_map = np.isfinite(maps.reshape(n, -1)).all(axis=1)
-        for i in np.flatnonzero(~finite_map):
-            errors[i] = "saliency map contains NaN or Inf"
+        for j in np.flatnonzero(~finite_map):
+            errors[j] = "saliency map contains NaN or Inf"
         idx = np.flatnonzero(finite_map)
         if len(idx):
             self._predict(predict_logits, images[idx], maps[idx], idx, clean, preds, errors)
@@ -214,7 +214,7 @@ class BlackWhiteDeletion(Metric):
         for j in np.flatnonzero(bad):
             errors[idx[j]] = "non-finite logits on the clean image"
 
-    def summarize(self, result: "DeletionResult", names: list[str]) -> dict:
+    def summarize(self, result: DeletionResult, names: list[str]) -> dict:
         return {"images": len(result.errors), "valid_images": result.n_valid,
                 "fractions": result.fractions, "curves": result.curves, "auc": result.auc,
                 "failures": [{"name": n, "error": e} for n, e in result.failures(names)]}
@@ -223,7 +223,7 @@ class BlackWhiteDeletion(Metric):
         """The benchmark's own metric: its summary is the top level of a result entry."""
         entry.update(summary)
 
-    def clean_score(self, result: "DeletionResult") -> dict | None:
+    def clean_score(self, result: DeletionResult) -> dict | None:
         """The top-1 score of the clean images (fraction 0) against the reference."""
         if not result.n_valid:
             return None

@@ -92,7 +92,6 @@ class RiseResult:
 class _RiseMetric(Metric):
     insertion = False
     arrays = ("scores", "targets", "errors")
-    headline = "auc"
 
     def __init__(self, step: int | None = None, baseline: str = "black",
                  sigma: float | None = None, max_batch_bytes: int = 256 << 20):
@@ -106,7 +105,7 @@ class _RiseMetric(Metric):
         self.max_batch_bytes = int(max_batch_bytes)
 
     @classmethod
-    def from_options(cls, options: dict) -> "_RiseMetric":
+    def from_options(cls, options: dict) -> _RiseMetric:
         return cls(options.get("rise_step"), options.get("rise_baseline", "black"),
                    max_batch_bytes=options.get("max_batch_bytes", 256 << 20))
 
