@@ -16,7 +16,6 @@ alone writes the shard files and merges them, with the same code for every execu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -28,14 +27,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import code_fingerprint
 from .data import Dataset, RawImages, conform, load_raw
-from .errors import ModelError, OnnxsalError, OptionError
+from .errors import OnnxsalError, OptionError
 from .metrics import base as metrics
 from .metrics.deletion import FRACTIONS, MODES, BlackWhiteDeletion
 from .overlays import draw_figures
-from .report import (atomic_savez, atomic_write_json, atomic_write_text, check_output_dir,
-                     deletion_csv_rows, deletion_markdown, plot_deletion_curves, write_csv)
+from .report import (atomic_write_json, atomic_write_text, check_output_dir, deletion_csv_rows,
+                     deletion_markdown, plot_deletion_curves, write_csv)
+from .runs import EngineSpec, executor_session, load_arrays, model_payload, run_key, save_arrays
 
 MapsFn = Callable[[Any, str, np.ndarray], np.ndarray]
 SHARD_FORMAT = 1
@@ -101,41 +100,6 @@ def _parse_methods(methods: Sequence[str] | str) -> list[str]:
     if not out:
         raise OptionError("no methods given (e.g. --methods original,positive,negative)")
     return out
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """How to build the engine of one model anywhere (plain, picklable values).
-
-    ``key`` identifies the model and its options (the shard key); ``model_hash`` is checked
-    against the engine a worker builds from the bytes the driver sent. ``factory(model)``
-    replaces :class:`onnxsal.engine.Engine` (tests)."""
-
-    key: str
-    model_hash: str
-    preprocess: Any = None
-    device: str = "auto"
-    threads: int | None = None
-    output: str | None = None
-    factory: Callable[[Any], Any] | None = None
-
-    def build(self, model: Any, default_threads: int | None = None):
-        """An engine for ``model`` (serialized ONNX bytes, a path or a ModelProto)."""
-        if self.factory is not None:
-            return self.factory(model)
-        import onnx
-
-        from .engine import Engine
-
-        if isinstance(model, (bytes, bytearray)):
-            model = onnx.load_from_string(bytes(model))
-        threads = self.threads if self.threads is not None else default_threads
-        eng = Engine(model, preprocess=self.preprocess, device=self.device, threads=threads,
-                     output=self.output)
-        if eng.model_hash != self.model_hash:
-            raise ModelError(f"the worker's copy of the model differs from the driver's "
-                             f"(hash {eng.model_hash[:12]} != {self.model_hash[:12]})")
-        return eng
 
 
 @dataclass(frozen=True)
@@ -243,11 +207,7 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
     by tests). ``executor`` runs the shard groups: None or "local" (this process), "ray", or an
     object from :func:`onnxsal.executors.make_executor`; the result files do not depend on it.
     """
-    from .executors import make_executor
-
     check_output_dir(out_dir)  # before any work
-    if executor is None or isinstance(executor, str):
-        executor = make_executor(executor or "local")
     t_start = time.time()
     models = list(models)
     if not models:
@@ -263,11 +223,6 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
                "modes": tuple(modes), "max_batch_bytes": int(max_batch_bytes),
                "rise_baseline": rise_baseline, "rise_step": rise_step}
     metric_spec = MetricSpec(metric_names(rise, metrics_extra), tuple(options.items()))
-    run = _Run(models=models, data=data, method_names=method_names, limit=limit,
-               out=Path(out_dir), maps_fn=maps_fn, preprocess=preprocess, device=device,
-               seed=seed, shard_size=shard_size, threads=threads, output=output, split=split,
-               engine_factory=engine_factory, metric_spec=metric_spec,
-               metric_objs=metric_spec.build(), executor=executor, t_start=t_start)
     settings = {"metric": metric, "methods": method_names,
                 "fractions": [float(p) for p in fractions], "modes": list(modes),
                 "auc": "trapezoid, dx = 0.1, not normalised", "limit": limit, "seed": seed,
@@ -278,15 +233,16 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
                 "metrics": list(metric_spec.names),
                 "preprocess": preprocess if isinstance(preprocess, (str, type(None)))
                 else str(preprocess), "shard_size": shard_size, "device": device}
-    executor.for_device(device)
-    executor.open()
-    try:
+    with executor_session(executor, device) as ex:
+        run = _Run(models=models, data=data, method_names=method_names, limit=limit,
+                   out=Path(out_dir), maps_fn=maps_fn, preprocess=preprocess, device=device,
+                   seed=seed, shard_size=shard_size, threads=threads, output=output,
+                   split=split, engine_factory=engine_factory, metric_spec=metric_spec,
+                   metric_objs=metric_spec.build(), executor=ex, t_start=t_start)
         run.prepare()
         if not run.execute(progress, stop_after):
             return {"complete": False, "shards": len(run.plan), "done": len(run.parts)}
         return run.finish(settings, command)
-    finally:
-        executor.close()
 
 
 @dataclass
@@ -343,8 +299,9 @@ class _Run:
             kp = info["dir"] / "key.json"
             if not kp.is_file():
                 atomic_write_text(kp, info["key_src"] + "\n")
+        need = {m.shard_key(k) for m in self.metric_objs for k in m.arrays}
         for item in self.plan:
-            loaded = _load_shard(item[3], self.metric_objs)
+            loaded = load_arrays(item[3], need)  # a shard lacking an array is recomputed
             if loaded is not None:
                 self.parts[(item[0], item[2], item[1].start)] = loaded
 
@@ -353,15 +310,12 @@ class _Run:
             m.check_labels(ds.labels, eng.num_classes, name, ds.source)
         pre = getattr(eng, "preprocess", None)
         pre_json = pre.to_json() if hasattr(pre, "to_json") else json.dumps(str(pre))
-        key_src = json.dumps({"format": SHARD_FORMAT, "code": code_fingerprint(),
-                              "model": eng.model_hash, "preprocess": pre_json,
-                              "output": self.output, "data": ds.fingerprint(),
-                              "metrics": {m.name: m.settings() for m in self.metric_objs},
-                              "seed": self.seed, "shard_size": self.shard_size,
-                              "maps_fn": "default" if self.maps_fn is None else
-                              getattr(self.maps_fn, "__qualname__", repr(type(self.maps_fn)))},
-                             sort_keys=True)
-        key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+        key, key_src = run_key({
+            "model": eng.model_hash, "preprocess": pre_json, "output": self.output,
+            "data": ds.fingerprint(), "metrics": {m.name: m.settings() for m in self.metric_objs},
+            "seed": self.seed, "shard_size": self.shard_size,
+            "maps_fn": "default" if self.maps_fn is None else
+            getattr(self.maps_fn, "__qualname__", repr(type(self.maps_fn)))}, SHARD_FORMAT)
         sdir = self.out / "shards" / f"{_safe(name)}-{key}"
         spec = EngineSpec(key=f"{i}-{key}", model_hash=str(eng.model_hash),
                           preprocess=self.preprocess, device=self.device, threads=self.threads,
@@ -402,7 +356,7 @@ class _Run:
                        desc=f"benchmark ({self.executor.name})", dynamic_ncols=True)
 
         def deliver(group: ShardGroup, meth: str, part: dict) -> None:
-            atomic_savez(self.out / group.files[meth], **part)
+            save_arrays(self.out / group.files[meth], part)
             self.parts[(group.model_index, meth, group.start)] = part
             self.computed += 1
             if bar is not None:
@@ -413,11 +367,8 @@ class _Run:
                 bar.set_postfix_str(text)
 
         def payload(i: int) -> Any:
-            """What a remote worker builds model ``i`` from: the serialized model (no shared
-            file system needed), or the model argument itself for a custom engine factory."""
-            if self.engine_factory is None:
-                return self.engines[i].source_model.SerializeToString()
-            return self.models[i]
+            model = self.models[i] if self.engine_factory else self.engines[i].source_model
+            return model_payload(model, self.engine_factory)
 
         try:
             self.executor.run(groups, contexts=self.engines, payload=payload, deliver=deliver,
@@ -522,19 +473,3 @@ def _write_outputs(out: Path, summary: dict) -> None:
     if failed:
         summary["figure_failures"] = [{"name": n, "error": e} for n, e in failed]
         atomic_write_json(out / "results.json", summary)
-
-
-def _load_shard(path: Path, metric_objs: list) -> dict | None:
-    """A finished shard, or None when it is missing, unreadable or lacks an array of one of
-    the metrics (then it is recomputed)."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            part = {k: z[k] for k in z.files}
-    except Exception:
-        return None
-    need = {m.shard_key(k) for m in metric_objs for k in m.arrays}
-    if not need <= set(part):
-        return None
-    return part
