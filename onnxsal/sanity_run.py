@@ -47,23 +47,9 @@ import onnx
 from . import __version__
 from .errors import InputError, ModelError, OptionError
 from .metrics import similarity as sim
-from .metrics.sanity import (
-    Layer,
-    cascading_steps,
-    find_layers,
-    independent_steps,
-    pick_steps,
-    randomize,
-)
+from .metrics.sanity import Layer, cascading_steps, find_layers, independent_steps, pick_steps, randomize
 from .model import content_hash, load_model
-from .runs import (
-    EngineSpec,
-    executor_session,
-    load_arrays,
-    model_payload,
-    run_key,
-    save_arrays,
-)
+from .runs import EngineSpec, executor_session, load_arrays, model_payload, run_key, save_arrays
 from .sanity_report import DIRECTION, RULE, markdown, plot_curves, plot_grid, verdict
 
 MODES = ("cascading", "independent")

@@ -6,14 +6,7 @@ everything it depends on, the code fingerprint included, so a stopped run resume
 finished parts and gives what an uninterrupted one gives.
 """
 
-from .scaffold import (
-           EngineSpec,
-           executor_session,
-           load_arrays,
-           model_payload,
-           run_key,
-           save_arrays,
-)
+from .scaffold import EngineSpec, executor_session, load_arrays, model_payload, run_key, save_arrays
 
 __all__ = ["EngineSpec", "executor_session", "load_arrays", "model_payload", "run_key",
            "save_arrays"]
