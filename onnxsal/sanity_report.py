@@ -15,7 +15,7 @@ import numpy as np
 
 from .display import printable
 from .metrics import similarity as sim
-from .metrics.sanity import pick_steps
+from .metrics.randomisation import pick_steps
 from .report import atomic_write_bytes
 
 METRIC_LABELS = {"spearman_abs": "Spearman (absolute maps)",

@@ -47,7 +47,8 @@ import onnx
 from . import __version__
 from .errors import InputError, ModelError, OptionError
 from .metrics import similarity as sim
-from .metrics.sanity import Layer, cascading_steps, find_layers, independent_steps, pick_steps, randomize
+from .metrics.randomisation import cascading_steps, independent_steps, pick_steps, randomize
+from .metrics.sanity import Layer, find_layers
 from .model import content_hash, load_model
 from .runs import EngineSpec, executor_session, load_arrays, model_payload, run_key, save_arrays
 from .sanity_report import DIRECTION, RULE, markdown, plot_curves, plot_grid, verdict
