@@ -330,75 +330,90 @@ def _distances(g: _Graph, logits: str) -> dict[int, int]:
     return dist
 
 
-def _layer_of(g: _Graph, i: int, distance: int, name: str) -> Layer | None:
+_Parts = tuple[list[Operand], list[Operand], int, int]  # weights, biases, fan-in, fan-out
+
+
+def _bias(g: _Graph, i: int, features: int) -> Operand | None:
+    """The bias input of node ``i``, or the constant Add that follows it."""
     n = g.nodes[i]
-    op = n.op_type
-    weights: list[Operand] = []
-    biases: list[Operand] = []
-    fan_in = fan_out = 1
+    return _operand(g, "bias", i, 2) if len(n.input) > 2 and n.input[2] else _follow_bias_add(g, i, features)
+
+
+def _conv_parts(g: _Graph, i: int) -> _Parts | None:
+    n = g.nodes[i]
+    if not n.input or n.input[0] not in g.dynamic:
+        return None
+    w = _operand(g, "weight", i, 1)
+    if w is None or len(w.shape) < 3:
+        return None
+    receptive = int(np.prod(w.shape[2:], dtype=np.int64))
+    group = int(_attr(n, "group", 1) or 1)
+    if n.op_type == "Conv":
+        fan_in, fan_out = w.shape[1] * receptive, w.shape[0] * receptive
+        features = w.shape[0]
+    else:
+        fan_in, fan_out = max(w.shape[0] // group, 1) * receptive, w.shape[1] * receptive
+        features = w.shape[1] * group
+    b = _bias(g, i, features)
+    return [w], [b] if b is not None else [], fan_in, fan_out
+
+
+def _matmul_parts(g: _Graph, i: int) -> _Parts | None:
+    n = g.nodes[i]
+    cand = []
+    for k in (1, 0):
+        if len(n.input) > k and n.input[k] and n.input[k] not in g.dynamic:
+            other = n.input[1 - k] if len(n.input) > 1 - k else ""
+            if other in g.dynamic:
+                cand.append(k)
+    w = None
+    for k in cand:
+        w = _operand(g, "weight", i, k)
+        if w is not None:
+            break
+    if w is None:
+        return None
+    shape = w.shape
+    if n.op_type == "Gemm":
+        trans = _attr(n, "transB" if w.input_index == 1 else "transA", 0)
+        eff = shape[::-1] if trans else shape  # B': [K, N]; A': [M, K]
+        fan_in, fan_out = (eff[0], eff[1]) if w.input_index == 1 else (eff[1], eff[0])
+        b = _bias(g, i, fan_out)
+    else:
+        if len(shape) == 1:
+            fan_in, fan_out = shape[0], 1
+        elif w.input_index == 1:
+            fan_in, fan_out = shape[-2], shape[-1]
+        else:
+            fan_in, fan_out = shape[-1], shape[-2]
+        b = _follow_bias_add(g, i, fan_out) if w.input_index == 1 else None
+    return [w], [b] if b is not None else [], fan_in, fan_out
+
+
+def _norm_parts(g: _Graph, i: int) -> _Parts | None:
+    n = g.nodes[i]
+    if not n.input or n.input[0] not in g.dynamic:
+        return None
+    s = _operand(g, "weight", i, 1)
+    b = _operand(g, "bias", i, 2)
+    if s is None and b is None:
+        return None
+    return [s] if s is not None else [], [b] if b is not None else [], 1, 1
+
+
+def _layer_of(g: _Graph, i: int, distance: int, name: str) -> Layer | None:
+    op = g.nodes[i].op_type
     if op in ("Conv", "ConvTranspose"):
-        if not n.input or n.input[0] not in g.dynamic:
-            return None
-        w = _operand(g, "weight", i, 1)
-        if w is None or len(w.shape) < 3:
-            return None
-        weights.append(w)
-        receptive = int(np.prod(w.shape[2:], dtype=np.int64))
-        group = int(_attr(n, "group", 1) or 1)
-        if op == "Conv":
-            fan_in, fan_out = w.shape[1] * receptive, w.shape[0] * receptive
-            features = w.shape[0]
-        else:
-            fan_in, fan_out = max(w.shape[0] // group, 1) * receptive, w.shape[1] * receptive
-            features = w.shape[1] * group
-        b = _operand(g, "bias", i, 2) if len(n.input) > 2 and n.input[2] else _follow_bias_add(g, i, features)
-        if b is not None:
-            biases.append(b)
+        parts = _conv_parts(g, i)
     elif op in ("Gemm", "MatMul"):
-        cand = []
-        for k in (1, 0):
-            if len(n.input) > k and n.input[k] and n.input[k] not in g.dynamic:
-                other = n.input[1 - k] if len(n.input) > 1 - k else ""
-                if other in g.dynamic:
-                    cand.append(k)
-        w = None
-        for k in cand:
-            w = _operand(g, "weight", i, k)
-            if w is not None:
-                break
-        if w is None:
-            return None
-        weights.append(w)
-        shape = w.shape
-        if op == "Gemm":
-            trans = _attr(n, "transB" if w.input_index == 1 else "transA", 0)
-            eff = shape[::-1] if trans else shape  # B': [K, N]; A': [M, K]
-            fan_in, fan_out = (eff[0], eff[1]) if w.input_index == 1 else (eff[1], eff[0])
-            features = fan_out
-            b = _operand(g, "bias", i, 2) if len(n.input) > 2 and n.input[2] else _follow_bias_add(g, i, features)
-        else:
-            if len(shape) == 1:
-                fan_in, fan_out = shape[0], 1
-            elif w.input_index == 1:
-                fan_in, fan_out = shape[-2], shape[-1]
-            else:
-                fan_in, fan_out = shape[-1], shape[-2]
-            b = _follow_bias_add(g, i, fan_out) if w.input_index == 1 else None
-        if b is not None:
-            biases.append(b)
+        parts = _matmul_parts(g, i)
     elif op in NORM_OPS:
-        if not n.input or n.input[0] not in g.dynamic:
-            return None
-        s = _operand(g, "weight", i, 1)
-        if s is not None:
-            weights.append(s)
-        b = _operand(g, "bias", i, 2)
-        if b is not None:
-            biases.append(b)
-        if not weights and not biases:
-            return None
+        parts = _norm_parts(g, i)
     else:
         return None
+    if parts is None:
+        return None
+    weights, biases, fan_in, fan_out = parts
     init = "he" if _relu_follows(g, i) else "glorot"
     return Layer(name, op, i, distance, tuple(weights), tuple(biases), int(fan_in), int(fan_out), init)
 
