@@ -16,7 +16,6 @@ alone writes the shard files and merges them, with the same code for every execu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -28,14 +27,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import code_fingerprint
 from .data import Dataset, RawImages, conform, load_raw
-from .errors import InputError, ModelError, OnnxsalError, OptionError
+from .errors import OnnxsalError, OptionError
+from .metrics import base as metrics
 from .metrics.deletion import FRACTIONS, MODES, BlackWhiteDeletion
-from .metrics.rise import RiseDeletion, RiseInsertion
 from .overlays import draw_figures
-from .report import (atomic_savez, atomic_write_json, atomic_write_text, check_output_dir,
-                     deletion_csv_rows, deletion_markdown, plot_deletion_curves, write_csv)
+from .report import (atomic_write_json, atomic_write_text, check_output_dir, deletion_csv_rows,
+                     deletion_markdown, plot_deletion_curves, write_csv)
+from .runs import EngineSpec, executor_session, load_arrays, model_payload, run_key, save_arrays
 
 MapsFn = Callable[[Any, str, np.ndarray], np.ndarray]
 SHARD_FORMAT = 1
@@ -104,62 +103,29 @@ def _parse_methods(methods: Sequence[str] | str) -> list[str]:
 
 
 @dataclass(frozen=True)
-class EngineSpec:
-    """How to build the engine of one model anywhere (plain, picklable values).
-
-    ``key`` identifies the model and its options (the shard key); ``model_hash`` is checked
-    against the engine a worker builds from the bytes the driver sent. ``factory(model)``
-    replaces :class:`onnxsal.engine.Engine` (tests)."""
-
-    key: str
-    model_hash: str
-    preprocess: Any = None
-    device: str = "auto"
-    threads: int | None = None
-    output: str | None = None
-    factory: Callable[[Any], Any] | None = None
-
-    def build(self, model: Any, default_threads: int | None = None):
-        """An engine for ``model`` (serialized ONNX bytes, a path or a ModelProto)."""
-        if self.factory is not None:
-            return self.factory(model)
-        import onnx
-
-        from .engine import Engine
-
-        if isinstance(model, (bytes, bytearray)):
-            model = onnx.load_from_string(bytes(model))
-        threads = self.threads if self.threads is not None else default_threads
-        eng = Engine(model, preprocess=self.preprocess, device=self.device, threads=threads,
-                     output=self.output)
-        if eng.model_hash != self.model_hash:
-            raise ModelError(f"the worker's copy of the model differs from the driver's "
-                             f"(hash {eng.model_hash[:12]} != {self.model_hash[:12]})")
-        return eng
-
-
-@dataclass(frozen=True)
 class MetricSpec:
-    """The metric settings of a benchmark (plain values)."""
+    """The metrics of a benchmark (registered names) and their options (plain values, so that
+    a spec reaches a worker; each metric takes the options it knows, see
+    :meth:`onnxsal.metrics.base.Metric.from_options`)."""
 
-    metric: str = "accuracy"
-    fractions: tuple[float, ...] = tuple(FRACTIONS)
-    modes: tuple[str, ...] = tuple(MODES)
-    max_batch_bytes: int = 256 << 20
-    rise: bool = False
-    rise_baseline: str = "black"
-    rise_step: int | None = None
+    names: tuple[str, ...] = (BlackWhiteDeletion.name,)
+    options: tuple[tuple[str, Any], ...] = ()
 
-    def build(self) -> tuple[BlackWhiteDeletion, dict]:
-        """(black/white deletion metric, {"deletion"|"insertion": RISE metric} or {})."""
-        metric = BlackWhiteDeletion(self.metric, self.fractions, self.modes, self.max_batch_bytes)
-        rise = {}
-        if self.rise:
-            rise = {"deletion": RiseDeletion(self.rise_step, self.rise_baseline,
-                                             max_batch_bytes=self.max_batch_bytes),
-                    "insertion": RiseInsertion(self.rise_step,
-                                               max_batch_bytes=self.max_batch_bytes)}
-        return metric, rise
+    def build(self) -> list[metrics.Metric]:
+        opts = dict(self.options)
+        return [metrics.get(n).from_options(opts) for n in self.names]
+
+
+def metric_names(rise: bool, extra: Sequence[str] | str = ()) -> tuple[str, ...]:
+    """Black/white deletion, RISE deletion and insertion with ``rise``, then the ``extra``
+    registered metrics (comma lists allowed); unknown names are refused here."""
+    out = [BlackWhiteDeletion.name] + (["deletion", "insertion"] if rise else [])
+    for m in [extra] if isinstance(extra, str) else extra:
+        out += [p.strip() for p in str(m).split(",") if p.strip()]
+    out = list(dict.fromkeys(out))
+    for n in out:
+        metrics.get(n)
+    return tuple(out)
 
 
 @dataclass
@@ -190,21 +156,22 @@ class ShardGroup:
 
 
 def iter_group(group: ShardGroup, engine: Any) -> Iterator[tuple[str, dict]]:
-    """Yield (method, shard part) for each method of ``group``, computed with ``engine``.
+    """Yield (method, shard part) for each method of ``group``, computed with ``engine``: the
+    arrays of every metric, named by :meth:`~onnxsal.metrics.base.Metric.shard_key`.
 
     The maps of all methods come from one :func:`default_maps_many` call (shared gradient
     work) unless the group carries its own ``maps_fn``."""
-    metric_obj, rise_objs = group.metric.build()
+    metric_objs = group.metric.build()
     x, y = group.images, group.labels
     methods = list(group.methods)
     all_maps = default_maps_many(engine, methods, x, group.seed) if group.maps_fn is None else None
     for meth in methods:
         raw_maps = all_maps[meth] if all_maps is not None else group.maps_fn(engine, meth, x)
         maps = _as_maps(raw_maps, len(x), x.shape[2:], meth)
-        part = metric_obj.evaluate_batch(engine.logits, x, maps, y)
-        for kind, robj in rise_objs.items():
-            rp = robj.evaluate_batch(engine.logits, x, maps)
-            part.update({f"rise_{kind}_{k}": v for k, v in rp.items()})
+        part = {}
+        for m in metric_objs:
+            arrays = m.evaluate(engine.logits, x, maps, y)
+            part.update({m.shard_key(k): v for k, v in arrays.items()})
         yield meth, part
 
 
@@ -223,27 +190,24 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
                   engine_factory: Callable[[Any], Any] | None = None,
                   progress: bool = True, max_batch_bytes: int = 256 << 20,
                   rise: bool = False, rise_baseline: str = "black",
-                  rise_step: int | None = None,
+                  rise_step: int | None = None, metrics_extra: Sequence[str] | str = (),
                   command: str | None = None, stop_after: int | None = None,
                   executor: Any = None) -> dict:
-    """Run black/white deletion for every model x method; write the result files; return the
-    results dictionary (the content of ``results.json``).
+    """Run black/white deletion (and the other selected metrics) for every model x method;
+    write the result files; return the results dictionary (the content of ``results.json``).
 
     ``maps_fn(engine, method, images) -> [N, H, W]`` (or a ``Maps``) computes the maps
     (default: :func:`onnxsal.methods.compute` on each slice of images, which shares the
     gradient work of the methods; seeded methods get ``seed``). ``rise`` adds RISE deletion
-    (``rise_baseline``) and insertion, ``rise_step`` pixels per step (default one row). ``engine_factory(model)`` builds
-    an engine (default :class:`onnxsal.engine.Engine` with ``preprocess``, ``device``,
-    ``threads``, ``output``). ``stop_after`` stops after that many newly computed shards,
-    without writing the final files (what an interruption does; used by tests).
-    ``executor`` runs the shard groups: None or "local" (this process), "ray", or an object
-    from :func:`onnxsal.executors.make_executor`; the result files do not depend on it.
+    (``rise_baseline``) and insertion, ``rise_step`` pixels per step (default one row);
+    ``metrics_extra`` adds registered metrics by name (:mod:`onnxsal.metrics.base`).
+    ``engine_factory(model)`` builds an engine (default :class:`onnxsal.engine.Engine` with
+    ``preprocess``, ``device``, ``threads``, ``output``). ``stop_after`` stops after that many
+    newly computed shards, without writing the final files (what an interruption does; used
+    by tests). ``executor`` runs the shard groups: None or "local" (this process), "ray", or an
+    object from :func:`onnxsal.executors.make_executor`; the result files do not depend on it.
     """
-    from .executors import make_executor
-
     check_output_dir(out_dir)  # before any work
-    if executor is None or isinstance(executor, str):
-        executor = make_executor(executor or "local")
     t_start = time.time()
     models = list(models)
     if not models:
@@ -255,48 +219,225 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
         method_names = _methods.resolve(method_names)
     if shard_size < 1:
         raise OptionError(f"shard size must be positive, got {shard_size}")
-    metric_spec = MetricSpec(metric, tuple(map(float, fractions)), tuple(modes),
-                             int(max_batch_bytes), bool(rise), rise_baseline, rise_step)
-    metric_obj, rise_objs = metric_spec.build()
-    executor.for_device(device)
-    executor.open()
-    try:
-        return _run(models=models, data=data, method_names=method_names, metric=metric,
-                    limit=limit, out_dir=out_dir, maps_fn=maps_fn, preprocess=preprocess,
-                    device=device, seed=seed, shard_size=shard_size, fractions=fractions,
-                    modes=modes, threads=threads, output=output, split=split,
-                    engine_factory=engine_factory, progress=progress, rise=rise,
-                    rise_baseline=rise_baseline, rise_step=rise_step, command=command,
-                    stop_after=stop_after, executor=executor, metric_spec=metric_spec,
-                    metric_obj=metric_obj, rise_objs=rise_objs, t_start=t_start)
-    finally:
-        executor.close()
+    options = {"metric": metric, "fractions": tuple(map(float, fractions)),
+               "modes": tuple(modes), "max_batch_bytes": int(max_batch_bytes),
+               "rise_baseline": rise_baseline, "rise_step": rise_step}
+    metric_spec = MetricSpec(metric_names(rise, metrics_extra), tuple(options.items()))
+    settings = {"metric": metric, "methods": method_names,
+                "fractions": [float(p) for p in fractions], "modes": list(modes),
+                "auc": "trapezoid, dx = 0.1, not normalised", "limit": limit, "seed": seed,
+                "rise": ({"baseline": rise_baseline, "insertion_start": "blur",
+                          "step": rise_step or "one image row", "score":
+                          "softmax probability of the clean prediction",
+                          "auc": "trapezoid over [0, 1]"} if rise else None),
+                "metrics": list(metric_spec.names),
+                "preprocess": preprocess if isinstance(preprocess, (str, type(None)))
+                else str(preprocess), "shard_size": shard_size, "device": device}
+    with executor_session(executor, device) as ex:
+        run = _Run(models=models, data=data, method_names=method_names, limit=limit,
+                   out=Path(out_dir), maps_fn=maps_fn, preprocess=preprocess, device=device,
+                   seed=seed, shard_size=shard_size, threads=threads, output=output,
+                   split=split, engine_factory=engine_factory, metric_spec=metric_spec,
+                   metric_objs=metric_spec.build(), executor=ex, t_start=t_start)
+        run.prepare()
+        if not run.execute(progress, stop_after):
+            return {"complete": False, "shards": len(run.plan), "done": len(run.parts)}
+        return run.finish(settings, command)
 
 
-def _run(*, models, data, method_names, metric, limit, out_dir, maps_fn, preprocess, device,
-         seed, shard_size, fractions, modes, threads, output, split, engine_factory, progress,
-         rise, rise_baseline, rise_step, command, stop_after, executor, metric_spec, metric_obj,
-         rise_objs, t_start) -> dict:
-    """The body of :func:`run_benchmark` between opening and closing the executor."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+@dataclass
+class _Run:
+    """One benchmark run: its engines, data, shard plan, finished parts and outputs."""
 
-    custom_factory = engine_factory
-    if engine_factory is None:
-        from .engine import Engine
+    models: list
+    data: Any
+    method_names: list[str]
+    limit: int | None
+    out: Path
+    maps_fn: MapsFn | None
+    preprocess: Any
+    device: str
+    seed: int
+    shard_size: int
+    threads: int | None
+    output: str | None
+    split: str | None
+    engine_factory: Callable[[Any], Any] | None
+    metric_spec: MetricSpec
+    metric_objs: list
+    executor: Any
+    t_start: float
+    engines: list = field(default_factory=list)
+    names: list = field(default_factory=list)
+    model_info: list = field(default_factory=list)
+    plan: list = field(default_factory=list)  # (model index, slice, method, path)
+    parts: dict = field(default_factory=dict)  # (model index, method, start) -> part
+    computed: int = 0
 
-        # the driver's engines plan the work (shapes, classes, hashes); when remote workers
-        # compute, the driver may have no GPU, so it plans on the CPU
-        plan_device = device if executor.in_process else "cpu"
+    def prepare(self) -> None:
+        """Build the driver's engines, read the data, plan the shards, load the finished."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        factory = self.engine_factory
+        if factory is None:
+            from .engine import Engine
 
-        def engine_factory(m):
-            return Engine(m, preprocess=preprocess, device=plan_device, threads=threads,
-                          output=output)
+            # the driver's engines plan the work (shapes, classes, hashes); when remote
+            # workers compute, the driver may have no GPU, so it plans on the CPU
+            plan_device = self.device if self.executor.in_process else "cpu"
 
-    engines = [engine_factory(m) for m in models]
-    names = _model_names(models)
+            def factory(m):
+                return Engine(m, preprocess=self.preprocess, device=plan_device,
+                              threads=self.threads, output=self.output)
 
-    # the data: read once, conformed to each model's input shape
+        self.engines = [factory(m) for m in self.models]
+        self.names = _model_names(self.models)
+        data_for = _conformer(self.data, self.limit, self.split)
+        for i, (eng, name) in enumerate(zip(self.engines, self.names)):
+            self._plan_model(i, eng, name, data_for(eng))
+        for info in self.model_info:
+            info["dir"].mkdir(parents=True, exist_ok=True)
+            kp = info["dir"] / "key.json"
+            if not kp.is_file():
+                atomic_write_text(kp, info["key_src"] + "\n")
+        need = {m.shard_key(k) for m in self.metric_objs for k in m.arrays}
+        for item in self.plan:
+            loaded = load_arrays(item[3], need)  # a shard lacking an array is recomputed
+            if loaded is not None:
+                self.parts[(item[0], item[2], item[1].start)] = loaded
+
+    def _plan_model(self, i: int, eng: Any, name: str, ds: Dataset) -> None:
+        for m in self.metric_objs:
+            m.check_labels(ds.labels, eng.num_classes, name, ds.source)
+        pre = getattr(eng, "preprocess", None)
+        pre_json = pre.to_json() if hasattr(pre, "to_json") else json.dumps(str(pre))
+        key, key_src = run_key({
+            "model": eng.model_hash, "preprocess": pre_json, "output": self.output,
+            "data": ds.fingerprint(), "metrics": {m.name: m.settings() for m in self.metric_objs},
+            "seed": self.seed, "shard_size": self.shard_size,
+            "maps_fn": "default" if self.maps_fn is None else
+            getattr(self.maps_fn, "__qualname__", repr(type(self.maps_fn)))}, SHARD_FORMAT)
+        sdir = self.out / "shards" / f"{_safe(name)}-{key}"
+        spec = EngineSpec(key=f"{i}-{key}", model_hash=str(eng.model_hash),
+                          preprocess=self.preprocess, device=self.device, threads=self.threads,
+                          output=self.output, factory=self.engine_factory)
+        self.model_info.append({"dir": sdir, "key_src": key_src, "data": ds, "spec": spec})
+        for s in range(0, len(ds), self.shard_size):
+            sl = slice(s, min(len(ds), s + self.shard_size))
+            for meth in self.method_names:
+                self.plan.append((i, sl, meth,
+                                  sdir / f"{_safe(meth)}-{sl.start:07d}-{sl.stop:07d}.npz"))
+
+    def _groups(self) -> list[ShardGroup]:
+        """The pending shards, one group per (model, slice)."""
+        groups: dict[tuple[int, int], ShardGroup] = {}
+        for i, sl, meth, path in self.plan:
+            if (i, meth, sl.start) in self.parts:
+                continue
+            g = groups.get((i, sl.start))
+            if g is None:
+                ds = self.model_info[i]["data"]
+                g = groups[(i, sl.start)] = ShardGroup(
+                    model_index=i, model_name=self.names[i], engine=self.model_info[i]["spec"],
+                    start=sl.start, stop=sl.stop, methods=(), images=ds.images[sl],
+                    labels=None if ds.labels is None else ds.labels[sl], seed=self.seed,
+                    metric=self.metric_spec, maps_fn=self.maps_fn)
+            g.methods += (meth,)
+            g.files[meth] = str(path.relative_to(self.out))
+        return list(groups.values())
+
+    def execute(self, progress: bool, stop_after: int | None) -> bool:
+        """Compute the pending shards with the executor; True when every shard is done."""
+        groups = self._groups()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(self.plan), initial=len(self.parts), unit="shard",
+                       desc=f"benchmark ({self.executor.name})", dynamic_ncols=True)
+
+        def deliver(group: ShardGroup, meth: str, part: dict) -> None:
+            save_arrays(self.out / group.files[meth], part)
+            self.parts[(group.model_index, meth, group.start)] = part
+            self.computed += 1
+            if bar is not None:
+                bar.update(1)
+
+        def status(text: str) -> None:
+            if bar is not None:
+                bar.set_postfix_str(text)
+
+        def payload(i: int) -> Any:
+            model = self.models[i] if self.engine_factory else self.engines[i].source_model
+            return model_payload(model, self.engine_factory)
+
+        try:
+            self.executor.run(groups, contexts=self.engines, payload=payload, deliver=deliver,
+                              should_stop=lambda: stop_after is not None
+                              and self.computed >= stop_after, status=status)
+        finally:
+            if bar is not None:
+                bar.close()
+        return len(self.parts) == len(self.plan)
+
+    def _aggregate_model(self, i: int) -> tuple[list[dict], dict | None]:
+        """The result entries of model ``i`` (one per method) and its clean score."""
+        ds = self.model_info[i]["data"]
+        starts = sorted({sl.start for (j, sl, _, _) in self.plan if j == i})
+        entries, clean = [], None
+        for meth in self.method_names:
+            entry: dict = {"model": self.names[i], "method": meth}
+            for m in self.metric_objs:
+                res = m.aggregate([{k: self.parts[(i, meth, s)][m.shard_key(k)]
+                                    for k in m.arrays} for s in starts])
+                m.place(entry, m.summarize(res, list(ds.names)))
+                clean = clean or m.clean_score(res)
+            entries.append(entry)
+        return entries, clean
+
+    def _model_entry(self, i: int, clean: dict | None) -> dict:
+        eng, pre = self.engines[i], getattr(self.engines[i], "preprocess", None)
+        path = self.models[i]
+        return {
+            "name": self.names[i],
+            "path": str(path) if isinstance(path, (str, os.PathLike)) else None,
+            "hash": eng.model_hash, "input_shape": list(map(int, eng.input_shape)),
+            "num_classes": int(eng.num_classes),
+            "preprocess": json.loads(pre.to_json()) if hasattr(pre, "to_json") else str(pre),
+            "provider": self.executor.providers.get(i, getattr(eng, "provider", None)),
+            "gradients": getattr(eng, "gradient_source", None),
+            "clean": clean or {"score": float("nan"), "images": 0},
+            "shards": str(self.model_info[i]["dir"].relative_to(self.out)),
+        }
+
+    def finish(self, settings: dict, command: str | None) -> dict:
+        """Aggregate the shards and write results.json, results.md, curves.csv, curves.png."""
+        results, models_out = [], []
+        for i in range(len(self.engines)):
+            entries, clean = self._aggregate_model(i)
+            results += entries
+            models_out.append(self._model_entry(i, clean))
+        first = self.model_info[0]["data"]
+        data_desc = first.describe()
+        data_desc.pop("fingerprint")
+        data_desc["fingerprint"] = first.fingerprint()
+        if len({tuple(e.input_shape) for e in self.engines}) > 1:
+            data_desc["per_model_fingerprint"] = {n: self.model_info[i]["data"].fingerprint()
+                                                  for i, n in enumerate(self.names)}
+        summary = {
+            "tool": "onnxsal benchmark", "command": command, "settings": settings,
+            "data": data_desc, "models": models_out, "results": results,
+            "versions": package_versions(),
+            "timing": {"seconds_this_run": round(time.time() - self.t_start, 3),
+                       "shards_computed_this_run": self.computed,
+                       "shards_total": len(self.plan), "executor": self.executor.describe()},
+        }
+        _write_outputs(self.out, summary)
+        summary["complete"] = True
+        return summary
+
+
+def _conformer(data: Any, limit: int | None, split: str | None) -> Callable[[Any], Dataset]:
+    """``data_for(engine)``: the data, read once, conformed to each model's input shape."""
     if isinstance(data, Dataset):
         base: Dataset | RawImages = data if limit is None else data.subset(slice(0, limit))
     elif isinstance(data, RawImages):
@@ -319,175 +460,11 @@ def _run(*, models, data, method_names, metric, limit, out_dir, maps_fn, preproc
                 conformed[shape] = conform(raw, shape)
         return conformed[shape]
 
-    # plan the shards
-    plan = []  # (model index, slice, method, path)
-    model_info = []
-    for i, (eng, name) in enumerate(zip(engines, names)):
-        ds = data_for(eng)
-        if metric == "accuracy":
-            if ds.labels is None:
-                raise OptionError(f"{ds.source} has no labels: metric 'accuracy' needs them "
-                                  "(use --metric allegiance)")
-            bad = (ds.labels < 0) | (ds.labels >= eng.num_classes)
-            if bad.any():
-                raise InputError(f"labels out of range for {name} ({eng.num_classes} classes): "
-                                 f"{sorted(set(ds.labels[bad].tolist()))[:5]}")
-        pre = getattr(eng, "preprocess", None)
-        pre_json = pre.to_json() if hasattr(pre, "to_json") else json.dumps(str(pre))
-        key_src = json.dumps({"format": SHARD_FORMAT, "code": code_fingerprint(), "model": eng.model_hash,
-                              "preprocess": pre_json, "output": output,
-                              "data": ds.fingerprint(), "metric": metric,
-                              "fractions": list(map(float, fractions)), "modes": list(modes),
-                              "seed": seed, "shard_size": shard_size,
-                              "rise": {"baseline": rise_baseline, "step": rise_step}
-                              if rise else None,
-                              "maps_fn": "default" if maps_fn is None else
-                              getattr(maps_fn, "__qualname__", repr(type(maps_fn)))},
-                             sort_keys=True)
-        key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
-        sdir = out / "shards" / f"{_safe(name)}-{key}"
-        spec = EngineSpec(key=f"{i}-{key}", model_hash=str(eng.model_hash),
-                          preprocess=preprocess, device=device, threads=threads, output=output,
-                          factory=custom_factory)
-        model_info.append({"dir": sdir, "key_src": key_src, "data": ds, "spec": spec})
-        for s in range(0, len(ds), shard_size):
-            sl = slice(s, min(len(ds), s + shard_size))
-            for meth in method_names:
-                plan.append((i, sl, meth, sdir / f"{_safe(meth)}-{sl.start:07d}-{sl.stop:07d}.npz"))
+    return data_for
 
-    for info in model_info:
-        info["dir"].mkdir(parents=True, exist_ok=True)
-        kp = info["dir"] / "key.json"
-        if not kp.is_file():
-            atomic_write_text(kp, info["key_src"] + "\n")
 
-    parts: dict[tuple[int, str, int], dict] = {}
-    todo = []
-    for item in plan:
-        loaded = _load_shard(item[3], metric_obj, rise_objs)
-        if loaded is None:
-            todo.append(item)
-        else:
-            parts[(item[0], item[2], item[1].start)] = loaded
-
-    groups: dict[tuple[int, int], ShardGroup] = {}
-    for i, sl, meth, path in todo:
-        g = groups.get((i, sl.start))
-        if g is None:
-            ds = model_info[i]["data"]
-            g = groups[(i, sl.start)] = ShardGroup(
-                model_index=i, model_name=names[i], engine=model_info[i]["spec"],
-                start=sl.start, stop=sl.stop, methods=(), images=ds.images[sl],
-                labels=None if ds.labels is None else ds.labels[sl], seed=seed,
-                metric=metric_spec, maps_fn=maps_fn)
-        g.methods += (meth,)
-        g.files[meth] = str(path.relative_to(out))
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(plan), initial=len(plan) - len(todo), unit="shard",
-                   desc=f"benchmark ({executor.name})", dynamic_ncols=True)
-    computed = 0
-
-    def deliver(group: ShardGroup, meth: str, part: dict) -> None:
-        nonlocal computed
-        atomic_savez(out / group.files[meth], **part)
-        parts[(group.model_index, meth, group.start)] = part
-        computed += 1
-        if bar is not None:
-            bar.update(1)
-
-    def status(text: str) -> None:
-        if bar is not None:
-            bar.set_postfix_str(text)
-
-    def payload(i: int) -> Any:
-        """What a remote worker builds model ``i`` from: the serialized model (no shared
-        file system needed), or the model argument itself for a custom engine factory."""
-        if custom_factory is None:
-            return engines[i].source_model.SerializeToString()
-        return models[i]
-
-    try:
-        executor.run(list(groups.values()), contexts=engines, payload=payload, deliver=deliver,
-                     should_stop=lambda: stop_after is not None and computed >= stop_after,
-                     status=status)
-    finally:
-        if bar is not None:
-            bar.close()
-    if len(parts) < len(plan):
-        return {"complete": False, "shards": len(plan), "done": len(parts)}
-
-    # aggregate
-    results = []
-    models_out = []
-    for i, (eng, name) in enumerate(zip(engines, names)):
-        ds = model_info[i]["data"]
-        starts = sorted({sl.start for (j, sl, _, _) in plan if j == i})
-        clean = None
-        for meth in method_names:
-            res = metric_obj.aggregate([parts[(i, meth, s)] for s in starts])
-            results.append({"model": name, "method": meth, "images": len(res.errors),
-                            "valid_images": res.n_valid, "fractions": res.fractions,
-                            "curves": res.curves, "auc": res.auc,
-                            "failures": [{"name": n, "error": e}
-                                         for n, e in res.failures(ds.names)]})
-            if rise_objs:
-                entry = {}
-                for kind, robj in rise_objs.items():
-                    rparts = [{k[len(f"rise_{kind}_"):]: v for k, v in parts[(i, meth, s)].items()
-                               if k.startswith(f"rise_{kind}_")} for s in starts]
-                    rr = robj.aggregate(rparts)
-                    entry[kind] = {"x": rr.x.tolist(), "curve": rr.curve.tolist(), "auc": rr.auc,
-                                   "valid_images": int(rr.valid.sum()),
-                                   "direction": robj.direction,
-                                   "failures": [{"name": ds.names[j], "error": e}
-                                                for j, e in enumerate(rr.errors) if e]}
-                results[-1]["rise"] = entry
-            if clean is None and res.n_valid:
-                ok = res.valid
-                c0 = res.predictions[modes[0]][ok][:, 0] == res.reference[ok]
-                clean = {"score": float(c0.mean()), "images": int(ok.sum())}
-        pre = getattr(eng, "preprocess", None)
-        models_out.append({
-            "name": name, "path": str(models[i]) if isinstance(models[i], (str, os.PathLike)) else None,
-            "hash": eng.model_hash, "input_shape": list(map(int, eng.input_shape)),
-            "num_classes": int(eng.num_classes),
-            "preprocess": json.loads(pre.to_json()) if hasattr(pre, "to_json") else str(pre),
-            "provider": executor.providers.get(i, getattr(eng, "provider", None)),
-            "gradients": getattr(eng, "gradient_source", None),
-            "clean": clean or {"score": float("nan"), "images": 0},
-            "shards": str(model_info[i]["dir"].relative_to(out)),
-        })
-    first = model_info[0]["data"]
-    data_desc = first.describe()
-    data_desc.pop("fingerprint")
-    data_desc["fingerprint"] = first.fingerprint()
-    if len({tuple(e.input_shape) for e in engines}) > 1:
-        data_desc["per_model_fingerprint"] = {n: model_info[i]["data"].fingerprint()
-                                              for i, n in enumerate(names)}
-    summary = {
-        "tool": "onnxsal benchmark",
-        "command": command,
-        "settings": {"metric": metric, "methods": method_names,
-                     "fractions": [float(p) for p in fractions], "modes": list(modes),
-                     "auc": "trapezoid, dx = 0.1, not normalised", "limit": limit, "seed": seed,
-                     "rise": ({"baseline": rise_baseline, "insertion_start": "blur",
-                               "step": rise_step or "one image row", "score":
-                               "softmax probability of the clean prediction",
-                               "auc": "trapezoid over [0, 1]"} if rise else None),
-                     "preprocess": preprocess if isinstance(preprocess, (str, type(None)))
-                     else str(preprocess), "shard_size": shard_size, "device": device},
-        "data": data_desc,
-        "models": models_out,
-        "results": results,
-        "versions": package_versions(),
-        "timing": {"seconds_this_run": round(time.time() - t_start, 3),
-                   "shards_computed_this_run": computed, "shards_total": len(plan),
-                   "executor": executor.describe()},
-    }
+def _write_outputs(out: Path, summary: dict) -> None:
+    """results.json, results.md, curves.csv and curves.png of a finished run."""
     atomic_write_json(out / "results.json", summary)
     atomic_write_text(out / "results.md", deletion_markdown(summary))
     headers, rows = deletion_csv_rows(summary)
@@ -496,21 +473,3 @@ def _run(*, models, data, method_names, metric, limit, out_dir, maps_fn, preproc
     if failed:
         summary["figure_failures"] = [{"name": n, "error": e} for n, e in failed]
         atomic_write_json(out / "results.json", summary)
-    summary["complete"] = True
-    return summary
-
-
-def _load_shard(path: Path, metric: BlackWhiteDeletion, rise_objs: dict) -> dict | None:
-    """A finished shard, or None when it is missing or unreadable (then it is recomputed)."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            part = {k: z[k] for k in z.files}
-    except Exception:
-        return None
-    need = {"reference", "errors"} | {f"pred_{m}" for m in metric.modes}
-    need |= {f"rise_{kind}_{k}" for kind in rise_objs for k in ("scores", "targets", "errors")}
-    if not need <= set(part):
-        return None
-    return part

@@ -233,10 +233,13 @@ def _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker)
               default="black", show_default=True, help="What RISE deletion puts in.")
 @click.option("--rise-step", type=COUNT, default=None,
               help="Pixels per RISE step (default: one image row).")
+@click.option("--add-metric", "add_metrics", multiple=True, metavar="NAME",
+              help="Also a registered metric (repeatable, comma lists allowed; a --plugin "
+              "module may register its own, docs/extending.md).")
 @_executor_options
 def benchmark(models, data, methods, metric, limit, out, preprocess, device, seed, output,
-              shard_size, threads, quiet, rise, rise_baseline, rise_step, executor, address,
-              workers, cpus_per_worker, gpus_per_worker):
+              shard_size, threads, quiet, rise, rise_baseline, rise_step, add_metrics, executor,
+              address, workers, cpus_per_worker, gpus_per_worker):
     """Black/white-deletion AUCs of saliency METHODS on MODELS (docs/definitions.md#deletion)."""
     import shlex
 
@@ -251,7 +254,8 @@ def benchmark(models, data, methods, metric, limit, out, preprocess, device, see
                             list(methods), metric, limit, out, preprocess=preprocess,
                             device=device, seed=seed, output=output, shard_size=shard_size,
                             threads=threads, progress=not quiet, command=command, rise=rise,
-                            rise_baseline=rise_baseline, rise_step=rise_step, executor=ex)
+                            rise_baseline=rise_baseline, rise_step=rise_step,
+                            metrics_extra=add_metrics, executor=ex)
     except KeyboardInterrupt:
         _echo(f"interrupted: finished shards are kept in {out}/shards; run the same "
                    "command again to resume", err=True)
@@ -263,11 +267,13 @@ def benchmark(models, data, methods, metric, limit, out, preprocess, device, see
     nfail = sum(len(r["failures"]) for r in res["results"])
     if nfail:
         _echo(f"note: {nfail} per-image failures (listed in {out}/results.md)", err=True)
-    from .report import deletion_table, rise_table
+    from .report import deletion_table, metrics_table, rise_table
 
     _echo(deletion_table(res), nl=False, block=True)
     if rise:
         _echo(rise_table(res), nl=False, block=True)
+    if metrics_table(res):
+        _echo(metrics_table(res), nl=False, block=True)
     _echo(f"wrote {out}/results.json, results.md, curves.csv, curves.png "
                f"({res['data']['count']} images, {res['timing']['seconds_this_run']:.1f} s)")
 

@@ -219,6 +219,38 @@ def rise_table(results: dict) -> str:
     return markdown_table(["method"] + [f"{m} {k}" for m in models for k in kinds], rows)
 
 
+def metrics_table(results: dict) -> str:
+    """The other registered metrics (``results[...]["metrics"]``): rows methods, columns
+    model x metric value, the best per column (by the metric's direction) in bold; '' when
+    there are none."""
+    models = [m["name"] for m in results["models"]]
+    methods = results["settings"]["methods"]
+    by = {(r["model"], r["method"]): r.get("metrics") or {} for r in results["results"]}
+    names = list(dict.fromkeys(k for v in by.values() for k in v))
+    if not names:
+        return ""
+    best = {}
+    for m in models:
+        for k in names:
+            got = [by[(m, meth)][k] for meth in methods if k in by.get((m, meth), {})]
+            vals = [g["value"] for g in got if not math.isnan(g["value"])]
+            best[(m, k)] = ((min if got[0]["direction"] == "lower" else max)(vals)
+                            if vals else None)
+    rows = []
+    for meth in methods:
+        row = [meth]
+        for m in models:
+            for k in names:
+                r = by.get((m, meth), {}).get(k)
+                if r is None:
+                    row.append("-")
+                    continue
+                row.append(f"**{fmt(r['value'])}**" if r["value"] == best[(m, k)]
+                           else fmt(r["value"]))
+        rows.append(row)
+    return markdown_table(["method"] + [f"{m} {k}" for m in models for k in names], rows)
+
+
 def deletion_markdown(results: dict) -> str:
     """results.md: the AUC table, clean scores, settings, notes and failures."""
     s = results["settings"]
@@ -244,6 +276,13 @@ def deletion_markdown(results: dict) -> str:
                    f"prediction, {rs['step']} pixels per step, AUC over [0, 1].")
         out.append("")
         out.append(rise_table(results))
+    extra = metrics_table(results)
+    if extra:
+        out.append("Other metrics (" + "; ".join(
+            f"{k}: {v['direction']} is better"
+            for k, v in results["results"][0].get("metrics", {}).items()) + "):")
+        out.append("")
+        out.append(extra)
     rows = []
     for m in results["models"]:
         rows.append([m["name"], f"`{m['hash'][:16]}`", "x".join(map(str, m["input_shape"])),
@@ -268,6 +307,9 @@ def deletion_markdown(results: dict) -> str:
     fails = [(f["name"], f["error"]) for f in d.get("failures", [])]
     img_fails = [(r["model"], r["method"], f["name"], f["error"])
                  for r in results["results"] for f in r.get("failures", [])]
+    img_fails += [(r["model"], r["method"], f["name"], f"{k}: {f['error']}")
+                  for r in results["results"] for k, v in (r.get("metrics") or {}).items()
+                  for f in v.get("failures", [])]
     if fails or img_fails:
         out.append("## Failures")
         out.append("")

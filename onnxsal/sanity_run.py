@@ -12,7 +12,7 @@ Step 0 ("trained") recomputes the maps on an untouched copy of the model: it is 
 self-similarity baseline. Methods with a ``seed`` option (SmoothGrad, RISE, LIME, ...) run it
 with seed + 1, so their baseline measures their own noise; deterministic methods give 1.
 
-Pass/fail rule (:data:`RULE`): a method **passes** when its mean Spearman rank correlation of the
+Pass/fail rule (:data:`onnxsal.sanity_report.RULE`): a method **passes** when its mean Spearman rank correlation of the
 absolute maps (``spearman_abs``) at the end of the test (cascading: every layer randomised;
 independent: the layer whose randomisation lowers it most) is below ``threshold`` (0.5) *and*
 at least ``margin`` (0.3) below its step-0 self-similarity. Otherwise it **fails**: its maps
@@ -36,9 +36,6 @@ files and the results, the same way for every executor.
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,23 +44,16 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
-from . import __version__, code_fingerprint
-from .benchmark import EngineSpec
-from .display import printable
+from . import __version__
 from .errors import InputError, ModelError, OptionError
 from .metrics import similarity as sim
-from .metrics.sanity import Layer, cascading_steps, find_layers, independent_steps, pick_steps, randomize
+from .metrics.randomisation import cascading_steps, independent_steps, pick_steps, randomize
+from .metrics.sanity import Layer, find_layers
 from .model import content_hash, load_model
+from .runs import EngineSpec, executor_session, load_arrays, model_payload, run_key, save_arrays
+from .sanity_report import DIRECTION, RULE, markdown, plot_curves, plot_grid, verdict
 
 MODES = ("cascading", "independent")
-METRIC_LABELS = {"spearman_abs": "Spearman (absolute maps)",
-                 "spearman_signed": "Spearman (signed maps)",
-                 "ssim": "SSIM", "hog": "HOG similarity"}
-DIRECTION = "lower"  # lower similarity to the trained model's maps = more model-dependent
-RULE = ("a method passes when its mean Spearman rank correlation of the absolute maps "
-        "(spearman_abs) at the end of the test (cascading: all layers randomised; independent: "
-        "the layer whose randomisation lowers it most) is below {threshold} and at least "
-        "{margin} below its trained-model self-similarity (step 0); otherwise it fails")
 
 MethodFn = Callable[..., Any]
 
@@ -141,34 +131,6 @@ def _summary(values: np.ndarray) -> dict:
             "nan_images": [int(i) for i in np.flatnonzero(~np.isfinite(v))][:50]}
 
 
-def verdict(steps: list[dict], method: str, mode: str, threshold: float, margin: float) -> dict:
-    """Apply :data:`RULE` to one method's per-step summaries (step 0 first)."""
-    base = steps[0]["methods"][method]["spearman_abs"]["mean"]
-    later = [s["methods"][method]["spearman_abs"]["mean"] for s in steps[1:]]
-    later = [v for v in later if v is not None]
-    if base is None or not later:
-        return {"passes": None, "baseline": base, "final": None, "reason": "no finite similarity"}
-    final = later[-1] if mode == "cascading" else min(later)
-    passes = bool(final < threshold and base - final >= margin)
-    if passes:
-        reason = f"similarity falls from {base:.3f} to {final:.3f}"
-    elif final >= threshold:
-        reason = f"similarity stays at {final:.3f} (>= {threshold}) after randomisation"
-    else:
-        reason = f"similarity {final:.3f} is within {margin} of the self-similarity {base:.3f}"
-    return {"passes": passes, "baseline": base, "final": final, "reason": reason}
-
-
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    from .report import atomic_write_bytes
-
-    atomic_write_bytes(path, data)
-
-
 def _save_step(path: Path, fp: str, targets: np.ndarray, agree: float,
                sims: dict[str, dict[str, np.ndarray]], grid: dict[str, np.ndarray]) -> None:
     arrays = {"fingerprint": np.array(fp), "targets": targets, "agreement": np.array(agree)}
@@ -177,21 +139,19 @@ def _save_step(path: Path, fp: str, targets: np.ndarray, agree: float,
             arrays[f"sim/{m}/{k}"] = v
     for m, v in grid.items():
         arrays[f"grid/{m}"] = v
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    _atomic_bytes(path, buf.getvalue())
+    save_arrays(path, arrays)
 
 
 def _load_step(path: Path, fp: str, methods: Sequence[str]):
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["fingerprint"]) != fp:
-                return None
-            sims = {m: {k: np.array(z[f"sim/{m}/{k}"]) for k in sim.METRICS} for m in methods}
-            grid = {m: np.array(z[f"grid/{m}"]) for m in methods}
-            return np.array(z["targets"]), float(z["agreement"]), sims, grid
-    except Exception:
-        return None  # missing, partial or from other settings: recompute
+    """A finished step, or None when it is missing, partial or from other settings."""
+    need = {"fingerprint", "targets", "agreement"} | {f"grid/{m}" for m in methods}
+    need |= {f"sim/{m}/{k}" for m in methods for k in sim.METRICS}
+    z = load_arrays(path, need)
+    if z is None or str(z["fingerprint"]) != fp:
+        return None
+    sims = {m: {k: z[f"sim/{m}/{k}"] for k in sim.METRICS} for m in methods}
+    grid = {m: z[f"grid/{m}"] for m in methods}
+    return z["targets"], float(z["agreement"]), sims, grid
 
 
 @dataclass(frozen=True)
@@ -304,32 +264,21 @@ def run_sanity(model: str | os.PathLike | onnx.ModelProto, images: Any,
     ``executor``: None or "local" (this process), "ray", or an object from
     :func:`onnxsal.executors.make_executor`; the result files do not depend on it.
     """
-    from .executors import make_executor
     from .report import check_output_dir
 
     check_output_dir(out)  # before any work
-    if executor is None or isinstance(executor, str):
-        executor = make_executor(executor or "local")
-    executor.for_device(device)
-    executor.open()
-    try:
+    _check_options(mode, hog_correlation, seed, max_steps)
+    with executor_session(executor, device) as ex:
         return _run_sanity(model, images, methods, out, mode=mode, seed=seed,
                            preprocess=preprocess, device=device, threads=threads, output=output,
                            max_steps=max_steps, method_options=method_options,
                            threshold=threshold, margin=margin, hog_correlation=hog_correlation,
                            grid_image=grid_image, limit=limit, data=data,
                            engine_factory=engine_factory, progress=progress, plots=plots,
-                           executor=executor)
-    finally:
-        executor.close()
+                           executor=ex)
 
 
-def _run_sanity(model, images, methods, out, *, mode, seed, preprocess, device, threads, output,
-                max_steps, method_options, threshold, margin, hog_correlation, grid_image,
-                limit, data, engine_factory, progress, plots, executor) -> dict:
-    """The body of :func:`run_sanity` between opening and closing the executor."""
-    from .report import atomic_write_json, atomic_write_text
-
+def _check_options(mode: str, hog_correlation: str, seed: int, max_steps: int | None) -> None:
     if mode not in MODES:
         raise OptionError(f"mode must be one of {', '.join(MODES)}, got '{mode}'")
     if hog_correlation not in ("pearson", "spearman"):
@@ -338,6 +287,36 @@ def _run_sanity(model, images, methods, out, *, mode, seed, preprocess, device, 
         raise OptionError(f"seed must be >= 0, got {seed}")
     if max_steps is not None and max_steps < 1:
         raise OptionError(f"max steps must be >= 1, got {max_steps}")
+
+
+def _images(images: Any, engine: Any, limit: int | None, data: dict | None,
+            grid_image: int) -> tuple[np.ndarray, dict | None]:
+    """(float32 [N, C, H, W] images in the model's input shape, their description)."""
+    if not isinstance(images, np.ndarray):
+        from .data import load_dataset
+
+        ds = load_dataset(images, shape=tuple(engine.input_shape), limit=limit)
+        data = data or ds.describe()
+        images = ds.images
+    elif limit is not None:
+        images = images[:limit]
+    x = np.asarray(images)
+    if x.ndim != 4 or len(x) == 0:
+        raise InputError(f"images must be a non-empty [N, C, H, W] batch, got shape {x.shape}")
+    if tuple(x.shape[1:]) != tuple(engine.input_shape):
+        raise InputError(f"images have shape {tuple(x.shape)}; the model takes [N, "
+                         f"{', '.join(map(str, engine.input_shape))}]")
+    if not 0 <= grid_image < len(x):
+        raise OptionError(f"grid image {grid_image} is outside 0..{len(x) - 1}")
+    return np.ascontiguousarray(x, np.float32), data
+
+
+def _run_sanity(model, images, methods, out, *, mode, seed, preprocess, device, threads, output,
+                max_steps, method_options, threshold, margin, hog_correlation, grid_image,
+                limit, data, engine_factory, progress, plots, executor) -> dict:
+    """The body of :func:`run_sanity` between opening and closing the executor."""
+    from .report import atomic_write_json, atomic_write_text
+
     say = progress or (lambda s: None)
     out = Path(out)
     source = model if isinstance(model, onnx.ModelProto) else load_model(model)
@@ -361,23 +340,7 @@ def _run_sanity(model, images, methods, out, *, mode, seed, preprocess, device, 
                           threads=threads, use_disk_cache=False)
 
     engine = engine_factory(source)
-    if not isinstance(images, np.ndarray):
-        from .data import load_dataset
-
-        ds = load_dataset(images, shape=tuple(engine.input_shape), limit=limit)
-        data = data or ds.describe()
-        images = ds.images
-    elif limit is not None:
-        images = images[:limit]
-    x = np.asarray(images)
-    if x.ndim != 4 or len(x) == 0:
-        raise InputError(f"images must be a non-empty [N, C, H, W] batch, got shape {x.shape}")
-    if tuple(x.shape[1:]) != tuple(engine.input_shape):
-        raise InputError(f"images have shape {tuple(x.shape)}; the model takes [N, "
-                         f"{', '.join(map(str, engine.input_shape))}]")
-    x = np.ascontiguousarray(x, np.float32)
-    if not 0 <= grid_image < len(x):
-        raise OptionError(f"grid image {grid_image} is outside 0..{len(x) - 1}")
+    x, data = _images(images, engine, limit, data, grid_image)
     logits_name = engine.logits_spec.tensor if hasattr(engine, "logits_spec") else None
     layers = find_layers(source, logits_name)
     if not layers:
@@ -393,19 +356,18 @@ def _run_sanity(model, images, methods, out, *, mode, seed, preprocess, device, 
     settings = {"model_hash": model_hash, "data_hash": data_hash, "mode": mode, "seed": seed,
                 "methods": list(fns), "method_options": options, "hog_correlation": hog_correlation,
                 "preprocess": getattr(getattr(engine, "preprocess", None), "to_json", lambda: None)(),
-                "output": output, "version": __version__, "code": code_fingerprint(), "grid_image": grid_image,
+                "output": output, "version": __version__, "grid_image": grid_image,
                 "layers": [L.name for L in layers]}
     step_dir = out / "steps"
     step_dir.mkdir(parents=True, exist_ok=True)
 
-    spec = SanitySpec(key=_fingerprint(settings)[:20], model_hash=model_hash,
+    spec = SanitySpec(key=run_key(settings)[0], model_hash=model_hash,
                       preprocess=preprocess, device=device, threads=threads, output=output,
                       factory=custom_factory)
     contexts = [SanityModel(source, engine_factory, trained=engine)]
 
     def payload(i: int) -> Any:
-        """The trained model for remote workers: its bytes (no shared file system needed)."""
-        return source.SerializeToString() if custom_factory is None else source
+        return model_payload(source, custom_factory)
 
     def task(**kw) -> SanityTask:
         return SanityTask(engine=spec, images=x, methods=chosen, options=options, seed=seed,
@@ -423,7 +385,7 @@ def _run_sanity(model, images, methods, out, *, mode, seed, preprocess, device, 
     for j, step in enumerate(steps):
         where = f"step {j}/{len(steps) - 1}" + (f" ({mode} step {step.index} of {len(all_steps)})"
                                                  if step.index != j else "")
-        fp = _fingerprint({**settings, "step": step.index, "step_layers": step.names})
+        fp = run_key({**settings, "step": step.index, "step_layers": step.names})[0]
         path = step_dir / f"step_{step.index:03d}.npz"
         got = _load_step(path, fp, list(fns))
         if got is None:
@@ -520,128 +482,5 @@ def compare_models(reference, other, images: np.ndarray,
 
 # -- reports ----------------------------------------------------------------------------------
 
-def _f(v: float | None, digits: int = 3) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
-
-def markdown(report: dict) -> str:
-    """sanity.md: verdicts, then per metric a table of mean (std) per step and method."""
-    from .report import markdown_table
-
-    methods = report["methods"]
-    lines = [f"# Sanity check ({report['mode']} model-parameter randomisation)", "",
-             f"- model: `{report['model']}` (sha256 {report['model_hash'][:12]})",
-             f"- images: {report['images']}; seed {report['seed']}; "
-             f"{len(report['layers'])} learnable layers; {len(report['steps']) - 1} steps",
-             f"- similarity of each randomised model's maps to the trained model's maps "
-             f"(lower = the map depends more on the learned weights); HOG correlation: "
-             f"{report['hog_correlation']}",
-             f"- rule: {report['rule']}", ""]
-    lines.append("## Verdicts\n")
-    rows = []
-    for m in methods:
-        v = report["verdicts"][m]
-        word = {True: "**pass**", False: "**fail**", None: "undecided"}[v["passes"]]
-        rows.append([m, word, _f(v["baseline"]), _f(v["final"]), v["reason"]])
-    lines.append(markdown_table(["method", "verdict", "self-similarity (step 0)",
-                                 "final spearman_abs", "why"], rows, "llrrl"))
-    for metric in sim.METRICS:
-        lines.append(f"## {METRIC_LABELS[metric]}: mean (std) over images\n")
-        rows = []
-        for s in report["steps"]:
-            row = [s["step"], f"`{s['label']}`", s["layers_randomised"], _f(s["class_agreement"], 2)]
-            for m in methods:
-                d = s["methods"][m][metric]
-                cell = f"{_f(d['mean'])} ({_f(d['std'])})"
-                if d["n_nan"]:
-                    cell += f" [{d['n_nan']} NaN]"
-                row.append(cell)
-            rows.append(row)
-        lines.append(markdown_table(["step", "layer", "randomised", "same class"] + list(methods),
-                                    rows, "rlrr" + "r" * len(methods)))
-    lines.append("\"same class\": fraction of images whose predicted class is unchanged (the "
-                 "explained class is re-predicted on every randomised model).\n")
-    return "\n".join(lines)
-
-
-def _save_fig(fig, path: Path) -> None:
-    from .overlays import png_bytes
-
-    _atomic_bytes(path, png_bytes(fig, layout=False, dpi=110, bbox_inches="tight"))
-
-
-def plot_curves(report: dict, path: str | os.PathLike) -> None:
-    """Similarity against the randomisation step; one line per method, one panel per metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = report["steps"]
-    xs = np.array([s["step"] for s in steps])  # cascading: number of layers randomised
-    labels = [printable(s["label"] if len(s["label"]) <= 24 else "..." + s["label"][-21:])
-              for s in steps]
-    fig, axes = plt.subplots(1, len(sim.METRICS), figsize=(4.2 * len(sim.METRICS), 4.2), sharey=True)
-    for ax, metric in zip(axes, sim.METRICS):
-        for m in report["methods"]:
-            mean = np.array([np.nan if s["methods"][m][metric]["mean"] is None
-                             else s["methods"][m][metric]["mean"] for s in steps])
-            std = np.array([np.nan if s["methods"][m][metric]["std"] is None
-                            else s["methods"][m][metric]["std"] for s in steps])
-            line, = ax.plot(xs, mean, marker="o", ms=3, label=m)
-            ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.12)
-        ax.set_title(METRIC_LABELS[metric])
-        ax.axhline(0, color="0.7", lw=0.8)
-        ax.set_ylim(-1.05, 1.05)
-        every = max(1, len(xs) // 14)
-        ax.set_xticks(xs[::every])
-        ax.set_xticklabels(labels[::every], rotation=70, ha="right", fontsize=7)
-        ax.set_xlabel("cascading: randomised down to layer" if report["mode"] == "cascading"
-                      else "independently randomised layer")
-    axes[0].set_ylabel("similarity to the trained model's map")
-    axes[-1].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"{report['mode']} randomisation, {report['images']} images "
-                 f"(mean and std over images)", fontsize=10)
-    _save_fig(fig, Path(path))
-
-
-def plot_grid(report: dict, image: np.ndarray, original: dict[str, np.ndarray],
-              grids: dict[int, dict[str, np.ndarray]], path: str | os.PathLike,
-              index: int = 0, max_columns: int = 10) -> None:
-    """Rows methods, columns: the image, the trained model's map, then the steps (at most
-    ``max_columns`` spread evenly, the last always shown); maps absolute-normalised."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = report["steps"][1:]
-    cols = [steps[i] for i in pick_steps(len(steps), max_columns)] if steps else []
-    methods = report["methods"]
-    n_cols = 2 + len(cols)
-    fig, axes = plt.subplots(len(methods), n_cols, figsize=(1.5 * n_cols, 1.6 * len(methods) + 0.4),
-                             squeeze=False)
-    img = np.asarray(image, np.float32)
-    show = img[0] if img.shape[0] == 1 else np.clip(img.transpose(1, 2, 0), 0, 1)
-    for r, m in enumerate(methods):
-        cells = [("image", None), ("trained", original[m][index])] + \
-                [(s["label"], grids[s["step"]][m]) for s in cols]
-        for c, (title, arr) in enumerate(cells):
-            ax = axes[r, c]
-            if arr is None:
-                ax.imshow(show, cmap="gray" if show.ndim == 2 else None, vmin=0, vmax=1)
-            else:
-                ax.imshow(sim.normalize_abs(arr), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                t = title if len(title) <= 16 else "..." + title[-13:]
-                ax.set_title(t, fontsize=6, rotation=30 if c > 1 else 0)
-            if c == 0:
-                ax.set_ylabel(m, fontsize=7)
-    fig.suptitle(f"image {index}: maps as layers are randomised ({report['mode']})", fontsize=9)
-    _save_fig(fig, Path(path))
-
-
-__all__ = ["run_sanity", "compare_models", "verdict", "comparable", "markdown", "plot_curves", "plot_grid",
-           "MODES", "RULE", "DIRECTION"]
+__all__ = ["run_sanity", "compare_models", "comparable", "MODES"]

@@ -10,8 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxsal.errors import OptionError
-from onnxsal.metrics.sanity import (cascading_steps, find_layers, independent_steps, pick_steps,
-                                    randomize)
+from onnxsal.metrics.randomisation import cascading_steps, independent_steps, pick_steps, randomize
+from onnxsal.metrics.sanity import find_layers
 
 RNG = np.random.default_rng(0)
 

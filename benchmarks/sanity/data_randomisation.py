@@ -77,7 +77,7 @@ def plot_maps(res: dict, x: np.ndarray, path: Path, n_images: int = 4) -> None:
     import matplotlib.pyplot as plt
 
     from onnxsal.metrics.similarity import normalize_abs
-    from onnxsal.sanity_run import _save_fig
+    from onnxsal.sanity_report import save_fig
 
     methods = list(res["methods"])
     cols = 1 + 2 * n_images
@@ -96,7 +96,7 @@ def plot_maps(res: dict, x: np.ndarray, path: Path, n_images: int = 4) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle("data randomisation: maps of the true-label model vs the permuted-label model", fontsize=9)
-    _save_fig(fig, path)
+    save_fig(fig, path)
 
 
 def main() -> None:

@@ -109,6 +109,8 @@ class BlackWhiteDeletion(Metric):
 
     name = "black-white-deletion"
     direction = "lower"
+    arrays: tuple[str, ...] = ("reference", "errors")  # and "pred_<mode>" (set in __init__)
+    shard_prefix = ""
 
     def __init__(self, metric: str = "accuracy", fractions=FRACTIONS, modes=MODES,
                  max_batch_bytes: int = 256 << 20):
@@ -123,6 +125,27 @@ class BlackWhiteDeletion(Metric):
         self.fractions = [float(p) for p in fractions]
         self.modes = tuple(modes)
         self.max_batch_bytes = int(max_batch_bytes)
+        self.arrays = ("reference", "errors") + tuple(f"pred_{m}" for m in self.modes)
+
+    @classmethod
+    def from_options(cls, options: dict) -> BlackWhiteDeletion:
+        return cls(options.get("metric", "accuracy"), options.get("fractions", FRACTIONS),
+                   options.get("modes", MODES), options.get("max_batch_bytes", 256 << 20))
+
+    def settings(self) -> dict:
+        return {"metric": self.metric, "fractions": self.fractions, "modes": list(self.modes)}
+
+    def check_labels(self, labels, num_classes: int, model: str, source: str) -> None:
+        """Accuracy needs labels, each a class of the model."""
+        if self.metric != "accuracy":
+            return
+        if labels is None:
+            raise OptionError(f"{source} has no labels: metric 'accuracy' needs them "
+                              "(use --metric allegiance)")
+        bad = (labels < 0) | (labels >= num_classes)
+        if bad.any():
+            raise InputError(f"labels out of range for {model} ({num_classes} classes): "
+                             f"{sorted(set(labels[bad].tolist()))[:5]}")
 
     # -- pipeline ------------------------------------------------------------------------
     def prepare(self, images, maps, labels) -> None:
@@ -134,54 +157,26 @@ class BlackWhiteDeletion(Metric):
             if len(labels) != len(images):
                 raise InputError(f"{len(labels)} labels for {len(images)} images")
 
-    def batches(self, n: int):
-        yield slice(0, n)  # evaluate_batch chunks by memory itself
+    def bytes_per_image(self, shape) -> int:
+        """The clean image and every deleted variant, and their copy in the model batch."""
+        return (1 + len(self.modes) * (len(self.fractions) - 1)) * 4 * 2 * int(np.prod(shape))
 
     def evaluate_batch(self, predict_logits: PredictLogits, images: np.ndarray, maps: np.ndarray,
                        labels: np.ndarray | None) -> dict:
-        """Run every deleted variant; returns per-image arrays (see :meth:`aggregate`)."""
+        """Run every deleted variant of the batch in one model call; per-image arrays."""
         images = np.asarray(images, np.float32)
         maps = np.asarray(maps)
-        n, c, h, w = images.shape
+        n = len(images)
         P = len(self.fractions)
         errors = [""] * n
         preds = {m: np.full((n, P), -1, np.int64) for m in self.modes}
         clean = np.full(n, -1, np.int64)
         finite_map = np.isfinite(maps.reshape(n, -1)).all(axis=1)
-        for i in np.flatnonzero(~finite_map):
-            errors[i] = "saliency map contains NaN or Inf"
-        good = np.flatnonzero(finite_map)
-        per_image = (1 + len(self.modes) * (P - 1)) * c * h * w * 4 * 2
-        chunk = max(1, self.max_batch_bytes // per_image)
-        for s in range(0, len(good), chunk):
-            idx = good[s:s + chunk]
-            x, m = images[idx], maps[idx]
-            masks = deletion_masks(m, self.fractions[1:])  # [b, P-1, H, W]
-            parts = [x]
-            for mode in self.modes:
-                parts.append(delete(x, masks, mode).reshape(-1, c, h, w))
-            batch = np.concatenate(parts)
-            logits = np.asarray(predict_logits(batch))
-            if logits.ndim != 2 or logits.shape[0] != len(batch):
-                raise InputError(f"the model returned logits of shape {logits.shape} for "
-                                 f"{len(batch)} images")
-            b = len(idx)
-            finite = np.isfinite(logits).all(axis=1)
-            pred = logits.argmax(axis=1).astype(np.int64)
-            clean[idx] = pred[:b]
-            bad = ~finite[:b]
-            off = b
-            for mode in self.modes:
-                pm = pred[off:off + b * (P - 1)].reshape(b, P - 1)
-                fm = finite[off:off + b * (P - 1)].reshape(b, P - 1)
-                preds[mode][idx, 0] = pred[:b]
-                preds[mode][idx, 1:] = pm
-                for j in np.flatnonzero(~fm.all(axis=1) & ~bad):
-                    p = self.fractions[1 + int(np.flatnonzero(~fm[j])[0])]
-                    errors[idx[j]] = f"non-finite logits at fraction {p:g} ({mode} deletion)"
-                off += b * (P - 1)
-            for j in np.flatnonzero(bad):
-                errors[idx[j]] = "non-finite logits on the clean image"
+        for j in np.flatnonzero(~finite_map):
+            errors[j] = "saliency map contains NaN or Inf"
+        idx = np.flatnonzero(finite_map)
+        if len(idx):
+            self._predict(predict_logits, images[idx], maps[idx], idx, clean, preds, errors)
         ref = clean if self.metric == "allegiance" else np.asarray(labels, np.int64)
         for i, e in enumerate(errors):
             if e:
@@ -190,6 +185,51 @@ class BlackWhiteDeletion(Metric):
                     preds[mode][i] = -1
         return {"reference": ref.astype(np.int64), "errors": np.asarray(errors, dtype=str),
                 **{f"pred_{mode}": preds[mode] for mode in self.modes}}
+
+    def _predict(self, predict_logits, x, m, idx, clean, preds, errors) -> None:
+        """Fill ``clean``, ``preds`` and ``errors`` at ``idx`` from one model call."""
+        b, c, h, w = x.shape
+        P = len(self.fractions)
+        masks = deletion_masks(m, self.fractions[1:])  # [b, P-1, H, W]
+        batch = np.concatenate([x] + [delete(x, masks, mode).reshape(-1, c, h, w)
+                                      for mode in self.modes])
+        logits = np.asarray(predict_logits(batch))
+        if logits.ndim != 2 or logits.shape[0] != len(batch):
+            raise InputError(f"the model returned logits of shape {logits.shape} for "
+                             f"{len(batch)} images")
+        finite = np.isfinite(logits).all(axis=1)
+        pred = logits.argmax(axis=1).astype(np.int64)
+        clean[idx] = pred[:b]
+        bad = ~finite[:b]
+        off = b
+        for mode in self.modes:
+            pm = pred[off:off + b * (P - 1)].reshape(b, P - 1)
+            fm = finite[off:off + b * (P - 1)].reshape(b, P - 1)
+            preds[mode][idx, 0] = pred[:b]
+            preds[mode][idx, 1:] = pm
+            for j in np.flatnonzero(~fm.all(axis=1) & ~bad):
+                p = self.fractions[1 + int(np.flatnonzero(~fm[j])[0])]
+                errors[idx[j]] = f"non-finite logits at fraction {p:g} ({mode} deletion)"
+            off += b * (P - 1)
+        for j in np.flatnonzero(bad):
+            errors[idx[j]] = "non-finite logits on the clean image"
+
+    def summarize(self, result: DeletionResult, names: list[str]) -> dict:
+        return {"images": len(result.errors), "valid_images": result.n_valid,
+                "fractions": result.fractions, "curves": result.curves, "auc": result.auc,
+                "failures": [{"name": n, "error": e} for n, e in result.failures(names)]}
+
+    def place(self, entry: dict, summary: dict) -> None:
+        """The benchmark's own metric: its summary is the top level of a result entry."""
+        entry.update(summary)
+
+    def clean_score(self, result: DeletionResult) -> dict | None:
+        """The top-1 score of the clean images (fraction 0) against the reference."""
+        if not result.n_valid:
+            return None
+        ok = result.valid
+        c0 = result.predictions[self.modes[0]][ok][:, 0] == result.reference[ok]
+        return {"score": float(c0.mean()), "images": int(ok.sum())}
 
     def aggregate(self, parts: list[dict]) -> DeletionResult:
         """Concatenate per-image parts and compute the curves (mean over valid images)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import OptionError
-from .base import Metric, PredictLogits, check_images_maps
+from .base import Metric, PredictLogits
 
 BASELINES = ("black", "white", "mean", "blur")
 MIN_SIGMA = 1.0  # px: the scaled blur of small images (e.g. 28 px: sigma 0.625) is floored here
@@ -91,6 +91,7 @@ class RiseResult:
 
 class _RiseMetric(Metric):
     insertion = False
+    arrays = ("scores", "targets", "errors")
 
     def __init__(self, step: int | None = None, baseline: str = "black",
                  sigma: float | None = None, max_batch_bytes: int = 256 << 20):
@@ -103,8 +104,18 @@ class _RiseMetric(Metric):
         self.sigma = sigma
         self.max_batch_bytes = int(max_batch_bytes)
 
-    def batches(self, n: int):
-        yield slice(0, n)
+    @classmethod
+    def from_options(cls, options: dict) -> _RiseMetric:
+        return cls(options.get("rise_step"), options.get("rise_baseline", "black"),
+                   max_batch_bytes=options.get("max_batch_bytes", 256 << 20))
+
+    def settings(self) -> dict:
+        return {"step": self.step, "baseline": self.baseline, "sigma": self.sigma}
+
+    def bytes_per_image(self, shape) -> int:
+        """Every point of the image's curve (one model input each)."""
+        c, h, w = shape
+        return len(self.points(h, w)[1]) * 4 * c * h * w
 
     def points(self, h: int, w: int) -> tuple[int, np.ndarray]:
         """(step, pixel counts [T]) with T = ceil(H*W/step) + 1; the last count is H*W."""
@@ -139,16 +150,11 @@ class _RiseMetric(Metric):
         rank = pixel_order(np.nan_to_num(maps, nan=-np.inf)).reshape(n, h, w)
         scores = np.full((n, T), np.nan, np.float64)
         per_variant = c * h * w * 4
-        per_image = T * per_variant
-        if per_image <= self.max_batch_bytes:  # several whole curves per model call
-            chunk = max(1, int(self.max_batch_bytes // per_image))
-            for s in range(0, n, chunk):
-                sl = slice(s, min(n, s + chunk))
-                b = sl.stop - sl.start
-                taken = rank[sl, None] < counts[None, :, None, None]  # [b, T, H, W]
-                var = np.where(taken[:, :, None], fill[sl, None], start[sl, None])
-                prob = _softmax(np.asarray(predict_logits(var.reshape(b * T, c, h, w))))
-                scores[sl] = prob.reshape(b, T, -1)[np.arange(b), :, targets[sl]]
+        if n * T * per_variant <= self.max_batch_bytes:  # the batch's curves in one model call
+            taken = rank[:, None] < counts[None, :, None, None]  # [n, T, H, W]
+            var = np.where(taken[:, :, None], fill[:, None], start[:, None])
+            prob = _softmax(np.asarray(predict_logits(var.reshape(n * T, c, h, w))))
+            scores[:] = prob.reshape(n, T, -1)[np.arange(n), :, targets]
         else:  # one curve in several calls
             chunk = max(1, int(self.max_batch_bytes // per_variant))
             for i in range(n):
@@ -174,8 +180,15 @@ class _RiseMetric(Metric):
         aucs = np.trapezoid(scores, x=x, axis=1)
         return RiseResult(self.name, x, scores, targets, aucs, errors)
 
-    def prepare(self, images, maps, labels) -> None:
-        check_images_maps(images, maps)
+    def summarize(self, result: RiseResult, names: list[str]) -> dict:
+        return {"x": result.x.tolist(), "curve": result.curve.tolist(), "auc": result.auc,
+                "valid_images": int(result.valid.sum()), "direction": self.direction,
+                "failures": [{"name": names[j], "error": e}
+                             for j, e in enumerate(result.errors) if e]}
+
+    def place(self, entry: dict, summary: dict) -> None:
+        """Under ``entry["rise"]["deletion" | "insertion"]``."""
+        entry.setdefault("rise", {})[self.name] = summary
 
 
 class RiseDeletion(_RiseMetric):
@@ -183,6 +196,7 @@ class RiseDeletion(_RiseMetric):
 
     name = "deletion"
     direction = "lower"
+    shard_prefix = "rise_deletion_"
     insertion = False
 
 
@@ -191,4 +205,5 @@ class RiseInsertion(_RiseMetric):
 
     name = "insertion"
     direction = "higher"
+    shard_prefix = "rise_insertion_"
     insertion = True

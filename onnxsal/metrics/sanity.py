@@ -27,22 +27,21 @@ Working on the ONNX weights gives one randomisation rule for models from every f
   (a new initializer named ``<tensor>.onnxsal_random.<layer>``) and only its input is rewired,
   so the other readers stay trained.
 
-Inputs are never modified: :func:`randomize` returns a new ``ModelProto``.
+This module finds the layers; :mod:`onnxsal.metrics.randomisation` re-draws them (a new
+``ModelProto``: inputs are never modified) and lays out the steps.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from ..autodiff.control_flow import effective_inputs
-from ..errors import ModelError, OptionError
+from ..errors import ModelError
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization",
              "LayerNormalization", "InstanceNormalization", "GroupNormalization")
@@ -138,7 +137,7 @@ class _Graph:
     def resolve(self, tensor: str):
         """Follow a node input back through weight-chain nodes to its stored tensor:
         (source, kind, chain nodes from the source towards the reader) or None."""
-        chain = []
+        chain: list[int] = []
         t = tensor
         while True:
             if t in self.inits:
@@ -164,6 +163,8 @@ class _Graph:
             return None
         source, _, chain = r
         arr = self.constant_value(source)
+        if arr is None:
+            return None
         for p in chain:
             arr = _apply(self.nodes[p], arr, self)
             if arr is None:
@@ -217,29 +218,34 @@ def _apply(node, arr: np.ndarray, g: _Graph) -> np.ndarray | None:
         shape = g.constant_value(node.input[1])
         if shape is None:
             return None
-        shape = [int(s) for s in shape.tolist()]
+        dims = [int(s) for s in shape.tolist()]
         if not _attr(node, "allowzero", 0):
-            shape = [arr.shape[i] if s == 0 else s for i, s in enumerate(shape)]
-        return arr.reshape(shape)
+            dims = [arr.shape[i] if s == 0 else s for i, s in enumerate(dims)]
+        return arr.reshape(dims)
     if op in ("Squeeze", "Unsqueeze"):
-        axes = _attr(node, "axes")
-        if axes is None and len(node.input) > 1 and node.input[1]:
-            v = g.constant_value(node.input[1])
-            if v is None:
-                return None
-            axes = [int(a) for a in np.ravel(v)]
-        if op == "Squeeze":
-            if axes is None:
-                return np.squeeze(arr)
-            return np.squeeze(arr, axis=tuple(a + arr.ndim if a < 0 else a for a in axes))
-        if axes is None:
-            return None
-        rank = arr.ndim + len(axes)
-        out = arr
-        for a in sorted(a + rank if a < 0 else a for a in axes):
-            out = np.expand_dims(out, a)
-        return out
+        return _squeeze(node, arr, g)
     return None
+
+
+def _squeeze(node, arr: np.ndarray, g: _Graph) -> np.ndarray | None:
+    """Squeeze or Unsqueeze on a constant (axes from the attribute or the second input)."""
+    axes = _attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        v = g.constant_value(node.input[1])
+        if v is None:
+            return None
+        axes = [int(a) for a in np.ravel(v)]
+    if node.op_type == "Squeeze":
+        if axes is None:
+            return np.squeeze(arr)
+        return np.squeeze(arr, axis=tuple(a + arr.ndim if a < 0 else a for a in axes))
+    if axes is None:
+        return None
+    rank = arr.ndim + len(axes)
+    out = arr
+    for a in sorted(a + rank if a < 0 else a for a in axes):
+        out = np.expand_dims(out, a)
+    return out
 
 
 def _operand(g: _Graph, role: str, node_index: int, input_index: int) -> Operand | None:
@@ -279,7 +285,7 @@ def _relu_follows(g: _Graph, node_index: int, depth: int = 5) -> bool:
     frontier = [o for o in g.nodes[node_index].output if o]
     seen: set[int] = set()
     for _ in range(depth):
-        nxt = []
+        nxt: list[str] = []
         for t in frontier:
             for c in g.consumers.get(t, []):
                 if c in seen:
@@ -324,75 +330,90 @@ def _distances(g: _Graph, logits: str) -> dict[int, int]:
     return dist
 
 
-def _layer_of(g: _Graph, i: int, distance: int, name: str) -> Layer | None:
+_Parts = tuple[list[Operand], list[Operand], int, int]  # weights, biases, fan-in, fan-out
+
+
+def _bias(g: _Graph, i: int, features: int) -> Operand | None:
+    """The bias input of node ``i``, or the constant Add that follows it."""
     n = g.nodes[i]
-    op = n.op_type
-    weights: list[Operand] = []
-    biases: list[Operand] = []
-    fan_in = fan_out = 1
+    return _operand(g, "bias", i, 2) if len(n.input) > 2 and n.input[2] else _follow_bias_add(g, i, features)
+
+
+def _conv_parts(g: _Graph, i: int) -> _Parts | None:
+    n = g.nodes[i]
+    if not n.input or n.input[0] not in g.dynamic:
+        return None
+    w = _operand(g, "weight", i, 1)
+    if w is None or len(w.shape) < 3:
+        return None
+    receptive = int(np.prod(w.shape[2:], dtype=np.int64))
+    group = int(_attr(n, "group", 1) or 1)
+    if n.op_type == "Conv":
+        fan_in, fan_out = w.shape[1] * receptive, w.shape[0] * receptive
+        features = w.shape[0]
+    else:
+        fan_in, fan_out = max(w.shape[0] // group, 1) * receptive, w.shape[1] * receptive
+        features = w.shape[1] * group
+    b = _bias(g, i, features)
+    return [w], [b] if b is not None else [], fan_in, fan_out
+
+
+def _matmul_parts(g: _Graph, i: int) -> _Parts | None:
+    n = g.nodes[i]
+    cand = []
+    for k in (1, 0):
+        if len(n.input) > k and n.input[k] and n.input[k] not in g.dynamic:
+            other = n.input[1 - k] if len(n.input) > 1 - k else ""
+            if other in g.dynamic:
+                cand.append(k)
+    w = None
+    for k in cand:
+        w = _operand(g, "weight", i, k)
+        if w is not None:
+            break
+    if w is None:
+        return None
+    shape = w.shape
+    if n.op_type == "Gemm":
+        trans = _attr(n, "transB" if w.input_index == 1 else "transA", 0)
+        eff = shape[::-1] if trans else shape  # B': [K, N]; A': [M, K]
+        fan_in, fan_out = (eff[0], eff[1]) if w.input_index == 1 else (eff[1], eff[0])
+        b = _bias(g, i, fan_out)
+    else:
+        if len(shape) == 1:
+            fan_in, fan_out = shape[0], 1
+        elif w.input_index == 1:
+            fan_in, fan_out = shape[-2], shape[-1]
+        else:
+            fan_in, fan_out = shape[-1], shape[-2]
+        b = _follow_bias_add(g, i, fan_out) if w.input_index == 1 else None
+    return [w], [b] if b is not None else [], fan_in, fan_out
+
+
+def _norm_parts(g: _Graph, i: int) -> _Parts | None:
+    n = g.nodes[i]
+    if not n.input or n.input[0] not in g.dynamic:
+        return None
+    s = _operand(g, "weight", i, 1)
+    b = _operand(g, "bias", i, 2)
+    if s is None and b is None:
+        return None
+    return [s] if s is not None else [], [b] if b is not None else [], 1, 1
+
+
+def _layer_of(g: _Graph, i: int, distance: int, name: str) -> Layer | None:
+    op = g.nodes[i].op_type
     if op in ("Conv", "ConvTranspose"):
-        if not n.input or n.input[0] not in g.dynamic:
-            return None
-        w = _operand(g, "weight", i, 1)
-        if w is None or len(w.shape) < 3:
-            return None
-        weights.append(w)
-        receptive = int(np.prod(w.shape[2:], dtype=np.int64))
-        group = int(_attr(n, "group", 1) or 1)
-        if op == "Conv":
-            fan_in, fan_out = w.shape[1] * receptive, w.shape[0] * receptive
-            features = w.shape[0]
-        else:
-            fan_in, fan_out = max(w.shape[0] // group, 1) * receptive, w.shape[1] * receptive
-            features = w.shape[1] * group
-        b = _operand(g, "bias", i, 2) if len(n.input) > 2 and n.input[2] else _follow_bias_add(g, i, features)
-        if b is not None:
-            biases.append(b)
+        parts = _conv_parts(g, i)
     elif op in ("Gemm", "MatMul"):
-        cand = []
-        for k in (1, 0):
-            if len(n.input) > k and n.input[k] and n.input[k] not in g.dynamic:
-                other = n.input[1 - k] if len(n.input) > 1 - k else ""
-                if other in g.dynamic:
-                    cand.append(k)
-        w = None
-        for k in cand:
-            w = _operand(g, "weight", i, k)
-            if w is not None:
-                break
-        if w is None:
-            return None
-        weights.append(w)
-        shape = w.shape
-        if op == "Gemm":
-            trans = _attr(n, "transB" if w.input_index == 1 else "transA", 0)
-            eff = shape[::-1] if trans else shape  # B': [K, N]; A': [M, K]
-            fan_in, fan_out = (eff[0], eff[1]) if w.input_index == 1 else (eff[1], eff[0])
-            features = fan_out
-            b = _operand(g, "bias", i, 2) if len(n.input) > 2 and n.input[2] else _follow_bias_add(g, i, features)
-        else:
-            if len(shape) == 1:
-                fan_in, fan_out = shape[0], 1
-            elif w.input_index == 1:
-                fan_in, fan_out = shape[-2], shape[-1]
-            else:
-                fan_in, fan_out = shape[-1], shape[-2]
-            b = _follow_bias_add(g, i, fan_out) if w.input_index == 1 else None
-        if b is not None:
-            biases.append(b)
+        parts = _matmul_parts(g, i)
     elif op in NORM_OPS:
-        if not n.input or n.input[0] not in g.dynamic:
-            return None
-        s = _operand(g, "weight", i, 1)
-        if s is not None:
-            weights.append(s)
-        b = _operand(g, "bias", i, 2)
-        if b is not None:
-            biases.append(b)
-        if not weights and not biases:
-            return None
+        parts = _norm_parts(g, i)
     else:
         return None
+    if parts is None:
+        return None
+    weights, biases, fan_in, fan_out = parts
     init = "he" if _relu_follows(g, i) else "glorot"
     return Layer(name, op, i, distance, tuple(weights), tuple(biases), int(fan_in), int(fan_out), init)
 
@@ -423,101 +444,4 @@ def find_layers(model: onnx.ModelProto, logits: str | None = None) -> list[Layer
     return layers
 
 
-# -- randomisation ----------------------------------------------------------------------------
-
-def _rng(seed: int, layer: str, tensor: str) -> np.random.Generator:
-    h = hashlib.sha256(f"{layer}\x00{tensor}".encode()).digest()
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int.from_bytes(h[:8], "little")])
-
-
-def _stored_dtype(model_g: _Graph, op: Operand) -> np.dtype:
-    return np.asarray(model_g.constant_value(op.source)).dtype
-
-
-def _new_value(layer: Layer, op: Operand, shape, dtype, seed: int) -> np.ndarray:
-    if op.role == "bias":
-        return np.zeros(shape, dtype=dtype)
-    v = _rng(seed, layer.name, op.source).standard_normal(size=shape) * layer.std
-    return v.astype(dtype)
-
-
-def randomize(model: onnx.ModelProto, layers: Iterable[Layer | str], seed: int = 0,
-              logits: str | None = None) -> onnx.ModelProto:
-    """A copy of ``model`` with the given layers re-initialised (see the module docstring).
-
-    ``layers`` are :class:`Layer` objects from :func:`find_layers` on this model, or their names.
-    """
-    if seed < 0:
-        raise OptionError(f"seed must be >= 0, got {seed}")
-    layers = list(layers)
-    if any(isinstance(L, str) for L in layers):
-        known = {L.name: L for L in find_layers(model, logits)}
-        missing = [L for L in layers if isinstance(L, str) and L not in known]
-        if missing:
-            raise OptionError(f"no learnable layer named {', '.join(map(repr, missing[:5]))}; "
-                              f"layers: {', '.join(list(known)[:10])}{' ...' if len(known) > 10 else ''}")
-        layers = [known[L] if isinstance(L, str) else L for L in layers]
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    g = _Graph(model)  # facts of the untouched input
-    init_pos = {t.name: k for k, t in enumerate(out.graph.initializer)}
-    taken = set(init_pos) | {o for n in out.graph.node for o in n.output} | {i.name for i in out.graph.input}
-    for layer in layers:
-        for op in layer.weights + layer.biases:
-            node = out.graph.node[op.node_index]
-            if node.input[op.input_index] != op.tensor:
-                raise ModelError(f"layer '{layer.name}' does not match this model (was it found "
-                                 f"on another model?)")
-            dtype = _stored_dtype(g, op)
-            if op.private:
-                stored = g.constant_value(op.source)
-                # draw in the shape the layer reads, stored back in the stored layout
-                value = _new_value(layer, op, op.shape, dtype, seed)
-                value = value.reshape(stored.shape) if value.size == stored.size else value
-                tensor = numpy_helper.from_array(np.ascontiguousarray(value), op.source)
-                if op.source_kind == "initializer":
-                    out.graph.initializer[init_pos[op.source]].CopyFrom(tensor)
-                else:
-                    const = out.graph.node[g.producer[op.source]]
-                    for a in const.attribute:
-                        if a.name == "value":
-                            a.t.CopyFrom(tensor)
-            else:
-                read_dtype = np.asarray(g.read_array(op.tensor)[0]).dtype
-                value = _new_value(layer, op, op.shape, read_dtype, seed)
-                base = f"{op.source}.onnxsal_random.{layer.name}"
-                name, k = base, 1
-                while name in taken:
-                    name, k = f"{base}.{k}", k + 1
-                taken.add(name)
-                out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-                if out.ir_version and out.ir_version < 4:
-                    out.graph.input.append(helper.make_tensor_value_info(
-                        name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
-                node.input[op.input_index] = name
-    return out
-
-
-def cascading_steps(layers: Sequence[Layer]) -> list[list[Layer]]:
-    """Step i (1-based) randomises layers 1..i counted from the top."""
-    return [list(layers[:i]) for i in range(1, len(layers) + 1)]
-
-
-def independent_steps(layers: Sequence[Layer]) -> list[list[Layer]]:
-    """Step i randomises layer i alone."""
-    return [[L] for L in layers]
-
-
-def pick_steps(n: int, max_steps: int | None) -> list[int]:
-    """Indices (0-based) of at most ``max_steps`` of ``n`` steps, evenly spread, always
-    including the first and the last."""
-    if not max_steps or max_steps >= n:
-        return list(range(n))
-    if max_steps == 1:
-        return [n - 1]
-    idx = np.unique(np.round(np.linspace(0, n - 1, max_steps)).astype(int))
-    return [int(i) for i in idx]
-
-
-__all__ = ["Layer", "Operand", "LAYER_OPS", "find_layers", "randomize", "cascading_steps",
-           "independent_steps", "pick_steps"]
+__all__ = ["Layer", "Operand", "LAYER_OPS", "find_layers"]

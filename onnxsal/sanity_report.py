@@ -1,0 +1,169 @@
+"""The verdict, Markdown and figures of the model-parameter randomisation test
+(:mod:`onnxsal.sanity_run` computes the steps; docs/definitions.md#sanity-checks).
+
+Pass/fail rule (:data:`RULE`): lower similarity to the trained model's maps is better
+(:data:`DIRECTION`); see :func:`verdict`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .display import printable
+from .metrics import similarity as sim
+from .metrics.randomisation import pick_steps
+from .report import atomic_write_bytes
+
+METRIC_LABELS = {"spearman_abs": "Spearman (absolute maps)",
+                 "spearman_signed": "Spearman (signed maps)",
+                 "ssim": "SSIM", "hog": "HOG similarity"}
+DIRECTION = "lower"  # lower similarity to the trained model's maps = more model-dependent
+RULE = ("a method passes when its mean Spearman rank correlation of the absolute maps "
+        "(spearman_abs) at the end of the test (cascading: all layers randomised; independent: "
+        "the layer whose randomisation lowers it most) is below {threshold} and at least "
+        "{margin} below its trained-model self-similarity (step 0); otherwise it fails")
+
+
+def verdict(steps: list[dict], method: str, mode: str, threshold: float, margin: float) -> dict:
+    """Apply :data:`RULE` to one method's per-step summaries (step 0 first)."""
+    base = steps[0]["methods"][method]["spearman_abs"]["mean"]
+    later = [s["methods"][method]["spearman_abs"]["mean"] for s in steps[1:]]
+    later = [v for v in later if v is not None]
+    if base is None or not later:
+        return {"passes": None, "baseline": base, "final": None, "reason": "no finite similarity"}
+    final = later[-1] if mode == "cascading" else min(later)
+    passes = bool(final < threshold and base - final >= margin)
+    if passes:
+        reason = f"similarity falls from {base:.3f} to {final:.3f}"
+    elif final >= threshold:
+        reason = f"similarity stays at {final:.3f} (>= {threshold}) after randomisation"
+    else:
+        reason = f"similarity {final:.3f} is within {margin} of the self-similarity {base:.3f}"
+    return {"passes": passes, "baseline": base, "final": final, "reason": reason}
+
+
+def _f(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    """sanity.md: verdicts, then per metric a table of mean (std) per step and method."""
+    from .report import markdown_table
+
+    methods = report["methods"]
+    lines = [f"# Sanity check ({report['mode']} model-parameter randomisation)", "",
+             f"- model: `{report['model']}` (sha256 {report['model_hash'][:12]})",
+             f"- images: {report['images']}; seed {report['seed']}; "
+             f"{len(report['layers'])} learnable layers; {len(report['steps']) - 1} steps",
+             f"- similarity of each randomised model's maps to the trained model's maps "
+             f"(lower = the map depends more on the learned weights); HOG correlation: "
+             f"{report['hog_correlation']}",
+             f"- rule: {report['rule']}", ""]
+    lines.append("## Verdicts\n")
+    rows = []
+    for m in methods:
+        v = report["verdicts"][m]
+        word = {True: "**pass**", False: "**fail**", None: "undecided"}[v["passes"]]
+        rows.append([m, word, _f(v["baseline"]), _f(v["final"]), v["reason"]])
+    lines.append(markdown_table(["method", "verdict", "self-similarity (step 0)",
+                                 "final spearman_abs", "why"], rows, "llrrl"))
+    for metric in sim.METRICS:
+        lines.append(f"## {METRIC_LABELS[metric]}: mean (std) over images\n")
+        rows = []
+        for s in report["steps"]:
+            row = [s["step"], f"`{s['label']}`", s["layers_randomised"], _f(s["class_agreement"], 2)]
+            for m in methods:
+                d = s["methods"][m][metric]
+                cell = f"{_f(d['mean'])} ({_f(d['std'])})"
+                if d["n_nan"]:
+                    cell += f" [{d['n_nan']} NaN]"
+                row.append(cell)
+            rows.append(row)
+        lines.append(markdown_table(["step", "layer", "randomised", "same class"] + list(methods),
+                                    rows, "rlrr" + "r" * len(methods)))
+    lines.append("\"same class\": fraction of images whose predicted class is unchanged (the "
+                 "explained class is re-predicted on every randomised model).\n")
+    return "\n".join(lines)
+
+
+def save_fig(fig, path: Path) -> None:
+    from .overlays import png_bytes
+
+    atomic_write_bytes(path, png_bytes(fig, layout=False, dpi=110, bbox_inches="tight"))
+
+
+def plot_curves(report: dict, path: str | os.PathLike) -> None:
+    """Similarity against the randomisation step; one line per method, one panel per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = report["steps"]
+    xs = np.array([s["step"] for s in steps])  # cascading: number of layers randomised
+    labels = [printable(s["label"] if len(s["label"]) <= 24 else "..." + s["label"][-21:])
+              for s in steps]
+    fig, axes = plt.subplots(1, len(sim.METRICS), figsize=(4.2 * len(sim.METRICS), 4.2), sharey=True)
+    for ax, metric in zip(axes, sim.METRICS):
+        for m in report["methods"]:
+            mean = np.array([np.nan if s["methods"][m][metric]["mean"] is None
+                             else s["methods"][m][metric]["mean"] for s in steps])
+            std = np.array([np.nan if s["methods"][m][metric]["std"] is None
+                            else s["methods"][m][metric]["std"] for s in steps])
+            line, = ax.plot(xs, mean, marker="o", ms=3, label=m)
+            ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.12)
+        ax.set_title(METRIC_LABELS[metric])
+        ax.axhline(0, color="0.7", lw=0.8)
+        ax.set_ylim(-1.05, 1.05)
+        every = max(1, len(xs) // 14)
+        ax.set_xticks(xs[::every])
+        ax.set_xticklabels(labels[::every], rotation=70, ha="right", fontsize=7)
+        ax.set_xlabel("cascading: randomised down to layer" if report["mode"] == "cascading"
+                      else "independently randomised layer")
+    axes[0].set_ylabel("similarity to the trained model's map")
+    axes[-1].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"{report['mode']} randomisation, {report['images']} images "
+                 f"(mean and std over images)", fontsize=10)
+    save_fig(fig, Path(path))
+
+
+def plot_grid(report: dict, image: np.ndarray, original: dict[str, np.ndarray],
+              grids: dict[int, dict[str, np.ndarray]], path: str | os.PathLike,
+              index: int = 0, max_columns: int = 10) -> None:
+    """Rows methods, columns: the image, the trained model's map, then the steps (at most
+    ``max_columns`` spread evenly, the last always shown); maps absolute-normalised."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = report["steps"][1:]
+    cols = [steps[i] for i in pick_steps(len(steps), max_columns)] if steps else []
+    methods = report["methods"]
+    n_cols = 2 + len(cols)
+    fig, axes = plt.subplots(len(methods), n_cols, figsize=(1.5 * n_cols, 1.6 * len(methods) + 0.4),
+                             squeeze=False)
+    img = np.asarray(image, np.float32)
+    show = img[0] if img.shape[0] == 1 else np.clip(img.transpose(1, 2, 0), 0, 1)
+    for r, m in enumerate(methods):
+        cells = [("image", None), ("trained", original[m][index])] + \
+                [(s["label"], grids[s["step"]][m]) for s in cols]
+        for c, (title, arr) in enumerate(cells):
+            ax = axes[r, c]
+            if arr is None:
+                ax.imshow(show, cmap="gray" if show.ndim == 2 else None, vmin=0, vmax=1)
+            else:
+                ax.imshow(sim.normalize_abs(arr), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                t = title if len(title) <= 16 else "..." + title[-13:]
+                ax.set_title(t, fontsize=6, rotation=30 if c > 1 else 0)
+            if c == 0:
+                ax.set_ylabel(m, fontsize=7)
+    fig.suptitle(f"image {index}: maps as layers are randomised ({report['mode']})", fontsize=9)
+    save_fig(fig, Path(path))
