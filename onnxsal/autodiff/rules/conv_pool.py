@@ -14,12 +14,8 @@ import numpy as np
 from onnx import helper
 
 from ...errors import ModelError
+from .common import filled, index_tensor
 from .registry import rule
-
-
-def _filled(elem_type: int, value: float):
-    """The `value` attribute of a ConstantOfShape."""
-    return helper.make_tensor("value", elem_type, [1], [value])
 
 
 def _pads(ctx, node, x: str, kernel: list[int], strides: list[int], dilations: list[int]):
@@ -242,9 +238,7 @@ def _maxpool_by_offsets(ctx, node, x, y, ind, dy):
     d = len(kernel)
     strides, dilations, pb, pe = _geometry(ctx, node, x, kernel)
     np_t = helper.tensor_dtype_to_np_dtype(ctx.dtype(x))
-    from .shape import _index_tensor
-
-    idx = _index_tensor(ctx, x)  # flat positions, as MaxPool's Indices count them
+    idx = index_tensor(ctx, x)  # flat positions, as MaxPool's Indices count them
     extra = [strides[i] + pe[i] + dilations[i] * kernel[i] for i in range(d)]  # ceil_mode windows
     padded = b.op("Pad", [idx, b.ints([0, 0] + pb + [0, 0] + extra), b.const(np.asarray(-1, np.int64))])
     sy = b.shape(y, 2)
@@ -290,7 +284,7 @@ def max_pool(ctx, node, dys):
     flat_ind = b.op("Reshape", [ind, b.ints([1, -1])])
     flat_ind = b.op("Expand", [flat_ind, b.concat([b.k_name, b.ints([1])])])
     size = b.op("Reshape", [b.op("Size", [x]), b.ints([1])])
-    zero = b.op("ConstantOfShape", [b.concat([b.k_name, size])], value=_filled(ctx.dtype(x), 0))
+    zero = b.op("ConstantOfShape", [b.concat([b.k_name, size])], value=filled(ctx.dtype(x), 0))
     kw = {"reduction": "add"} if overlap else {}
     scattered = b.op("ScatterElements", [zero, flat_ind, flat_dy], axis=1, **kw)
     return [b.reshape_cot(scattered, x)]
@@ -349,7 +343,7 @@ def average_pool(ctx, node, dys):
     else:
         # per-position divisor: the number of real (unpadded) inputs under each window
         plane = b.op("ConstantOfShape", [b.concat([b.ints([1, 1]), b.shape(x, 2)])],
-                     value=_filled(ctx.dtype(x), 1))
+                     value=filled(ctx.dtype(x), 1))
         counts = b.op("Conv", [plane, b.const(ones, hint="ones")], pads=pb + pe, strides=strides,
                       dilations=dilations, kernel_shape=kernel)
         dyf = b.op("Div", [dyf, counts])
