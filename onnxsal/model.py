@@ -527,7 +527,7 @@ def summarize(model: onnx.ModelProto, path: str | None = None, output: str | Non
     from .autodiff.contrib import lower
     from .autodiff.control_flow import walk
     from .autodiff.expand import expandable, inline_local
-    from .autodiff.pass_ import default_opset
+    from .autodiff.prepare import default_opset
     from .trust import carries_gradient, plan, without_own_gradient
 
     supported = set(supported_ops(rules))
@@ -578,9 +578,9 @@ def _pass_notes(model: onnx.ModelProto) -> list[str]:
 
 def set_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give a model built or edited here an IR version onnxruntime reads (docs/data.md#version-traps)."""
-    from .autodiff.pass_ import _ir_version_for
+    from .autodiff.contract import ir_version_for
 
-    model.ir_version = _ir_version_for(model)
+    model.ir_version = ir_version_for(model)
     return model
 
 
