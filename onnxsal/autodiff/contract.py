@@ -14,7 +14,6 @@ The roles' tensor names are in ``metadata_props`` under these keys.
 from __future__ import annotations
 
 import onnx
-from onnx import helper
 
 META_SEED = "onnxsal.seed"
 META_LOGITS = "onnxsal.logits"
@@ -22,19 +21,6 @@ META_GRAD = "onnxsal.grad."
 META_VALUE = "onnxsal.value."
 META_RULES = "onnxsal.rules"
 META_INPUT = "onnxsal.input"
-
-MAX_IR_VERSION = 10  # onnxruntime >= 1.18 reads it; onnx >= 1.23 would write 14 otherwise
-
-
-def ir_version_for(model: onnx.ModelProto) -> int:
-    """The IR version to write: the model's own, capped at one onnxruntime reads, but no lower
-    than its opsets need (docs/data.md#version-traps)."""
-    try:
-        needed = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
-    except TypeError:
-        needed = helper.find_min_ir_version_for(list(model.opset_import))
-    return max(min(model.ir_version, MAX_IR_VERSION), needed)
-
 
 def write_roles(model: onnx.ModelProto, meta: dict[str, str]) -> None:
     """Record the roles in ``metadata_props`` (replacing earlier values of the same keys)."""

@@ -13,7 +13,8 @@ from typing import Sequence
 
 import onnx
 
-from .contract import ir_version_for, write_roles
+from ..model import set_ir_version
+from .contract import write_roles
 from .prepare import prepare
 from .reverse import reverse
 from .rules.registry import Rule, table
@@ -32,5 +33,4 @@ def augment(model: onnx.ModelProto, wrt: Sequence[str] | None = None, rules: str
     analysis = prepare(model, wrt, logits, rule_table)
     meta = reverse(analysis, rule_table, rules, dict(options or {}))
     write_roles(analysis.model, meta)
-    analysis.model.ir_version = ir_version_for(analysis.model)
-    return analysis.model
+    return set_ir_version(analysis.model)

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import ModelError
+from .errors import ModelError
 
 DOMAIN = "com.microsoft"
 LOWERED = frozenset({"FusedConv", "Gelu", "BiasGelu", "FastGelu", "QuickGelu", "FusedMatMul",
