@@ -77,7 +77,7 @@ def _slice_value(node: onnx.NodeProto, attrs: dict, ins: list):
         steps = ins[4] if len(ins) > 4 and ins[4] is not None else [1]
     else:
         starts, ends, axes, steps = attrs.get("starts"), attrs.get("ends"), attrs.get("axes", [0]), [1]
-    if not all(isinstance(v, list) and len(v) == 1 and isinstance(v[0], int)
+    if axes is None or not all(isinstance(v, list) and len(v) == 1 and isinstance(v[0], int)
                for v in (starts, ends, axes, steps)) or axes[0] not in (0, -1):
         return None
     return ins[0][starts[0]:ends[0]:steps[0]]
@@ -108,8 +108,9 @@ def _shape_value(node: onnx.NodeProto, shapes: dict, consts: dict, known: dict):
         return None if dims is None else list(dims)[attrs.get("start", 0):attrs.get("end", len(dims))]
     if op == "Identity" or (op == "Cast" and attrs.get("to") == TensorProto.INT64):
         return ins[0]  # (a Cast to another type is the reference evaluator's to fold)
-    if op == "Concat" and attrs.get("axis") in (0, -1) and all(isinstance(v, list) for v in ins):
-        return [d for v in ins for d in v]
+    lists = [v for v in ins if isinstance(v, list)]
+    if op == "Concat" and attrs.get("axis") in (0, -1) and len(lists) == len(ins):
+        return [d for v in lists for d in v]
     if op == "Gather" and isinstance(ins[0], list) and attrs.get("axis", 0) == 0 and ins[1] is not None:
         return _gather_value(ins)
     if op == "Unsqueeze" and isinstance(ins[0], tuple):
@@ -257,8 +258,8 @@ def probe_ranks(model: onnx.ModelProto, names: list[str], shapes: dict) -> None:
         if vi.name in inits:
             continue
         t = vi.type.tensor_type
-        dims = [dim_of(d) for d in t.shape.dim]
-        dims = [d if isinstance(d, int) else (2 if i == 0 else 64) for i, d in enumerate(dims)]
+        declared = [dim_of(d) for d in t.shape.dim]
+        dims = [d if isinstance(d, int) else (2 if i == 0 else 64) for i, d in enumerate(declared)]
         feeds[vi.name] = np.random.default_rng(0).random(dims).astype(helper.tensor_dtype_to_np_dtype(t.elem_type))
     check_tensor_sizes(m, PROBE_BUDGET, {k: v.shape for k, v in feeds.items()})  # no bomb runs
     try:
