@@ -8,7 +8,7 @@ test that never builds the operator, fails too.
 from __future__ import annotations
 
 import ast
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -140,7 +140,7 @@ RULESET_CASES: dict[str, list[str]] = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tests(module: str) -> dict[str, set[str]]:
     """The test functions of tests/test_<module>.py with the string constants each one uses
     (its own, its decorators', and those of the module-level names it reads)."""
@@ -220,3 +220,28 @@ def test_lrp_linear_layer(op):
     want = (seed * (z / stab)) @ w.T.astype(np.float64)
     assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
     assert np.abs(got - seed @ w.T).max() > 1e-2  # the rule set changed the gradient
+
+
+def test_each_family_docstring_lists_its_ops():
+    """The ``Ops:`` line of each rule module's docstring is the ops it registers."""
+    import importlib
+    import re
+
+    families: dict[str, set[str]] = {}
+    for op, r in table().items():
+        families.setdefault(r.fn.__module__, set()).add(op)
+    for module, ops in families.items():
+        doc = importlib.import_module(module).__doc__ or ""
+        listed = re.search(r"Ops: (.*?)\.\n", doc, re.DOTALL)
+        assert listed, f"{module}: no 'Ops:' line"
+        assert set(" ".join(listed.group(1).split()).split(", ")) == ops, module
+
+
+def test_markdown_list_names_every_rule():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "onnxsal.autodiff.rules", "--markdown"], check=True,
+                         capture_output=True, text=True).stdout
+    named = {op for line in out.splitlines() for op in line.split(": ", 1)[1].rstrip(".").split(", ")}
+    assert named == set(table())

@@ -4,6 +4,8 @@ These operators insist on rank N+2, so the cotangent [K, N, C, ...] is folded to
 and unfolded afterwards. Stride-1 input gradients run as a Conv with the spatially flipped
 kernel (onnxruntime's CPU ConvTranspose is markedly slower); strided ones as ConvTranspose with
 the output padding that restores the input's exact size.
+
+Ops: AveragePool, Conv, ConvTranspose, GlobalAveragePool, GlobalMaxPool, MaxPool.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@ InstanceNormalization, Softmax and LogSoftmax.
 
 Statistics that the forward node may not expose (mean, inverse std) are recomputed from the
 saved input rather than read from optional outputs.
+
+Ops: BatchNormalization, GroupNormalization, InstanceNormalization, LRN, LayerNormalization,
+LogSoftmax, LpNormalization, Softmax.
 """
 
 from __future__ import annotations

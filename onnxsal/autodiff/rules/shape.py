@@ -3,6 +3,11 @@
 Every axis attribute is shifted by one for the leading seed axis K (after normalising negative
 axes). Selections (Slice, Gather, Pad with reflect/edge) use one idea: apply the forward op to
 a tensor holding each element's flat index, then scatter the cotangent back to those indices.
+
+Ops: Concat, CumSum, DepthToSpace, Expand, Flatten, Gather, GatherElements, GatherND, Pad,
+ReduceL1, ReduceL2, ReduceLogSum, ReduceLogSumExp, ReduceMax, ReduceMean, ReduceMin, ReduceProd,
+ReduceSum, ReduceSumSquare, Reshape, ScatterND, Slice, SpaceToDepth, Split, Squeeze, Tile,
+Transpose, Trilu, Unsqueeze.
 """
 
 from __future__ import annotations
