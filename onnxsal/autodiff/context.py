@@ -71,6 +71,12 @@ class Context:
                              f"shape inference could not determine it")
         return len(s)
 
+    def declare(self, name: str, shape: list[Dim] | None, dtype: int | None = None) -> None:
+        """Record the shape (and element type) of a tensor a rule made, for the rules it feeds."""
+        self._shapes[name] = shape
+        if dtype is not None:
+            self._dtypes[name] = dtype
+
     def dtype(self, name: str) -> int:
         return self._dtypes.get(name, TensorProto.FLOAT)
 

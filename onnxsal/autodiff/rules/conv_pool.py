@@ -352,8 +352,8 @@ def average_pool(ctx, node, dys):
         kern = ones
     xf = b.op("Reshape", [x, b.concat([b.ints([-1, 1]), b.shape(x, 2)])], hint="xplane")
     yf = b.op("Reshape", [y, b.concat([b.ints([-1, 1]), b.shape(y, 2)])], hint="yplane")
-    ctx._shapes[xf] = [None, 1] + list((ctx.shape(x) or [None] * (d + 2))[2:])
-    ctx._shapes[yf] = [None, 1] + list((ctx.shape(y) or [None] * (d + 2))[2:])
+    ctx.declare(xf, [None, 1] + list((ctx.shape(x) or [None] * (d + 2))[2:]))
+    ctx.declare(yf, [None, 1] + list((ctx.shape(y) or [None] * (d + 2))[2:]))
     dxf = _input_grad(ctx, dyf, kern, xf, yf, kernel, strides, dilations, pb, pe, 1)
     return [b.reshape_cot(dxf, x)]
 
