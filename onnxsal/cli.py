@@ -66,7 +66,8 @@ def cli(debug: bool, plugins: tuple[str, ...]) -> None:
 @click.option("--output", default=None, help="The output to explain when the model has several.")
 def inspect(model: str, as_json: bool, output: str | None) -> None:
     """Print a model's input, logits, opset, parameters and operators."""
-    from .model import load_model, summarize
+    from .inspect import summarize
+    from .model import load_model
 
     s = summarize(load_model(model), path=model, output=output)
     if as_json:

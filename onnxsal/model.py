@@ -6,20 +6,21 @@ outside the model's folder are refused before anything is read.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from .contrib import DOMAIN as ORT_DOMAIN, LOWERED
 from .errors import ModelError, OptionError, first_line
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 MAX_MODEL_BYTES = 4 << 30
+MAX_IR_VERSION = 10  # onnxruntime >= 1.18 reads it; onnx >= 1.23 would write 14 otherwise
 PROBE_BUDGET = 2 << 30  # largest tensor a run outside the engine may make (its default budget)
 # Operators whose outputs are integers, booleans or constants: no gradient flows through them,
 # so they need no rule (the pass stops at them).
@@ -54,25 +55,6 @@ class LogitsSpec:
     after: str | None  # "Softmax"/"LogSoftmax" when the output is a probability of `tensor`
     num_classes: int | None
     note: str = ""
-
-
-@dataclass
-class ModelSummary:
-    path: str | None
-    input: InputSpec
-    logits: LogitsSpec
-    opset: int
-    ir_version: int
-    parameters: int
-    producer: str
-    operators: dict = field(default_factory=dict)  # op type -> {"count": n, "differentiable": bool}
-    notes: list = field(default_factory=list)  # how the gradient pass treats this file
-    gradients: str = ""  # whose gradients onnxsal uses (onnxsal.trust.plan)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["input"]["elem_type"] = type_name(self.input.elem_type)
-        return d
 
 
 def type_name(elem_type: int) -> str:
@@ -236,8 +218,6 @@ def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
 
 
 def validate(model: onnx.ModelProto, where: str = "model") -> None:
-    from .autodiff.contrib import DOMAIN as ORT_DOMAIN, LOWERED
-
     # other domains: the model's own functions (inlined before the pass) and onnxruntime's
     # fused operators that onnxsal writes back as standard ONNX
     local = {(f.domain, f.name) for f in model.functions}
@@ -521,66 +501,19 @@ def parameter_count(model: onnx.ModelProto) -> int:
                    if t.data_type in FLOAT_TYPES))
 
 
-def summarize(model: onnx.ModelProto, path: str | None = None, output: str | None = None,
-              rules: str = "default") -> ModelSummary:
-    from .autodiff import supported_ops
-    from .autodiff.contrib import lower
-    from .autodiff.control_flow import walk
-    from .autodiff.expand import expandable, inline_local
-    from .autodiff.pass_ import default_opset
-    from .trust import carries_gradient, plan, without_own_gradient
-
-    supported = set(supported_ops(rules))
-    own = carries_gradient(model)
-    model = without_own_gradient(model, output)  # what onnxsal differentiates (onnxsal.trust)
-    notes = _pass_notes(model)
-    model = lower(inline_local(model))  # the operators the pass meets
-    opset = default_opset(model)
-    notes += [f"{op} has no rule: expanded into the function body ONNX defines it by"
-              for op in sorted({n.op_type for n in walk(model.graph.node) if n.domain in ("", "ai.onnx")
-                                and n.op_type not in supported and expandable(n.op_type, opset)})]
-    counts = collections.Counter(  # with the nodes inside If, Loop and Scan bodies
-        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in walk(model.graph.node))
-    ops = {op: {"count": c, "differentiable": op in supported or expandable(op, opset),
-                "needs_rule": op not in NO_GRADIENT_OPS} for op, c in sorted(counts.items())}
-    return ModelSummary(
-        path=path,
-        input=find_image_input(model),
-        logits=find_logits(model, output),
-        opset=opset,
-        ir_version=model.ir_version,
-        parameters=parameter_count(model),
-        producer=f"{model.producer_name} {model.producer_version}".strip(),
-        operators=ops,
-        notes=notes,
-        gradients=plan(own, all(v["differentiable"] or not v["needs_rule"] for v in ops.values())),
-    )
-
-
-def _pass_notes(model: onnx.ModelProto) -> list[str]:
-    """What an auditor should know about how the gradients of this file are taken."""
-    from .autodiff.contrib import DOMAIN as ORT_DOMAIN
-
-    ops = collections.Counter((n.domain, n.op_type) for n in model.graph.node)
-    notes = []
-    if any(i.type.tensor_type.elem_type == TensorProto.FLOAT16 for i in model.graph.input):
-        notes.append("float16 model: the gradients are those of its float16 arithmetic (returned as float32)")
-    if ops[("", "QuantizeLinear")] and ops[("", "DequantizeLinear")]:
-        notes.append("quantized (QDQ): gradients by the straight-through estimator (rounding counts as the "
-                     "identity inside the integer range, zero where values are clipped)")
-    fused = sorted(op for (dom, op) in ops if dom == ORT_DOMAIN)
-    if fused:
-        notes.append(f"onnxruntime's fused operators written back as standard ONNX: {', '.join(fused)}")
-    if len(model.functions):
-        notes.append(f"{len(model.functions)} model-local function(s) inlined")
-    return notes
+def ir_version_for(model: onnx.ModelProto) -> int:
+    """The IR version to write: the model's own, capped at one onnxruntime reads, but no lower
+    than its opsets need (docs/data.md#version-traps)."""
+    try:
+        needed = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    except TypeError:
+        needed = helper.find_min_ir_version_for(list(model.opset_import))
+    return max(min(model.ir_version, MAX_IR_VERSION), needed)
 
 
 def set_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give a model built or edited here an IR version onnxruntime reads (docs/data.md#version-traps)."""
-    from .autodiff.pass_ import _ir_version_for
-
-    model.ir_version = _ir_version_for(model)
+    model.ir_version = ir_version_for(model)
     return model
 
 
@@ -608,7 +541,7 @@ def save_model(model, path: str) -> None:
             os.unlink(tmp)
 
 
-__all__ = ["InputSpec", "LogitsSpec", "ModelSummary", "load_model", "check_external_data",
+__all__ = ["InputSpec", "LogitsSpec", "load_model", "check_external_data",
            "check_tensor_sizes", "iter_tensors", "densify", "validate", "content_hash",
            "find_image_input", "with_image_size", "dim_of", "find_logits", "parameter_count",
-           "summarize", "set_ir_version", "save_model"]
+           "ir_version_for", "set_ir_version", "save_model"]

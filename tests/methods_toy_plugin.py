@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxsal.autodiff.rulesets import rule
+from onnxsal.autodiff.rules import rule
 from onnxsal.methods import Maps, Method
 from onnxsal.methods.gradient import target_gradient
 

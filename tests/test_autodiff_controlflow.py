@@ -368,7 +368,7 @@ def test_rule_sets_apply_inside_branches(rules, options):
 
 
 def test_inspect_lists_the_operators_inside_branches():
-    from onnxsal.model import summarize
+    from onnxsal.inspect import summarize
 
     ops = summarize(image_if_model(True)).operators
     assert ops["If"]["differentiable"] and ops["Conv"]["count"] == 1 and ops["MaxPool"]["count"] == 1

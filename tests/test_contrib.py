@@ -52,7 +52,8 @@ def test_onnxruntime_optimized_model_gradients(tmp_path):
     fused = onnx.load(tmp_path / "fused.onnx")
     ops = collections.Counter(n.op_type for n in fused.graph.node if n.domain == "com.microsoft")
     assert ops["FusedConv"] >= 2, ops  # the fusions this test is about did happen
-    from onnxsal.model import load_model, summarize
+    from onnxsal.inspect import summarize
+    from onnxsal.model import load_model
 
     summary = summarize(load_model(tmp_path / "fused.onnx"))
     assert any("fused operators written back" in n and "FusedConv" in n for n in summary.notes)
@@ -68,7 +69,7 @@ def test_lowered_operators_match_onnxruntime_kernels():
     """Each written-back operator computes what onnxruntime's fused kernel computes."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from onnxsal.autodiff.contrib import lower
+    from onnxsal.contrib import lower
 
     rng = np.random.default_rng(1)
     f = numpy_helper.from_array

@@ -150,7 +150,7 @@ def test_float16_model(cnn_engine):
     model = float16.convert_float_to_float16(eng.source_model, keep_io_types=False)
     low = Engine(model, device="cpu", use_disk_cache=False)
     assert low.source_model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
-    from onnxsal.model import summarize
+    from onnxsal.inspect import summarize
 
     assert any(n.startswith("float16 model") for n in summarize(model).notes)
     x = np.random.default_rng(4).random((3, 3, 12, 12), dtype=np.float32)

@@ -643,12 +643,12 @@ def test_line_breaks_in_hostile_names_stay_on_one_line(tmp_path):
 
 
 def test_out_of_memory_is_one_line(tmp_path, monkeypatch):
-    import onnxsal.model
+    import onnxsal.inspect
 
     def no_memory(*a, **k):
         raise MemoryError("Unable to allocate 288. MiB")
 
-    monkeypatch.setattr(onnxsal.model, "summarize", no_memory)
+    monkeypatch.setattr(onnxsal.inspect, "summarize", no_memory)
     code, _, err = run_main(["inspect", save(tiny(), tmp_path / "m.onnx")])
     assert code == 2 and "out of memory (Unable to allocate 288. MiB)" in one_error_line(err)
 

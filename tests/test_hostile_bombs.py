@@ -172,14 +172,14 @@ def test_the_probe_run_of_the_pass_does_not_run_a_bomb(monkeypatch):
     """The pass's probe (a run to learn unknown ranks) checks sizes first."""
     import onnxruntime as ort
 
-    from onnxsal.autodiff.pass_ import _probe_ranks
+    from onnxsal.autodiff.prepare import probe_ranks
 
     def no_session(*a, **k):
         raise AssertionError("a session was created")
 
     monkeypatch.setattr(ort, "InferenceSession", no_session)
     with pytest.raises(ModelError, match="Expand"):
-        _probe_ranks(bomb_model("Expand"), ["big"], {})
+        probe_ranks(bomb_model("Expand"), ["big"], {})
 
 
 def test_a_huge_sparse_tensor_is_refused_not_densified(tmp_path):

@@ -91,7 +91,7 @@ def test_onnxruntime_quantized_model_end_to_end(tmp_path):
                           weight_type=quant.QuantType.QInt8)
     qmodel = onnx.load(q_path)
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in qmodel.graph.node}
-    from onnxsal.model import summarize
+    from onnxsal.inspect import summarize
 
     assert any("straight-through" in n for n in summarize(qmodel).notes)  # inspect says so
     import onnxruntime as ort

@@ -74,7 +74,7 @@ def _dims(vi):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_contract(exported, name):
-    from onnxsal.autodiff.pass_ import augmented_roles
+    from onnxsal.autodiff import augmented_roles
 
     _, shape, ours, theirs = exported[name]
     onnx.checker.check_model(ours, full_check=True)

@@ -6,7 +6,7 @@ subgraphs read from outside: :func:`effective_inputs`, which every walk over the
 
 * ``If`` with a condition known before the run (a constant, or folded from static shapes) is
   replaced by the taken branch (:func:`inline_static_ifs`), renamed apart.
-* ``If`` with a run-time condition has a rule (:func:`if_rule`). Decision: a backward ``If``
+* ``If`` with a run-time condition has a rule (:func:`.rules.branches.if_rule`). Decision: a backward ``If``
   on the same condition whose branches are the differentiated branch bodies, rather than a
   rewrite into Where(cond, then, else), which would run both branches and lets an untaken
   branch's inf or NaN leak into the gradient (0 * inf). Each backward branch recomputes its
@@ -25,7 +25,6 @@ from typing import Iterable, Sequence
 import onnx
 from onnx import AttributeProto, helper
 
-from .rules.registry import DEFAULT, rule
 
 GRAPH_ATTRS = (AttributeProto.GRAPH, AttributeProto.GRAPHS)
 
@@ -156,63 +155,3 @@ def inline_static_ifs(graph: onnx.GraphProto, consts: dict) -> bool:
     del graph.node[:]
     graph.node.extend(nodes)
     return True
-
-
-# -- If with a run-time condition -------------------------------------------------------------
-
-def _branches(node):
-    return [next(a.g for a in node.attribute if a.name == name) for name in ("then_branch", "else_branch")]
-
-
-def _if_opset(node) -> int:
-    """The opset the rules of the branches' nodes need."""
-    return max([DEFAULT[n.op_type].opset_for(n) for g in _branches(node) for n in walk(g.node)
-                if n.op_type in DEFAULT] + [0])
-
-
-@rule("If", min_opset=_if_opset)
-def if_rule(ctx, node, dys):
-    """dIf: a backward If on the same condition (see the module docstring)."""
-    reads = effective_inputs(node)[len(node.input):]
-    wanted = [r for r in reads if ctx.needs_grad(r)]
-    if not wanted:
-        return [None] * (len(node.input) + len(reads))
-    bodies = [_branch_backward(ctx, g, dys, wanted) for g in _branches(node)]
-    outs = [ctx.b.fresh("if_grad") for _ in wanted]
-    ctx.b.nodes.append(helper.make_node("If", [node.input[0]], outs, name=ctx.b.fresh("If_grad"),
-                                        then_branch=bodies[0], else_branch=bodies[1]))
-    grads = dict(zip(wanted, outs))
-    return [None] * len(node.input) + [grads.get(r) for r in reads]
-
-
-def _branch_backward(ctx, g: onnx.GraphProto, dys: list, wanted: list[str]) -> onnx.GraphProto:
-    """A graph with no inputs that recomputes branch ``g`` and returns the cotangents of the
-    outer tensors ``wanted`` (fresh output names) given the cotangents ``dys`` of g's outputs."""
-    from .pass_ import Context, _collect_consts, _collect_static, _fold_static, _path, backward, check_rules
-
-    shapes, dtypes, consts, shape_values = ctx.facts()
-    _collect_static(g, shapes, dtypes)
-    consts.update(_collect_consts(g))
-    shape_values.update(_fold_static(g, ctx.opset, shapes, consts))
-    targets = [vi.name for vi, dy in zip(g.output, dys) if dy is not None]
-    active, need = _path(g, wanted, targets, dtypes)
-    check_rules(active, ctx.rules, g)
-    b = ctx.b.child()
-    sub = Context(b, shapes, dtypes, consts, need, ctx.ruleset, ctx.options,
-                  graph=g, rules=ctx.rules, wrt=wanted, shape_values=shape_values)
-    cot: dict[str, list[str]] = {}
-    for vi, dy in zip(g.output, dys):
-        if dy is not None:
-            cot.setdefault(vi.name, []).append(dy)
-    backward(sub, active, cot)
-    outs = []
-    for w in wanted:
-        terms = cot.get(w)
-        grad = b.accumulate(terms, w) if terms else b.zeros_cot(w, dtypes.get(w, onnx.TensorProto.FLOAT))
-        outs.append(b.op("Identity", [grad], hint="branch_grad"))
-    wanted_names = set(outs)
-    nodes = live(copy.deepcopy(list(g.node)) + b.nodes, wanted_names)
-    return helper.make_graph(
-        nodes, b.fresh(g.name or "branch") + "_grad", [],
-        [helper.make_tensor_value_info(o, dtypes.get(w, onnx.TensorProto.FLOAT), None) for o, w in zip(outs, wanted)],
-        [copy.deepcopy(t) for t in g.initializer if t.name in wanted_names])

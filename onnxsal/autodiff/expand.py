@@ -33,7 +33,8 @@ def expandable(op_type: str, opset: int) -> bool:
         schema = onnx.defs.get_schema(op_type, opset, "")
     except Exception:  # onnx.defs.SchemaError: not a standard operator at this opset
         return False
-    return bool(schema.has_function or schema.has_context_dependent_function)
+    # (onnx's type stubs omit these two properties of OpSchema)
+    return bool(schema.has_function or schema.has_context_dependent_function)  # type: ignore[attr-defined]
 
 
 def inline_local(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -8,7 +8,7 @@ size and any number of seed rows K.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Literal, Sequence, overload
 
 import numpy as np
 import onnx
@@ -33,7 +33,7 @@ class Builder:
         self._count = 0
         self._const_cache: dict[tuple, str] = {}
         self._shape_cache: dict[tuple, str] = {}
-        self.k_name: str | None = None  # [1] int64 tensor holding K, set by the pass
+        self.k_name = ""  # [1] int64 tensor holding K, set by the pass
         # cotangents left in a broadcastable shape (size-1 axes where the tensor has more):
         # name -> the forward tensor whose [K] + shape they stand for. The pass adds them to
         # full-size terms by Sum's broadcasting and expands them only when nothing else comes.
@@ -62,8 +62,16 @@ class Builder:
                 self.taken.add(name)
                 return name
 
+    @overload
+    def op(self, op_type: str, inputs: Sequence[str], n_out: Literal[1] = 1, hint: str | None = None,
+           **attrs: Any) -> str: ...
+
+    @overload
+    def op(self, op_type: str, inputs: Sequence[str], n_out: int, hint: str | None = None,
+           **attrs: Any) -> list[str]: ...
+
     def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, hint: str | None = None,
-           **attrs) -> str | list[str]:
+           **attrs: Any) -> str | list[str]:
         """Append one node and return its output name (or names when n_out > 1)."""
         outs = [self.fresh(hint or op_type) for _ in range(n_out)]
         attrs = {k: v for k, v in attrs.items() if v is not None}
@@ -172,10 +180,9 @@ class Builder:
     def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: bool = True) -> str:
         """ReduceSum/Mean/Max... over static axes (an input from opset 13 or 18, else an
         attribute); axes only the run knows: see broadcast._split_sum."""
-        kw = {"keepdims": int(keepdims)}
         if self.opset >= (13 if op_type == "ReduceSum" else 18):
-            return self.op(op_type, [x, self.ints(axes)], **kw)
-        return self.op(op_type, [x], axes=list(axes), **kw)
+            return self.op(op_type, [x, self.ints(axes)], keepdims=int(keepdims))
+        return self.op(op_type, [x], axes=list(axes), keepdims=int(keepdims))
 
     def unsqueeze(self, x: str, axes: Sequence[int]) -> str:
         if self.opset >= 13:

@@ -4,6 +4,8 @@ These operators insist on rank N+2, so the cotangent [K, N, C, ...] is folded to
 and unfolded afterwards. Stride-1 input gradients run as a Conv with the spatially flipped
 kernel (onnxruntime's CPU ConvTranspose is markedly slower); strided ones as ConvTranspose with
 the output padding that restores the input's exact size.
+
+Ops: AveragePool, Conv, ConvTranspose, GlobalAveragePool, GlobalMaxPool, MaxPool.
 """
 
 from __future__ import annotations
@@ -14,12 +16,8 @@ import numpy as np
 from onnx import helper
 
 from ...errors import ModelError
+from .common import filled, index_tensor, transpose_along
 from .registry import rule
-
-
-def _filled(elem_type: int, value: float):
-    """The `value` attribute of a ConstantOfShape."""
-    return helper.make_tensor("value", elem_type, [1], [value])
 
 
 def _pads(ctx, node, x: str, kernel: list[int], strides: list[int], dilations: list[int]):
@@ -244,9 +242,7 @@ def _maxpool_by_offsets(ctx, node, x, y, ind, dy):
     d = len(kernel)
     strides, dilations, pb, pe = _geometry(ctx, node, x, kernel)
     np_t = helper.tensor_dtype_to_np_dtype(ctx.dtype(x))
-    from .shape import _index_tensor
-
-    idx = _index_tensor(ctx, x)  # flat positions, as MaxPool's Indices count them
+    idx = index_tensor(ctx, x)  # flat positions, as MaxPool's Indices count them
     extra = [strides[i] + pe[i] + dilations[i] * kernel[i] for i in range(d)]  # ceil_mode windows
     padded = b.op("Pad", [idx, b.ints([0, 0] + pb + [0, 0] + extra), b.const(np.asarray(-1, np.int64))])
     sy = b.shape(y, 2)
@@ -292,7 +288,7 @@ def max_pool(ctx, node, dys):
     flat_ind = b.op("Reshape", [ind, b.ints([1, -1])])
     flat_ind = b.op("Expand", [flat_ind, b.concat([b.k_name, b.ints([1])])])
     size = b.op("Reshape", [b.op("Size", [x]), b.ints([1])])
-    zero = b.op("ConstantOfShape", [b.concat([b.k_name, size])], value=_filled(ctx.dtype(x), 0))
+    zero = b.op("ConstantOfShape", [b.concat([b.k_name, size])], value=filled(ctx.dtype(x), 0))
     kw = {"reduction": "add"} if overlap else {}
     scattered = b.op("ScatterElements", [zero, flat_ind, flat_dy], axis=1, **kw)
     return [b.reshape_cot(scattered, x)]
@@ -341,7 +337,7 @@ def average_pool(ctx, node, dys):
             dx = dys[0]
             for i in range(d):
                 mat = _pool_matrix(kernel[i], strides[i], dilations[i], pb[i], pe[i], include_pad, sin[i])
-                dx = _transpose_along(ctx, dx, mat.astype(helper.tensor_dtype_to_np_dtype(ctx.dtype(x))),
+                dx = transpose_along(ctx, dx, mat.astype(helper.tensor_dtype_to_np_dtype(ctx.dtype(x))),
                                       i + 2, d + 2)
             return [dx]
     dyf = _fold_spatial(ctx, dys[0], y)
@@ -351,15 +347,15 @@ def average_pool(ctx, node, dys):
     else:
         # per-position divisor: the number of real (unpadded) inputs under each window
         plane = b.op("ConstantOfShape", [b.concat([b.ints([1, 1]), b.shape(x, 2)])],
-                     value=_filled(ctx.dtype(x), 1))
+                     value=filled(ctx.dtype(x), 1))
         counts = b.op("Conv", [plane, b.const(ones, hint="ones")], pads=pb + pe, strides=strides,
                       dilations=dilations, kernel_shape=kernel)
         dyf = b.op("Div", [dyf, counts])
         kern = ones
     xf = b.op("Reshape", [x, b.concat([b.ints([-1, 1]), b.shape(x, 2)])], hint="xplane")
     yf = b.op("Reshape", [y, b.concat([b.ints([-1, 1]), b.shape(y, 2)])], hint="yplane")
-    ctx._shapes[xf] = [None, 1] + list((ctx.shape(x) or [None] * (d + 2))[2:])
-    ctx._shapes[yf] = [None, 1] + list((ctx.shape(y) or [None] * (d + 2))[2:])
+    ctx.declare(xf, [None, 1] + list((ctx.shape(x) or [None] * (d + 2))[2:]))
+    ctx.declare(yf, [None, 1] + list((ctx.shape(y) or [None] * (d + 2))[2:]))
     dxf = _input_grad(ctx, dyf, kern, xf, yf, kernel, strides, dilations, pb, pe, 1)
     return [b.reshape_cot(dxf, x)]
 
@@ -427,88 +423,3 @@ def conv_transpose(ctx, node, dys):
     dxf = b.op("Conv", [dyf, wname], group=group, dilations=dilations, strides=strides, pads=p,
                kernel_shape=kernel)
     return [b.reshape_cot(dxf, x), None, None][: len(node.input)]
-
-
-def _resize_matrix(node, opset: int, axis: int, rank: int, n_in: int, scale: float | None,
-                   n_out: int, dtype) -> np.ndarray:
-    """The [n_out, n_in] interpolation matrix of a Resize along one axis, obtained by resizing
-    the identity with onnx's reference implementation (same attributes)."""
-    from onnx import TensorProto, numpy_helper
-    from onnx.reference import ReferenceEvaluator
-
-    j0 = 0 if axis != 0 else 1
-    shape = [1] * rank
-    shape[j0], shape[axis] = n_in, n_in
-    eye = np.eye(n_in, dtype=np.float64).reshape(shape)
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    inits = [numpy_helper.from_array(np.zeros(0, np.float32), "roi")]
-    if scale is not None:
-        sc = np.ones(rank, np.float32)
-        sc[axis] = scale
-        inits.append(numpy_helper.from_array(sc, "scales"))
-        ins = ["x", "roi", "scales"]
-    else:
-        sz = np.asarray(shape, np.int64)
-        sz[axis] = n_out
-        inits.append(numpy_helper.from_array(sz, "sizes"))
-        ins = ["x", "roi", "", "sizes"]
-    g = helper.make_graph([helper.make_node("Resize", ins, ["y"], **attrs)], "r",
-                          [helper.make_tensor_value_info("x", TensorProto.DOUBLE, shape)],
-                          [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)], initializer=inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", max(opset, 13))])
-    out = np.asarray(ReferenceEvaluator(m).run(None, {"x": eye})[0])
-    out = out.reshape([n_in, n_out] if j0 < axis else [n_out, n_in])
-    mat = out.T if j0 < axis else out  # [n_out, n_in]
-    return np.ascontiguousarray(mat).astype(dtype)
-
-
-@rule("Resize")
-def resize(ctx, node, dys):
-    """Resize is linear in its input: per resized axis, multiply the cotangent by the transpose
-    of the interpolation matrix (nearest, linear, cubic; any coordinate transformation).
-    Needs static sizes on the resized axes and constant scales, or sizes that are constant or
-    computed from shapes."""
-    x, y = node.input[0], node.output[0]
-    r = ctx.rank(x)
-    bad = [a for a in ("axes",) if ctx.attr(node, a) is not None]
-    ctm = ctx.attr(node, "coordinate_transformation_mode", "half_pixel")
-    ctm = ctm.decode() if isinstance(ctm, bytes) else ctm
-    if bad or ctm == "tf_crop_and_resize" or ctx.attr(node, "keep_aspect_ratio_policy", "stretch") not in ("stretch", b"stretch"):
-        raise ModelError(f"{node.op_type} node '{node.name}' uses axes/crop/aspect-ratio options; not supported")
-    scales = ctx.const(node.input[2]) if ctx.input(node, 2) else None
-    if scales is not None and scales.size == 0:
-        scales = None
-    # sizes: constant, or computed from shapes (Concat(Shape(x)[:2], [H, W]) with a dynamic
-    # batch is ['N', C, H, W]); run-time scales would move the sampling coordinates themselves
-    sizes = ctx.shape_value(node.input[3]) if ctx.input(node, 3) else None
-    if scales is None and sizes is None:
-        raise ModelError(f"{node.op_type} node '{node.name}' has run-time scales/sizes; only constant "
-                         f"scales and sizes computed from shapes are supported")
-    sin, sout = ctx.shape(x) or [None] * r, list(ctx.shape(y) or [None] * r)
-    np_t = helper.tensor_dtype_to_np_dtype(ctx.dtype(x))
-    dx = dys[0]
-    for i in range(r):
-        sc = float(scales[i]) if scales is not None else None
-        if (sc is not None and sc == 1.0) or (sc is None and sizes[i] is not None and sizes[i] == sin[i]):
-            continue
-        if sc is None and isinstance(sizes[i], int):
-            sout[i] = sizes[i]
-        if not isinstance(sin[i], int) or not isinstance(sout[i], int):
-            raise ModelError(f"{node.op_type} node '{node.name}' resizes axis {i} of dynamic size; "
-                             f"not supported")
-        dx = _transpose_along(ctx, dx, _resize_matrix(node, ctx.opset, i, r, sin[i], sc, sout[i], np_t), i, r)
-    return [dx] + [None] * (len(node.input) - 1)
-
-
-def _transpose_along(ctx, dy: str, mat: np.ndarray, i: int, r: int) -> str:
-    """The cotangent [K] + shape(y) multiplied along forward axis i by the transpose of the
-    [n_out, n_in] matrix of a linear map applied along that axis (Resize, pooling)."""
-    b = ctx.b
-    if i == r - 1:
-        return b.op("MatMul", [dy, b.const(mat, hint="axismapT")])
-    if i == r - 2:
-        return b.op("MatMul", [b.const(np.ascontiguousarray(mat.T), hint="axismapT"), dy])
-    perm = [a for a in range(r + 1) if a != i + 1] + [i + 1]  # axis i (i+1 with K) last, and back
-    inv = [perm.index(a) for a in range(r + 1)]
-    t = b.op("MatMul", [b.op("Transpose", [dy], perm=perm), b.const(mat, hint="axismapT")])
-    return b.op("Transpose", [t], perm=inv)

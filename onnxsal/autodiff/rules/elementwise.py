@@ -2,6 +2,12 @@
 
 Saved forward tensors ([N, ...]) broadcast against cotangents ([K, N, ...]) with no extra work;
 each operand's gradient of a broadcasting op is summed back to its own shape.
+
+Ops: Abs, Acos, Acosh, Add, Asin, Asinh, Atan, Atanh, Cast, CastLike, Ceil, Celu, Clip, Cos,
+Cosh, Div, Dropout, Elu, Erf, Exp, Floor, Gelu, HardSigmoid, HardSwish, Hardmax, Identity,
+LeakyRelu, Log, Max, Mean, Min, Mish, Mul, Neg, PRelu, Pow, Reciprocal, Relu, Round, Selu,
+Shrink, Sigmoid, Sign, Sin, Sinh, Softplus, Softsign, Sqrt, Sub, Sum, Tan, Tanh,
+ThresholdedRelu, Where.
 """
 
 from __future__ import annotations

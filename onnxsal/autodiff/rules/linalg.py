@@ -2,6 +2,8 @@
 
 The cotangent carries the seed axis K in front, so every product is a batched MatMul; each
 operand's gradient is summed back over the batch axes it was broadcast along.
+
+Ops: Einsum, Gemm, MatMul.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@ InstanceNormalization, Softmax and LogSoftmax.
 
 Statistics that the forward node may not expose (mean, inverse std) are recomputed from the
 saved input rather than read from optional outputs.
+
+Ops: BatchNormalization, GroupNormalization, InstanceNormalization, LRN, LayerNormalization,
+LogSoftmax, LpNormalization, Softmax.
 """
 
 from __future__ import annotations
@@ -130,8 +133,7 @@ def group_norm(ctx, node, dys):
     if ctx.opset >= 21:  # per-channel scale: apply before grouping
         dy = b.op("Mul", [dy, b.op("Reshape", [scale, b.ints([-1] + [1] * (r - 2))])])
     xg = b.op("Reshape", [x, b.concat([b.shape(x, 0, 1), b.ints([groups, -1])])])  # [N, G, rest]
-    ctx._shapes[xg] = [None, groups, None]
-    ctx._dtypes[xg] = ctx.dtype(x)
+    ctx.declare(xg, [None, groups, None], ctx.dtype(x))
     dyg = b.op("Reshape", [dy, b.concat([b.k_name, b.shape(x, 0, 1), b.ints([groups, -1])])])
     g_scale = None
     if ctx.opset < 21:

@@ -8,6 +8,8 @@ clipped; DequantizeLinear scales it. A pair with one scale is the identity insid
 
 The pass lets a QuantizeLinear's integer output carry a cotangent (a float tensor of the same
 shape); weights dequantized from constants are folded to constants before the rules run.
+
+Ops: DequantizeLinear, QuantizeLinear.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ input. A cotangent of a tensor of shape S has shape [K] + S: the seed axis K lea
 
 A rule set is a dictionary that overrides a few entries of the default table by name; it
 exists as soon as one rule is registered under its name (``rule(op, ruleset=name)``: the
-built-in ones in :mod:`..rulesets`, others from plugins, docs/extending.md), and the pass
+built-in ones in :mod:`.modified`, others from plugins, docs/extending.md), and the pass
 itself never changes.
 """
 
@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
+
+from ... import plugins
+from ...errors import OptionError
 
 RuleFn = Callable[..., list]
 
@@ -46,11 +49,7 @@ def rule(*op_types: str, min_opset: int | Callable = 0, ruleset: str = "default"
 
 
 def _load() -> None:
-    """Import the modules that register rules: the built-in ones, then the plugins."""
-    from . import conv_pool, elementwise, linalg, norm, quant, shape  # noqa: F401  (registration)
-    from .. import control_flow, rulesets  # noqa: F401
-    from ... import plugins
-
+    """Import the plugins' rules (the built-in ones register when the package is imported)."""
     plugins.load()
 
 
@@ -66,8 +65,6 @@ def table(name: str = "default") -> dict[str, Rule]:
     An unknown name raises OptionError naming the known ones."""
     _load()
     if name not in RULESETS:
-        from ...errors import OptionError
-
         raise OptionError(f"unknown rule set '{name}' (choose from: {', '.join(RULESETS)})")
     merged = dict(DEFAULT)
     merged.update(RULESETS[name])

@@ -3,6 +3,11 @@
 Every axis attribute is shifted by one for the leading seed axis K (after normalising negative
 axes). Selections (Slice, Gather, Pad with reflect/edge) use one idea: apply the forward op to
 a tensor holding each element's flat index, then scatter the cotangent back to those indices.
+
+Ops: Concat, CumSum, DepthToSpace, Expand, Flatten, Gather, GatherElements, GatherND, Pad,
+ReduceL1, ReduceL2, ReduceLogSum, ReduceLogSumExp, ReduceMax, ReduceMean, ReduceMin, ReduceProd,
+ReduceSum, ReduceSumSquare, Reshape, ScatterND, Slice, SpaceToDepth, Split, Squeeze, Tile,
+Transpose, Trilu, Unsqueeze.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import numpy as np
 
 
 from ...errors import ModelError
+from .common import filled, index_tensor
 from .registry import rule
 
 
@@ -82,14 +88,6 @@ def split(ctx, node, dys):
     return [b.op("Concat", parts, axis=axis + 1)] + [None] * (len(node.input) - 1)
 
 
-def _index_tensor(ctx, x: str) -> str:
-    """An int64 tensor shaped like x whose elements are their own flat positions."""
-    b = ctx.b
-    size = b.op("Size", [x])
-    flat = b.op("Range", [b.const(np.asarray(0, np.int64)), size, b.const(np.asarray(1, np.int64))])
-    return b.op("Reshape", [flat, b.shape(x)], hint="flatidx")
-
-
 def _scatter_back(ctx, x: str, picked: str, dy: str, add: bool) -> str:
     """Scatter dy ([K] + shape(picked)) into zeros of [K] + shape(x) at the flat indices picked."""
     b = ctx.b
@@ -100,9 +98,7 @@ def _scatter_back(ctx, x: str, picked: str, dy: str, add: bool) -> str:
     idx = b.op("Expand", [idx, b.concat([b.k_name, b.ints([1])])])
     upd = b.op("Reshape", [dy, b.concat([b.k_name, b.ints([-1])])])
     size = b.op("Reshape", [b.op("Size", [x]), b.ints([1])])
-    from .conv_pool import _filled
-
-    zero = b.op("ConstantOfShape", [b.concat([b.k_name, size])], value=_filled(ctx.dtype(x), 0))
+    zero = b.op("ConstantOfShape", [b.concat([b.k_name, size])], value=filled(ctx.dtype(x), 0))
     kw = {"reduction": "add"} if add else {}
     out = b.op("ScatterElements", [zero, idx, upd], axis=1, **kw)
     return b.reshape_cot(out, x)
@@ -135,7 +131,7 @@ def slice_(ctx, node, dys):
                 d = dims[[_norm(v, r) + 1 for v in axes].index(a)]
                 return [b.place(dys[0], r + 1, a, pads[a], d - pads[r + 1 + a], d)] + [None] * (len(node.input) - 1)
             return [b.op("Pad", [dys[0], b.ints(pads)])] + [None] * (len(node.input) - 1)
-    picked = b.op("Slice", [_index_tensor(ctx, x)] + list(node.input[1:]))
+    picked = b.op("Slice", [index_tensor(ctx, x)] + list(node.input[1:]))
     return [_scatter_back(ctx, x, picked, dys[0], add=False)] + [None] * (len(node.input) - 1)
 
 
@@ -170,7 +166,7 @@ def gather(ctx, node, dys):
         if ((np.asarray(c) % dim).ravel() == run).all() and run[-1] < dim:
             src = b.unsqueeze(dys[0], [axis + 1]) if c.ndim == 0 else dys[0]
             return [b.place(src, r + 1, axis + 1, first, first + c.size, dim), None]
-    picked = b.op("Gather", [_index_tensor(ctx, x), ind], axis=axis)
+    picked = b.op("Gather", [index_tensor(ctx, x), ind], axis=axis)
     unique = c is not None and np.unique(c).size == c.size and (c >= 0).all()
     if unique or ctx.opset >= 16:
         return [_scatter_back(ctx, x, picked, dys[0], add=not unique), None]
@@ -208,7 +204,7 @@ def gather_elements(ctx, node, dys):
     b = ctx.b
     x, ind = node.input
     axis = _norm(ctx.attr(node, "axis", 0), ctx.rank(x))
-    picked = b.op("GatherElements", [_index_tensor(ctx, x), ind], axis=axis)
+    picked = b.op("GatherElements", [index_tensor(ctx, x), ind], axis=axis)
     return [_scatter_back(ctx, x, picked, dys[0], add=True), None]
 
 
@@ -244,7 +240,7 @@ def pad(ctx, node, dys):
         out = b.op("Slice", [dys[0], starts, ends, b.ints([a + 1 for a in axes])])
         return [out] + [None] * (len(node.input) - 1)
     if mode in ("reflect", "edge") and all(p >= 0 for p in pads):
-        picked = b.op("Pad", [_index_tensor(ctx, x)] + list(node.input[1:2]) + [""] +
+        picked = b.op("Pad", [index_tensor(ctx, x)] + list(node.input[1:2]) + [""] +
                       (list(node.input[3:4]) if ctx.opset >= 18 else []), mode=mode)
         return [_scatter_back(ctx, x, picked, dys[0], add=True)] + [None] * (len(node.input) - 1)
     raise ModelError(f"Pad node '{node.name}' (mode {mode}, pads {pads}) is not supported")
@@ -362,7 +358,7 @@ def gather_nd(ctx, node, dys):
     """Scatter-add the cotangent back to the picked positions (picks may repeat)."""
     b = ctx.b
     x, ind = node.input
-    picked = b.op("GatherND", [_index_tensor(ctx, x), ind], batch_dims=ctx.attr(node, "batch_dims", 0))
+    picked = b.op("GatherND", [index_tensor(ctx, x), ind], batch_dims=ctx.attr(node, "batch_dims", 0))
     return [_scatter_back(ctx, x, picked, dys[0], add=True), None]
 
 
@@ -479,8 +475,6 @@ def scatter_nd(ctx, node, dys):
         if reduction == "add":
             d_data = dys[0]
         else:
-            from .conv_pool import _filled
-
-            zero = b.op("ConstantOfShape", [b.shape(picked)], value=_filled(ctx.dtype(data), 0))
+            zero = b.op("ConstantOfShape", [b.shape(picked)], value=filled(ctx.dtype(data), 0))
             d_data = b.op("Transpose", [b.op("ScatterND", [dyt, ind, zero])], perm=[r] + list(range(r)))
     return [d_data, None, d_upd]

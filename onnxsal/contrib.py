@@ -17,11 +17,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import ModelError
+from .errors import ModelError
 
 DOMAIN = "com.microsoft"
-LOWERED = frozenset({"FusedConv", "Gelu", "BiasGelu", "FastGelu", "QuickGelu", "FusedMatMul",
-                     "SkipLayerNormalization"})
 
 
 class _Lowering:
@@ -94,88 +92,103 @@ def _gelu_erf(lw, x: str, y: str) -> list:
             helper.make_node("Mul", [t[3], t[2]], [y])]
 
 
+def _fused_conv(lw, node, a: dict, ins: list) -> list | None:
+    conv_attrs = {k: v for k, v in a.items() if k not in ("activation", "activation_params")}
+    c = lw.fresh("conv")
+    nodes = [helper.make_node("Conv", ins[:3], [c], **conv_attrs)]
+    if len(ins) > 3 and ins[3]:  # the fused "sum" input Z
+        s = lw.fresh("sum")
+        nodes.append(helper.make_node("Add", [c, ins[3]], [s]))
+        c = s
+    kind = _text(a.get("activation"))
+    if not kind:
+        return nodes + [helper.make_node("Identity", [c], [node.output[0]])]
+    return nodes + _activation(lw, kind, a.get("activation_params"), c, node.output[0])
+
+
+def _gelu(lw, node, a: dict, ins: list) -> list | None:
+    x = ins[0]
+    if node.op_type == "BiasGelu" or (len(ins) > 1 and ins[1]):
+        x = lw.fresh("biased")
+        pre = [helper.make_node("Add", ins[:2], [x])]
+    else:
+        pre = []
+    return pre + _gelu_erf(lw, x, node.output[0])
+
+
+def _fast_gelu(lw, node, a: dict, ins: list) -> list | None:  # tanh approximation, optional bias
+    x, pre = ins[0], []
+    if len(ins) > 1 and ins[1]:
+        x = lw.fresh("biased")
+        pre = [helper.make_node("Add", ins[:2], [x])]
+    t = [lw.fresh("fastgelu") for _ in range(8)]
+    return pre + [
+        helper.make_node("Mul", [x, x], [t[0]]),
+        helper.make_node("Mul", [t[0], lw.const(0.044715, x)], [t[1]]),
+        helper.make_node("Add", [t[1], lw.const(1.0, x)], [t[2]]),
+        helper.make_node("Mul", [x, t[2]], [t[3]]),
+        helper.make_node("Mul", [t[3], lw.const(math.sqrt(2 / math.pi), x)], [t[4]]),
+        helper.make_node("Tanh", [t[4]], [t[5]]),
+        helper.make_node("Add", [t[5], lw.const(1.0, x)], [t[6]]),
+        helper.make_node("Mul", [x, lw.const(0.5, x)], [t[7]]),
+        helper.make_node("Mul", [t[7], t[6]], [node.output[0]])]
+
+
+def _quick_gelu(lw, node, a: dict, ins: list) -> list | None:  # x * sigmoid(alpha x)
+    x = ins[0]
+    t = [lw.fresh("quickgelu") for _ in range(2)]
+    return [helper.make_node("Mul", [x, lw.const(a.get("alpha", 1.702), x)], [t[0]]),
+            helper.make_node("Sigmoid", [t[0]], [t[1]]),
+            helper.make_node("Mul", [x, t[1]], [node.output[0]])]
+
+
+def _fused_matmul(lw, node, a: dict, ins: list) -> list | None:
+    if a.get("transBatchA", 0) or a.get("transBatchB", 0):
+        return None
+    nodes, mats = [], []
+    for name, trans in ((ins[0], a.get("transA", 0)), (ins[1], a.get("transB", 0))):
+        if trans:
+            r = lw.rank.get(name)
+            if r is None or r < 2:
+                return None
+            t = lw.fresh("trans")
+            nodes.append(helper.make_node("Transpose", [name], [t], perm=list(range(r - 2)) + [r - 1, r - 2]))
+            name = t
+        mats.append(name)
+    alpha = a.get("alpha", 1.0)
+    if alpha == 1.0:
+        return nodes + [helper.make_node("MatMul", mats, [node.output[0]])]
+    m = lw.fresh("mm")
+    return nodes + [helper.make_node("MatMul", mats, [m]),
+                    helper.make_node("Mul", [m, lw.const(alpha, ins[0])], [node.output[0]])]
+
+
+def _skip_layer_norm(lw, node, a: dict, ins: list) -> list | None:
+    outs = list(node.output) + [""] * 4
+    if outs[1] or outs[2]:
+        return None  # mean / inverse std asked for: not written back
+    s1 = lw.fresh("skip")
+    nodes = [helper.make_node("Add", ins[:2], [s1])]
+    if len(ins) > 4 and ins[4]:
+        s2 = lw.fresh("skipbias")
+        nodes.append(helper.make_node("Add", [s1, ins[4]], [s2]))
+        s1 = s2
+    ln_in = [s1, ins[2]] + ([ins[3]] if len(ins) > 3 and ins[3] else [])
+    nodes.append(helper.make_node("LayerNormalization", ln_in, [outs[0]], axis=-1,
+                                  epsilon=a.get("epsilon", 1e-5)))
+    if outs[3]:
+        nodes.append(helper.make_node("Identity", [s1], [outs[3]]))
+    return nodes
+
+LOWERINGS = {"FusedConv": _fused_conv, "Gelu": _gelu, "BiasGelu": _gelu, "FastGelu": _fast_gelu,
+             "QuickGelu": _quick_gelu, "FusedMatMul": _fused_matmul, "SkipLayerNormalization": _skip_layer_norm}
+LOWERED = frozenset(LOWERINGS)  # the com.microsoft operators written back as standard ONNX
+
+
 def _lower(lw, node) -> list | None:
-    a = _attrs(node)
-    op = node.op_type
-    ins = list(node.input)
-    if op == "FusedConv":
-        conv_attrs = {k: v for k, v in a.items() if k not in ("activation", "activation_params")}
-        c = lw.fresh("conv")
-        nodes = [helper.make_node("Conv", ins[:3], [c], **conv_attrs)]
-        if len(ins) > 3 and ins[3]:  # the fused "sum" input Z
-            s = lw.fresh("sum")
-            nodes.append(helper.make_node("Add", [c, ins[3]], [s]))
-            c = s
-        kind = _text(a.get("activation"))
-        if not kind:
-            return nodes + [helper.make_node("Identity", [c], [node.output[0]])]
-        return nodes + _activation(lw, kind, a.get("activation_params"), c, node.output[0])
-    if op in ("Gelu", "BiasGelu"):
-        x = ins[0]
-        if op == "BiasGelu" or (len(ins) > 1 and ins[1]):
-            x = lw.fresh("biased")
-            pre = [helper.make_node("Add", ins[:2], [x])]
-        else:
-            pre = []
-        return pre + _gelu_erf(lw, x, node.output[0])
-    if op == "FastGelu":  # tanh approximation, optional bias
-        x, pre = ins[0], []
-        if len(ins) > 1 and ins[1]:
-            x = lw.fresh("biased")
-            pre = [helper.make_node("Add", ins[:2], [x])]
-        t = [lw.fresh("fastgelu") for _ in range(8)]
-        return pre + [
-            helper.make_node("Mul", [x, x], [t[0]]),
-            helper.make_node("Mul", [t[0], lw.const(0.044715, x)], [t[1]]),
-            helper.make_node("Add", [t[1], lw.const(1.0, x)], [t[2]]),
-            helper.make_node("Mul", [x, t[2]], [t[3]]),
-            helper.make_node("Mul", [t[3], lw.const(math.sqrt(2 / math.pi), x)], [t[4]]),
-            helper.make_node("Tanh", [t[4]], [t[5]]),
-            helper.make_node("Add", [t[5], lw.const(1.0, x)], [t[6]]),
-            helper.make_node("Mul", [x, lw.const(0.5, x)], [t[7]]),
-            helper.make_node("Mul", [t[7], t[6]], [node.output[0]])]
-    if op == "QuickGelu":  # x * sigmoid(alpha x)
-        x = ins[0]
-        t = [lw.fresh("quickgelu") for _ in range(2)]
-        return [helper.make_node("Mul", [x, lw.const(a.get("alpha", 1.702), x)], [t[0]]),
-                helper.make_node("Sigmoid", [t[0]], [t[1]]),
-                helper.make_node("Mul", [x, t[1]], [node.output[0]])]
-    if op == "FusedMatMul":
-        if a.get("transBatchA", 0) or a.get("transBatchB", 0):
-            return None
-        nodes, mats = [], []
-        for name, trans in ((ins[0], a.get("transA", 0)), (ins[1], a.get("transB", 0))):
-            if trans:
-                r = lw.rank.get(name)
-                if r is None or r < 2:
-                    return None
-                t = lw.fresh("trans")
-                nodes.append(helper.make_node("Transpose", [name], [t], perm=list(range(r - 2)) + [r - 1, r - 2]))
-                name = t
-            mats.append(name)
-        alpha = a.get("alpha", 1.0)
-        if alpha == 1.0:
-            return nodes + [helper.make_node("MatMul", mats, [node.output[0]])]
-        m = lw.fresh("mm")
-        return nodes + [helper.make_node("MatMul", mats, [m]),
-                        helper.make_node("Mul", [m, lw.const(alpha, ins[0])], [node.output[0]])]
-    if op == "SkipLayerNormalization":
-        outs = list(node.output) + [""] * 4
-        if outs[1] or outs[2]:
-            return None  # mean / inverse std asked for: not written back
-        s1 = lw.fresh("skip")
-        nodes = [helper.make_node("Add", ins[:2], [s1])]
-        if len(ins) > 4 and ins[4]:
-            s2 = lw.fresh("skipbias")
-            nodes.append(helper.make_node("Add", [s1, ins[4]], [s2]))
-            s1 = s2
-        ln_in = [s1, ins[2]] + ([ins[3]] if len(ins) > 3 and ins[3] else [])
-        nodes.append(helper.make_node("LayerNormalization", ln_in, [outs[0]], axis=-1,
-                                      epsilon=a.get("epsilon", 1e-5)))
-        if outs[3]:
-            nodes.append(helper.make_node("Identity", [s1], [outs[3]]))
-        return nodes
-    return None
+    """Standard nodes computing the fused node, or None when it is not written back."""
+    fn = LOWERINGS.get(node.op_type)
+    return fn(lw, node, _attrs(node), list(node.input)) if fn is not None else None
 
 
 def lower(model: onnx.ModelProto) -> onnx.ModelProto:

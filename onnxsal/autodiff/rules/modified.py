@@ -11,7 +11,7 @@ named by the method that uses it (``Method.rules``); more come from plugins (doc
 
 from __future__ import annotations
 
-from .rules.registry import DEFAULT, rule, table  # noqa: F401
+from .registry import DEFAULT, rule
 
 DEFAULT_EPSILON = 1e-6
 
