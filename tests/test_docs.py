@@ -138,3 +138,17 @@ def test_relative_links_resolve(md):
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             bad.append(f"{target}: no such heading")
     assert not bad, f"{md.relative_to(ROOT)}:\n" + "\n".join(bad)
+
+
+def test_readme_operator_list_is_generated_from_the_registry():
+    """The README's list of covered operators is what the rule registry prints."""
+    import subprocess
+    import sys
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    begin, end = "<!-- operators:begin -->\n", "\n<!-- operators:end -->"
+    assert begin in text and end in text
+    listed = text.split(begin, 1)[1].split(end, 1)[0]
+    generated = subprocess.run([sys.executable, "-m", "onnxsal.autodiff.rules", "--markdown"],
+                               capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert listed == generated.rstrip("\n"), "regenerate with: python -m onnxsal.autodiff.rules --markdown"
