@@ -17,12 +17,12 @@ from typing import Any, Iterable
 
 from .. import plugins
 from ..errors import OptionError
-from . import gradient, cam, perturbation  # noqa: F401  (registration, in display order)
+from . import cam, gradient, perturbation  # noqa: F401  (registration, in display order)
 from .base import NEEDS, Maps, Method, as_batch, resolve_targets
 from .normalize import maxabs, minmax
-from .registry import ALIASES, METHODS, discover, get, key, names
+from .registry import ALIASES, METHODS, get, key, names
 
-discover(__name__, __path__)  # any other module of this package, then the plugins
+plugins.discover(__name__, __path__)  # any other module of this package, then the plugins
 plugins.load()
 
 

@@ -9,9 +9,6 @@ package (by module name), then plugins (:mod:`onnxsal.plugins`).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 from ..errors import OptionError
 
 #: {canonical name: method instance}, in display order.
@@ -53,13 +50,6 @@ def register(cls) -> None:
         del ALIASES[a]
     METHODS[name] = cls()
     ALIASES.update(dict.fromkeys(aliases, name))
-
-
-def discover(package: str, path) -> None:
-    """Import every public module of ``package`` (at ``path``) not imported yet, by name."""
-    for info in sorted(pkgutil.iter_modules(path), key=lambda i: i.name):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{package}.{info.name}")
 
 
 def names() -> list[str]:

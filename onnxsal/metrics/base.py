@@ -160,9 +160,10 @@ def get(name: str) -> type[Metric]:
 
 
 def _load_builtin() -> None:
-    from .. import plugins
-    from . import deletion, rise  # noqa: F401  (they register themselves)
+    """Every module of this package (metrics register themselves when defined), then plugins."""
+    from .. import metrics, plugins
 
+    plugins.discover(metrics.__name__, metrics.__path__)
     plugins.load()
 
 
