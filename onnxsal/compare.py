@@ -29,7 +29,8 @@ import numpy as np
 
 from .display import printable
 from .errors import OnnxsalError, OptionError
-from .report import atomic_write_json, atomic_write_text, check_output_dir
+from .files import atomic_write_json, atomic_write_text
+from .report import check_output_dir
 
 DEFAULT_METHODS = ("vanilla", "gradient_x_input", "integrated_gradients", "gradcam", "original")
 

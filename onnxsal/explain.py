@@ -29,7 +29,8 @@ from .engine import Engine, softmax
 from .errors import InputError, OnnxsalError, OutputError
 from .overlays import Panel, draw_figures, render
 from .preprocess import PreprocessSpec
-from .report import atomic_write, atomic_write_json, check_output_dir
+from .files import atomic_write, atomic_write_json
+from .report import check_output_dir
 
 
 @dataclass

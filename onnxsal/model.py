@@ -586,26 +586,16 @@ def set_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def save_model(model, path: str) -> None:
     """Write a model atomically; large ones keep their weights in a .data file beside it."""
-    import tempfile
+    from onnx.external_data_helper import convert_model_to_external_data, write_external_data_tensors
+
+    from .files import atomic_write
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    big = model.ByteSize() > (1 << 30)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        if big:
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data")
-        else:
-            onnx.save_model(model, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is for sharing
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if model.ByteSize() > (1 << 30):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        convert_model_to_external_data(model, all_tensors_to_one_file=True, location=path.name + ".data")
+        write_external_data_tensors(model, str(path.parent))
+    atomic_write(path, lambda f: f.write(model.SerializeToString()))
 
 
 __all__ = ["InputSpec", "LogitsSpec", "ModelSummary", "load_model", "check_external_data",
