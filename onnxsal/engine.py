@@ -34,11 +34,20 @@ from . import cache, trust
 from .autodiff import META_GRAD, META_LOGITS, META_RULES, META_SEED, META_VALUE, augment
 from .autodiff.rules.registry import packaged
 from .errors import InputError, ModelError, OptionError, first_line
-from .model import (check_external_data, check_tensor_sizes, content_hash, densify, dim_of,
-                    find_image_input, find_logits, load_model)
+from .model import (
+    check_external_data,
+    check_tensor_sizes,
+    content_hash,
+    densify,
+    dim_of,
+    find_image_input,
+    find_logits,
+    load_model,
+)
+from .numeric import softmax
 from .preprocess import PreprocessSpec, labels_from_model, parse, prepend, raw_shape
-from .simplify import simplify
 from .preprocess import from_model as preprocess_from_model
+from .simplify import simplify
 
 DEVICES = ("auto", "cpu", "cuda")
 # live cotangent tensors of the largest activation's size per seed row and image: ~4 at the
@@ -552,10 +561,3 @@ class Engine:
             if bigger:
                 best = bigger[-1]
         return best
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
