@@ -106,8 +106,9 @@ def torch_vmap(m, x, classes, chunk):
 
 
 def run_model(name: str, threads: int, repeat: int, workdir: Path) -> dict:
-    import onnxruntime as ort
     import torch
+
+    from onnxsal.onnx_util import cpu_session
 
     from converters.torch_export import export
     from onnxsal.engine import Engine
@@ -142,10 +143,7 @@ def run_model(name: str, threads: int, repeat: int, workdir: Path) -> dict:
     ours = onnxsal_all()  # warm-up and correctness
     t_ours = best_of(onnxsal_all, repeat)
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    fwd = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    fwd = cpu_session(path, threads)
     feed = {fwd.get_inputs()[0].name: xn}
     fwd.run(None, feed)
     t_fwd_plain = best_of(lambda: fwd.run(None, feed), max(repeat, 3))

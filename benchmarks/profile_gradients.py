@@ -26,13 +26,13 @@ def profile(model_bytes: bytes, feeds: dict, threads: int, runs: int, workdir: P
     """Per-node durations (µs, summed over `runs` runs after one warm-up) from ORT's profiler."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
+    from onnxsal.onnx_util import cpu_session, quiet_options
+
+    so = quiet_options(threads)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.enable_profiling = True
     so.profile_file_prefix = str(workdir / tag)
-    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    sess = cpu_session(model_bytes, options=so)
     names = {i.name for i in sess.get_inputs()}
     feeds = {k: v for k, v in feeds.items() if k in names}
     sess.run(None, feeds)

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from .onnx_util import set_ir_version  # noqa: F401 (re-exported)
 from .errors import ModelError, OptionError, first_line
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
@@ -574,14 +575,6 @@ def _pass_notes(model: onnx.ModelProto) -> list[str]:
     if len(model.functions):
         notes.append(f"{len(model.functions)} model-local function(s) inlined")
     return notes
-
-
-def set_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Give a model built or edited here an IR version onnxruntime reads (docs/data.md#version-traps)."""
-    from .autodiff.pass_ import _ir_version_for
-
-    model.ir_version = _ir_version_for(model)
-    return model
 
 
 def save_model(model, path: str) -> None:

@@ -23,9 +23,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .autodiff.control_flow import all_names
 from .errors import InputError, ModelError, OptionError
 from .model import FLOAT_TYPES, InputSpec, type_name
+from .onnx_util import all_names, name_allocator
 
 META_PREPROCESS = "onnxsal.preprocess"
 META_LABELS = "onnxsal.labels"
@@ -301,15 +301,7 @@ def prepend(model: onnx.ModelProto, spec: PreprocessSpec | None, inp: InputSpec)
     while raw in names:
         raw += "_"
     nodes, inits = [], []
-    counter = [0]
-
-    def fresh(hint):
-        counter[0] += 1
-        name = f"onnxsal_pre_{hint}_{counter[0]}"
-        while name in names:
-            name += "_"
-        names.add(name)
-        return name
+    fresh = name_allocator(names, "onnxsal_pre_")
 
     def const(arr):
         name = fresh("c")

@@ -44,11 +44,9 @@ def export(name: str, x_test, y_test, log: dict) -> None:
     torch.set_num_threads(1)
     p = parity(model, path, x_test[:512])
     # accuracy of the ONNX file itself on the whole test set
-    import onnxruntime as ort
+    from onnxsal.onnx_util import cpu_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = cpu_session(path, threads=1)
     pred = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x_test[i:i + 500]})[0].argmax(1)
                            for i in range(0, len(x_test), 500)])
     log.setdefault(name, {}).update({"onnx": path.name, "onnx_bytes": path.stat().st_size,
