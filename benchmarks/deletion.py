@@ -49,7 +49,7 @@ def load_model(workdir: Path):
     """(torch module, onnx path): the paper's Fashion-MNIST CNN with the same weights."""
     import torch
 
-    from converters.paper_models import paper_cnn
+    from benchmarks.models.paper_models import paper_cnn
 
     torch.manual_seed(0)
     m = paper_cnn(10, in_channels=1)

@@ -53,7 +53,7 @@ def build(kind: str, classes: int):
     import torch
     import torchvision
 
-    from converters.paper_models import paper_cnn, paper_resnet18
+    from benchmarks.models.paper_models import paper_cnn, paper_resnet18
 
     torch.manual_seed(0)
     if kind == "paper_cnn":

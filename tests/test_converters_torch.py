@@ -1,4 +1,4 @@
-"""converters.torch_export, converters.paper_models, converters.train and the bundled model."""
+"""converters.torch_export, benchmarks.models.paper_models, benchmarks.models.training and the bundled model."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from converters.paper_models import build, paper_cnn, paper_resnet18  # noqa: E402
+from benchmarks.models.paper_models import build, paper_cnn, paper_resnet18  # noqa: E402
 from converters.torch_export import export, parity, preprocess_spec, read_labels  # noqa: E402
 from onnxsal.errors import InputError, OptionError  # noqa: E402
 
@@ -139,7 +139,7 @@ def test_paper_resnet18_grey_input():
 
 
 def test_train_helper_learns_and_state_round_trips(tmp_path):
-    from converters.train import evaluate, load_sklearn_digits, load_state, save_state, train
+    from benchmarks.models.training import evaluate, load_sklearn_digits, load_state, save_state, train
 
     pytest.importorskip("sklearn")
     xtr, ytr, xte, yte = load_sklearn_digits(size=16)
