@@ -34,9 +34,9 @@ def relu_flips(model, x, onnx_path) -> int:
     whose ReLUs are nn.ReLU modules, matched to the ONNX Relu nodes in call order)."""
     import onnx
     import torch
+    from onnx import helper
 
     from onnxsal.onnx_util import cpu_session
-    from onnx import helper
 
     acts = []
     hooks = [mod.register_forward_hook(lambda mod, i, o: acts.append(i[0].detach().numpy()))

@@ -63,7 +63,7 @@ def summarize(per_node: dict, top: int, title: str) -> float:
     print(f"\n== {title}: {total / 1e3:.2f} ms of kernel time per run")
     for op, (dur, n) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"  {op:28s} {dur / 1e3:9.3f} ms  {100 * dur / total:5.1f}%  ({n} nodes)")
-    print(f"  -- top nodes")
+    print("  -- top nodes")
     for name, (op, dur, shp) in sorted(per_node.items(), key=lambda kv: -kv[1][1])[:top]:
         print(f"  {dur / 1e3:8.3f} ms  {op:18s} {name[:60]:60s} {json.dumps(shp)[:80] if shp else ''}")
     return total
@@ -71,7 +71,6 @@ def summarize(per_node: dict, top: int, title: str) -> float:
 
 def main() -> None:
     import onnx
-
     from gradients import MODELS, build
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -35,8 +35,8 @@ from onnx import helper, numpy_helper
 from onnxsal.errors import OptionError
 from onnxsal.onnx_util import attributes, constants, consumers, producers
 
-from .loading import import_object
 from .common import LABELS_KEY, PREPROCESS_KEY, logits_parity, preprocess_spec, read_labels, set_metadata
+from .loading import import_object
 
 MIN_OPSET = 18
 EXTERNAL_THRESHOLD = 1 << 20   # bytes: tensors this large go to <file>.data

@@ -33,8 +33,8 @@ import onnx
 from onnxsal.errors import ModelError, OptionError
 from onnxsal.onnx_util import set_ir_version
 
-from .loading import import_object
 from .common import LABELS_KEY, PREPROCESS_KEY, logits_parity, preprocess_spec, read_labels, set_metadata
+from .loading import import_object
 
 TF2ONNX_OPSETS = range(9, 19)      # what tf2onnx 1.17 writes
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")

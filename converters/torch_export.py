@@ -28,8 +28,16 @@ import onnx
 from onnxsal.errors import OptionError
 from onnxsal.onnx_util import set_ir_version
 
-from .common import (LABELS_KEY, PREPROCESS_KEY, finish, logits_parity, metadata_entries,  # noqa: F401
-                     preprocess_spec, read_labels, set_metadata)
+from .common import (  # noqa: F401
+    LABELS_KEY,
+    PREPROCESS_KEY,
+    finish,
+    logits_parity,
+    metadata_entries,
+    preprocess_spec,
+    read_labels,
+    set_metadata,
+)
 
 LEGACY_OPSETS = range(13, 21)          # torch.onnx.export(dynamo=False)
 DYNAMO_MIN_OPSET = 18                  # torch.onnx.export(dynamo=True)

@@ -269,8 +269,7 @@ def export_with_gradients(module, example_input, path: str | os.PathLike | None 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from converters.common import finish, metadata_entries, preprocess_spec, read_labels
-    from onnxsal.autodiff.pass_ import (META_GRAD, META_INPUT, META_LOGITS, META_RULES,
-                                        META_SEED)
+    from onnxsal.autodiff.pass_ import META_GRAD, META_INPUT, META_LOGITS, META_RULES, META_SEED
 
     if not wrt_input:
         raise OptionError("export_with_gradients: only the gradient w.r.t. the input is "

@@ -181,7 +181,7 @@ def conform(raw: RawImages, shape: Sequence[int | None] | None = None) -> Datase
     counts: Counter = Counter()
     out, labels_keep, names = [], [], []
     converted = []
-    for i, im in enumerate(raw.images):
+    for im in raw.images:
         im, what = _convert_channels(im, c_want)
         if what:
             counts[what] += 1

@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .onnx_util import set_ir_version  # noqa: F401 (re-exported)
 from .errors import ModelError, OptionError, first_line
+from .onnx_util import set_ir_version  # noqa: F401 (re-exported)
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 MAX_MODEL_BYTES = 4 << 30
@@ -237,7 +237,8 @@ def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
 
 
 def validate(model: onnx.ModelProto, where: str = "model") -> None:
-    from .autodiff.contrib import DOMAIN as ORT_DOMAIN, LOWERED
+    from .autodiff.contrib import DOMAIN as ORT_DOMAIN
+    from .autodiff.contrib import LOWERED
 
     # other domains: the model's own functions (inlined before the pass) and onnxruntime's
     # fused operators that onnxsal writes back as standard ONNX

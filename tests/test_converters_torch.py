@@ -115,14 +115,14 @@ def test_read_labels_formats(tmp_path):
 
 def test_paper_cnn_architecture():
     m = paper_cnn(10, in_channels=3)
-    convs = [l for l in m if isinstance(l, torch.nn.Conv2d)]
+    convs = [layer for layer in m if isinstance(layer, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0]) for c in convs] == [
         (3, 32, 7, 2, 3),
         (32, 32, 3, 1, 1), (32, 32, 3, 2, 1), (32, 32, 3, 1, 1),
         (32, 64, 3, 1, 1), (64, 64, 3, 2, 1), (64, 64, 3, 1, 1),
         (64, 128, 3, 1, 1), (128, 128, 3, 2, 1), (128, 128, 3, 1, 1)]
-    assert not any(isinstance(l, (torch.nn.BatchNorm2d, torch.nn.Dropout)) for l in m)
-    pool = [l for l in m if isinstance(l, torch.nn.MaxPool2d)][0]
+    assert not any(isinstance(layer, (torch.nn.BatchNorm2d, torch.nn.Dropout)) for layer in m)
+    pool = [layer for layer in m if isinstance(layer, torch.nn.MaxPool2d)][0]
     assert (pool.kernel_size, pool.stride, pool.padding) == (3, 2, 1)
     assert isinstance(m[-1], torch.nn.Linear) and (m[-1].in_features, m[-1].out_features) == (128, 10)
     assert m(torch.rand(2, 3, 32, 32)).shape == (2, 10)

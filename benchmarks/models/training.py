@@ -26,9 +26,9 @@ def load_fashion_mnist_nchw() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 def load_sklearn_digits(size: int = 16, test_fraction: float = 0.25, seed: int = 0):
     """scikit-learn's 1797 8x8 digits, upsampled (bilinear) to ``size`` x ``size``, in [0, 1]:
     (x_train, y_train, x_test, y_test), x float32 [N, 1, size, size]; a stratified split."""
+    from skimage.transform import resize
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
-    from skimage.transform import resize
 
     d = load_digits()
     x = (d.images / 16.0).astype(np.float32)

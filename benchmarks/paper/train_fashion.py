@@ -36,7 +36,8 @@ def export(name: str, x_test, y_test, log: dict) -> None:
     import numpy as np
     import torch
 
-    from converters.torch_export import export as export_onnx, parity
+    from converters.torch_export import export as export_onnx
+    from converters.torch_export import parity
 
     model = load_state(build(name, 10, 1), OUT / f"fashion_{name}.pt")
     path = OUT / f"fashion_{name}.onnx"

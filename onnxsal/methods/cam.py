@@ -9,7 +9,7 @@ alpha_k = spatial mean of dS_c/dA_k; map = ReLU(sum_k alpha_k A_k), upsampled bi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from skimage.transform import resize
@@ -104,7 +104,7 @@ class GradCAM(Method):
     aliases = ("grad_cam",)
     needs = frozenset({"intermediate_gradients"})
     signed = False
-    defaults: dict[str, Any] = {"layer": None}
+    defaults: ClassVar[dict[str, Any]] = {"layer": None}
     description = "ReLU(sum_k mean(dS_c/dA_k) A_k) at a 4-D layer, upsampled (Selvaraju et al.)"
 
     def run(self, engine, x, targets, logits, opts, shared):
