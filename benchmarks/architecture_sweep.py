@@ -33,9 +33,10 @@ def relu_flips(model, x, onnx_path) -> int:
     """ReLU inputs whose sign differs between torch float64 and onnxruntime float32 (models
     whose ReLUs are nn.ReLU modules, matched to the ONNX Relu nodes in call order)."""
     import onnx
-    import onnxruntime as ort
     import torch
     from onnx import helper
+
+    from onnxsal.onnx_util import cpu_session
 
     acts = []
     hooks = [mod.register_forward_hook(lambda mod, i, o: acts.append(i[0].detach().numpy()))
@@ -48,9 +49,7 @@ def relu_flips(model, x, onnx_path) -> int:
     relus = [n.input[0] for n in m.graph.node if n.op_type == "Relu"]
     for t in relus:
         m.graph.output.append(helper.make_empty_tensor_value_info(t))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    outs = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+    outs = cpu_session(m).run(
         relus, {m.graph.input[0].name: x.numpy()})
     if len(outs) != len(acts) or any(a.shape != b.shape for a, b in zip(acts, outs)):
         return -1  # not matchable

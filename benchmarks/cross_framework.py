@@ -2,7 +2,7 @@
 exported by each converter; do the three ONNX files give the same logits, gradients and maps
 through onnxsal, and do the gradients equal each framework's own autodiff?
 
-The CNN (converters/cross_framework.py) is trained briefly in PyTorch on Fashion-MNIST, its
+The CNN (benchmarks/models/cross_framework_cnn.py) is trained briefly in PyTorch on Fashion-MNIST, its
 weights copied to Keras and flax (OIHW -> HWIO, dense transposed), and each model exported with
 the normalisation (mean 0.2860, std 0.3530) recorded as metadata, so onnxsal differentiates
 w.r.t. the [0, 1] pixels. Results: benchmarks/results/cross_framework.{md,json}.
@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from converters import cross_framework as cf  # noqa: E402
+from benchmarks.models import cross_framework_cnn as cf  # noqa: E402
 
 FRAMEWORKS = ("torch", "keras", "jax")
 MEAN, STD = 0.2860, 0.3530
@@ -187,7 +187,7 @@ def markdown(r: dict) -> str:
     lines = [
         "# Cross-framework: one CNN, the same weights, three converters",
         "",
-        "`python benchmarks/cross_framework.py` (converters/cross_framework.py). CNN: conv 3x3 (1->8), "
+        "`python benchmarks/cross_framework.py` (benchmarks/models/cross_framework_cnn.py). CNN: conv 3x3 (1->8), "
         "ReLU, max pool 2, conv 3x3 (8->16), ReLU, global average pool, dense (16->10); trained "
         f"in PyTorch on {s['train_images']} Fashion-MNIST images for {s['epochs']} epochs (test "
         f"accuracy {s['test_accuracy_torch_2000']:.3f} on 2000), weights copied to Keras and flax "
@@ -215,7 +215,8 @@ def markdown(r: dict) -> str:
                      f"{row['max_abs_grad_diff']:.2e} | {row['max_rel_grad_diff']:.2e} | "
                      f"{row['grad_scale']:.3g} | {row['accuracy']:.3f} |")
     lines += ["", "## Between frameworks", "",
-              "| pair | top-1 agreement | ONNX logit diff | ONNX grad diff | framework logit diff | framework grad diff |",
+              "| pair | top-1 agreement | ONNX logit diff | ONNX grad diff | framework logit diff "
+              "| framework grad diff |",
               "|---|---:|---:|---:|---:|---:|"]
     for row in r["pairs"]:
         lines.append(f"| {row['pair']} | {row['top1_agreement']:.3f} | {row['onnx_logit_diff']:.2e} | "

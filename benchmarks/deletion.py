@@ -49,7 +49,7 @@ def load_model(workdir: Path):
     """(torch module, onnx path): the paper's Fashion-MNIST CNN with the same weights."""
     import torch
 
-    from converters.paper_models import paper_cnn
+    from benchmarks.models.paper_models import paper_cnn
 
     torch.manual_seed(0)
     m = paper_cnn(10, in_channels=1)
@@ -235,7 +235,7 @@ def main() -> None:
              f"at end {result['load_average_1_5_15']['end']} (2 cores shared with other jobs)  ",
              f"Model: {result['model']}; {n_images} Fashion-MNIST test images; 5 maps x 2 colours "
              f"x 10 fractions; {a.threads} threads each\n",
-             f"| | wall time s |", "|---|---|", f"| onnxsal benchmark | {t_ours:.1f} |"]
+             "| | wall time s |", "|---|---|", f"| onnxsal benchmark | {t_ours:.1f} |"]
     if t_torch:
         once = result["torch_maps_once_s"]
         lines += [f"| torch, authors' loops (batch 128) | {t_torch:.1f} |",

@@ -44,9 +44,10 @@ def tampered(g: np.ndarray) -> dict[str, np.ndarray]:
 def main() -> None:
     import torch
 
-    from conftest import export_torch
     from onnxsal import trust
     from onnxsal.engine import Engine
+
+    from conftest import export_torch
 
     for name, (module, shape) in models().items():
         eng = Engine(export_torch(module.eval(), torch.randn(2, *shape)), device="cpu",

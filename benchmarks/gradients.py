@@ -53,7 +53,7 @@ def build(kind: str, classes: int):
     import torch
     import torchvision
 
-    from converters.paper_models import paper_cnn, paper_resnet18
+    from benchmarks.models.paper_models import paper_cnn, paper_resnet18
 
     torch.manual_seed(0)
     if kind == "paper_cnn":
@@ -106,11 +106,11 @@ def torch_vmap(m, x, classes, chunk):
 
 
 def run_model(name: str, threads: int, repeat: int, workdir: Path) -> dict:
-    import onnxruntime as ort
     import torch
 
     from converters.torch_export import export
     from onnxsal.engine import Engine
+    from onnxsal.onnx_util import cpu_session
 
     kind, size, batch, n_logits, chunk, cap, vchunk, timed = MODELS[name]
     classes = timed or n_logits  # gradients of classes 0..classes-1
@@ -142,10 +142,7 @@ def run_model(name: str, threads: int, repeat: int, workdir: Path) -> dict:
     ours = onnxsal_all()  # warm-up and correctness
     t_ours = best_of(onnxsal_all, repeat)
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    fwd = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    fwd = cpu_session(path, threads)
     feed = {fwd.get_inputs()[0].name: xn}
     fwd.run(None, feed)
     t_fwd_plain = best_of(lambda: fwd.run(None, feed), max(repeat, 3))
@@ -210,7 +207,8 @@ def peak_memory_1000_classes(threads: int, workdir: Path) -> dict:
 import sys, numpy as np
 sys.path.insert(0, {str(ROOT)!r})
 from onnxsal.engine import Engine
-eng = Engine({str(workdir / 'mem_resnet18.onnx')!r}, device="cpu", threads={threads}, cache_dir={str(workdir / 'cache')!r})
+eng = Engine({str(workdir / 'mem_resnet18.onnx')!r}, device="cpu", threads={threads},
+             cache_dir={str(workdir / 'cache')!r})
 x = np.random.default_rng(0).random((2, 3, 224, 224), dtype=np.float32)
 n = sum(len(c) for c, _ in eng.class_gradients(x))
 hwm = [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
@@ -277,7 +275,7 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    lines = [f"# All-class gradients: onnxsal vs torch autograd\n",
+    lines = ["# All-class gradients: onnxsal vs torch autograd\n",
              f"Command: `{command}`  \nMachine: {result['machine']}  ",
              f"Load average (1/5/15 min): {result['load_average_1_5_15']['start']} at start, "
              f"{result['load_average_1_5_15']['end']} at end (2 cores shared with other jobs); "

@@ -26,13 +26,13 @@ def profile(model_bytes: bytes, feeds: dict, threads: int, runs: int, workdir: P
     """Per-node durations (µs, summed over `runs` runs after one warm-up) from ORT's profiler."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
+    from onnxsal.onnx_util import cpu_session, quiet_options
+
+    so = quiet_options(threads)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.enable_profiling = True
     so.profile_file_prefix = str(workdir / tag)
-    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    sess = cpu_session(model_bytes, options=so)
     names = {i.name for i in sess.get_inputs()}
     feeds = {k: v for k, v in feeds.items() if k in names}
     sess.run(None, feeds)
@@ -63,7 +63,7 @@ def summarize(per_node: dict, top: int, title: str) -> float:
     print(f"\n== {title}: {total / 1e3:.2f} ms of kernel time per run")
     for op, (dur, n) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"  {op:28s} {dur / 1e3:9.3f} ms  {100 * dur / total:5.1f}%  ({n} nodes)")
-    print(f"  -- top nodes")
+    print("  -- top nodes")
     for name, (op, dur, shp) in sorted(per_node.items(), key=lambda kv: -kv[1][1])[:top]:
         print(f"  {dur / 1e3:8.3f} ms  {op:18s} {name[:60]:60s} {json.dumps(shp)[:80] if shp else ''}")
     return total
@@ -71,7 +71,6 @@ def summarize(per_node: dict, top: int, title: str) -> float:
 
 def main() -> None:
     import onnx
-
     from gradients import MODELS, build
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -139,7 +139,8 @@ def main() -> None:
              f"data: {args.data}, {args.images} images; methods: {args.methods}; shard size "
              f"{args.shard_size} ({shards} shards, {-(-args.images // args.shard_size)} groups); "
              f"best of {args.repeat} runs each.  ",
-             f"Ray start-up (once, not counted below; an untimed warm-up run came first): {ray_start:.1f} s. Each Ray run counts "
+             f"Ray start-up (once, not counted below; an untimed warm-up run came first): {ray_start:.1f} s. "
+             "Each Ray run counts "
              "creating its actors and loading the model in each. Every run wrote the same "
              "results.md as the local run.", "",
              "| setting | seconds | images/s | speed vs local | vs local, 1 thread |",

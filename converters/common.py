@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from onnxsal.errors import OptionError
+from onnxsal.onnx_util import cpu_session
 from onnxsal.preprocess import META_LABELS as LABELS_KEY
 from onnxsal.preprocess import META_PREPROCESS as PREPROCESS_KEY
 from onnxsal.preprocess import read_labels  # noqa: F401  (re-exported for the converters)
@@ -111,14 +112,7 @@ def metadata_entries(pre: dict | None, names: list[str] | None) -> dict[str, str
 
 
 def run_onnx(model: str | os.PathLike | onnx.ModelProto, x: np.ndarray, threads: int = 1) -> np.ndarray:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    sess = cpu_session(model, threads)
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i:i + 256]})[0] for i in range(0, len(x), 256)])
 

@@ -33,9 +33,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxsal.errors import OptionError
+from onnxsal.onnx_util import attributes, constants, consumers, producers
 
-from .loading import import_object
 from .common import LABELS_KEY, PREPROCESS_KEY, logits_parity, preprocess_spec, read_labels, set_metadata
+from .loading import import_object
 
 MIN_OPSET = 18
 EXTERNAL_THRESHOLD = 1 << 20   # bytes: tensors this large go to <file>.data
@@ -72,15 +73,8 @@ def _input_dims(input_shape: Sequence[int], layout: str) -> tuple[int, int, int]
 
 
 def _const_ints(g: onnx.GraphProto, name: str) -> list[int] | None:
-    for t in g.initializer:
-        if t.name == name:
-            return [int(v) for v in numpy_helper.to_array(t).ravel()]
-    for n in g.node:
-        if n.op_type == "Constant" and n.output[0] == name:
-            for a in n.attribute:
-                if a.name == "value":
-                    return [int(v) for v in numpy_helper.to_array(a.t).ravel()]
-    return None
+    t = constants(g).get(name)
+    return None if t is None else [int(v) for v in numpy_helper.to_array(t).ravel()]
 
 
 def _leading_unsqueezes(g: onnx.GraphProto, producer: dict, name: str) -> list | None:
@@ -113,17 +107,13 @@ def rewrite_reduce_window_maxpool(model: onnx.ModelProto) -> int:
     (jax2onnx's ``lax.reduce_window`` max) as Transpose -> MaxPool -> Transpose over the two
     dims the window leaves alone. Returns how many were rewritten."""
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, readers = producers(g), consumers(g)
     done = 0
     for pool in [n for n in g.node if n.op_type == "MaxPool"]:
-        attrs = {a.name: helper.get_attribute_value(a) for a in pool.attribute}
+        attrs = attributes(pool)
         k = list(attrs.get("kernel_shape", []))
         chain = _leading_unsqueezes(g, producer, pool.input[0])
-        outs = consumers.get(pool.output[0], [])
+        outs = readers.get(pool.output[0], [])
         if (chain is None or len(outs) != 1 or outs[0].op_type != "Squeeze"
                 or len(pool.output) != 1 or len(k) < 3):
             continue
@@ -158,7 +148,7 @@ def rewrite_reduce_window_maxpool(model: onnx.ModelProto) -> int:
             g.node.insert(idx + i, n)
         dead = [sq, pool]
         for u in chain:  # the Unsqueezes, from the pool inwards, while nothing else reads them
-            if len(consumers.get(u.output[0], [])) != 1:
+            if len(readers.get(u.output[0], [])) != 1:
                 break
             dead.append(u)
         for n in dead:
@@ -213,7 +203,7 @@ def export(fn: Any, input_shape: Sequence[int], path: str | os.PathLike | None =
         log.setLevel(level)
     del proto.graph.value_info[:]
     rewrite_reduce_window_maxpool(proto)
-    from onnxsal.model import set_ir_version
+    from onnxsal.onnx_util import set_ir_version
 
     set_ir_version(proto)
     set_metadata(proto, {PREPROCESS_KEY: json.dumps(pre),

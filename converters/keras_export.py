@@ -31,12 +31,12 @@ import numpy as np
 import onnx
 
 from onnxsal.errors import ModelError, OptionError
+from onnxsal.onnx_util import set_ir_version
 
-from .loading import import_object
 from .common import LABELS_KEY, PREPROCESS_KEY, logits_parity, preprocess_spec, read_labels, set_metadata
+from .loading import import_object
 
 TF2ONNX_OPSETS = range(9, 19)      # what tf2onnx 1.17 writes
-MAX_IR_VERSION = 10
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
@@ -142,14 +142,6 @@ def _rename_io(model: onnx.ModelProto, input_name: str, output_name: str) -> Non
         n.output[:] = [mapping.get(t, t) for t in n.output]
     for vi in list(g.input) + list(g.output) + list(g.value_info):
         vi.name = mapping.get(vi.name, vi.name)
-
-
-def _ir_version(model: onnx.ModelProto) -> int:
-    try:
-        need = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
-    except TypeError:
-        need = onnx.helper.find_min_ir_version_for(list(model.opset_import))
-    return max(min(model.ir_version or MAX_IR_VERSION, MAX_IR_VERSION), need)
 
 
 def _via_keras(model, shape: tuple, opset: int) -> onnx.ModelProto:
@@ -278,7 +270,7 @@ def export(model: Any, path: str | os.PathLike | None = None, *, input_shape: Se
         raise ModelError(f"the exported graph cannot run: {', '.join(_unresolved(proto)[:5])} "
                          f"(unresolved inputs or TensorFlow ops)")
     _rename_io(proto, input_name, output_name)
-    proto.ir_version = _ir_version(proto)
+    set_ir_version(proto)
     set_metadata(proto, {PREPROCESS_KEY: json.dumps(pre),
                          **({LABELS_KEY: json.dumps(names)} if names is not None else {})})
     if check:

@@ -26,22 +26,21 @@ import numpy as np
 import onnx
 
 from onnxsal.errors import OptionError
+from onnxsal.onnx_util import set_ir_version
 
-from .common import (LABELS_KEY, PREPROCESS_KEY, finish, logits_parity, metadata_entries,  # noqa: F401
-                     preprocess_spec, read_labels, set_metadata)
+from .common import (  # noqa: F401
+    LABELS_KEY,
+    PREPROCESS_KEY,
+    finish,
+    logits_parity,
+    metadata_entries,
+    preprocess_spec,
+    read_labels,
+    set_metadata,
+)
 
 LEGACY_OPSETS = range(13, 21)          # torch.onnx.export(dynamo=False)
 DYNAMO_MIN_OPSET = 18                  # torch.onnx.export(dynamo=True)
-MAX_IR_VERSION = 10                    # onnxruntime 1.31 reads <= 13; 10 is safe and covers opset 21
-
-def _ir_version_for(model: onnx.ModelProto) -> int:
-    """The smallest IR version that carries the model's opsets, capped at MAX_IR_VERSION."""
-    need = 3
-    table = onnx.helper.VERSION_TABLE  # (release, ir, ai.onnx opset, ai.onnx.ml, training)
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            need = max(need, min((row[1] for row in table if row[2] >= imp.version), default=MAX_IR_VERSION))
-    return min(max(need, 7), MAX_IR_VERSION)
 
 
 def _example(module, example_input, batch: int = 2):
@@ -100,7 +99,7 @@ def export(module, example_input, path: str | os.PathLike | None = None, opset: 
                           output_names=[output_name], dynamo=False,
                           dynamic_axes={input_name: {0: "N"}, output_name: {0: "N"}})
         model = onnx.load_from_string(f.getvalue())
-    model.ir_version = _ir_version_for(model)
+    set_ir_version(model)
     return finish(model, metadata_entries(pre, names), check, path)
 
 

@@ -49,12 +49,12 @@ import numpy as np
 import onnx
 
 from onnxsal.errors import ModelError, OptionError
+from onnxsal.onnx_util import set_ir_version
 
 INPUT_NAME = "input"
 LOGITS_NAME = "logits"
 SEED_NAME = "onnxsal_seed"
 GRAD_NAME = "onnxsal_grad_input"
-MAX_IR_VERSION = 10
 
 
 # -- ONNX translations of ATen backward operators --------------------------------------------
@@ -269,8 +269,7 @@ def export_with_gradients(module, example_input, path: str | os.PathLike | None 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from converters.common import finish, metadata_entries, preprocess_spec, read_labels
-    from onnxsal.autodiff import (META_GRAD, META_INPUT, META_LOGITS, META_RULES,
-                                  META_SEED)
+    from onnxsal.autodiff import META_GRAD, META_INPUT, META_LOGITS, META_RULES, META_SEED
 
     if not wrt_input:
         raise OptionError("export_with_gradients: only the gradient w.r.t. the input is "
@@ -335,7 +334,7 @@ def export_with_gradients(module, example_input, path: str | os.PathLike | None 
     model = prog.model_proto
     ins = {i.name: i for i in model.graph.input}
     _rename_dims(model, _dim_param(ins[SEED_NAME], 0), _dim_param(ins[INPUT_NAME], 0))
-    model.ir_version = min(max(model.ir_version, 7), MAX_IR_VERSION)
+    set_ir_version(model)
     entries = {META_SEED: SEED_NAME, META_LOGITS: LOGITS_NAME, META_GRAD + INPUT_NAME: GRAD_NAME,
                META_INPUT: INPUT_NAME, META_RULES: "default", **metadata_entries(pre, names_l)}
     return finish(model, entries, check, path)

@@ -21,12 +21,13 @@ import json
 import os
 import re
 import stat
-import tempfile
 from pathlib import Path
 
 import onnx
 
 from . import code_fingerprint
+from .errors import OutputError
+from .files import atomic_write_bytes
 
 MAX_ENTRY_BYTES = 1 << 30  # one protobuf file; larger models are rebuilt each time
 ENTRY = re.compile(r"[0-9a-f]{64}\.[0-9a-f]{64}\.onnx")
@@ -116,22 +117,17 @@ def store(folder: Path, key: str, model: onnx.ModelProto) -> None:
     """Write the entry of ``key`` atomically (a read-only or shared folder only costs time)."""
     if model.ByteSize() > MAX_ENTRY_BYTES:
         return
-    tmp = None
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not _private(folder):
-            return
-        data = model.SerializeToString()
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, folder / f"{key}.{hashlib.sha256(data).hexdigest()}.onnx")
-        tmp = None
     except OSError:
+        return
+    if not _private(folder):
+        return
+    data = model.SerializeToString()
+    try:
+        atomic_write_bytes(folder / f"{key}.{hashlib.sha256(data).hexdigest()}.onnx", data, mode=0o600)
+    except OutputError:
         pass
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 __all__ = ["cache_dir", "entry_key", "load", "store"]

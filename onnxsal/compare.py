@@ -29,16 +29,11 @@ import numpy as np
 
 from .display import printable
 from .errors import OnnxsalError, OptionError
-from .report import atomic_write_json, atomic_write_text, check_output_dir
+from .files import atomic_write_json, atomic_write_text
+from .numeric import softmax
+from .report import check_output_dir
 
 DEFAULT_METHODS = ("vanilla", "gradient_x_input", "integrated_gradients", "gradcam", "original")
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf logits: reported, not warned
-        z = z - z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
 
 
 def _engine(model, preprocess, device, threads):
@@ -115,7 +110,7 @@ def compare_models(model_a, model_b, data, methods: Sequence[str] | str = DEFAUL
     if len(x) == 0:
         raise OptionError("no images to compare on")
     la, lb = ea.logits(x), eb.logits(x)
-    pa, pb = _softmax(la.astype(np.float64)), _softmax(lb.astype(np.float64))
+    pa, pb = softmax(la, np.float64), softmax(lb, np.float64)
     ya, yb = la.argmax(1), lb.argmax(1)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf logits get their own verdict
         dl = np.abs(la.astype(np.float64) - lb.astype(np.float64))

@@ -181,7 +181,7 @@ def conform(raw: RawImages, shape: Sequence[int | None] | None = None) -> Datase
     counts: Counter = Counter()
     out, labels_keep, names = [], [], []
     converted = []
-    for i, im in enumerate(raw.images):
+    for im in raw.images:
         im, what = _convert_channels(im, c_want)
         if what:
             counts[what] += 1
@@ -240,12 +240,11 @@ def _read_idx(path: Path, expect_dims: int) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
 
 
-def load_fashion_mnist(split: str = "test", limit: int | None = None,
-                       root: str | os.PathLike | None = None) -> RawImages:
-    """Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (28x28 grey, 10 classes).
-
-    ``root`` defaults to ``$ONNXSAL_FASHION_MNIST_DIR`` or ``/usr/share/datasets/fashion-mnist``.
-    """
+def fashion_mnist_arrays(split: str = "test", root: str | os.PathLike | None = None
+                         ) -> tuple[np.ndarray, np.ndarray, Path]:
+    """Fashion-MNIST ``split`` as arrays (images [N, 28, 28] uint8, labels [N] int64) and the
+    folder read, from the Debian package ``dataset-fashion-mnist``. ``root`` defaults to
+    ``$ONNXSAL_FASHION_MNIST_DIR`` or ``/usr/share/datasets/fashion-mnist``."""
     if split not in ("train", "test"):
         raise InputError(f"fashion-mnist split must be 'train' or 'test', got '{split}'")
     root = Path(root or os.environ.get("ONNXSAL_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
@@ -262,9 +261,17 @@ def load_fashion_mnist(split: str = "test", limit: int | None = None,
     y = _read_idx(files["labels"], 1)
     if len(x) != len(y):
         raise InputError(f"Fashion-MNIST {split}: {len(x)} images but {len(y)} labels")
+    return x, y.astype(np.int64), root
+
+
+def load_fashion_mnist(split: str = "test", limit: int | None = None,
+                       root: str | os.PathLike | None = None) -> RawImages:
+    """Fashion-MNIST (28x28 grey, 10 classes) as images in [0, 1]; see :func:`fashion_mnist_arrays`."""
+    x, y, root = fashion_mnist_arrays(split, root)
+    stem = "train" if split == "train" else "t10k"
     n = len(x) if limit is None else min(limit, len(x))
     images = [x[i, :, :, None].astype(np.float32) / 255.0 for i in range(n)]
-    return RawImages(images, y[:n].astype(np.int64), [f"{stem}[{i}]" for i in range(n)],
+    return RawImages(images, y[:n], [f"{stem}[{i}]" for i in range(n)],
                      f"fashion-mnist ({split} split, {root})", list(FASHION_MNIST_CLASSES))
 
 

@@ -34,11 +34,21 @@ from . import cache, trust
 from .autodiff import META_GRAD, META_LOGITS, META_RULES, META_SEED, META_VALUE, augment
 from .autodiff.rules.registry import packaged
 from .errors import InputError, ModelError, OptionError, first_line
-from .model import (check_external_data, check_tensor_sizes, content_hash, densify, dim_of,
-                    find_image_input, find_logits, load_model)
+from .model import (
+    check_external_data,
+    check_tensor_sizes,
+    content_hash,
+    densify,
+    dim_of,
+    find_image_input,
+    find_logits,
+    load_model,
+)
+from .numeric import softmax
+from .onnx_util import cpu_session, quiet_options, set_ir_version
 from .preprocess import PreprocessSpec, labels_from_model, parse, prepend, raw_shape
-from .simplify import simplify
 from .preprocess import from_model as preprocess_from_model
+from .simplify import simplify
 
 DEVICES = ("auto", "cpu", "cuda")
 # live cotangent tensors of the largest activation's size per seed row and image: ~4 at the
@@ -73,12 +83,10 @@ def _cuda_works() -> bool:
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-        m.ir_version = 8
-        so = ort.SessionOptions()
-        so.log_severity_level = 4
+        set_ir_version(m)
         ort.set_default_logger_severity(4)
         try:
-            s = ort.InferenceSession(m.SerializeToString(), so,
+            s = ort.InferenceSession(m.SerializeToString(), quiet_options(),
                                      providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
             ok = s.get_providers()[0] == "CUDAExecutionProvider"
         except Exception:
@@ -131,11 +139,10 @@ def _float_bytes_per_image(model: onnx.ModelProto, input_name: str, shape, budge
             if o and o not in outputs:
                 m.graph.output.append(onnx.helper.make_empty_tensor_value_info(o))
                 outputs.add(o)
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
+    so = quiet_options()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = cpu_session(m, options=so)
         outs = sess.run(None, {input_name: np.zeros((1,) + tuple(shape), np.float32)})
     except Exception:
         return 64 << 20, 8 << 20
@@ -226,10 +233,7 @@ class Engine:
         session with all threads can be built for runs that do not split: see _wide_session)."""
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.log_severity_level = 4
-        if self.threads:
-            so.intra_op_num_threads = 1 if (self.parallel > 1 and not wide) else int(self.threads)
+        so = quiet_options(1 if (self.threads and self.parallel > 1 and not wide) else self.threads)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             sess = ort.InferenceSession(model.SerializeToString(), so, providers=self.providers)
@@ -552,10 +556,3 @@ class Engine:
             if bigger:
                 best = bigger[-1]
         return best
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)

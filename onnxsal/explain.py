@@ -25,11 +25,13 @@ import numpy as np
 from . import methods as methods_pkg
 from .data import Dataset, load_dataset
 from .display import file_stem, printable
-from .engine import Engine, softmax
+from .engine import Engine
 from .errors import InputError, OnnxsalError, OutputError
+from .files import atomic_write, atomic_write_json
+from .numeric import softmax
 from .overlays import Panel, draw_figures, render
 from .preprocess import PreprocessSpec
-from .report import atomic_write, atomic_write_json, check_output_dir
+from .report import check_output_dir
 
 
 @dataclass

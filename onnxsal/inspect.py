@@ -14,9 +14,9 @@ from .autodiff import supported_ops
 from .autodiff.control_flow import walk
 from .autodiff.expand import expandable, inline_local
 from .autodiff.prepare import default_opset
-from .contrib import DOMAIN as ORT_DOMAIN, lower
-from .model import (NO_GRADIENT_OPS, InputSpec, LogitsSpec, find_image_input, find_logits,
-                    parameter_count, type_name)
+from .contrib import DOMAIN as ORT_DOMAIN
+from .contrib import lower
+from .model import NO_GRADIENT_OPS, InputSpec, LogitsSpec, find_image_input, find_logits, parameter_count, type_name
 from .trust import carries_gradient, plan, without_own_gradient
 
 

@@ -15,12 +15,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .contrib import DOMAIN as ORT_DOMAIN, LOWERED
+from .contrib import DOMAIN as ORT_DOMAIN
+from .contrib import LOWERED
 from .errors import ModelError, OptionError, first_line
+from .onnx_util import MAX_IR_VERSION, ir_version_for, set_ir_version  # noqa: F401 (re-exported)
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 MAX_MODEL_BYTES = 4 << 30
-MAX_IR_VERSION = 10  # onnxruntime >= 1.18 reads it; onnx >= 1.23 would write 14 otherwise
 PROBE_BUDGET = 2 << 30  # largest tensor a run outside the engine may make (its default budget)
 # Operators whose outputs are integers, booleans or constants: no gradient flows through them,
 # so they need no rule (the pass stops at them).
@@ -501,44 +502,18 @@ def parameter_count(model: onnx.ModelProto) -> int:
                    if t.data_type in FLOAT_TYPES))
 
 
-def ir_version_for(model: onnx.ModelProto) -> int:
-    """The IR version to write: the model's own, capped at one onnxruntime reads, but no lower
-    than its opsets need (docs/data.md#version-traps)."""
-    try:
-        needed = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
-    except TypeError:
-        needed = helper.find_min_ir_version_for(list(model.opset_import))
-    return max(min(model.ir_version, MAX_IR_VERSION), needed)
-
-
-def set_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Give a model built or edited here an IR version onnxruntime reads (docs/data.md#version-traps)."""
-    model.ir_version = ir_version_for(model)
-    return model
-
-
 def save_model(model, path: str) -> None:
     """Write a model atomically; large ones keep their weights in a .data file beside it."""
-    import tempfile
+    from onnx.external_data_helper import convert_model_to_external_data, write_external_data_tensors
+
+    from .files import atomic_write
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    big = model.ByteSize() > (1 << 30)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        if big:
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data")
-        else:
-            onnx.save_model(model, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file is for sharing
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if model.ByteSize() > (1 << 30):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        convert_model_to_external_data(model, all_tensors_to_one_file=True, location=path.name + ".data")
+        write_external_data_tensors(model, str(path.parent))
+    atomic_write(path, lambda f: f.write(model.SerializeToString()))
 
 
 __all__ = ["InputSpec", "LogitsSpec", "load_model", "check_external_data",

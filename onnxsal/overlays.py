@@ -80,7 +80,7 @@ def png_bytes(fig, layout: bool = True, **savefig) -> bytes:
 def render(image: np.ndarray, panels: list[Panel], path: str | Path, title: str = "",
            columns: int = 5, dpi: int = 110) -> Path:
     """Write a PNG: the image, then one overlay per panel; returns the path."""
-    from .report import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     atomic_write_bytes(path, png_bytes(_figure(image, panels, title, columns), dpi=dpi))
     return Path(path)

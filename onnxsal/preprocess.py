@@ -23,9 +23,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .autodiff.control_flow import all_names
 from .errors import InputError, ModelError, OptionError
 from .model import FLOAT_TYPES, InputSpec, type_name
+from .onnx_util import all_names, name_allocator
 
 META_PREPROCESS = "onnxsal.preprocess"
 META_LABELS = "onnxsal.labels"
@@ -278,14 +278,9 @@ def raw_shape(inp: InputSpec, spec: PreprocessSpec | None) -> tuple[int, int, in
     return c, h, w
 
 
-def prepend(model: onnx.ModelProto, spec: PreprocessSpec | None, inp: InputSpec) -> onnx.ModelProto:
-    """A copy of ``model`` whose image input takes [0, 1] NCHW float32 pixels."""
-    spec = spec or PreprocessSpec()
-    layout = spec.layout or inp.layout
-    c, h, w = raw_shape(inp, spec)
-    needs_cast = inp.elem_type != TensorProto.FLOAT
-    if spec.is_identity() and layout == "NCHW" and not needs_cast:
-        return model
+def _check_prepend(spec: PreprocessSpec, inp: InputSpec, c: int) -> None:
+    """Refuse a preprocessing that does not fit the input: per-channel values for another
+    channel count, BGR order without 3 channels, a non-float input."""
     for name, vals in (("mean", spec.mean), ("std", spec.std)):
         if vals is not None and len(vals) not in (1, c):
             raise OptionError(f"preprocessing: {name} has {len(vals)} values for a {c}-channel input")
@@ -294,6 +289,17 @@ def prepend(model: onnx.ModelProto, spec: PreprocessSpec | None, inp: InputSpec)
     if inp.elem_type not in FLOAT_TYPES:
         raise ModelError(f"input '{inp.name}' is {type_name(inp.elem_type)}; only float "
                          f"inputs can be explained by gradients")
+
+
+def prepend(model: onnx.ModelProto, spec: PreprocessSpec | None, inp: InputSpec) -> onnx.ModelProto:
+    """A copy of ``model`` whose image input takes [0, 1] NCHW float32 pixels."""
+    spec = spec or PreprocessSpec()
+    layout = spec.layout or inp.layout
+    c, h, w = raw_shape(inp, spec)
+    needs_cast = inp.elem_type != TensorProto.FLOAT
+    if spec.is_identity() and layout == "NCHW" and not needs_cast:
+        return model
+    _check_prepend(spec, inp, c)
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
     names = all_names(g)  # with the names inside subgraphs, which a fresh name must not shadow
@@ -301,15 +307,7 @@ def prepend(model: onnx.ModelProto, spec: PreprocessSpec | None, inp: InputSpec)
     while raw in names:
         raw += "_"
     nodes, inits = [], []
-    counter = [0]
-
-    def fresh(hint):
-        counter[0] += 1
-        name = f"onnxsal_pre_{hint}_{counter[0]}"
-        while name in names:
-            name += "_"
-        names.add(name)
-        return name
+    fresh = name_allocator(names, "onnxsal_pre_")
 
     def const(arr):
         name = fresh("c")

@@ -9,61 +9,19 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Sequence
-
-import numpy as np
+from typing import Any, Iterable, Sequence
 
 from .display import printable
 from .errors import OutputError, first_line
+from .files import (atomic_savez, atomic_write, atomic_write_bytes,  # noqa: F401 (re-exported)
+                    atomic_write_json, atomic_write_text, to_json)  # noqa: F401
 
 # --------------------------------------------------------------------------------------------
-# atomic writes
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Fill ``path`` through ``write(file)`` on a temporary file in the same folder, then
-    ``os.replace``: the old file stays whole until the new one is. A file system that refuses
-    (a full disk, a read-only folder) is one :class:`OutputError` and no temporary file."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # the temporary name stays short: the final name may already be near the 255-byte limit
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.", suffix=".tmp")
-    except OSError as exc:
-        raise _output_error(path, exc) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are for sharing
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise _output_error(path, exc) from None
-        raise
-
-
-def _output_error(path: Path, exc: OSError) -> OutputError:
-    return OutputError(f"cannot write {printable(path)}: {exc.strerror or first_line(exc)}")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    atomic_write(path, lambda f: f.write(data))
+# atomic writes (onnxsal/files.py) and the output-folder check
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:
@@ -88,41 +46,6 @@ def check_output_dir(path: str | os.PathLike) -> Path:
                           + (f" ({printable(up)})" if up != path else "")
                           + f": {exc.strerror or first_line(exc)}") from None
     return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` as UTF-8; bytes of a non-UTF-8 file name it quotes are written as
-    ``\\xff`` escapes (see :func:`onnxsal.display.printable`)."""
-    atomic_write_bytes(path, printable(text, keep_newlines=True).encode("utf-8"))
-
-
-def _json_default(o: Any):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def to_json(obj: Any) -> str:
-    """Stable JSON (sorted keys are not used: insertion order is the documented order)."""
-    return json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n"
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON (ASCII: other characters, also undecodable bytes, are escaped)."""
-    atomic_write_bytes(path, to_json(obj).encode("ascii"))
-
-
-def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-    """``np.savez`` through a temporary file (no pickled objects: plain arrays only)."""
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-    atomic_write_bytes(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Sequence
 import onnx
 
 from .errors import ModelError, first_line
+from .onnx_util import cpu_session, quiet_options
 
 MAX_SIMPLIFY_BYTES = 1 << 30  # larger models go to the pass unsimplified
 
@@ -35,12 +36,11 @@ def simplify(model: onnx.ModelProto, keep: Sequence[str] = ()) -> onnx.ModelProt
     fd, path = tempfile.mkstemp(suffix=".onnx")
     os.close(fd)
     try:
-        so = ort.SessionOptions()
+        so = quiet_options()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         so.optimized_model_filepath = path
-        so.log_severity_level = 4
         try:
-            ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            cpu_session(m, options=so)
         except Exception as exc:
             raise ModelError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
         out = onnx.load(path)

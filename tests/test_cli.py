@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from onnxsal.cli import cli
+
 from conftest import export_torch
 
 torch = pytest.importorskip("torch")

@@ -11,10 +11,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import export_torch
 from onnxsal.cli import cli
 from onnxsal.compare import compare_models, map_agreement
 from onnxsal.errors import OptionError
+
+from conftest import export_torch
 
 nn = torch.nn
 

@@ -1,4 +1,4 @@
-"""converters.torch_export, converters.paper_models, converters.train and the bundled model."""
+"""converters.torch_export, benchmarks.models.paper_models, benchmarks.models.training and the bundled model."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from converters.paper_models import build, paper_cnn, paper_resnet18  # noqa: E402
+from benchmarks.models.paper_models import build, paper_cnn, paper_resnet18  # noqa: E402
 from converters.torch_export import export, parity, preprocess_spec, read_labels  # noqa: E402
 from onnxsal.errors import InputError, OptionError  # noqa: E402
 
@@ -115,14 +115,14 @@ def test_read_labels_formats(tmp_path):
 
 def test_paper_cnn_architecture():
     m = paper_cnn(10, in_channels=3)
-    convs = [l for l in m if isinstance(l, torch.nn.Conv2d)]
+    convs = [layer for layer in m if isinstance(layer, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0]) for c in convs] == [
         (3, 32, 7, 2, 3),
         (32, 32, 3, 1, 1), (32, 32, 3, 2, 1), (32, 32, 3, 1, 1),
         (32, 64, 3, 1, 1), (64, 64, 3, 2, 1), (64, 64, 3, 1, 1),
         (64, 128, 3, 1, 1), (128, 128, 3, 2, 1), (128, 128, 3, 1, 1)]
-    assert not any(isinstance(l, (torch.nn.BatchNorm2d, torch.nn.Dropout)) for l in m)
-    pool = [l for l in m if isinstance(l, torch.nn.MaxPool2d)][0]
+    assert not any(isinstance(layer, (torch.nn.BatchNorm2d, torch.nn.Dropout)) for layer in m)
+    pool = [layer for layer in m if isinstance(layer, torch.nn.MaxPool2d)][0]
     assert (pool.kernel_size, pool.stride, pool.padding) == (3, 2, 1)
     assert isinstance(m[-1], torch.nn.Linear) and (m[-1].in_features, m[-1].out_features) == (128, 10)
     assert m(torch.rand(2, 3, 32, 32)).shape == (2, 10)
@@ -139,7 +139,7 @@ def test_paper_resnet18_grey_input():
 
 
 def test_train_helper_learns_and_state_round_trips(tmp_path):
-    from converters.train import evaluate, load_sklearn_digits, load_state, save_state, train
+    from benchmarks.models.training import evaluate, load_sklearn_digits, load_state, save_state, train
 
     pytest.importorskip("sklearn")
     xtr, ytr, xte, yte = load_sklearn_digits(size=16)

@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from converters import cross_framework as cf  # noqa: E402
+from benchmarks.models import cross_framework_cnn as cf  # noqa: E402
 from onnxsal import methods as M  # noqa: E402
 from onnxsal.compare import compare_models  # noqa: E402
 from onnxsal.data import load_dataset  # noqa: E402

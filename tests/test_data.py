@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from skimage import io as skio
 
-from onnxsal.data import (Dataset, conform, load_dataset, load_digits, load_fashion_mnist,
-                          load_raw)
+from onnxsal.data import Dataset, conform, load_dataset, load_digits, load_fashion_mnist, load_raw
 from onnxsal.errors import InputError
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from onnxsal.engine import Engine, pick_providers
 from onnxsal.errors import InputError, OptionError
+
 from conftest import export_torch, torch_jacobian
 
 torch = pytest.importorskip("torch")

@@ -15,9 +15,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import export_torch, torch_jacobian
 from onnxsal import cache
 from onnxsal.engine import Engine
+
+from conftest import export_torch, torch_jacobian
 
 torch = pytest.importorskip("torch")
 nn = torch.nn

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from onnxsal.engine import Engine
+
 from conftest import export_torch, torch_jacobian
 
 torch = pytest.importorskip("torch")

@@ -22,7 +22,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxsal.errors import ModelError, OnnxsalError
+from onnxsal.errors import ModelError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -412,8 +412,8 @@ def test_nan_logits_are_reported_per_image_and_never_averaged(tmp_path):
         assert all(np.isfinite(v) for v in r["curves"][mode]), r["curves"]
     assert "img3" in (tmp_path / "b" / "results.md").read_text()
     # explain lists them too
-    from onnxsal.explain import run_explain
     from onnxsal.engine import Engine
+    from onnxsal.explain import run_explain
 
     np.savez(tmp_path / "d.npz", x=x)
     ex = run_explain(Engine(str(model), device="cpu"), [str(tmp_path / "d.npz")], ["vanilla"],

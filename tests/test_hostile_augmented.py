@@ -14,11 +14,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import export_torch, torch_jacobian
 from onnxsal.autodiff import augment
 from onnxsal.engine import Engine
 from onnxsal.errors import ModelError, OptionError, UnsupportedOperatorError
 from onnxsal.trust import REBUILT
+
+from conftest import export_torch, torch_jacobian
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -238,6 +239,7 @@ def cli_files(tmp_path_factory):
     """A softmax CNN's file, its `onnxsal augment` output (logits exposed beside the
     probabilities) and that output with its gradient zeroed."""
     from click.testing import CliRunner
+
     from onnxsal.cli import cli
 
     torch.manual_seed(2)
@@ -257,6 +259,7 @@ def test_inspect_says_which_gradients(cli_files):
     import json
 
     from click.testing import CliRunner
+
     from onnxsal.cli import cli
 
     run = CliRunner().invoke
@@ -398,8 +401,10 @@ def test_augment_replaces_a_files_own_gradient_graph(cli_files, tmp_path):
     """`onnxsal augment` of a file with a (tampered) gradient graph: the result has one seed
     input and onnxsal's gradient, not the old graph stacked under the new one."""
     from click.testing import CliRunner
-    from conftest import identity_seed, run_augmented
+
     from onnxsal.cli import cli
+
+    from conftest import identity_seed, run_augmented
 
     out = tmp_path / "again.onnx"
     res = CliRunner().invoke(cli, ["augment", str(cli_files / "bad.onnx"), "-o", str(out)])

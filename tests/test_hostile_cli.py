@@ -462,7 +462,7 @@ def test_framework_banners_are_silenced_during_convert(capfd):
     with quiet_frameworks():
         os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on\n")
         print("WARNING: All log messages before absl::InitializeLog()", file=sys.stderr)
-        warnings.warn("np.object", FutureWarning)
+        warnings.warn("np.object", FutureWarning, stacklevel=2)
     os.write(2, b"after\n")
     assert capfd.readouterr().err == "after\n"
 

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import export_torch
 from onnxsal import methods
 from onnxsal.autodiff.rules.registry import ruleset_names
 from onnxsal.engine import Engine
 from onnxsal.errors import InputError, OptionError
 from onnxsal.methods import NEEDS, Maps
+
+from conftest import export_torch
 
 FAST = {"integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 3},
         "rise": {"masks": 50}, "lime": {"samples": 30}}

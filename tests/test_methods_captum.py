@@ -11,12 +11,12 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from captum import attr as captum_attr  # noqa: E402  (dev extra)
 
-from conftest import export_torch
 from onnxsal import methods
 from onnxsal.engine import Engine
 
-from captum import attr as captum_attr  # noqa: E402  (dev extra)
+from conftest import export_torch
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # captum's requires_grad notes

@@ -8,10 +8,11 @@ import pytest
 import torch
 from skimage.transform import resize
 
-from conftest import export_torch
 from onnxsal import methods
 from onnxsal.engine import Engine
 from onnxsal.methods.perturbation import rise_masks, superpixels, weighted_ridge
+
+from conftest import export_torch
 
 H = W = 32
 

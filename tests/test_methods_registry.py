@@ -15,14 +15,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from click.testing import CliRunner
 
-from conftest import export_torch, run_augmented
 from onnxsal import methods, plugins
 from onnxsal.autodiff.rules import registry as rules_registry
 from onnxsal.cli import cli, main
 from onnxsal.engine import Engine
 from onnxsal.methods import NEEDS, Method, registry
-from click.testing import CliRunner
+
+from conftest import export_torch, run_augmented
 
 PLUGIN_FILE = Path(__file__).with_name("methods_toy_plugin.py")
 TOY = ["toy_deconvnet", "toy_deconvnet_abs"]

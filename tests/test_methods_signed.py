@@ -1,6 +1,7 @@
 """The five signed and multi-class maps (docs/definitions.md#signed-maps) against torch autograd.
 
-The oracle below is written from the table in docs/definitions.md#signed-maps alone: the full Jacobian by torch autograd,
+The oracle below is written from the table in docs/definitions.md#signed-maps alone: the full Jacobian by torch
+autograd,
 then for each image the per-channel values of the table, with "g_c > g_q for every q != c"
 evaluated literally (torch.all over the other classes), then the channel max.
 """
@@ -11,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import export_torch
 from onnxsal import methods
 from onnxsal.engine import Engine
 from onnxsal.methods.normalize import minmax
+
+from conftest import export_torch
 
 FIVE = ("original", "positive", "negative", "active", "inactive")
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_hostile import save, tiny
 
 from onnxsal import benchmark as bm
 from onnxsal import methods, plugins
@@ -21,6 +20,8 @@ from onnxsal.data import load_dataset
 from onnxsal.engine import Engine
 from onnxsal.errors import OptionError
 from onnxsal.metrics import base as metrics
+
+from test_hostile import save, tiny
 
 PLUGIN_FILE = Path(__file__).with_name("metrics_toy_plugin.py")
 PLUGIN_MODULE = "onnxsal_plugin_metrics_toy_plugin"

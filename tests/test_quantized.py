@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxsal.autodiff import augment
 from onnxsal.engine import Engine
+
 from conftest import identity_seed, run_augmented
 
 torch = pytest.importorskip("torch")
@@ -114,8 +115,9 @@ def test_qoperator_model_is_refused_by_name():
     rng = np.random.default_rng(0)
     f = numpy_helper.from_array
     inits = [f(np.asarray(1 / 255, np.float32), "s"), f(np.asarray(0, np.uint8), "z"),
-             f(rng.integers(0, 255, (4, 3, 3, 3)).astype(np.uint8), "w"), f(np.asarray(0.01, np.float32), "ws"),
-             f(np.asarray(128, np.uint8), "wz"), f(np.asarray(0.05, np.float32), "ys"), f(np.asarray(0, np.uint8), "yz")]
+             f(rng.integers(0, 255, (4, 3, 3, 3)).astype(np.uint8), "w"),
+             f(np.asarray(0.01, np.float32), "ws"), f(np.asarray(128, np.uint8), "wz"),
+             f(np.asarray(0.05, np.float32), "ys"), f(np.asarray(0, np.uint8), "yz")]
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
              helper.make_node("QLinearConv", ["xq", "s", "z", "w", "ws", "wz", "ys", "yz"], ["cq"], name="qconv"),
              helper.make_node("DequantizeLinear", ["cq", "ys", "yz"], ["c"]),

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import ray
 
 from onnxsal.benchmark import run_benchmark
@@ -42,8 +41,9 @@ def cnn(tmp_path_factory):
     import onnx
     import torch
 
-    from conftest import export_torch
     from onnxsal.data import load_dataset
+
+    from conftest import export_torch
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

@@ -17,8 +17,9 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import export_torch, identity_seed, torch_jacobian
 from onnxsal.autodiff import augment
+
+from conftest import export_torch, identity_seed, torch_jacobian
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")

@@ -8,18 +8,20 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# isort: off
 import torch._dynamo  # noqa: E402,F401  (before tensorflow: see tests/conftest.py)
+# isort: on
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from converters import keras_export as ke  # noqa: E402
+from onnxsal.autodiff import augment  # noqa: E402
 from onnxsal.engine import Engine  # noqa: E402
 from onnxsal.methods import compute  # noqa: E402
 from onnxsal.methods.cam import channel_axis  # noqa: E402
 from onnxsal.model import dim_of, load_model  # noqa: E402
-from onnxsal.autodiff import augment  # noqa: E402
 
 SIZE, CLASSES = 12, 4
 

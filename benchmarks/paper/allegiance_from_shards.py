@@ -23,8 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from onnxsal.files import atomic_write_json, atomic_write_text  # noqa: E402
 from onnxsal.metrics.deletion import BlackWhiteDeletion  # noqa: E402
-from onnxsal.report import atomic_write_json, atomic_write_text, markdown_table  # noqa: E402
+from onnxsal.report import markdown_table  # noqa: E402
 
 
 def load_parts(run: Path, model: dict, method: str) -> list[dict]:

@@ -26,8 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from converters.paper_models import paper_cnn  # noqa: E402
-from converters.train import evaluate, train  # noqa: E402
+from benchmarks.models.paper_models import paper_cnn  # noqa: E402
+from benchmarks.models.training import evaluate, train  # noqa: E402
 
 DEFAULT_PNG = "/usr/share/doc/opencv-doc/examples/data/digits.png"
 

@@ -24,8 +24,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from converters.paper_models import build  # noqa: E402
-from converters.train import FASHION_CLASSES, load_fashion_mnist, load_state, save_state, train  # noqa: E402
+from benchmarks.models.paper_models import build  # noqa: E402
+from benchmarks.models.training import load_fashion_mnist_nchw, load_state, save_state, train  # noqa: E402
+from onnxsal.data import FASHION_MNIST_CLASSES  # noqa: E402
 
 OUT = HERE / "models"
 PREPROCESS = {"scale": 1.0, "mean": [0.0], "std": [1.0], "bgr": False, "layout": "NCHW"}
@@ -35,20 +36,19 @@ def export(name: str, x_test, y_test, log: dict) -> None:
     import numpy as np
     import torch
 
-    from converters.torch_export import export as export_onnx, parity
+    from converters.torch_export import export as export_onnx
+    from converters.torch_export import parity
 
     model = load_state(build(name, 10, 1), OUT / f"fashion_{name}.pt")
     path = OUT / f"fashion_{name}.onnx"
     export_onnx(model, (1, 28, 28), path, opset=17, dynamo=False, preprocess=PREPROCESS,
-                labels=FASHION_CLASSES)
+                labels=FASHION_MNIST_CLASSES)
     torch.set_num_threads(1)
     p = parity(model, path, x_test[:512])
     # accuracy of the ONNX file itself on the whole test set
-    import onnxruntime as ort
+    from onnxsal.onnx_util import cpu_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = cpu_session(path, threads=1)
     pred = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x_test[i:i + 500]})[0].argmax(1)
                            for i in range(0, len(x_test), 500)])
     log.setdefault(name, {}).update({"onnx": path.name, "onnx_bytes": path.stat().st_size,
@@ -68,7 +68,7 @@ def main() -> None:
     import torch
 
     OUT.mkdir(parents=True, exist_ok=True)
-    xtr, ytr, xte, yte = load_fashion_mnist()
+    xtr, ytr, xte, yte = load_fashion_mnist_nchw()
     for name in args.models.split(","):
         logf = OUT / f"train_log_{name}.json"  # one file per model: models may train in parallel
         log = json.loads(logf.read_text()) if logf.is_file() else {}

@@ -1,6 +1,6 @@
 """Data randomisation test of Adebayo et al. (2018; docs/definitions.md#sanity-checks) on Fashion-MNIST.
 
-Two copies of the paper's CNN (converters.paper_models, 1 channel, 28x28) are trained with the
+Two copies of the paper's CNN (benchmarks.models.paper_models, 1 channel, 28x28) are trained with the
 paper's recipe (AdamW lr 1e-3, weight decay 0.01, batch 128, seed 42) on the same training
 subset: one on the true labels, one on a permutation of them. Each trains until it fits its
 training set (train accuracy >= --fit) or --max-epochs. Both are exported to ONNX and each
@@ -28,8 +28,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from converters.paper_models import build  # noqa: E402
-from converters.train import FASHION_CLASSES, evaluate, load_fashion_mnist  # noqa: E402
+from benchmarks.models.paper_models import build  # noqa: E402
+from benchmarks.models.training import evaluate, load_fashion_mnist_nchw  # noqa: E402
+from onnxsal.data import FASHION_MNIST_CLASSES  # noqa: E402
 
 METHODS = ["vanilla", "original", "gradient_x_input", "integrated_gradients", "smoothgrad",
            "guided_backprop", "gradcam"]
@@ -122,7 +123,7 @@ def main() -> None:
     out, mdir = Path(args.out), Path(args.models)
     out.mkdir(parents=True, exist_ok=True)
     mdir.mkdir(parents=True, exist_ok=True)
-    xtr, ytr, xte, yte = load_fashion_mnist()
+    xtr, ytr, xte, yte = load_fashion_mnist_nchw()
     rng = np.random.default_rng(args.seed)
     sub = np.sort(rng.choice(len(xtr), args.train_size, replace=False))
     x, y = np.ascontiguousarray(xtr[sub]), ytr[sub]
@@ -141,7 +142,7 @@ def main() -> None:
             print(f"training on {key} labels ({len(x)} images)", flush=True)
             training[key] = fit(model, x, labels, xte, yte, args.fit, args.max_epochs, args.seed,
                                 log=lambda s, k=key: print(k, s, flush=True))
-            export(model, (1, 28, 28), path, opset=17, labels=FASHION_CLASSES,
+            export(model, (1, 28, 28), path, opset=17, labels=FASHION_MNIST_CLASSES,
                    preprocess={"scale": 1.0, "mean": [0.0], "std": [1.0]})
             logf.write_text(json.dumps(training[key], indent=2))
         paths[key] = path
@@ -158,7 +159,7 @@ def main() -> None:
     summary = {
         "test": "data randomisation (Adebayo et al. 2018)", "data": "Fashion-MNIST",
         "train_subset": args.train_size, "fit_threshold": args.fit, "seed": args.seed,
-        "images": len(imgs), "model": "paper CNN (converters.paper_models, 1 channel)",
+        "images": len(imgs), "model": "paper CNN (benchmarks.models.paper_models, 1 channel)",
         "training": {k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in training.items()},
         "class_agreement": res["class_agreement"], "methods": res["methods"],
         "per_image": res["per_image"], "seconds": secs,

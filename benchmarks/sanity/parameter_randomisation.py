@@ -76,7 +76,8 @@ def summary() -> str:
         for r in runs.values():
             v = r["verdicts"].get(m)
             row.append("-" if v is None else
-                       f"{'pass' if v['passes'] else '**fail**'} ({v['final']:.2f})" if v["final"] is not None else "n/a")
+                       f"{'pass' if v['passes'] else '**fail**'} ({v['final']:.2f})" if v["final"] is not None
+                       else "n/a")
         row.append(PAPER.get(m, "-"))
         rows.append(row)
     lines = ["# Sanity checks: model-parameter randomisation\n",

@@ -17,7 +17,10 @@ from typing import Any, Iterable
 
 from .. import plugins
 from ..errors import OptionError
-from . import cam, gradient, perturbation  # noqa: F401  (registration, in display order)
+
+# isort: off
+from . import gradient, cam, perturbation  # noqa: F401  (registration, in display order)
+# isort: on
 from .base import NEEDS, Maps, Method, as_batch, resolve_targets
 from .normalize import maxabs, minmax
 from .registry import ALIASES, METHODS, get, key, names

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import InputError, OptionError
+from ..numeric import softmax
 from . import registry
 
 #: What a method may declare it needs from the engine.
@@ -178,8 +179,5 @@ def target_scores(logits: np.ndarray, targets: np.ndarray, score: str = "logit")
     if score == "logit":
         return logits[np.arange(len(targets)), targets]
     if score == "probability":
-        z = logits - logits.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        p /= p.sum(axis=1, keepdims=True)
-        return p[np.arange(len(targets)), targets]
+        return softmax(logits, np.float64)[np.arange(len(targets)), targets]
     raise OptionError(f"score must be 'logit' or 'probability', got {score!r}")

@@ -9,12 +9,13 @@ alpha_k = spatial mean of dS_c/dA_k; map = ReLU(sum_k alpha_k A_k), upsampled bi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from skimage.transform import resize
 
 from ..errors import OptionError
+from ..onnx_util import attribute, attributes, constants, consumers, producers
 from .base import Maps, Method, one_hot_seed
 
 
@@ -44,16 +45,14 @@ def _produced_layout(g, layer: str) -> int | None:
     """1 or 3 from how ``layer`` was made, followed back through elementwise ops: a
     convolution or pooling writes NCHW, a Transpose with perm (0, 2, 3, 1) of it NHWC (as
     tf2onnx writes before a Keras Flatten); None when the producers do not say."""
-    from onnx import helper
-
-    producer = {o: n for n in g.node for o in n.output}
+    producer = producers(g)
     n = producer.get(layer)
     while n is not None:
         if n.op_type in _NCHW_PRODUCERS:
             return 1
         if n.op_type == "Transpose":
-            perm = [list(helper.get_attribute_value(a)) for a in n.attribute if a.name == "perm"]
-            return {(0, 2, 3, 1): 3, (0, 3, 1, 2): 1}.get(tuple(perm[0]) if perm else (), None)
+            perm = tuple(attribute(n, "perm", default=()))
+            return {(0, 2, 3, 1): 3, (0, 3, 1, 2): 1}.get(perm, None)
         if n.op_type not in _PASS_THROUGH or not n.input:
             return None
         n = next((producer[i] for i in n.input if i in producer
@@ -67,27 +66,22 @@ def channel_axis(model, layer: str) -> int:
     (through elementwise ops): a reduction over axes (1, 2) or a Transpose with perm
     (0, 3, 1, 2) means NHWC (as jax2onnx and unoptimised TF exports write); anything else
     (GlobalAveragePool, Conv, a reduction over (2, 3)) NCHW."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     g = model.graph
     own = _produced_layout(g, layer)
     if own is not None:
         return own
-    consts = {t.name: t for t in g.initializer}
-    consts.update({n.output[0]: a.t for n in g.node if n.op_type == "Constant"
-                   for a in n.attribute if a.name == "value"})
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consts = constants(g)
+    readers = consumers(g)
     todo, seen = [layer], set()
     while todo:
         t = todo.pop()
         if t in seen:
             continue
         seen.add(t)
-        for n in consumers.get(t, []):
-            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        for n in readers.get(t, []):
+            attrs = attributes(n)
             if n.op_type.startswith("Reduce"):
                 axes = attrs.get("axes")
                 if axes is None and len(n.input) > 1 and n.input[1] in consts:
@@ -110,7 +104,7 @@ class GradCAM(Method):
     aliases = ("grad_cam",)
     needs = frozenset({"intermediate_gradients"})
     signed = False
-    defaults: dict[str, Any] = {"layer": None}
+    defaults: ClassVar[dict[str, Any]] = {"layer": None}
     description = "ReLU(sum_k mean(dS_c/dA_k) A_k) at a 4-D layer, upsampled (Selvaraju et al.)"
 
     def run(self, engine, x, targets, logits, opts, shared):

@@ -14,7 +14,7 @@ model's preprocessing). Channel reductions:
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Any, ClassVar, Iterable, Iterator
 
 import numpy as np
 
@@ -221,7 +221,7 @@ class Vanilla(Method):
     aliases = ("gradient", "saliency")
     needs = frozenset({"gradients"})
     signed = True
-    defaults: dict[str, Any] = {}
+    defaults: ClassVar[dict[str, Any]] = {}
     description = "g_c, summed over channels"
 
     def run(self, engine, x, targets, logits, opts, shared):
@@ -234,7 +234,7 @@ class GradientXInput(Method):
     aliases = ("gradxinput", "grad_x_input", "input_x_gradient", "gxi")
     needs = frozenset({"gradients"})
     signed = True
-    defaults: dict[str, Any] = {}
+    defaults: ClassVar[dict[str, Any]] = {}
     description = "x * g_c, summed over channels"
 
     def run(self, engine, x, targets, logits, opts, shared):
@@ -326,7 +326,7 @@ class GuidedBackprop(Method):
     needs = frozenset({"gradients"})
     signed = True
     rules = "guided"
-    defaults: dict[str, Any] = {}
+    defaults: ClassVar[dict[str, Any]] = {}
     description = "gradient with ReLU backward 1[x > 0] * max(dy, 0) (Springenberg et al.)"
 
     def run(self, engine, x, targets, logits, opts, shared):

@@ -19,7 +19,7 @@ batches.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from skimage.segmentation import quickshift, slic
@@ -73,7 +73,7 @@ class Occlusion(Method):
     name = "occlusion"
     needs = frozenset({"forward"})
     signed = True
-    defaults: dict[str, Any] = {"window": None, "stride": None, "baseline": 0.0,
+    defaults: ClassVar[dict[str, Any]] = {"window": None, "stride": None, "baseline": 0.0,
                                 "score": "logit"}
     description = "score drop when a sliding window is replaced by a baseline (Zeiler & Fergus)"
 
@@ -169,7 +169,7 @@ class RISE(Method):
     name = "rise"
     needs = frozenset({"forward"})
     signed = False
-    defaults: dict[str, Any] = {"masks": 1000, "grid": 7, "p": 0.5, "seed": 0,
+    defaults: ClassVar[dict[str, Any]] = {"masks": 1000, "grid": 7, "p": 0.5, "seed": 0,
                                 "baseline": 0.0, "score": "logit"}
     description = "score-weighted sum of random smooth masks (Petsiuk et al.)"
 
@@ -259,7 +259,7 @@ class LIME(Method):
     name = "lime"
     needs = frozenset({"forward"})
     signed = True
-    defaults: dict[str, Any] = {"samples": 500, "segmentation": "slic", "segments": 50,
+    defaults: ClassVar[dict[str, Any]] = {"samples": 500, "segmentation": "slic", "segments": 50,
                                 "compactness": None, "kernel_width": 0.25, "alpha": 1.0,
                                 "seed": 0, "baseline": 0.0, "score": "logit"}
     description = "weighted linear fit of the score on superpixels switched on/off (Ribeiro et al.)"

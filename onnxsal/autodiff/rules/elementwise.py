@@ -439,7 +439,7 @@ def max_min(ctx, node, dys):
     y = _y(node)
     masks = [b.op("Cast", [b.op("Equal", [x, y])], to=ctx.dtype(y)) for x in node.input]
     count = b.add_all(masks) if len(masks) > 1 else masks[0]
-    out = []
+    out: list[str | None] = []
     for x, m in zip(node.input, masks):
         if not ctx.needs_grad(x):
             out.append(None)

@@ -55,7 +55,7 @@ def gemm(ctx, node, dys):
     dy = dys[0]
     if alpha != 1.0:
         dy = b.op("Mul", [dy, ctx.scalar(alpha, y)])
-    out = [None, None, None]
+    out: list[str | None] = [None, None, None]
     if ctx.needs_grad(a):
         # dA' = dY @ B'^T, with B'^T = B if transB else B^T
         wt = w if trans_b else _transposed(ctx, w)
@@ -91,7 +91,7 @@ def einsum(ctx, node, dys):
                  for n, t in zip(node.input, terms)]
         out = out.replace("...", ell)
     letters = lambda t: [c for c in t.replace("...", "")]  # noqa: E731
-    grads = []
+    grads: list[str | None] = []
     for i, (name, term) in enumerate(zip(node.input, terms)):
         if not ctx.needs_grad(name):
             grads.append(None)

@@ -75,10 +75,11 @@ def resize(ctx, node, dys):
     dx = dys[0]
     for i in range(r):
         sc = float(scales[i]) if scales is not None else None
-        if (sc is not None and sc == 1.0) or (sc is None and sizes[i] is not None and sizes[i] == sin[i]):
+        size = sizes[i] if sizes is not None else None  # sizes are given when scales are not
+        if (sc is not None and sc == 1.0) or (sc is None and size is not None and size == sin[i]):
             continue
-        if sc is None and isinstance(sizes[i], int):
-            sout[i] = sizes[i]
+        if sc is None and isinstance(size, int):
+            sout[i] = size
         if not isinstance(sin[i], int) or not isinstance(sout[i], int):
             raise ModelError(f"{node.op_type} node '{node.name}' resizes axis {i} of dynamic size; "
                              f"not supported")

@@ -110,8 +110,9 @@ def slice_(ctx, node, dys):
     x = node.input[0]
     r = ctx.rank(x)
     consts = [ctx.const(t) if t else None for t in node.input[1:]]
-    if ctx.opset >= 10 and all(c is not None for c in consts[:2]):
-        starts, ends = [int(v) for v in consts[0]], [int(v) for v in consts[1]]
+    c_starts, c_ends = (consts + [None, None])[:2]
+    if ctx.opset >= 10 and c_starts is not None and c_ends is not None:
+        starts, ends = [int(v) for v in c_starts], [int(v) for v in c_ends]
         axes = [int(v) for v in consts[2]] if len(consts) > 2 and consts[2] is not None else list(range(len(starts)))
         steps = [int(v) for v in consts[3]] if len(consts) > 3 and consts[3] is not None else [1] * len(starts)
         sx = ctx.shape(x) or [None] * r
@@ -221,13 +222,14 @@ def pad(ctx, node, dys):
     r = ctx.rank(x)
     mode = ctx.attr(node, "mode", "constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
+    pads: list[int] | None
     if ctx.opset < 11:
         pads = list(ctx.attr(node, "pads"))
     else:
-        pads = ctx.const(node.input[1])
-        pads = [int(v) for v in pads] if pads is not None else None
-    axes = _axes_of(ctx, node, 3) if ctx.opset >= 18 else None
-    axes = [_norm(a, r) for a in axes] if axes else list(range(r))
+        value = ctx.const(node.input[1])
+        pads = [int(v) for v in value] if value is not None else None
+    given = _axes_of(ctx, node, 3) if ctx.opset >= 18 else None
+    axes = [_norm(a, r) for a in given] if given else list(range(r))
     n = len(axes)
     if pads is None and mode != "constant":
         raise ModelError(f"Pad node '{node.name}' has run-time pads in mode {mode}; not supported")

@@ -164,7 +164,7 @@ def export_all(weights: dict[str, np.ndarray], height: int, width: int, folder,
     {"torch"|"keras"|"jax": path}."""
     from pathlib import Path
 
-    from . import jax_export, keras_export, torch_export
+    from converters import jax_export, keras_export, torch_export
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -7,43 +7,28 @@ Also: the offline data sets this project trains on (docs/data.md#data-sets), loa
 
 from __future__ import annotations
 
-import gzip
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
-
-def load_fashion_mnist(root: str | Path = FASHION_DIR) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Fashion-MNIST from the Debian package ``dataset-fashion-mnist``:
+def load_fashion_mnist_nchw() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fashion-MNIST (read by :func:`onnxsal.data.fashion_mnist_arrays`) for training:
     (x_train [60000,1,28,28], y_train, x_test [10000,1,28,28], y_test), x float32 in [0, 1]."""
-    root = Path(root)
-    if not (root / "train-images-idx3-ubyte.gz").is_file():
-        raise FileNotFoundError(f"{root}: Fashion-MNIST not found; run "
-                                "`apt-get install -y dataset-fashion-mnist`")
+    from onnxsal.data import fashion_mnist_arrays
 
-    def images(name: str) -> np.ndarray:
-        raw = np.frombuffer(gzip.open(root / name).read(), np.uint8, offset=16)
-        return (raw.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0)
-
-    def labels(name: str) -> np.ndarray:
-        return np.frombuffer(gzip.open(root / name).read(), np.uint8, offset=8).astype(np.int64)
-
-    return (images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz"),
-            images("t10k-images-idx3-ubyte.gz"), labels("t10k-labels-idx1-ubyte.gz"))
+    (xtr, ytr, _), (xte, yte, _) = fashion_mnist_arrays("train"), fashion_mnist_arrays("test")
+    return (xtr[:, None].astype(np.float32) / 255.0, ytr, xte[:, None].astype(np.float32) / 255.0, yte)
 
 
 def load_sklearn_digits(size: int = 16, test_fraction: float = 0.25, seed: int = 0):
     """scikit-learn's 1797 8x8 digits, upsampled (bilinear) to ``size`` x ``size``, in [0, 1]:
     (x_train, y_train, x_test, y_test), x float32 [N, 1, size, size]; a stratified split."""
+    from skimage.transform import resize
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
-    from skimage.transform import resize
 
     d = load_digits()
     x = (d.images / 16.0).astype(np.float32)
@@ -134,5 +119,5 @@ def load_state(model, path: str | Path):
     return model.eval()
 
 
-__all__ = ["FASHION_CLASSES", "load_fashion_mnist", "load_sklearn_digits", "TrainResult", "evaluate",
+__all__ = ["load_fashion_mnist_nchw", "load_sklearn_digits", "TrainResult", "evaluate",
            "train", "save_state", "load_state"]
