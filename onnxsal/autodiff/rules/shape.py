@@ -241,7 +241,7 @@ def pad(ctx, node, dys):
         ends = b.op("Add", [starts, b.op("Gather", [b.shape(x), b.ints(axes)])])
         out = b.op("Slice", [dys[0], starts, ends, b.ints([a + 1 for a in axes])])
         return [out] + [None] * (len(node.input) - 1)
-    if mode in ("reflect", "edge") and all(p >= 0 for p in pads):
+    if mode in ("reflect", "edge") and pads is not None and all(p >= 0 for p in pads):
         picked = b.op("Pad", [index_tensor(ctx, x)] + list(node.input[1:2]) + [""] +
                       (list(node.input[3:4]) if ctx.opset >= 18 else []), mode=mode)
         return [_scatter_back(ctx, x, picked, dys[0], add=True)] + [None] * (len(node.input) - 1)
