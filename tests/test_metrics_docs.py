@@ -27,7 +27,7 @@ def test_every_builtin_metric_has_a_docs_section():
     missing = sorted(set(builtin) - _headed_names())
     assert not missing, f"registered metrics without a docs heading: {missing}"
     text = (DOCS / "metrics.md").read_text(encoding="utf-8")
-    for n in ("completeness", "input-invariance", "sparseness", "complexity",
+    for n in ("random-logit", "completeness", "input-invariance", "sparseness", "complexity",
               "effective-complexity", "pointing-game", "relevance-mass-accuracy",
               "relevance-rank-accuracy", "attribution-localisation", "localisation-auc"):
         assert re.search(rf"^#+ .*`{re.escape(n)}`", text, re.M), n
