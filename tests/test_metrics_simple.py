@@ -140,7 +140,9 @@ def test_load_masks_from_a_folder_of_pngs(tmp_path):
     a = np.zeros((8, 8), np.uint8)
     a[2:4, 4:8] = 255
     iio.imwrite(tmp_path / "cat.png", a)
-    iio.imwrite(tmp_path / "dog.png", np.zeros((8, 8), np.uint8))
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 3] = 255  # opaque black: outside everywhere, whatever the alpha says
+    iio.imwrite(tmp_path / "dog.png", rgba)
     got = load_masks(tmp_path, ["dog.jpg", "cat.jpg"], (4, 4))  # nearest-neighbour halving
     ref = np.zeros((2, 4, 4), bool)
     ref[1, 1, 2:4] = True

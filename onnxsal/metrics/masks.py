@@ -43,7 +43,9 @@ def _fit(m: np.ndarray, shape: tuple[int, int], where: str) -> np.ndarray:
     from skimage.transform import resize
 
     m = np.asarray(m)
-    if m.ndim == 3:  # an RGB(A) mask image: inside where any channel is nonzero
+    if m.ndim == 3:  # a colour mask image: inside where any colour channel is nonzero
+        if m.shape[-1] in (2, 4):
+            m = m[..., :-1]  # an alpha channel (opaque everywhere) says nothing
         m = (m != 0).any(axis=-1)
     if m.ndim != 2:
         raise InputError(f"mask {where}: expected a 2-D mask, got shape {m.shape}")
