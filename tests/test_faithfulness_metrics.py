@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxsal.cli import cli
+from onnxsal.errors import OptionError
 from onnxsal.metrics import base as metrics
 from onnxsal.metrics import faithfulness as fm
 
@@ -167,9 +168,8 @@ def test_nan_maps_are_failures_not_crashes(lin):
 
 def test_registered_and_options_refused():
     for n in ("region-perturbation-morf", "region-perturbation-lerf", "abpc",
-              "faithfulness-correlation", "monotonicity"):
+              "faithfulness-correlation", "monotonicity", "sensitivity-n"):
         assert n in metrics.names()
-    from onnxsal.errors import OptionError
     with pytest.raises(OptionError, match="baseline"):
         fm.RegionPerturbationMoRF(baseline="pink")
     with pytest.raises(OptionError, match="patch"):
@@ -196,3 +196,23 @@ def test_faithfulness_correlation_through_onnxsal_benchmark(tmp_path, monkeypatc
     assert -1 <= fc["value"] <= 1
     rp = entry["region-perturbation-morf"]
     assert rp["direction"] == "lower" and len(rp["curve"]) == len(rp["x"]) == 17
+
+
+def test_sensitivity_n_is_one_at_every_n_for_the_exact_map(lin):
+    predict, x, exact = lin
+    sn = fm.SensitivityN(fractions=(0.05, 0.3, 0.7), runs=25, seed=1)
+    predict.calls.clear()
+    r = sn(predict, x, exact)
+    assert predict.calls == [5 * (1 + 3 * 25)]  # every n of the batch in one call
+    np.testing.assert_allclose(r["curve"], 1.0, atol=1e-6)
+    assert r["value"] == pytest.approx(1.0, abs=1e-6)
+    # a map that is exact on half of the pixels only: r < 1 at every n
+    half = exact.copy()
+    half[:, 3:] = np.random.default_rng(0).uniform(0, 1, size=half[:, 3:].shape)
+    r = sn(predict, x, half)
+    assert (r["curve"] < 0.999).all()
+    # its subset of one size is the faithfulness correlation's subset of that size
+    fc = fm.FaithfulnessCorrelation(subset=0.3, runs=25, seed=1)
+    assert (fc.subsets(x) == sn.subsets(x, 0.3)).all()
+    with pytest.raises(OptionError, match="fractions"):
+        fm.SensitivityN(fractions=(0.5, 0.1))

@@ -1,5 +1,5 @@
-"""Faithfulness metrics: region perturbation (MoRF, LeRF, ABPC), faithfulness correlation and
-monotonicity (docs/faithfulness.md).
+"""Faithfulness metrics: region perturbation (MoRF, LeRF, ABPC), faithfulness correlation,
+sensitivity-n and monotonicity (docs/faithfulness.md).
 
 Each metric perturbs every image of a batch in many ways, stacks all the variants and sends
 them through ``predict_logits`` in one call (the base pipeline sizes the batches from
@@ -23,9 +23,11 @@ from .rise import baseline_images, pixel_order
 BASELINES = ("black", "mean", "uniform")
 
 
-def image_rng(seed: int, image: np.ndarray) -> np.random.Generator:
-    """A generator seeded by ``seed`` and the image's bytes (independent of batch position)."""
-    return np.random.default_rng([int(seed), zlib.crc32(np.ascontiguousarray(image).tobytes())])
+def image_rng(seed: int, image: np.ndarray, *stream: int) -> np.random.Generator:
+    """A generator seeded by ``seed``, the image's bytes (so independent of its position in a
+    batch) and optional ``stream`` numbers (e.g. a subset size)."""
+    crc = zlib.crc32(np.ascontiguousarray(image).tobytes())
+    return np.random.default_rng([int(seed), crc, *map(int, stream)])
 
 
 def baseline(x: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
@@ -202,35 +204,81 @@ class FaithfulnessCorrelation(Metric):
         return {"subset": self.subset, "runs": self.runs, "baseline": self.baseline,
                 "seed": self.seed}
 
-    def bytes_per_image(self, shape) -> int:
-        return 2 * (self.runs + 1) * 4 * math.prod(shape)
+    @property
+    def fractions(self) -> list[float]:
+        """The subset sizes, as fractions of the pixels, one correlation each."""
+        return [self.subset]
 
-    def subsets(self, images: np.ndarray) -> np.ndarray:
-        """bool [N, R, H*W]: ``runs`` random subsets of max(1, round(subset * H*W)) pixels."""
+    def bytes_per_image(self, shape) -> int:
+        return 2 * (len(self.fractions) * self.runs + 1) * 4 * math.prod(shape)
+
+    def subsets(self, images: np.ndarray, fraction: float | None = None) -> np.ndarray:
+        """bool [N, R, H*W]: ``runs`` random subsets of max(1, round(fraction * H*W)) pixels
+        (default fraction: ``subset``)."""
         n, _, h, w = images.shape
-        size = max(1, round(self.subset * h * w))
+        size = max(1, round((self.subset if fraction is None else fraction) * h * w))
         out = np.zeros((n, self.runs, h * w), bool)
         for i, xi in enumerate(images):  # the first `size` of a random permutation per run
-            pick = np.argsort(image_rng(self.seed, xi).random((self.runs, h * w)), axis=1)
+            pick = np.argsort(image_rng(self.seed, xi, size).random((self.runs, h * w)), axis=1)
             np.put_along_axis(out[i], pick[:, :size], True, axis=1)
         return out
 
-    def evaluate_batch(self, predict_logits, images, maps, labels) -> dict:
+    def correlations(self, predict_logits, images, maps) -> np.ndarray:
+        """[N, F]: per image and subset fraction, Pearson's r between the map's sum over the
+        subset and the drop of the target logit; every subset of the batch in one call."""
         maps = np.asarray(maps, np.float64)
         n, c, h, w = images.shape
-        value = np.full(n, np.nan)
+        corr = np.full((n, len(self.fractions)), np.nan)
         ok = _finite_maps(maps)
         if not ok.any():
-            return {"value": value}
+            return corr
         x, m = images[ok], maps[ok].reshape(-1, h * w)
-        sub = self.subsets(x)
-        gone = sub.reshape(len(x), self.runs, 1, h, w)
+        fr = self.fractions
+        sub = np.concatenate([self.subsets(x, f) for f in fr], axis=1)
+        gone = sub.reshape(len(x), sub.shape[1], 1, h, w)
         variants = np.where(gone, baseline(x, self.baseline, self.seed)[:, None], x[:, None])
         clean, scores = target_scores(predict_logits, x, variants)
-        drop = clean[:, None] - scores  # [n, R]
-        att = (sub * m[:, None]).sum(axis=2)  # [n, R]
-        value[ok] = [pearson(a, d) for a, d in zip(att, drop, strict=True)]
-        return {"value": value}
+        drop = (clean[:, None] - scores).reshape(len(x), len(fr), self.runs)
+        att = (sub * m[:, None]).sum(axis=2).reshape(len(x), len(fr), self.runs)
+        corr[ok] = [[pearson(a, d) for a, d in zip(ai, di, strict=True)]
+                    for ai, di in zip(att, drop, strict=True)]
+        return corr
+
+    def evaluate_batch(self, predict_logits, images, maps, labels) -> dict:
+        return {"value": self.correlations(predict_logits, images, maps)[:, 0]}
+
+
+class SensitivityN(_CurveMetric, FaithfulnessCorrelation):
+    """Sensitivity-n (Ancona et al. 2018): faithfulness correlation at several subset sizes n
+    (``fractions`` of the pixels); the curve is r against n, ``value`` its mean."""
+
+    name = "sensitivity-n"
+    direction = "higher"
+
+    def __init__(self, fractions=(0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8), runs: int = 50,
+                 baseline: str = "black", seed: int = 0, max_batch_bytes: int = 256 << 20):
+        super().__init__(0.1, runs, baseline, seed, max_batch_bytes)
+        fs = [float(f) for f in fractions]
+        if not fs or any(not 0.0 < f < 1.0 for f in fs) or sorted(set(fs)) != fs:
+            raise OptionError(f"sensitivity-n fractions must rise strictly within (0, 1), got {fs}")
+        self._fractions = fs
+
+    @property
+    def fractions(self) -> list[float]:
+        return self._fractions
+
+    def settings(self) -> dict:
+        return {"fractions": self.fractions, "runs": self.runs, "baseline": self.baseline,
+                "seed": self.seed}
+
+    def evaluate_batch(self, predict_logits, images, maps, labels) -> dict:
+        curve = self.correlations(predict_logits, images, maps)
+        return {"value": curve.mean(axis=1), "curve": curve}
+
+    def summarize(self, result, names: list[str]) -> dict:
+        out = super().summarize(result, names)
+        out["x"] = list(self.fractions)
+        return out
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
