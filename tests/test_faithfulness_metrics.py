@@ -168,7 +168,7 @@ def test_nan_maps_are_failures_not_crashes(lin):
 
 def test_registered_and_options_refused():
     for n in ("region-perturbation-morf", "region-perturbation-lerf", "abpc",
-              "faithfulness-correlation", "monotonicity", "sensitivity-n"):
+              "faithfulness-correlation", "monotonicity", "sensitivity-n", "infidelity"):
         assert n in metrics.names()
     with pytest.raises(OptionError, match="baseline"):
         fm.RegionPerturbationMoRF(baseline="pink")
@@ -216,3 +216,23 @@ def test_sensitivity_n_is_one_at_every_n_for_the_exact_map(lin):
     assert (fc.subsets(x) == sn.subsets(x, 0.3)).all()
     with pytest.raises(OptionError, match="fractions"):
         fm.SensitivityN(fractions=(0.5, 0.1))
+
+
+def test_infidelity_is_zero_for_the_gradient_of_a_linear_model(lin):
+    predict, x, exact = lin
+    assert fm.Infidelity().perturbations(x).shape == (5, 50, 6, 6)  # [N, R, H, W]
+    grad = exact / x[:, 0]  # w, the gradient of the target logit
+    inf = fm.Infidelity(sigma=0.2, runs=30, seed=2)
+    predict.calls.clear()
+    assert inf(predict, x, grad)["value"] == pytest.approx(0.0, abs=1e-8)
+    assert predict.calls == [5 * 31]
+    # scale does not matter (beta), the map's pattern does: by hand with the same draws
+    assert inf(predict, x, 7 * grad)["value"] == pytest.approx(0.0, abs=1e-8)
+    other = exact  # w * x: not the gradient
+    pert = inf.perturbations(x).astype(np.float64)
+    drop = np.einsum("nrhw,hw->nr", pert, grad[0])  # the linear model's exact drop
+    dot = np.einsum("nrhw,nhw->nr", pert, other)
+    beta = (dot * drop).mean(1) / (dot * dot).mean(1)
+    ref = ((beta[:, None] * dot - drop) ** 2).mean(1)
+    np.testing.assert_allclose(inf(predict, x, other)["per_image"], ref, rtol=1e-4)
+    assert (ref > 1e-3).all()

@@ -1,5 +1,5 @@
 """Faithfulness metrics: region perturbation (MoRF, LeRF, ABPC), faithfulness correlation,
-sensitivity-n and monotonicity (docs/faithfulness.md).
+sensitivity-n, monotonicity and infidelity (docs/faithfulness.md).
 
 Each metric perturbs every image of a batch in many ways, stacks all the variants and sends
 them through ``predict_logits`` in one call (the base pipeline sizes the batches from
@@ -329,3 +329,50 @@ class Monotonicity(_CurveMetric):
         value = np.where(np.isfinite(curve).all(axis=1),
                          (np.diff(curve, axis=1) >= 0).all(axis=1).astype(np.float64), np.nan)
         return {"value": value, "curve": curve}
+
+
+class Infidelity(Metric):
+    """Infidelity (Yeh et al. 2019): E[(beta a.I - (f(x) - f(x - I)))^2] over ``runs`` Gaussian
+    perturbations I (std ``sigma`` per pixel, all channels alike), beta the least-squares scale
+    of the map as in the authors' code (lower is better)."""
+
+    name = "infidelity"
+    direction = "lower"
+
+    def __init__(self, sigma: float = 0.1, runs: int = 50, seed: int = 0,
+                 max_batch_bytes: int = 256 << 20):
+        if not (math.isfinite(float(sigma)) and float(sigma) > 0):
+            raise OptionError(f"sigma must be a finite number > 0, got {sigma!r}")
+        self.sigma = float(sigma)
+        self.runs = _check_int("runs", runs, 1)
+        self.seed = _check_int("seed", seed, 0)
+        self.max_batch_bytes = int(max_batch_bytes)
+
+    def settings(self) -> dict:
+        return {"sigma": self.sigma, "runs": self.runs, "seed": self.seed}
+
+    def bytes_per_image(self, shape) -> int:
+        return 2 * (self.runs + 1) * 4 * math.prod(shape)
+
+    def perturbations(self, images: np.ndarray) -> np.ndarray:
+        """float32 [N, R, H, W]: the perturbations I, seeded per image."""
+        n, _, h, w = images.shape
+        return np.stack([self.sigma * image_rng(self.seed, xi).standard_normal((self.runs, h, w))
+                         for xi in images]).astype(np.float32)
+
+    def evaluate_batch(self, predict_logits, images, maps, labels) -> dict:
+        maps = np.asarray(maps, np.float64)
+        value = np.full(len(images), np.nan)
+        ok = _finite_maps(maps)
+        if not ok.any():
+            return {"value": value}
+        x = images[ok]
+        pert = self.perturbations(x)
+        clean, scores = target_scores(predict_logits, x, x[:, None] - pert[:, :, None])
+        drop = clean[:, None] - scores  # [n, R]
+        dot = (pert * maps[ok][:, None]).sum(axis=(2, 3))  # a . I
+        denom = (dot * dot).mean(axis=1)
+        beta = np.divide((dot * drop).mean(axis=1), denom, out=np.zeros_like(denom),
+                         where=denom > 0)
+        value[ok] = ((beta[:, None] * dot - drop) ** 2).mean(axis=1)
+        return {"value": value}
