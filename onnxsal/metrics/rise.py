@@ -6,8 +6,8 @@ iteration, giving ceil(H*W/step) + 1 points from 0 to all pixels. Deletion repla
 a baseline (black, white, the image's per-channel mean, or its blurred copy); insertion starts
 from the blurred image and puts the original pixels back. The blur is Gaussian, sigma 5 with
 an 11-pixel kernel at 224 px, scaled with the image size but never below sigma 1 (at 28 px the
-scaled kernel would be the identity) (``skimage.filters.gaussian``, ``mode='nearest'``). AUC: trapezoid over x in [0, 1]; lower is better for deletion, higher
-for insertion.
+scaled kernel would be the identity) (``skimage.filters.gaussian``, ``mode='nearest'``).
+AUC: trapezoid over x in [0, 1]; lower is better for deletion, higher for insertion.
 """
 
 from __future__ import annotations
@@ -40,6 +40,19 @@ def blur(images: np.ndarray, sigma: float | None = None) -> np.ndarray:
         out[i] = gaussian(images[i], sigma=(0.0,) + sig, truncate=1.0, mode="nearest",
                           preserve_range=True)
     return out
+
+
+def baseline_images(x: np.ndarray, kind: str, sigma: float | None = None) -> np.ndarray:
+    """[N, C, H, W] replacement values: black (0), white (1), the per-channel mean, or blur."""
+    if kind == "black":
+        return np.zeros_like(x)
+    if kind == "white":
+        return np.ones_like(x)
+    if kind == "mean":
+        return np.broadcast_to(x.mean(axis=(2, 3), keepdims=True), x.shape).copy()
+    if kind == "blur":
+        return blur(x, sigma)
+    raise OptionError(f"baseline must be one of {', '.join(BASELINES)}, got '{kind}'")
 
 
 def pixel_order(maps: np.ndarray) -> np.ndarray:
@@ -128,15 +141,7 @@ class _RiseMetric(Metric):
         """(image at count 0, image that fills the taken pixels)."""
         if self.insertion:
             return blur(x, self.sigma), x
-        if self.baseline == "black":
-            base = np.zeros_like(x)
-        elif self.baseline == "white":
-            base = np.ones_like(x)
-        elif self.baseline == "mean":
-            base = np.broadcast_to(x.mean(axis=(2, 3), keepdims=True), x.shape).copy()
-        else:
-            base = blur(x, self.sigma)
-        return x, base
+        return x, baseline_images(x, self.baseline, self.sigma)
 
     def evaluate_batch(self, predict_logits: PredictLogits, images, maps, labels=None) -> dict:
         """Scores [N, T] (NaN rows for images whose map or logits are not finite)."""
