@@ -106,7 +106,7 @@ def test_deterministic_with_a_seed(digits, explained):
 @pytest.mark.parametrize("opts, match", [
     ({"threshold": 1.5}, "threshold=1.5"), ({"tau": 0}, "tau=0"), ({"batch_size": 0}, "batch_size"),
     ({"segmentation": "watershed"}, "segmentation"), ({"delta": "x"}, "numbers"),
-    ({"max_anchor_size": 0}, "max_anchor_size")])
+    ({"max_anchor_size": 0}, "max_anchor_size"), ({"fill": "grey"}, "anchor fill.*superpixel_mean")])
 def test_option_errors_are_one_line(digits, opts, match):
     eng, x = digits
     with pytest.raises(OptionError, match=match) as err:

@@ -73,6 +73,16 @@ def segment_means(image: np.ndarray, seg: np.ndarray) -> np.ndarray:
     return out
 
 
+def _anchor_fill(image: np.ndarray, seg: np.ndarray, fill) -> np.ndarray:
+    """What replaces an absent superpixel: its mean colour, or LIME's baseline values."""
+    if isinstance(fill, str) and fill == "superpixel_mean":
+        return segment_means(image, seg)
+    try:
+        return _fill(image, fill)
+    except OptionError as exc:
+        raise OptionError(f"anchor fill: {exc} (or 'superpixel_mean')") from None
+
+
 class _Sampler:
     """The perturbation distribution of one image and the tally of every anchor sampled."""
 
@@ -257,8 +267,7 @@ class Anchors(Method):
         results = []
         for i in range(n):
             seg = superpixels(x[i], o["segmentation"], o["n_segments"], None, o["seed"])
-            fill = (segment_means(x[i], seg) if isinstance(o["fill"], str)
-                    and o["fill"] == "superpixel_mean" else _fill(x[i], o["fill"]))
+            fill = _anchor_fill(x[i], seg, o["fill"])
             rng = np.random.default_rng(o["seed"])
             sampler = _Sampler(engine, x[i], seg, fill, targets[i], rng, o["examples"])
             cover = rng.random((o["coverage_samples"], sampler.k)) < 0.5
