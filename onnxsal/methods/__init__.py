@@ -17,7 +17,13 @@ from typing import Any, Iterable
 
 from .. import plugins
 from ..errors import OptionError
-from . import cam, gradient, perturbation  # noqa: F401  (registration, in display order)
+
+# registration, in display order: gradient (the five signed maps) first; the split keeps
+# import sorting from reordering them
+from . import gradient  # noqa: F401
+
+# isort: split
+from . import cam, perturbation  # noqa: F401
 from .base import NEEDS, Maps, Method, as_batch, resolve_targets
 from .normalize import maxabs, minmax
 from .registry import ALIASES, METHODS, get, key, names
