@@ -19,7 +19,8 @@ from onnxsal.methods import NEEDS, Maps
 from conftest import export_torch
 
 FAST = {"integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 3},
-        "rise": {"masks": 50}, "lime": {"samples": 30}}
+        "rise": {"masks": 50}, "lime": {"samples": 30},
+        "anchor": {"batch_size": 20, "coverage_samples": 200, "max_anchor_size": 2}}
 
 
 @pytest.fixture(scope="module")

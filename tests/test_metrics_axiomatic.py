@@ -7,13 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import numpy_helper
-from test_hostile import save, tiny
 
 from onnxsal import methods
 from onnxsal.engine import Engine
 from onnxsal.errors import OptionError
 from onnxsal.metrics import base as metrics
 from onnxsal.metrics.axiomatic import Completeness, InputInvariance
+
+from test_hostile import save, tiny
 
 RNG = np.random.default_rng(0)
 W = RNG.normal(size=(3, 2, 4, 4))  # 3 classes, [C=2, H=4, W=4] inputs
