@@ -1,5 +1,5 @@
 """ROAD (noisy linear imputation, MoRF and LeRF) and IROF (superpixels removed in order of
-mean relevance) faithfulness metrics (docs/faithfulness.md#road, #irof).
+mean relevance) faithfulness metrics (docs/faithfulness.md#road-road-morf-road-lerf and docs/faithfulness.md#irof-irof).
 
 As in :mod:`onnxsal.metrics.faithfulness`, all the perturbed variants of a batch of images
 go to ``predict_logits`` in one call, the target is the clean prediction and random draws are
