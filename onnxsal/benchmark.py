@@ -32,8 +32,15 @@ from .errors import OnnxsalError, OptionError
 from .metrics import base as metrics
 from .metrics.deletion import FRACTIONS, MODES, BlackWhiteDeletion
 from .overlays import draw_figures
-from .report import (atomic_write_json, atomic_write_text, check_output_dir, deletion_csv_rows,
-                     deletion_markdown, plot_deletion_curves, write_csv)
+from .report import (
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    deletion_csv_rows,
+    deletion_markdown,
+    plot_deletion_curves,
+    write_csv,
+)
 from .runs import EngineSpec, executor_session, load_arrays, model_payload, run_key, save_arrays
 
 MapsFn = Callable[[Any, str, np.ndarray], np.ndarray]

@@ -17,8 +17,14 @@ from typing import Any, Iterable, Sequence
 
 from .display import printable
 from .errors import OutputError, first_line
-from .files import (atomic_savez, atomic_write, atomic_write_bytes,  # noqa: F401 (re-exported)
-                    atomic_write_json, atomic_write_text, to_json)  # noqa: F401
+from .files import (  # noqa: F401 (re-exported)
+    atomic_savez,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,  # noqa: F401
+    atomic_write_text,
+    to_json,
+)
 
 # --------------------------------------------------------------------------------------------
 # atomic writes (onnxsal/files.py) and the output-folder check

@@ -25,7 +25,6 @@ from typing import Iterable, Sequence
 import onnx
 from onnx import AttributeProto, helper
 
-
 GRAPH_ATTRS = (AttributeProto.GRAPH, AttributeProto.GRAPHS)
 
 

@@ -48,7 +48,8 @@ class Builder:
         initializers and constants; a shape cache seeded with this one's, whose tensors the
         subgraph sees, but not the other way round."""
         b = Builder(self.opset, self.taken, self.prefix)
-        b.k_name, b.initializers, b.dtypes, b._const_cache = self.k_name, self.initializers, self.dtypes, self._const_cache
+        b.k_name, b.initializers = self.k_name, self.initializers
+        b.dtypes, b._const_cache = self.dtypes, self._const_cache
         b._shape_cache = dict(self._shape_cache)
         return b
 
@@ -154,7 +155,7 @@ class Builder:
         parts = sorted((self.placed[t] for t in terms), key=lambda p: p[2])
         axis, size = parts[0][1], parts[0][4]
         edge = 0
-        for src, ax, start, stop, sz in parts:
+        for _src, ax, start, stop, sz in parts:
             if ax != axis or sz != size or start != edge:
                 return None
             edge = stop

@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .. import contrib
 from ..errors import ModelError, OptionError, UnsupportedOperatorError, first_line
 from ..model import NO_GRADIENT_OPS, PROBE_BUDGET, check_tensor_sizes, dim_of, find_image_input, find_logits
-from .. import contrib
 from . import control_flow, expand
 from .control_flow import effective_inputs
 from .rules.registry import Rule

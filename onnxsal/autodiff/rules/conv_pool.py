@@ -158,7 +158,8 @@ def _input_grad(ctx, dyf: str, weight, x: str, y: str, kernel, strides, dilation
         flat = b.op("Reshape", [dyf, b.ints([0, cout, -1])])
         out = b.op("MatMul", [b.const(np.ascontiguousarray(weight.reshape(cout, cin).T), hint="wpoint"), flat])
         return b.op("Reshape", [out, b.concat([b.ints([0, cin]), b.shape(x, 2)])])
-    if all(s == 1 for s in strides) and const_w and all(0 <= pb[i] <= reach[i] and 0 <= pe[i] <= reach[i] for i in range(d)):
+    within = all(0 <= pb[i] <= reach[i] and 0 <= pe[i] <= reach[i] for i in range(d))
+    if all(s == 1 for s in strides) and const_w and within:
         cout, cin_g = weight.shape[:2]
         wg = weight.reshape(group, cout // group, cin_g, *weight.shape[2:])
         wg = np.swapaxes(wg, 1, 2).reshape(group * cin_g, cout // group, *weight.shape[2:])

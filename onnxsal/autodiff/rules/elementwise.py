@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import math
 
-
-
 from .registry import rule
 
 # op type -> slope(ctx, node): the name of dy/dx (the diagonal of an element-wise unary op's

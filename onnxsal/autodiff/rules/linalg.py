@@ -8,7 +8,6 @@ Ops: Einsum, Gemm, MatMul.
 
 from __future__ import annotations
 
-
 from ...errors import ModelError
 from .registry import rule
 

@@ -59,7 +59,8 @@ def resize(ctx, node, dys):
     bad = [a for a in ("axes",) if ctx.attr(node, a) is not None]
     ctm = ctx.attr(node, "coordinate_transformation_mode", "half_pixel")
     ctm = ctm.decode() if isinstance(ctm, bytes) else ctm
-    if bad or ctm == "tf_crop_and_resize" or ctx.attr(node, "keep_aspect_ratio_policy", "stretch") not in ("stretch", b"stretch"):
+    policy = ctx.attr(node, "keep_aspect_ratio_policy", "stretch")
+    if bad or ctm == "tf_crop_and_resize" or policy not in ("stretch", b"stretch"):
         raise ModelError(f"{node.op_type} node '{node.name}' uses axes/crop/aspect-ratio options; not supported")
     scales = ctx.const(node.input[2]) if ctx.input(node, 2) else None
     if scales is not None and scales.size == 0:

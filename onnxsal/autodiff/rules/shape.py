@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 
-
 from ...errors import ModelError
 from .common import filled, index_tensor
 from .registry import rule
