@@ -3,10 +3,14 @@ every built-in rule, so the default table is complete from the start (see :mod:`
 
 Families: :mod:`.elementwise`, :mod:`.linalg`, :mod:`.conv_pool`, :mod:`.norm`,
 :mod:`.shape`, :mod:`.resize`, :mod:`.quant`, :mod:`.branches` (If); :mod:`.modified` holds
-the ``guided`` and ``lrp`` overrides; shared helpers are in :mod:`.common`.
+the ``guided`` and ``lrp`` overrides; shared helpers are in :mod:`.common`. A new family is
+one new module here, found by name.
 """
 
-from . import branches, conv_pool, elementwise, linalg, modified, norm, quant, resize, shape  # noqa: F401  (registration)
+from ... import plugins
 from .registry import DEFAULT, Rule, packaged, rule, ruleset_names, supported_ops, table
+
+# registration: every module of this package, in name order (a new family is one new module)
+plugins.discover(__name__, __path__)
 
 __all__ = ["DEFAULT", "Rule", "packaged", "rule", "ruleset_names", "supported_ops", "table"]
