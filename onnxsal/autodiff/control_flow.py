@@ -25,18 +25,9 @@ from typing import Iterable, Sequence
 import onnx
 from onnx import AttributeProto, helper
 
+from ..onnx_util import all_names, subgraphs  # noqa: F401  (re-exported: control_flow.walk's users)
+
 GRAPH_ATTRS = (AttributeProto.GRAPH, AttributeProto.GRAPHS)
-
-
-def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    """The node's graph-valued attributes (If's branches, Loop's and Scan's bodies)."""
-    out = []
-    for a in node.attribute:
-        if a.type == AttributeProto.GRAPH:
-            out.append(a.g)
-        elif a.type == AttributeProto.GRAPHS:
-            out.extend(a.graphs)
-    return out
 
 
 def defined(graph: onnx.GraphProto) -> set[str]:
@@ -67,17 +58,6 @@ def walk(nodes: Iterable[onnx.NodeProto]):
         yield n
         for g in subgraphs(n):
             yield from walk(g.node)
-
-
-def all_names(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor and node name in the graph and its subgraphs (for fresh names)."""
-    names = defined(graph) | {o.name for o in graph.output}
-    for n in graph.node:
-        names.update(i for i in n.input if i)
-        names.add(n.name)
-        for g in subgraphs(n):
-            names |= all_names(g)
-    return names
 
 
 def live(nodes: Sequence[onnx.NodeProto], wanted: set[str]) -> list[onnx.NodeProto]:

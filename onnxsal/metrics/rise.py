@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import OptionError
+from ..numeric import softmax
 from .base import Metric, PredictLogits
 
 BASELINES = ("black", "white", "mean", "blur")
@@ -63,13 +64,6 @@ def pixel_order(maps: np.ndarray) -> np.ndarray:
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(flat.shape[1])[None].repeat(n, 0), axis=1)
     return rank
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 @dataclass
@@ -158,7 +152,7 @@ class _RiseMetric(Metric):
         if n * T * per_variant <= self.max_batch_bytes:  # the batch's curves in one model call
             taken = rank[:, None] < counts[None, :, None, None]  # [n, T, H, W]
             var = np.where(taken[:, :, None], fill[:, None], start[:, None])
-            prob = _softmax(np.asarray(predict_logits(var.reshape(n * T, c, h, w))))
+            prob = softmax(np.asarray(predict_logits(var.reshape(n * T, c, h, w))), np.float64)
             scores[:] = prob.reshape(n, T, -1)[np.arange(n), :, targets]
         else:  # one curve in several calls
             chunk = max(1, int(self.max_batch_bytes // per_variant))
@@ -167,7 +161,7 @@ class _RiseMetric(Metric):
                     cnt = counts[s:s + chunk]
                     taken = rank[i][None] < cnt[:, None, None]  # [t, H, W]
                     var = np.where(taken[:, None], fill[i][None], start[i][None])
-                    prob = _softmax(np.asarray(predict_logits(var)))
+                    prob = softmax(np.asarray(predict_logits(var)), np.float64)
                     scores[i, s:s + len(cnt)] = prob[:, targets[i]]
         bad = ~np.isfinite(maps.reshape(n, -1)).all(axis=1)
         scores[bad] = np.nan

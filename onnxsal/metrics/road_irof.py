@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 
 from ..errors import OptionError
+from ..numeric import softmax
 from .base import Metric
 from .faithfulness import (
     BASELINES,
@@ -24,7 +25,7 @@ from .faithfulness import (
     image_rng,
     target_scores,
 )
-from .rise import _softmax, pixel_order
+from .rise import pixel_order
 
 #: (di, dj, weight) of the 8 neighbours in ROAD's noisy linear imputation (Rong et al. 2022)
 NEIGHBOURS = ((0, 1, 1 / 6), (0, -1, 1 / 6), (1, 0, 1 / 6), (-1, 0, 1 / 6),
@@ -189,7 +190,7 @@ class IROF(Metric):
             variants.append(np.where(gone[:, None], base[i][None], xi[None]))
             sizes.append(s)
         batch = np.concatenate([x] + variants)
-        prob = _softmax(np.asarray(predict_logits(batch)))
+        prob = softmax(np.asarray(predict_logits(batch)), np.float64)
         target = prob[:len(x)].argmax(axis=1)
         off = len(x)
         for i, s in enumerate(sizes):

@@ -42,6 +42,7 @@ from onnx import helper, numpy_helper
 
 from ..autodiff.control_flow import effective_inputs
 from ..errors import ModelError
+from ..onnx_util import attribute
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization",
              "LayerNormalization", "InstanceNormalization", "GroupNormalization")
@@ -191,25 +192,18 @@ def _constant_node_value(node) -> np.ndarray | None:
     return None
 
 
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _apply(node, arr: np.ndarray, g: _Graph) -> np.ndarray | None:
     """Evaluate one weight-chain node on a constant (numpy), None when it cannot be done."""
     op = node.op_type
     if op == "Identity":
         return arr
     if op == "Cast":
-        return arr.astype(helper.tensor_dtype_to_np_dtype(_attr(node, "to")))
+        return arr.astype(helper.tensor_dtype_to_np_dtype(attribute(node, "to")))
     if op == "Transpose":
-        perm = _attr(node, "perm")
+        perm = attribute(node, "perm")
         return np.transpose(arr, perm if perm is not None else None)
     if op == "Flatten":
-        axis = _attr(node, "axis", 1)
+        axis = attribute(node, "axis", default=1)
         axis = axis + arr.ndim if axis < 0 else axis
         return arr.reshape(int(np.prod(arr.shape[:axis], dtype=np.int64)), -1)
     if op == "Reshape":
@@ -219,7 +213,7 @@ def _apply(node, arr: np.ndarray, g: _Graph) -> np.ndarray | None:
         if shape is None:
             return None
         dims = [int(s) for s in shape.tolist()]
-        if not _attr(node, "allowzero", 0):
+        if not attribute(node, "allowzero", default=0):
             dims = [arr.shape[i] if s == 0 else s for i, s in enumerate(dims)]
         return arr.reshape(dims)
     if op in ("Squeeze", "Unsqueeze"):
@@ -229,7 +223,7 @@ def _apply(node, arr: np.ndarray, g: _Graph) -> np.ndarray | None:
 
 def _squeeze(node, arr: np.ndarray, g: _Graph) -> np.ndarray | None:
     """Squeeze or Unsqueeze on a constant (axes from the attribute or the second input)."""
-    axes = _attr(node, "axes")
+    axes = attribute(node, "axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         v = g.constant_value(node.input[1])
         if v is None:
@@ -295,7 +289,7 @@ def _relu_follows(g: _Graph, node_index: int, depth: int = 5) -> bool:
                 if n.op_type in ("Relu", "LeakyRelu", "PRelu"):
                     return True
                 if n.op_type == "Clip":
-                    lo = _attr(n, "min")
+                    lo = attribute(n, "min")
                     if lo is None and len(n.input) > 1 and n.input[1]:
                         v = g.constant_value(n.input[1])
                         lo = None if v is None else float(np.ravel(v)[0])
@@ -347,7 +341,7 @@ def _conv_parts(g: _Graph, i: int) -> _Parts | None:
     if w is None or len(w.shape) < 3:
         return None
     receptive = int(np.prod(w.shape[2:], dtype=np.int64))
-    group = int(_attr(n, "group", 1) or 1)
+    group = int(attribute(n, "group", default=1) or 1)
     if n.op_type == "Conv":
         fan_in, fan_out = w.shape[1] * receptive, w.shape[0] * receptive
         features = w.shape[0]
@@ -375,7 +369,7 @@ def _matmul_parts(g: _Graph, i: int) -> _Parts | None:
         return None
     shape = w.shape
     if n.op_type == "Gemm":
-        trans = _attr(n, "transB" if w.input_index == 1 else "transA", 0)
+        trans = attribute(n, "transB" if w.input_index == 1 else "transA", default=0)
         eff = shape[::-1] if trans else shape  # B': [K, N]; A': [M, K]
         fan_in, fan_out = (eff[0], eff[1]) if w.input_index == 1 else (eff[1], eff[0])
         b = _bias(g, i, fan_out)

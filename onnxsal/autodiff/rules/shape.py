@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import ModelError
+from ...onnx_util import attribute
 from .common import filled, index_tensor
 from .registry import rule
 
@@ -135,15 +136,6 @@ def slice_(ctx, node, dys):
     return [_scatter_back(ctx, x, picked, dys[0], add=False)] + [None] * (len(node.input) - 1)
 
 
-def _attr(node, name, default=None):
-    from onnx import helper as h
-
-    for a in node.attribute:
-        if a.name == name:
-            return h.get_attribute_value(a)
-    return default
-
-
 def _gather_opset(node) -> int:
     # repeated (or run-time) indices need a scatter-add; the pass cannot see constants here,
     # so ask for opset 16 unless the rule can prove the indices unique (see gather())
@@ -209,7 +201,7 @@ def gather_elements(ctx, node, dys):
 
 
 def _pad_opset(node) -> int:
-    mode = _attr(node, "mode", "constant")
+    mode = attribute(node, "mode", default="constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
     return 16 if mode in ("reflect", "edge") else 0
 
