@@ -582,6 +582,72 @@ def worker(seed: int, indices: list[int], workdir: Path, progress: Path, figures
             log.flush()
 
 
+def _watch(proc: subprocess.Popen, progress: Path) -> float:
+    """Wait for the worker; kill it when one case runs longer than CASE_TIMEOUT. Returns the
+    time the last case started."""
+    last_seen, last_time = None, time.time()
+    while proc.poll() is None:
+        time.sleep(0.2)
+        started = [r["start"] for r in _read(progress) if "start" in r]
+        if started and started[-1] != last_seen:
+            last_seen, last_time = started[-1], time.time()
+        if last_seen is not None and time.time() - last_time > CASE_TIMEOUT:
+            proc.kill()
+            proc.wait()
+            break
+    return last_time
+
+
+def _run_worker(left: list[int], seed: int, work: Path, progress: Path, figures: bool,
+                todo: list[int], done: dict[int, dict]) -> None:
+    """One worker subprocess over the cases ``left``; records each finished case in ``done``
+    and, when the worker died or hung, the case it was on as a process finding."""
+    cmd = [sys.executable, __file__, "--worker", "--seed", str(seed), "--workdir", str(work),
+           "--progress", str(progress), "--only", ",".join(map(str, left))]
+    if not figures:
+        cmd.append("--no-figures")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    last_time = _watch(proc, progress)
+    stderr_tail = (proc.stderr.read() if proc.stderr else "")[-500:]
+    recs = _read(progress)
+    for r in recs:
+        if "case" in r:
+            done[r["case"]] = r
+    started = [r["start"] for r in recs if "start" in r]
+    if proc.returncode != 0 or any(i not in done for i in started):
+        culprit = next((i for i in reversed(started) if i not in done), None)
+        if culprit is None:
+            culprit = next(i for i in todo if i not in done)
+        hung = time.time() - last_time > CASE_TIMEOUT
+        done[culprit] = {"case": culprit, "mutations": [], "outcomes": {},
+                         "findings": {"process": ("hang (> %d s)" % CASE_TIMEOUT) if hung else
+                                      f"worker died (exit {proc.returncode}): "
+                                      f"{' '.join(stderr_tail.split())[-300:]}"}}
+
+
+def _summary(records: list[dict], seed: int, figures: bool, seconds: float) -> dict:
+    outcome: Counter = Counter()
+    for r in records:
+        for cmd, o in r["outcomes"].items():
+            outcome[(cmd, "ok" if o == "ok" else "error")] += 1
+    return {"cases": len(records), "seed": seed, "figures": figures, "seconds": round(seconds, 1),
+            "runs": sum(len(r["outcomes"]) for r in records),
+            "outcomes": {f"{c} {k}": v for (c, k), v in sorted(outcome.items())},
+            "mutations": dict(Counter(m for r in records for m in r["mutations"])),
+            "findings": [r for r in records if r["findings"]]}
+
+
+def _print(records: list[dict], summary: dict) -> None:
+    for r in records:
+        flag = "FINDING" if r["findings"] else ""
+        print(f"case {r['case']:5d} {'+'.join(r['mutations']) or '-':<40} "
+              + "  ".join(f"{c}: {str(o)[:50]}" for c, o in r["outcomes"].items()) + f" {flag}")
+    print(json.dumps({k: v for k, v in summary.items() if k != "findings"}, indent=1))
+    print(f"{len(summary['findings'])} findings")
+    for r in summary["findings"]:
+        print(f"  case {r['case']} ({'+'.join(r['mutations'])}): {r['findings']}")
+
+
 def run(cases: int, seed: int = 0, only: list[int] | None = None, keep: Path | None = None,
         verbose: bool = True, figures: bool = True) -> dict:
     """Run the cases in worker subprocesses; return {"cases", "findings", "outcomes", ...}."""
@@ -592,61 +658,12 @@ def run(cases: int, seed: int = 0, only: list[int] | None = None, keep: Path | N
     progress.write_text("")
     done: dict[int, dict] = {}
     t0 = time.time()
-    while True:
-        left = [i for i in todo if i not in done]
-        if not left:
-            break
-        cmd = [sys.executable, __file__, "--worker", "--seed", str(seed), "--workdir", str(work),
-               "--progress", str(progress), "--only", ",".join(map(str, left))]
-        if not figures:
-            cmd.append("--no-figures")
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        last_seen, last_time = None, time.time()
-        while proc.poll() is None:
-            time.sleep(0.2)
-            recs = _read(progress)
-            started = [r["start"] for r in recs if "start" in r]
-            if started and started[-1] != last_seen:
-                last_seen, last_time = started[-1], time.time()
-            if last_seen is not None and time.time() - last_time > CASE_TIMEOUT:
-                proc.kill()
-                proc.wait()
-                break
-        stderr_tail = (proc.stderr.read() if proc.stderr else "")[-500:]
-        recs = _read(progress)
-        for r in recs:
-            if "case" in r:
-                done[r["case"]] = r
-        started = [r["start"] for r in recs if "start" in r]
-        if proc.returncode != 0 or any(i not in done for i in started):
-            culprit = next((i for i in reversed(started) if i not in done), None)
-            if culprit is None:
-                culprit = next(i for i in todo if i not in done)
-            hung = time.time() - last_time > CASE_TIMEOUT
-            done[culprit] = {"case": culprit, "mutations": [], "outcomes": {},
-                             "findings": {"process": ("hang (> %d s)" % CASE_TIMEOUT) if hung else
-                                          f"worker died (exit {proc.returncode}): "
-                                          f"{' '.join(stderr_tail.split())[-300:]}"}}
+    while left := [i for i in todo if i not in done]:
+        _run_worker(left, seed, work, progress, figures, todo, done)
     records = [done[i] for i in todo]
-    findings = [r for r in records if r["findings"]]
-    outcome = Counter()
-    for r in records:
-        for cmd, o in r["outcomes"].items():
-            outcome[(cmd, "ok" if o == "ok" else "error")] += 1
-    summary = {"cases": len(records), "seed": seed, "figures": figures, "seconds": round(time.time() - t0, 1),
-               "runs": sum(len(r["outcomes"]) for r in records),
-               "outcomes": {f"{c} {k}": v for (c, k), v in sorted(outcome.items())},
-               "mutations": dict(Counter(m for r in records for m in r["mutations"])),
-               "findings": findings}
+    summary = _summary(records, seed, figures, time.time() - t0)
     if verbose:
-        for r in records:
-            flag = "FINDING" if r["findings"] else ""
-            print(f"case {r['case']:5d} {'+'.join(r['mutations']) or '-':<40} "
-                  + "  ".join(f"{c}: {str(o)[:50]}" for c, o in r["outcomes"].items()) + f" {flag}")
-        print(json.dumps({k: v for k, v in summary.items() if k != "findings"}, indent=1))
-        print(f"{len(findings)} findings")
-        for r in findings:
-            print(f"  case {r['case']} ({'+'.join(r['mutations'])}): {r['findings']}")
+        _print(records, summary)
     if not keep:
         import shutil
 

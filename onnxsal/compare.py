@@ -81,7 +81,6 @@ def compare_models(model_a, model_b, data, methods: Sequence[str] | str = DEFAUL
     :func:`onnxsal.data.load_dataset` reads, or an array [N, C, H, W] in [0, 1]).
     Writes ``compare.json`` and ``compare.md`` to ``out`` when given; returns the report."""
     from . import methods as M
-    from .data import load_dataset
 
     t0 = time.perf_counter()
     if out is not None:
@@ -96,57 +95,11 @@ def compare_models(model_a, model_b, data, methods: Sequence[str] | str = DEFAUL
         raise OptionError(f"the models have different class counts: A {ea.num_classes}, "
                           f"B {eb.num_classes}")
     names = M.resolve(methods) if methods else []
-    if isinstance(data, np.ndarray):
-        x = np.asarray(data, np.float32)
-        if limit is not None:
-            x = x[:limit]
-        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(ea.input_shape):
-            raise OptionError(f"images of shape {list(x.shape)}; the models take "
-                              f"[N, {', '.join(map(str, ea.input_shape))}]")
-        labels, source, notes = None, "array", []
-    else:
-        ds = load_dataset(data, shape=ea.input_shape, limit=limit)
-        x, labels, source, notes = ds.images, ds.labels, ds.source, list(ds.notes)
-    if len(x) == 0:
-        raise OptionError("no images to compare on")
+    x, labels, source, notes = _images(data, ea.input_shape, limit)
     la, lb = ea.logits(x), eb.logits(x)
-    pa, pb = softmax(la, np.float64), softmax(lb, np.float64)
     ya, yb = la.argmax(1), lb.argmax(1)
-    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf logits get their own verdict
-        dl = np.abs(la.astype(np.float64) - lb.astype(np.float64))
-        span = float(la.max() - la.min()) if la.size else 0.0
-        pred = {
-            "images": int(len(x)),
-            "top1_agreement": float((ya == yb).mean()),
-            "disagreements": [int(i) for i in np.flatnonzero(ya != yb)[:50]],
-            "max_abs_logit_diff": float(dl.max()),
-            "mean_abs_logit_diff": float(dl.mean()),
-            "max_rel_logit_diff": float(dl.max() / span) if span > 0 else float(dl.max()),
-            "max_abs_prob_diff": float(np.abs(pa - pb).max()),
-            "nonfinite_a": int((~np.isfinite(la).all(axis=1)).sum()),
-            "nonfinite_b": int((~np.isfinite(lb).all(axis=1)).sum()),
-        }
-    if labels is not None:
-        pred["accuracy_a"] = float((ya == labels).mean())
-        pred["accuracy_b"] = float((yb == labels).mean())
-    per_method: dict[str, Any] = {}
-    errors: dict[str, str] = {}
-    opts = dict(options or {})
-    for name in names:
-        m = M.get(name)
-        o = dict(opts.get(name, {}))
-        if "seed" in m.defaults:
-            o.setdefault("seed", seed)
-        try:
-            ma = M.compute(ea, x, [name], targets=ya, **({name: o} if o else {}))[name]
-            mb = M.compute(eb, x, [name], targets=ya, **({name: o} if o else {}))[name]
-        except OptionError:
-            raise
-        except OnnxsalError as exc:  # e.g. an operator without a rule: report, keep the rest
-            errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            continue
-        per_method[name] = map_agreement(np.asarray(ma.maps), np.asarray(mb.maps))
-        per_method[name]["signed"] = bool(ma.signed)
+    pred, span = _prediction_agreement(la, lb, labels)
+    per_method, errors = _map_agreements(ea, eb, x, ya, names, dict(options or {}), seed)
     tol = atol + rtol * span
     same_pred = pred["top1_agreement"] == 1.0 and pred["max_abs_logit_diff"] <= tol
     same_maps = all(np.isfinite(v["spearman_min"]) and v["spearman_min"] >= min_spearman
@@ -182,6 +135,76 @@ def compare_models(model_a, model_b, data, methods: Sequence[str] | str = DEFAUL
         atomic_write_json(Path(out) / "compare.json", report)
         atomic_write_text(Path(out) / "compare.md", markdown(report))
     return report
+
+
+def _images(data, shape, limit: int | None) -> tuple[np.ndarray, np.ndarray | None, str, list]:
+    """(images, labels, source, notes) of ``data`` for models taking ``shape`` [C, H, W]."""
+    from .data import load_dataset
+
+    if isinstance(data, np.ndarray):
+        x = np.asarray(data, np.float32)
+        if limit is not None:
+            x = x[:limit]
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape):
+            raise OptionError(f"images of shape {list(x.shape)}; the models take "
+                              f"[N, {', '.join(map(str, shape))}]")
+        labels, source, notes = None, "array", []
+    else:
+        ds = load_dataset(data, shape=shape, limit=limit)
+        x, labels, source, notes = ds.images, ds.labels, ds.source, list(ds.notes)
+    if len(x) == 0:
+        raise OptionError("no images to compare on")
+    return x, labels, source, notes
+
+
+def _prediction_agreement(la: np.ndarray, lb: np.ndarray, labels: np.ndarray | None) -> tuple[dict, float]:
+    """How the two models' logits agree, and the span of model A's logits."""
+    pa, pb = softmax(la, np.float64), softmax(lb, np.float64)
+    ya, yb = la.argmax(1), lb.argmax(1)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf logits get their own verdict
+        dl = np.abs(la.astype(np.float64) - lb.astype(np.float64))
+        span = float(la.max() - la.min()) if la.size else 0.0
+        pred = {
+            "images": int(len(la)),
+            "top1_agreement": float((ya == yb).mean()),
+            "disagreements": [int(i) for i in np.flatnonzero(ya != yb)[:50]],
+            "max_abs_logit_diff": float(dl.max()),
+            "mean_abs_logit_diff": float(dl.mean()),
+            "max_rel_logit_diff": float(dl.max() / span) if span > 0 else float(dl.max()),
+            "max_abs_prob_diff": float(np.abs(pa - pb).max()),
+            "nonfinite_a": int((~np.isfinite(la).all(axis=1)).sum()),
+            "nonfinite_b": int((~np.isfinite(lb).all(axis=1)).sum()),
+        }
+    if labels is not None:
+        pred["accuracy_a"] = float((ya == labels).mean())
+        pred["accuracy_b"] = float((yb == labels).mean())
+    return pred, span
+
+
+def _map_agreements(ea, eb, x: np.ndarray, ya: np.ndarray, names: Sequence[str], opts: dict,
+                    seed: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """Per method: how the two models' maps of model A's predicted classes agree; methods
+    that fail are reported in the second dict."""
+    from . import methods as M
+
+    per_method: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name in names:
+        m = M.get(name)
+        o = dict(opts.get(name, {}))
+        if "seed" in m.defaults:
+            o.setdefault("seed", seed)
+        try:
+            ma = M.compute(ea, x, [name], targets=ya, **({name: o} if o else {}))[name]
+            mb = M.compute(eb, x, [name], targets=ya, **({name: o} if o else {}))[name]
+        except OptionError:
+            raise
+        except OnnxsalError as exc:  # e.g. an operator without a rule: report, keep the rest
+            errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            continue
+        per_method[name] = map_agreement(np.asarray(ma.maps), np.asarray(mb.maps))
+        per_method[name]["signed"] = bool(ma.signed)
+    return per_method, errors
 
 
 def _describe(model, eng) -> dict:

@@ -17,7 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxsal.autodiff import augment
 from onnxsal.autodiff.control_flow import effective_inputs
-from onnxsal.errors import ModelError, UnsupportedOperatorError
+from onnxsal.errors import UnsupportedOperatorError
+
 from conftest import run_augmented
 
 D = TensorProto.DOUBLE

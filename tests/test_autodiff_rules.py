@@ -192,7 +192,6 @@ def _augment_and_run(case: Case, feeds64: dict, seed64: np.ndarray):
 def check(case: Case, k: int = 2, seed: int = 0) -> None:
     """Gradients of the augmented model == finite differences of the reference forward."""
     rng = np.random.default_rng(seed)
-    nodes = case.nodes(F64) if callable(case.nodes) else case.nodes
     feeds = {}
     for name, shape in case.inputs.items():
         if name in case.values:
@@ -797,7 +796,8 @@ def test_reduce_log_sum(keepdims):
 
 def test_group_norm():
     # stash_type=11: statistics in float64 (the default, float32, makes the oracle noisy)
-    check(Case([node("GroupNormalization", ["x", "s", "b"], num_groups=2, epsilon=1e-2, stash_type=11)], {"x": (2, 4, 3, 3)},
+    check(Case([node("GroupNormalization", ["x", "s", "b"], num_groups=2, epsilon=1e-2, stash_type=11)],
+               {"x": (2, 4, 3, 3)},
                consts={"s": np.linspace(0.5, 2, 4), "b": np.linspace(-1, 1, 4)}, opset=21))
 
 
@@ -871,7 +871,8 @@ def test_slice(data):
         step = d(st.sampled_from([1, 2, -1, -2]))
         steps.append(step)
         starts.append(d(st.integers(-n - 2, n + 2)))
-        ends.append(d(st.sampled_from([d(st.integers(-n - 2, n + 2)), np.iinfo(np.int64).max, -np.iinfo(np.int64).max])))
+        big = np.iinfo(np.int64).max
+        ends.append(d(st.sampled_from([d(st.integers(-n - 2, n + 2)), big, -big])))
     c = {"s": ints(*starts), "e": ints(*ends), "a": ints(*axes), "t": ints(*steps)}
     m = Case([node("Slice", ["x", "s", "e", "a", "t"])], {"x": shape}, consts=c)
     y = ReferenceEvaluator(m.model(F64)).run(None, {"x": np.zeros(shape)})[0]
@@ -988,7 +989,8 @@ def test_tile_with_run_time_repeats():
     batch, as timm's GC ViT exports them): the same gradient as constant repeats."""
     rng = np.random.default_rng(6)
     fc = numpy_helper.from_array(rng.standard_normal((10, 96)).astype(np.float32), "fc")
-    tail = [node("Tile", ["x", "reps"], ["t"]), node("Flatten", ["t"], ["f"]), node("Gemm", ["f", "fc"], ["y"], transB=1)]
+    tail = [node("Tile", ["x", "reps"], ["t"]), node("Flatten", ["t"], ["f"]),
+            node("Gemm", ["f", "fc"], ["y"], transB=1)]
     head = [node("Shape", ["x"], ["s"]), node("Div", ["s", "s"], ["one"]), node("Mul", ["one", "m"], ["reps"])]
     x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
     seed = rng.standard_normal((3, 2, 10)).astype(np.float32)
@@ -1138,7 +1140,8 @@ def test_unsupported_operator_names_every_node_and_writes_nothing():
 
 def test_recursive_local_function_is_a_model_error():
     body = [helper.make_node("F", ["a"], ["b"], domain="evil")]
-    fn = helper.make_function("evil", "F", ["a"], ["b"], body, [helper.make_opsetid("", 17), helper.make_opsetid("evil", 1)])
+    fn = helper.make_function("evil", "F", ["a"], ["b"], body,
+                              [helper.make_opsetid("", 17), helper.make_opsetid("evil", 1)])
     m = _image_model([helper.make_node("F", ["x"], ["y0"], domain="evil"), node("Flatten", ["y0"], ["y"])], 17,
                      out_shape=("N", 48))
     m.opset_import.append(helper.make_opsetid("evil", 1))

@@ -7,6 +7,7 @@ import onnx
 import pytest
 
 from onnxsal.autodiff import augment
+
 from conftest import export_torch, identity_seed, run_augmented, torch_jacobian
 
 torch = pytest.importorskip("torch")
@@ -45,7 +46,7 @@ def test_small_cnn_matches_torch(dynamo):
 
 
 def test_unsupported_operator_names_every_node():
-    from onnx import helper, TensorProto
+    from onnx import TensorProto, helper
 
     from onnxsal.errors import UnsupportedOperatorError
 

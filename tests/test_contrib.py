@@ -10,6 +10,7 @@ import onnx
 import pytest
 
 from onnxsal.engine import Engine
+
 from conftest import export_torch, torch_jacobian
 
 torch = pytest.importorskip("torch")
@@ -75,9 +76,11 @@ def test_lowered_operators_match_onnxruntime_kernels():
     f = numpy_helper.from_array
     x = rng.standard_normal((2, 4, 6), dtype=np.float32)
     img = rng.standard_normal((2, 3, 5, 5), dtype=np.float32)
-    inits = [f(rng.standard_normal(6).astype(np.float32), "b"), f(rng.standard_normal((2, 4, 6)).astype(np.float32), "skip"),
+    inits = [f(rng.standard_normal(6).astype(np.float32), "b"),
+             f(rng.standard_normal((2, 4, 6)).astype(np.float32), "skip"),
              f(rng.random(6).astype(np.float32) + 0.5, "gamma"), f(rng.standard_normal(6).astype(np.float32), "beta"),
-             f(rng.standard_normal((6, 4)).astype(np.float32), "w"), f(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "k"),
+             f(rng.standard_normal((6, 4)).astype(np.float32), "w"),
+             f(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "k"),
              f(rng.standard_normal(4).astype(np.float32), "kb")]
     ms = "com.microsoft"
     cases = [helper.make_node("BiasGelu", ["x", "b"], ["y"], domain=ms),
@@ -87,8 +90,8 @@ def test_lowered_operators_match_onnxruntime_kernels():
              helper.make_node("FusedMatMul", ["x", "w"], ["y"], domain=ms, alpha=0.5, transB=1),
              helper.make_node("SkipLayerNormalization", ["x", "skip", "gamma", "beta", "b"], ["y"], domain=ms,
                               epsilon=1e-5)]
-    convs = [helper.make_node("FusedConv", ["img", "k", "kb"], ["y"], domain=ms, activation=act, **({"activation_params": p} if p else {}),
-                              pads=[1, 1, 1, 1])
+    convs = [helper.make_node("FusedConv", ["img", "k", "kb"], ["y"], domain=ms, activation=act,
+                              **({"activation_params": p} if p else {}), pads=[1, 1, 1, 1])
              for act, p in (("Relu", []), ("LeakyRelu", [0.2]), ("Clip", [-0.5, 0.7]), ("HardSigmoid", [0.3, 0.4]),
                             ("Sigmoid", []), ("Tanh", []))]
     for node in cases + convs:

@@ -1,5 +1,6 @@
-"""Black/white deletion (docs/definitions.md#deletion) and RISE deletion/insertion (docs/definitions.md#rise-metrics), checked
-against small examples worked out by hand and against plain-loop re-implementations."""
+"""Black/white deletion (docs/definitions.md#deletion) and RISE deletion/insertion
+(docs/definitions.md#rise-metrics), checked against small examples worked out by hand and against
+plain-loop re-implementations."""
 
 from __future__ import annotations
 
@@ -9,10 +10,8 @@ import numpy as np
 import pytest
 
 from onnxsal.errors import InputError, OptionError
-from onnxsal.metrics.deletion import (FRACTIONS, BlackWhiteDeletion, auc, delete,
-                                      deletion_counts, deletion_masks)
+from onnxsal.metrics.deletion import FRACTIONS, BlackWhiteDeletion, auc, delete, deletion_counts, deletion_masks
 from onnxsal.metrics.rise import RiseDeletion, RiseInsertion, blur, pixel_order
-
 
 # ---------------------------------------------------------------------------------------------
 # the deletion rule

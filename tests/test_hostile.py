@@ -146,86 +146,152 @@ def _external(m: onnx.ModelProto, location: str, name_index: int = 0) -> onnx.Mo
     return m
 
 
+def _h_external_absolute(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    return save(_external(m, str((d.parent / "secret.bin").resolve())), p)
+
+
+def _h_external_dotdot(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    return save(_external(m, "../secret.bin"), p)
+
+
+def _h_external_symlink(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    link = d / "weights.bin"
+    if not link.exists():
+        os.symlink(d.parent / "secret.bin", link)
+    return save(_external(m, "weights.bin"), p)
+
+
+def _h_external_huge_claim(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    (d / "w.bin").write_bytes(np.zeros(108, np.float32).tobytes())
+    m = _external(m, "w.bin")
+    del m.graph.initializer[0].dims[:]
+    m.graph.initializer[0].dims.extend([1 << 20, 1 << 20])
+    return save(m, p)
+
+
+def _h_external_short_file(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    (d / "short.bin").write_bytes(b"\0" * 16)
+    return save(_external(m, "short.bin"), p)
+
+
+def _h_custom_domain(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    n = m.graph.node[1]
+    n.domain, n.op_type = "com.evil", "Pwn"
+    m.opset_import.append(helper.make_opsetid("com.evil", 1))
+    return save(m, p)
+
+
+def _h_unparsable(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    p.write_bytes(b"not a protobuf \xff\xfe\x00" * 20)
+    return p
+
+
+def _h_truncated(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    raw = m.SerializeToString()
+    p.write_bytes(raw[: len(raw) // 2])
+    return p
+
+
+def _h_empty_file(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    p.write_bytes(b"")
+    return p
+
+
+def _h_no_image_input(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    dims = m.graph.input[0].type.tensor_type.shape
+    del dims.dim[2:]
+    return save(m, p)
+
+
+def _h_integer_input(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    return save(tiny(elem=TensorProto.UINT8), p)
+
+
+def _h_huge_tensor_claim(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    t = m.graph.initializer[2]
+    del t.dims[:]
+    t.dims.extend([1 << 20, 1 << 20])
+    return save(m, p)
+
+
+def _h_tensor_data_mismatch(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    m.graph.initializer[0].data_type = TensorProto.FLOAT16
+    return save(m, p)
+
+
+def _h_cycle(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    m.graph.node[0].input[0] = "r"  # conv reads relu's output, relu reads conv's
+    return save(m, p)
+
+
+def _h_recursive_function(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    """The graph calls its own function, which calls itself."""
+    m.opset_import.append(helper.make_opsetid("my.lib", 1))
+    body = [helper.make_node("Loopy", ["a"], ["b"], domain="my.lib")]
+    m.functions.append(helper.make_function("my.lib", "Loopy", ["a"], ["b"], body,
+                                            [helper.make_opsetid("", 17), helper.make_opsetid("my.lib", 1)]))
+    m.graph.node[1].CopyFrom(helper.make_node("Loopy", ["c"], ["r"], name="relu", domain="my.lib"))
+    return save(m, p)
+
+
+def _h_dangling_name(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    m.graph.node[2].input[0] = "nowhere"
+    return save(m, p)
+
+
+def _h_duplicate_output_name(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    m.graph.node[1].output[0] = "c"
+    return save(m, p)
+
+
+def _h_duplicate_node_name(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    m.graph.node[2].name = "conv"
+    return save(m, p)
+
+
+def _h_duplicate_initializer(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    m.graph.initializer.append(numpy_helper.from_array(np.zeros(3, np.float32), "W"))
+    return save(m, p)
+
+
+def _h_opset_from_the_future(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    m.opset_import[0].version = 99
+    return save(m, p)
+
+
+def _h_no_float_output(m: onnx.ModelProto, d: Path, p: Path) -> Path:
+    m.graph.output[0].type.tensor_type.elem_type = TensorProto.INT64
+    return save(m, p)
+
+
+_HOSTILE_BUILDERS = {
+    "external_absolute": _h_external_absolute,
+    "external_dotdot": _h_external_dotdot,
+    "external_symlink": _h_external_symlink,
+    "external_huge_claim": _h_external_huge_claim,
+    "external_short_file": _h_external_short_file,
+    "custom_domain": _h_custom_domain,
+    "unparsable": _h_unparsable,
+    "truncated": _h_truncated,
+    "empty_file": _h_empty_file,
+    "no_image_input": _h_no_image_input,
+    "integer_input": _h_integer_input,
+    "huge_tensor_claim": _h_huge_tensor_claim,
+    "tensor_data_mismatch": _h_tensor_data_mismatch,
+    "cycle": _h_cycle,
+    "recursive_function": _h_recursive_function,
+    "dangling_name": _h_dangling_name,
+    "duplicate_output_name": _h_duplicate_output_name,
+    "duplicate_node_name": _h_duplicate_node_name,
+    "duplicate_initializer": _h_duplicate_initializer,
+    "opset_from_the_future": _h_opset_from_the_future,
+    "no_float_output": _h_no_float_output,
+}
+
+
 def _hostile(kind: str, d: Path) -> Path:
     """Write the hostile model `kind` into folder d; return its path."""
-    p = d / f"{kind}.onnx"
-    m = tiny()
-    if kind == "external_absolute":
-        return save(_external(m, str((d.parent / "secret.bin").resolve())), p)
-    if kind == "external_dotdot":
-        return save(_external(m, "../secret.bin"), p)
-    if kind == "external_symlink":
-        link = d / "weights.bin"
-        if not link.exists():
-            os.symlink(d.parent / "secret.bin", link)
-        return save(_external(m, "weights.bin"), p)
-    if kind == "external_huge_claim":
-        (d / "w.bin").write_bytes(np.zeros(108, np.float32).tobytes())
-        m = _external(m, "w.bin")
-        del m.graph.initializer[0].dims[:]
-        m.graph.initializer[0].dims.extend([1 << 20, 1 << 20])
-        return save(m, p)
-    if kind == "external_short_file":
-        (d / "short.bin").write_bytes(b"\0" * 16)
-        return save(_external(m, "short.bin"), p)
-    if kind == "custom_domain":
-        n = m.graph.node[1]
-        n.domain, n.op_type = "com.evil", "Pwn"
-        m.opset_import.append(helper.make_opsetid("com.evil", 1))
-        return save(m, p)
-    if kind == "unparsable":
-        p.write_bytes(b"not a protobuf \xff\xfe\x00" * 20)
-        return p
-    if kind == "truncated":
-        raw = m.SerializeToString()
-        p.write_bytes(raw[: len(raw) // 2])
-        return p
-    if kind == "empty_file":
-        p.write_bytes(b"")
-        return p
-    if kind == "no_image_input":
-        dims = m.graph.input[0].type.tensor_type.shape
-        del dims.dim[2:]
-        return save(m, p)
-    if kind == "integer_input":
-        return save(tiny(elem=TensorProto.UINT8), p)
-    if kind == "huge_tensor_claim":
-        t = m.graph.initializer[2]
-        del t.dims[:]
-        t.dims.extend([1 << 20, 1 << 20])
-        return save(m, p)
-    if kind == "tensor_data_mismatch":
-        m.graph.initializer[0].data_type = TensorProto.FLOAT16
-        return save(m, p)
-    if kind == "cycle":
-        m.graph.node[0].input[0] = "r"  # conv reads relu's output, relu reads conv's
-        return save(m, p)
-    if kind == "recursive_function":  # the graph calls its own function, which calls itself
-        m.opset_import.append(helper.make_opsetid("my.lib", 1))
-        body = [helper.make_node("Loopy", ["a"], ["b"], domain="my.lib")]
-        m.functions.append(helper.make_function("my.lib", "Loopy", ["a"], ["b"], body,
-                                                [helper.make_opsetid("", 17), helper.make_opsetid("my.lib", 1)]))
-        m.graph.node[1].CopyFrom(helper.make_node("Loopy", ["c"], ["r"], name="relu", domain="my.lib"))
-        return save(m, p)
-    if kind == "dangling_name":
-        m.graph.node[2].input[0] = "nowhere"
-        return save(m, p)
-    if kind == "duplicate_output_name":
-        m.graph.node[1].output[0] = "c"
-        return save(m, p)
-    if kind == "duplicate_node_name":
-        m.graph.node[2].name = "conv"
-        return save(m, p)
-    if kind == "duplicate_initializer":
-        m.graph.initializer.append(numpy_helper.from_array(np.zeros(3, np.float32), "W"))
-        return save(m, p)
-    if kind == "opset_from_the_future":
-        m.opset_import[0].version = 99
-        return save(m, p)
-    if kind == "no_float_output":
-        m.graph.output[0].type.tensor_type.elem_type = TensorProto.INT64
-        return save(m, p)
-    raise AssertionError(kind)
+    return _HOSTILE_BUILDERS[kind](tiny(), d, d / f"{kind}.onnx")
 
 
 HOSTILE = {  # kind -> words the one error line must contain
