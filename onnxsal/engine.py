@@ -4,7 +4,8 @@ Every method and metric runs the model through an :class:`Engine`; nothing else 
 onnxruntime session. The engine
 
 * prepends the model's preprocessing, so its input space is float32 [0, 1] NCHW;
-* picks providers (``auto`` uses CUDA only when a session really loads on it) and reports them;
+* picks providers (``auto`` uses CUDA only when a session really loads on it; :mod:`onnxsal.runtime`)
+  and reports them;
 * batches under a memory budget, and computes per-class Jacobians in chunks of seed rows;
 * with ``threads`` > 1 on the CPU, runs the parts of a batch concurrently, one thread each
   (data parallel: the images, or else the seed rows, are split), which scales better than
@@ -28,29 +29,26 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 
 from . import cache, trust
 from .autodiff import META_GRAD, META_LOGITS, META_RULES, META_SEED, META_VALUE, augment
 from .autodiff.rules.registry import packaged
 from .errors import InputError, ModelError, OptionError, first_line
 from .model import (
-    check_external_data,
-    check_tensor_sizes,
     content_hash,
-    densify,
     dim_of,
     find_image_input,
     find_logits,
     load_model,
 )
 from .numeric import softmax
-from .onnx_util import cpu_session, quiet_options, set_ir_version
+from .onnx_util import quiet_options
 from .preprocess import PreprocessSpec, labels_from_model, parse, prepend, raw_shape
 from .preprocess import from_model as preprocess_from_model
+from .runtime import activation_bytes, pick_providers
 from .simplify import simplify
+from .tensors import check_external_data, densify
 
-DEVICES = ("auto", "cpu", "cuda")
 # live cotangent tensors of the largest activation's size per seed row and image: ~4 at the
 # first run, but onnxruntime's arena grows to ~6 over many runs (ResNet-18, 224 px, measured)
 COT_TENSORS_PER_SEED = 6
@@ -64,90 +62,6 @@ class VJP:
     logits: np.ndarray
     grads: dict[str, np.ndarray]
     values: dict[str, np.ndarray]
-
-
-_PROVIDER_PROBE: dict[str, bool] = {}
-
-
-def _cuda_works() -> bool:
-    """Whether a session really runs on CUDA here (probed once, quietly)."""
-    if "cuda" in _PROVIDER_PROBE:
-        return _PROVIDER_PROBE["cuda"]
-    import onnxruntime as ort
-
-    ok = False
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        from onnx import helper
-
-        g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-        set_ir_version(m)
-        ort.set_default_logger_severity(4)
-        try:
-            s = ort.InferenceSession(m.SerializeToString(), quiet_options(),
-                                     providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-            ok = s.get_providers()[0] == "CUDAExecutionProvider"
-        except Exception:
-            ok = False
-        finally:
-            ort.set_default_logger_severity(3)
-    _PROVIDER_PROBE["cuda"] = ok
-    return ok
-
-
-def pick_providers(device: str = "auto") -> list[str]:
-    if device not in DEVICES:
-        raise OptionError(f"device '{device}' is not one of {', '.join(DEVICES)}")
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if _cuda_works():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "cuda":
-        raise OptionError("device 'cuda' asked for, but onnxruntime cannot run on CUDA here "
-                          "(no GPU, or CUDA/cuDNN libraries missing); use --device cpu or auto")
-    return ["CPUExecutionProvider"]
-
-
-def _float_bytes_per_image(model: onnx.ModelProto, input_name: str, shape, budget: int) -> tuple[int, int]:
-    """(bytes of all float activations, bytes of the largest one) for one image: the
-    batching estimate. A model with a tensor beyond ``budget`` is refused first.
-
-    From shape inference when it knows every dimension; otherwise measured by one run at
-    batch 1 with every float tensor exposed (exporters' run-time shapes defeat inference)."""
-    inferred = check_tensor_sizes(model, budget, {input_name: (1,) + tuple(shape)})
-    total, largest, unknown = 0, 0, False
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-        t = vi.type.tensor_type
-        if t.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
-            continue
-        dims = [dim_of(d) for d in t.shape.dim]
-        if not t.HasField("shape") or any(not isinstance(d, int) for d in dims[1:]):
-            unknown = True
-            break
-        size = int(np.prod([d if isinstance(d, int) else 1 for d in dims], dtype=np.int64)) * 4
-        total, largest = total + size, max(largest, size)
-    if not unknown:
-        return max(total, 1 << 16), max(largest, 1 << 12)
-    import onnxruntime as ort
-
-    m = onnx.ModelProto.FromString(model.SerializeToString())
-    outputs = {o.name for o in m.graph.output}
-    for node in m.graph.node:
-        for o in node.output:
-            if o and o not in outputs:
-                m.graph.output.append(onnx.helper.make_empty_tensor_value_info(o))
-                outputs.add(o)
-    so = quiet_options()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        sess = cpu_session(m, options=so)
-        outs = sess.run(None, {input_name: np.zeros((1,) + tuple(shape), np.float32)})
-    except Exception:
-        return 64 << 20, 8 << 20
-    sizes = [o.nbytes for o in outs if isinstance(o, np.ndarray) and o.dtype.kind == "f"] or [0]
-    return max(sum(sizes), 1 << 16), max(max(sizes), 1 << 12)
 
 
 # onnxruntime's names of the float types numpy can feed
@@ -211,7 +125,7 @@ class Engine:
         self._cache_dir = cache_dir
         self._use_disk_cache = use_disk_cache
         self.simplify = simplify
-        self._bytes_per_image, self._largest_tensor = _float_bytes_per_image(
+        self._bytes_per_image, self._largest_tensor = activation_bytes(
             self.model, self.input_name, self.input_shape, self.memory_budget)
         self._sessions: dict = {}
         self._file = None  # (session, roles) of the file's own gradient graph, once verified

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxsal.engine import Engine, pick_providers
+from onnxsal.engine import Engine
 from onnxsal.errors import InputError, OptionError
+from onnxsal.runtime import pick_providers
 
 from conftest import export_torch, torch_jacobian
 

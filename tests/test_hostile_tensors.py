@@ -176,7 +176,8 @@ def test_symlink_inside_the_folder_to_a_secret_is_refused(cwd_with_secret):
 
 
 def test_training_info_tensors_are_checked(cwd_with_secret):
-    from onnxsal.model import iter_tensors, load_model
+    from onnxsal.model import load_model
+    from onnxsal.tensors import iter_tensors
 
     _, models = cwd_with_secret
     m = sparse_initializer(None)
@@ -205,7 +206,8 @@ def test_external_sparse_data_inside_the_folder_is_read_and_inlined(kind, cwd_wi
     import onnxruntime as ort
 
     from onnxsal.engine import Engine
-    from onnxsal.model import iter_tensors, load_model
+    from onnxsal.model import load_model
+    from onnxsal.tensors import iter_tensors
 
     cwd, models = cwd_with_secret
     values = np.arange(1, 17, dtype=np.float32) / 8
