@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import OptionError
 from .base import Maps, Method
-from .perturbation import _fill, _rows_per_call, superpixels
+from .superpixel import SuperpixelImage, check_segmentation, superpixel_fill, superpixels
 
 Anchor = tuple[int, ...]
 
@@ -63,38 +63,24 @@ def lucb_beta(arms: int, t: int, delta: float) -> float:
     return temp + math.log(temp)
 
 
-def segment_means(image: np.ndarray, seg: np.ndarray) -> np.ndarray:
-    """[C, H, W]: every pixel replaced by its superpixel's mean colour."""
-    counts = np.bincount(seg.ravel())
-    out = np.empty_like(image, dtype=np.float32)
-    for c in range(image.shape[0]):
-        means = np.bincount(seg.ravel(), weights=image[c].ravel().astype(np.float64)) / counts
-        out[c] = means[seg]
-    return out
-
-
-def _anchor_fill(image: np.ndarray, seg: np.ndarray, fill) -> np.ndarray:
-    """What replaces an absent superpixel: its mean colour, or LIME's baseline values."""
-    if isinstance(fill, str) and fill == "superpixel_mean":
-        return segment_means(image, seg)
-    try:
-        return _fill(image, fill)
-    except OptionError as exc:
-        raise OptionError(f"anchor fill: {exc} (or 'superpixel_mean')") from None
-
-
 class _Sampler:
     """The perturbation distribution of one image and the tally of every anchor sampled."""
 
     def __init__(self, engine, image, seg, fill, target, rng, keep: int):
-        self.engine, self.image, self.seg, self.fill = engine, image, seg, fill
+        self.features = SuperpixelImage(engine, image, seg, fill)
         self.target, self.rng, self.keep = int(target), rng, keep
-        self.k = int(seg.max()) + 1
+        self.k = self.features.k
         self.n: dict[Anchor, int] = {}
         self.pos: dict[Anchor, int] = {}
         self.examples: dict[Anchor, dict[str, list]] = {}
-        self.evaluations = 0
-        self.calls = 0
+
+    @property
+    def evaluations(self) -> int:
+        return self.features.evaluations
+
+    @property
+    def calls(self) -> int:
+        return self.features.calls
 
     def draw(self, anchor: Anchor, m: int) -> np.ndarray:
         """[m, k] bool: the anchor's superpixels kept, each other one with probability 1/2."""
@@ -104,15 +90,7 @@ class _Sampler:
 
     def predict(self, z: np.ndarray) -> np.ndarray:
         """The model's top class on the perturbed images of the rows of z (memory-bounded)."""
-        per = _rows_per_call(self.image[None])
-        out = []
-        for s in range(0, len(z), per):
-            keep = z[s:s + per][:, self.seg][:, None]
-            out.append(self.engine.logits(np.where(keep, self.image[None], self.fill[None]))
-                       .argmax(axis=1))
-            self.calls += 1
-        self.evaluations += len(z)
-        return np.concatenate(out)
+        return self.features.predict(z)
 
     def sample(self, requests: list[tuple[Anchor, int]]) -> None:
         """Draw m samples for each (anchor, m) and evaluate them all in one batch."""
@@ -242,9 +220,7 @@ def _checked(opts: dict[str, Any]) -> dict[str, Any]:
     if bad:
         raise OptionError(f"anchor needs 0 < threshold <= 1, 0 < delta < 1, 0 < tau < 1 and "
                           f"positive counts; got {', '.join(bad)}")
-    if o["segmentation"] not in ("quickshift", "slic"):
-        raise OptionError(f"anchor segmentation must be 'quickshift' or 'slic', "
-                          f"got {o['segmentation']!r}")
+    check_segmentation(o["segmentation"], "anchor")
     return o
 
 
@@ -267,7 +243,7 @@ class Anchors(Method):
         results = []
         for i in range(n):
             seg = superpixels(x[i], o["segmentation"], o["n_segments"], None, o["seed"])
-            fill = _anchor_fill(x[i], seg, o["fill"])
+            fill = superpixel_fill(x[i], seg, o["fill"], "anchor")
             rng = np.random.default_rng(o["seed"])
             sampler = _Sampler(engine, x[i], seg, fill, targets[i], rng, o["examples"])
             cover = rng.random((o["coverage_samples"], sampler.k)) < 0.5
