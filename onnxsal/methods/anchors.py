@@ -240,10 +240,11 @@ class Anchors(Method):
         n, c, h, w = x.shape
         maps = np.zeros((n, h, w), np.float32)
         segs = np.zeros((n, h, w), np.int64)
+        fills = np.zeros_like(x)
         results = []
         for i in range(n):
             seg = superpixels(x[i], o["segmentation"], o["n_segments"], None, o["seed"])
-            fill = superpixel_fill(x[i], seg, o["fill"], "anchor")
+            fill = fills[i] = superpixel_fill(x[i], seg, o["fill"], "anchor")
             rng = np.random.default_rng(o["seed"])
             sampler = _Sampler(engine, x[i], seg, fill, targets[i], rng, o["examples"])
             cover = rng.random((o["coverage_samples"], sampler.k)) < 0.5
@@ -252,7 +253,7 @@ class Anchors(Method):
             maps[i] = np.isin(seg, res["anchor"])
             segs[i] = seg
             results.append(res)
-        info = {"segments": segs, "anchors": [r["anchor"] for r in results],
+        info = {"segments": segs, "fill": fills, "anchors": [r["anchor"] for r in results],
                 "precision": np.array([r["precision"] for r in results]),
                 "bounds": np.array([r["bounds"] for r in results]).reshape(n, 2),
                 "coverage": np.array([r["coverage"] for r in results]),
@@ -263,3 +264,43 @@ class Anchors(Method):
                 "examples": [r["examples"] for r in results], "seed": o["seed"],
                 "threshold": o["threshold"], "tau": o["tau"]}
         return Maps(self.name, maps, targets, False, None, logits, info)
+
+    def explanation(self, maps, i, labels=None):
+        info = maps.info
+        anchor = [int(a) for a in info["anchors"][i]]
+        t = int(maps.targets[i])
+        cls = f"{t} ({labels[t]})" if labels and t < len(labels) else str(t)
+        body = " AND ".join(f"s{a} kept" for a in anchor) or "always"
+        lb, ub = (float(v) for v in info["bounds"][i])
+        ex = info["examples"][i]
+        return {"target": t,
+                "rule": {"text": f"{body} -> {cls}", "premises": [{"superpixel": a, "kept": True} for a in anchor],
+                         "class": t},
+                "anchor": anchor, "precision": float(info["precision"][i]), "precision_bounds": [lb, ub],
+                "coverage": float(info["coverage"][i]), "met_threshold": bool(info["met_threshold"][i]),
+                "threshold": float(info["threshold"]), "tau": float(info["tau"]),
+                "superpixels": int(info["segments"][i].max()) + 1,
+                "examples": {"positive": int(len(ex["positive"])), "negative": int(len(ex["negative"])),
+                             "negative_class": [int(c) for c in ex["negative_class"]]},
+                "anchor_samples": int(info["anchor_samples"][i]), "evaluations": int(info["evaluations"][i]),
+                "engine_calls": int(info["engine_calls"][i]), "seed": info["seed"]}
+
+    def explanation_arrays(self, maps, i):
+        ex = maps.info["examples"][i]
+        return {"segments": maps.info["segments"][i].astype(np.int32), "examples_positive": ex["positive"],
+                "examples_negative": ex["negative"], "examples_negative_class": ex["negative_class"]}
+
+    def explanation_pictures(self, maps, i, image, labels=None):
+        from ..overlays import Picture
+
+        seg, fill = maps.info["segments"][i], maps.info["fill"][i]
+        e = self.explanation(maps, i, labels)
+        region = maps.maps[i] > 0
+        pics = [Picture(f"anchor: {e['rule']['text']}\nprecision {e['precision']:.2f}, coverage "
+                        f"{e['coverage']:.2f}", image, region),
+                Picture("anchor kept, the rest filled", np.where(region[None], image, fill), region)]
+        ex = maps.info["examples"][i]
+        for z, c in list(zip(ex["negative"], ex["negative_class"]))[:2]:
+            name = f"{int(c)} ({labels[int(c)]})" if labels and int(c) < len(labels) else str(int(c))
+            pics.append(Picture(f"covered sample, model -> {name}", np.where(z[seg][None], image, fill), region))
+        return pics
