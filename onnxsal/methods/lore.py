@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import OptionError
+from ..errors import OnnxsalError, OptionError
 from .base import Maps, Method
 from .superpixel import SuperpixelImage, check_segmentation, superpixel_fill, superpixels
 
@@ -126,8 +126,11 @@ def _leaf_class(tree, leaf: int) -> int:
 
 
 def _fit_tree(z: np.ndarray, y: np.ndarray, o: dict[str, Any]):
-    from sklearn.model_selection import KFold, cross_val_score
-    from sklearn.tree import DecisionTreeClassifier
+    try:
+        from sklearn.model_selection import KFold, cross_val_score
+        from sklearn.tree import DecisionTreeClassifier
+    except ImportError:
+        raise OnnxsalError("lore needs scikit-learn: pip install scikit-learn") from None
 
     tree = DecisionTreeClassifier(max_depth=o["max_depth"], min_samples_leaf=o["min_samples_leaf"],
                                   random_state=o["seed"])
@@ -182,7 +185,7 @@ def explain_one(features: SuperpixelImage, target: int, rng, o: dict[str, Any]) 
     return {"factual": factual, "counterfactuals": cfs, "fidelity": fid, "cv_fidelity": cv,
             "hit": bool(factual["class"] == evaluate(np.ones((1, k), bool))[0]),
             "image_class": int(evaluate(np.ones((1, k), bool))[0]),
-            "neighbourhood": int(len(z)), "same_outcome": int((y == target).sum()),
+            "neighbourhood": int(len(z)), "same_outcome": int((y == target).sum()), "z": z, "y": y,
             "tree_depth": int(tree.get_depth()), "tree_leaves": int(tree.get_n_leaves()),
             "evaluations": features.evaluations, "engine_calls": features.calls,
             "evaluations_per_generation": per_generation, "check_evaluations": check_evals}
@@ -284,7 +287,8 @@ class LORE(Method):
         r = maps.info["explanations"][i]
         k = int(maps.info["segments"][i].max()) + 1
         cf = np.array([c["features"] for c in r["counterfactuals"]], bool).reshape(-1, k)
-        return {"segments": maps.info["segments"][i].astype(np.int32), "counterfactuals": cf}
+        return {"segments": maps.info["segments"][i].astype(np.int32), "counterfactuals": cf,
+                "neighbourhood": r["z"], "neighbourhood_classes": r["y"]}
 
     def explanation_pictures(self, maps, i, image, labels=None):
         from ..overlays import Picture
