@@ -152,13 +152,29 @@ def test_fitness_and_variation_by_hand():
     pop = np.zeros((6, 8), bool)
     pop[1::2] = True
     o = {"crossover": 1.0, "mutation": 0.0, "gene_mutation": 0.0}
-    out = _vary(rng, pop, o)
+    out, changed = _vary(rng, pop, o)
+    assert changed.all()
     # two-point crossover of every pair: one contiguous block swapped, the columns' contents kept
     np.testing.assert_array_equal(out[0::2] ^ out[1::2], np.ones((3, 8), bool))
     for row in out[0::2]:
         assert 1 <= row.sum() <= 7 and np.count_nonzero(np.diff(row.astype(int))) <= 2
     o = {"crossover": 0.0, "mutation": 0.0, "gene_mutation": 1.0}
-    np.testing.assert_array_equal(_vary(rng, pop, o), pop)  # no individual mutated
+    out, changed = _vary(rng, pop, o)
+    np.testing.assert_array_equal(out, pop)  # no individual mutated
+    assert not changed.any()
+
+
+def test_without_the_cache_the_same_explanation_costs_more_evaluations(digits, explained):
+    eng, x = digits
+    res, _ = explained
+    plain = methods.get("lore")(eng, x[:2], cache=False, **OPTS)
+    for i in range(2):
+        a, b = res.info["explanations"][i], plain.info["explanations"][i]
+        np.testing.assert_array_equal(a["z"], b["z"])
+        np.testing.assert_array_equal(a["y"], b["y"])
+        assert a["factual"] == b["factual"] and a["fidelity"] == b["fidelity"]
+        assert b["evaluations"] > 2 * a["evaluations"]
+        assert b["evaluations_per_generation"][0] == 1000  # the whole first population
 
 
 def test_deterministic_with_a_seed(digits, explained):
@@ -180,7 +196,8 @@ def test_deterministic_with_a_seed(digits, explained):
     ({"population": 1}, "population=1"), ({"mutation": 1.5}, "mutation=1.5"), ({"tournament": 0}, "tournament"),
     ({"generations": "x"}, "integers"), ({"max_depth": 0}, "max_depth=0"), ({"segmentation": "felzenszwalb"},
                                                                            "lore segmentation"),
-    ({"fill": "grey"}, "lore fill.*superpixel_mean"), ({"min_samples_leaf": 0.7}, "min_samples_leaf")])
+    ({"fill": "grey"}, "lore fill.*superpixel_mean"), ({"min_samples_leaf": 0.7}, "min_samples_leaf"),
+    ({"cache": "no"}, "cache must be true or false")])
 def test_option_errors_are_one_line(digits, opts, match):
     eng, x = digits
     with pytest.raises(OptionError, match=match) as err:

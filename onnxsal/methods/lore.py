@@ -29,13 +29,17 @@ _PROBS = ("crossover", "mutation", "gene_mutation")
 
 
 class _Evaluator:
-    """The model's class per genome, evaluated in batches and remembered."""
+    """The model's class per genome, evaluated in batches; with ``remember`` (the default) a
+    genome is evaluated once, without it every row given is evaluated (as the reference code
+    evaluates every individual whose fitness is invalid)."""
 
-    def __init__(self, features: SuperpixelImage):
-        self.features = features
+    def __init__(self, features: SuperpixelImage, remember: bool = True):
+        self.features, self.remember = features, remember
         self.known: dict[bytes, int] = {}
 
     def __call__(self, z: np.ndarray) -> np.ndarray:
+        if not self.remember:
+            return self.features.predict(z)
         keys = [np.packbits(row).tobytes() for row in z]
         todo: dict[bytes, int] = {}
         for j, key in enumerate(keys):
@@ -62,13 +66,14 @@ def _tournament(rng, fit: np.ndarray, size: int) -> np.ndarray:
     return draw[np.arange(len(fit)), fit[draw].argmax(axis=1)]
 
 
-def _vary(rng, z: np.ndarray, o: dict[str, Any]) -> np.ndarray:
+def _vary(rng, z: np.ndarray, o: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """Two-point crossover of consecutive pairs (probability ``crossover``), then mutation of
     each individual (probability ``mutation``: each gene redrawn from {0, 1} with probability
-    ``gene_mutation``)."""
+    ``gene_mutation``). Returns the offspring and which of them were mated or mutated."""
     z = z.copy()
     p, k = z.shape
     pairs = p // 2
+    touched = np.zeros(p, bool)
     if k >= 2 and pairs:
         mate = rng.random(pairs) < o["crossover"]
         cuts = np.sort(np.stack([rng.permutation(np.arange(1, k + 1))[:2] for _ in range(pairs)]), axis=1)
@@ -76,31 +81,41 @@ def _vary(rng, z: np.ndarray, o: dict[str, Any]) -> np.ndarray:
         swap = mate[:, None] & (cols >= cuts[:, :1]) & (cols < cuts[:, 1:])
         a, b = z[0:2 * pairs:2], z[1:2 * pairs:2]
         z[0:2 * pairs:2], z[1:2 * pairs:2] = np.where(swap, b, a), np.where(swap, a, b)
-    mutate = (rng.random(p) < o["mutation"])[:, None] & (rng.random((p, k)) < o["gene_mutation"])
-    return np.where(mutate, rng.random((p, k)) < 0.5, z)
+        touched[0:2 * pairs:2] = touched[1:2 * pairs:2] = mate
+    chosen = rng.random(p) < o["mutation"]
+    mutate = chosen[:, None] & (rng.random((p, k)) < o["gene_mutation"])
+    return np.where(mutate, rng.random((p, k)) < 0.5, z), touched | chosen
 
 
 def genetic_neighbourhood(evaluate: _Evaluator, k: int, target: int, rng, o: dict[str, Any]
                           ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(Z [n, k] bool, the model's class of each row, new evaluations per generation): the
     final populations of the same- and different-outcome algorithms (``population`` / 2 each,
-    both started from copies of the image) and the image, duplicates dropped."""
+    both started from copies of the image) and the image, duplicates dropped. Each
+    generation's mated or mutated offspring of both populations are evaluated in one batch
+    (the others keep their parent's class)."""
     half = max(1, o["population"] // 2)
     pops = [np.ones((half, k), bool), np.ones((half, k), bool)]
     before = evaluate.features.evaluations
-    cls = evaluate(np.ones((1, k), bool))
-    fits = [fitness(p, np.repeat(cls, half), target, same) for p, same in zip(pops, (True, False))]
+    cls = evaluate(np.ones((1 if evaluate.remember else 2 * half, k), bool))[0]
+    classes = [np.full(half, cls), np.full(half, cls)]
     per_generation = [evaluate.features.evaluations - before]
     for _ in range(o["generations"]):
-        offspring = [_vary(rng, p[_tournament(rng, f, o["tournament"])], o) for p, f in zip(pops, fits)]
+        fits = [fitness(p, c, target, same) for p, c, same in zip(pops, classes, (True, False))]
+        picks = [_tournament(rng, f, o["tournament"]) for f in fits]
+        varied = [_vary(rng, p[j], o) for p, j in zip(pops, picks)]
+        offspring = [v[0] for v in varied]
+        changed = np.concatenate([v[1] for v in varied])
+        inherited = np.concatenate([c[j] for c, j in zip(classes, picks)])
         before = evaluate.features.evaluations
-        classes = evaluate(np.concatenate(offspring))  # both populations, one batch
+        both = np.concatenate(offspring)
+        inherited[changed] = evaluate(both[changed])  # both populations, one batch
         per_generation.append(evaluate.features.evaluations - before)
-        pops = offspring
-        fits = [fitness(p, c, target, same) for p, c, same in
-                zip(pops, (classes[:half], classes[half:]), (True, False))]
-    z = np.unique(np.concatenate([np.ones((1, k), bool), *pops]), axis=0)
-    return z, evaluate(z), per_generation
+        pops, classes = offspring, [inherited[:half], inherited[half:]]
+    rows = np.concatenate([np.ones((1, k), bool), *pops])
+    labels = np.concatenate([[cls], *classes])
+    z, first = np.unique(rows, axis=0, return_index=True)
+    return z, labels[first].astype(np.int64), per_generation
 
 
 def tree_paths(tree) -> dict[int, list[tuple[int, bool]]]:
@@ -146,7 +161,7 @@ def _fit_tree(z: np.ndarray, y: np.ndarray, o: dict[str, Any]):
 def explain_one(features: SuperpixelImage, target: int, rng, o: dict[str, Any]) -> dict[str, Any]:
     """The LORE explanation of one image (docs/lore.md)."""
     k = features.k
-    evaluate = _Evaluator(features)
+    evaluate = _Evaluator(features, o["cache"])
     z, y, per_generation = genetic_neighbourhood(evaluate, k, target, rng, o)
     tree, fid, cv = _fit_tree(z, y, o)
     ones = np.ones((1, k), np.float32)
@@ -183,8 +198,7 @@ def explain_one(features: SuperpixelImage, target: int, rng, o: dict[str, Any]) 
     else:
         check_evals = 0
     return {"factual": factual, "counterfactuals": cfs, "fidelity": fid, "cv_fidelity": cv,
-            "hit": bool(factual["class"] == evaluate(np.ones((1, k), bool))[0]),
-            "image_class": int(evaluate(np.ones((1, k), bool))[0]),
+            "hit": bool(factual["class"] == y[z.all(axis=1)][0]), "image_class": int(y[z.all(axis=1)][0]),
             "neighbourhood": int(len(z)), "same_outcome": int((y == target).sum()), "z": z, "y": y,
             "tree_depth": int(tree.get_depth()), "tree_leaves": int(tree.get_n_leaves()),
             "evaluations": features.evaluations, "engine_calls": features.calls,
@@ -218,6 +232,8 @@ def _checked(opts: dict[str, Any]) -> dict[str, Any]:
     if bad:
         raise OptionError(f"lore needs probabilities in [0, 1], population >= 2, generations >= 0, "
                           f"tournament >= 1, counterfactuals >= 0, max_depth >= 1; got {', '.join(bad)}")
+    if not isinstance(o["cache"], (bool, np.bool_)):
+        raise OptionError(f"lore option cache must be true or false, got {o['cache']!r}")
     check_segmentation(o["segmentation"], "lore")
     return o
 
@@ -240,7 +256,7 @@ class LORE(Method):
         "population": 1000, "generations": 10, "crossover": 0.5, "mutation": 0.2,
         "gene_mutation": 0.2, "tournament": 3, "max_depth": None, "min_samples_leaf": 1,
         "counterfactuals": 5, "segmentation": "quickshift", "n_segments": 50,
-        "fill": "superpixel_mean", "seed": 0}
+        "fill": "superpixel_mean", "seed": 0, "cache": True}
     description = "local decision rule and counterfactual rules on superpixels (Guidotti et al. 2018)"
 
     def run(self, engine, x, targets, logits, opts, shared):
