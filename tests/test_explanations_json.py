@@ -104,3 +104,22 @@ def test_map_only_methods_write_no_explanations(tmp_path):
         assert z.files == ["x_0_/vanilla"]
     assert not methods.get("vanilla").explains() and methods.get("lore").explains()
     assert methods.get("anchor").explains()
+
+
+def test_a_failing_hook_costs_only_its_explanation(tmp_path, monkeypatch):
+    def broken(self, maps, i, image, labels=None):
+        raise RuntimeError("no pictures today")
+
+    monkeypatch.setattr(type(methods.get("anchor")), "explanation_pictures", broken)
+    res = CliRunner().invoke(cli, ["explain", str(DATA / "digits_cnn.onnx"), str(DATA / "digits_sample.npz"),
+                                   "--limit", "2", "-m", "anchor,vanilla", "--out", str(tmp_path), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    pred = json.loads((tmp_path / "predictions.json").read_text())
+    errors = [f["error"] for f in pred["failures"]]
+    assert len(errors) == 2 and all("explanation of anchor not written (RuntimeError: no pictures today)" in e
+                                    for e in errors)
+    doc = json.loads((tmp_path / "explanations.json").read_text())
+    assert [e["figure"] for e in doc["images"]] == [None, None]
+    assert all("precision" in e["methods"]["anchor"] for e in doc["images"])
+    with np.load(tmp_path / "maps.npz") as z:
+        assert {"x_0_/anchor", "x_0_/vanilla", "x_1_/anchor", "x_1_/vanilla"} <= set(z.files)
