@@ -103,6 +103,23 @@ def test_factual_rule_holds_for_the_image(digits, explained):
         assert r["hit"] == (fact["class"] == int(eng.logits(x[i:i + 1]).argmax()))
 
 
+def test_for_another_target_counterfactuals_reach_it(digits):
+    eng, x = digits
+    pred = eng.logits(x[:3]).argmax(1)
+    other = (pred + 1) % 10
+    res = methods.get("lore")(eng, x[:3], targets=other, **OPTS)
+    valid = 0
+    for i in range(3):
+        r = res.info["explanations"][i]
+        assert r["image_class"] == pred[i]
+        for cf in r["counterfactuals"]:
+            assert cf["class"] == other[i]
+            got = int(eng.logits(_render(x[i], res.info["segments"][i], cf["features"])).argmax(1)[0])
+            assert cf["valid"] == (got == other[i])
+            valid += cf["valid"]
+    assert valid >= 1  # the third digit (a 2) becomes a 3 by removing one superpixel
+
+
 def test_fidelity_is_the_trees_agreement_on_the_neighbourhood(digits, explained):
     eng, x = digits
     res, _ = explained

@@ -173,10 +173,15 @@ def explain_one(features: SuperpixelImage, target: int, rng, o: dict[str, Any]) 
         np.ones(len(z), bool)
     factual["coverage"] = float(covered.mean())
     factual["precision"] = float((y[covered] == factual["class"]).mean())
+    image_class = int(y[z.all(axis=1)][0])
+
+    def flips(c) -> bool:  # leaves the explained class, or reaches it when the image lacks it
+        return (c == target) != (image_class == target)
+
     cands = []
     for lf, conds in paths.items():
         changes = sorted(f for f, kept in conds if not kept)  # the image keeps every superpixel
-        if changes and _leaf_class(tree, lf) != target:
+        if changes and flips(_leaf_class(tree, lf)):
             cands.append((len(changes), changes, lf, conds))
     cands.sort(key=lambda c: (c[0], c[1], c[2]))
     cands = cands[:o["counterfactuals"]]
@@ -193,12 +198,12 @@ def explain_one(features: SuperpixelImage, target: int, rng, o: dict[str, Any]) 
             cfs.append({"premises": [{"superpixel": f, "kept": kept} for f, kept in conds],
                         "class": _leaf_class(tree, lf), "changes": changes, "n_changes": n,
                         "minimal": n == fewest, "features": row, "predicted": int(p),
-                        "valid": bool(p != target), "tree_leaf_reached": int(tree.apply(row[None].astype(
+                        "valid": flips(int(p)), "tree_leaf_reached": int(tree.apply(row[None].astype(
                             np.float32))[0]) == lf})
     else:
         check_evals = 0
     return {"factual": factual, "counterfactuals": cfs, "fidelity": fid, "cv_fidelity": cv,
-            "hit": bool(factual["class"] == y[z.all(axis=1)][0]), "image_class": int(y[z.all(axis=1)][0]),
+            "hit": factual["class"] == image_class, "image_class": image_class,
             "neighbourhood": int(len(z)), "same_outcome": int((y == target).sum()), "z": z, "y": y,
             "tree_depth": int(tree.get_depth()), "tree_leaves": int(tree.get_n_leaves()),
             "evaluations": features.evaluations, "engine_calls": features.calls,
