@@ -157,19 +157,25 @@ def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: flo
 @click.option("--gradients", type=click.Choice(["auto", "rebuild", "file"]), default="auto",
               show_default=True, help="For a file with its own gradient graph: rebuild it with "
               "onnxsal's pass (auto: unless the pass cannot), or use the file's after a check.")
+@click.option("--set", "settings", multiple=True, metavar="METHOD.OPTION=VALUE",
+              help="A method option, e.g. lore.generations=5 or anchor.segmentation=slic "
+              "(repeatable; VALUE is read as JSON, else as text).")
 def explain(model, images, methods, out, target, preprocess, labels_file, device, output, layer, limit,
-            gradients):
+            gradients, settings):
     """Saliency maps of MODEL for IMAGES (files, folders, .npz or built-in data names)."""
     from .explain import engine_for_images, run_explain
     from .preprocess import read_labels
     from .report import check_output_dir
 
     check_output_dir(out)  # before the model is read: minutes of work must have a place to go
+    set_opts = method_settings(settings)
     eng, inputs = engine_for_images(model, images, limit, preprocess=preprocess, device=device,
                                     output=output, gradients=gradients)
     names = [m.strip() for spec in methods for m in spec.split(",") if m.strip()]
     labels = read_labels(labels_file) if labels_file else None
     opts = {"gradcam": {"layer": layer}} if layer else {}
+    for name, values in set_opts.items():
+        opts.setdefault(name, {}).update(values)
     if eng.logits_spec.note:
         _echo(f"note: {eng.logits_spec.note}", err=True)
     res = run_explain(eng, inputs, names, out, targets=target, labels=labels, limit=limit, options=opts)
@@ -179,6 +185,25 @@ def explain(model, images, methods, out, target, preprocess, labels_file, device
         _echo(f"failed: {f['image']}: {f['error']}", err=True)
     _echo(f"{res.images} images x {len(res.methods)} methods on {eng.provider} in "
                f"{res.seconds:.1f} s ({res.per_image_seconds:.2f} s/image); wrote {out}/")
+
+
+def method_settings(settings) -> dict:
+    """{method: {option: value}} from ``METHOD.OPTION=VALUE`` strings (VALUE as JSON, else text);
+    a malformed one is an OptionError line."""
+    from .errors import OptionError
+
+    out: dict = {}
+    for item in settings:
+        head, eq, raw = str(item).partition("=")
+        method, dot, option = head.strip().partition(".")
+        if not (eq and dot and method and option.strip()):
+            raise OptionError(f"--set takes METHOD.OPTION=VALUE (e.g. lore.generations=5), got {item!r}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out.setdefault(method, {})[option.strip()] = value
+    return out
 
 
 def _executor_options(f):

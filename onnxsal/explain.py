@@ -2,7 +2,10 @@
 
 Writes into the output folder, per image, ``<name>.png`` (the image, then one overlay per
 method titled with the method, the class and its probability), plus ``maps.npz`` (raw maps
-keyed ``<image>/<method>``) and ``predictions.json``. Data come first: each batch's maps are
+keyed ``<image>/<method>``) and ``predictions.json``. Methods that give structured explanations
+(rules, counterfactuals, exemplars: ``Method.explains()``) add ``explanations.json``, their
+arrays in ``maps.npz`` as ``<image>/<method>:<name>`` and one figure per image in
+``explanations/<image>.png`` (docs/extending.md#structured-explanations). Data come first: each batch's maps are
 written to a part file as soon as they are computed and merged into ``maps.npz`` at the end,
 also when the run stops with an error; figures are drawn after their batch's data. An input
 that cannot be read, an image whose maps fail (NaN, say) or whose figure fails is listed in
@@ -29,7 +32,7 @@ from .engine import Engine
 from .errors import InputError, OnnxsalError, OutputError
 from .files import atomic_write, atomic_write_json
 from .numeric import softmax
-from .overlays import Panel, draw_figures, render
+from .overlays import Panel, draw_figures, render, render_pictures
 from .preprocess import PreprocessSpec
 from .report import check_output_dir
 
@@ -202,6 +205,8 @@ class _Run:
         self.engine, self.data, self.names, self.labels = engine, data, names, labels
         self.targets, self.options, self.stems = targets, options, stems
         self.predictions: list[dict] = []
+        self.explanations: list[dict] = []
+        self.explaining = [n for n in names if methods_pkg.get(n).explains()]
         self.failures = [{"image": printable(n), "error": printable(e)} for n, e in data.failures]
 
     def _label(self, k: int):
@@ -246,11 +251,37 @@ class _Run:
             title = f"{name}: predicted {self._label(pred) or pred} ({probs[i, pred]:.2f})"
             figures.append((name, lambda i=i, p=panels, s=stem, t=title:
                             render(x[i], p, out_dir / f"{s}.png", title=t)))
+            if self.explaining:
+                pics = self._explain(maps, i, x[i], name, stem, arrays, fails)
+                if pics:
+                    figures.append((name, lambda p=pics, s=stem, t=title:
+                                    render_pictures(p, out_dir / "explanations" / f"{s}.png", title=t)))
         store.add(arrays, len(x))  # the data first: a figure never costs a map
         self.predictions += preds  # what predictions.json lists is what maps.npz holds
         self.failures += fails
         for name, err in draw_figures(figures):
             self.failures.append({"image": name, "error": f"{err}; its maps are in maps.npz"})
+
+    def _explain(self, maps, i: int, image: np.ndarray, name: str, stem: str, arrays: dict,
+                 fails: list) -> list:
+        """Image i's structured explanations (collected for explanations.json), their arrays
+        (added to ``arrays``) and the pictures of its explanations figure."""
+        entry: dict = {"image": name, "figure": f"explanations/{stem}.png", "methods": {}}
+        pics: list = []
+        for m in self.explaining:
+            method, res = methods_pkg.get(m), maps[m]
+            try:
+                entry["methods"][m] = method.explanation(res, i, self.labels)
+                for k, v in method.explanation_arrays(res, i).items():
+                    arrays[f"{stem}/{m}:{k}"] = np.asarray(v)
+                pics += method.explanation_pictures(res, i, image, self.labels)
+            except Exception as exc:  # a method's hook must not cost the other images
+                fails.append({"image": name, "error": f"explanation of {m} not written "
+                                      f"({type(exc).__name__}: {printable(str(exc))})"})
+        if not pics:
+            entry["figure"] = None
+        self.explanations.append(entry)
+        return pics
 
     def save(self, store: _MapStore, out_dir: Path, seconds: float, complete: bool) -> str:
         """Write maps.npz and predictions.json; returns where the maps are. A run that stopped
@@ -263,9 +294,14 @@ class _Run:
                    "images": self.predictions, "failures": self.failures,
                    "notes": [printable(n) for n in self.data.notes], "seconds": seconds,
                    "complete": complete}
+        writes = [lambda: store.merge(out_dir / "maps.npz"),
+                  lambda: atomic_write_json(out_dir / "predictions.json", summary)]
+        if self.explaining:
+            explained = {"model": e.path, "model_hash": e.model_hash, "methods": self.explaining,
+                         "labels": self.labels, "images": self.explanations, "complete": complete}
+            writes.append(lambda: atomic_write_json(out_dir / "explanations.json", explained))
         errors = []
-        for write in (lambda: store.merge(out_dir / "maps.npz"),
-                      lambda: atomic_write_json(out_dir / "predictions.json", summary)):
+        for write in writes:
             try:
                 write()
             except OutputError as exc:

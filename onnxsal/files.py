@@ -77,6 +77,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def _json_default(o: Any):
+    if isinstance(o, np.bool_):
+        return bool(o)
     if isinstance(o, np.integer):
         return int(o)
     if isinstance(o, np.floating):

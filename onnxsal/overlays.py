@@ -27,6 +27,16 @@ class Panel:
     signed: bool
 
 
+@dataclass
+class Picture:
+    """An image with a region outlined: how rule and exemplar methods show an explanation
+    (:meth:`onnxsal.methods.Method.explanation_pictures`)."""
+
+    title: str
+    image: np.ndarray  # [C, H, W] in [0, 1]
+    outline: np.ndarray | None = None  # bool [H, W]: the region drawn around, or None
+
+
 def _display_image(image: np.ndarray) -> np.ndarray:
     """[C, H, W] in [0, 1] -> an array imshow takes."""
     img = np.clip(np.asarray(image, np.float32), 0, 1)
@@ -137,6 +147,39 @@ def _draw(fig, axes, image, panels, title) -> None:
         cb.ax.tick_params(labelsize=6)
     if title:
         fig.suptitle(title, fontsize=10)
+
+
+def render_pictures(pictures: list[Picture], path: str | Path, title: str = "", columns: int = 4,
+                    dpi: int = 110) -> Path:
+    """Write a PNG of the pictures in a grid, each outlined region drawn as a yellow contour;
+    returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from .files import atomic_write_bytes
+
+    cols = max(1, min(columns, len(pictures)))
+    rows = -(-len(pictures) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.2 * rows + (0.4 if title else 0)),
+                             squeeze=False)
+    try:
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, p in zip(axes.flat, pictures):
+            disp = _display_image(p.image)
+            ax.imshow(disp, cmap="gray" if disp.ndim == 2 else None, vmin=0, vmax=1)
+            if p.outline is not None and np.any(p.outline) and not np.all(p.outline):
+                ax.contour(np.asarray(p.outline, np.float32), levels=[0.5], colors="yellow", linewidths=1.2)
+            ax.set_title(p.title, fontsize=7)
+        if title:
+            fig.suptitle(title, fontsize=10)
+    except BaseException:
+        plt.close(fig)
+        raise
+    atomic_write_bytes(path, png_bytes(fig, dpi=dpi))
+    return Path(path)
 
 
 def draw_figures(figures) -> list[tuple[str, str]]:

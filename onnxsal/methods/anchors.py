@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import OptionError
 from .base import Maps, Method
-from .perturbation import _fill, _rows_per_call, superpixels
+from .superpixel import SuperpixelImage, check_segmentation, superpixel_fill, superpixels
 
 Anchor = tuple[int, ...]
 
@@ -63,38 +63,24 @@ def lucb_beta(arms: int, t: int, delta: float) -> float:
     return temp + math.log(temp)
 
 
-def segment_means(image: np.ndarray, seg: np.ndarray) -> np.ndarray:
-    """[C, H, W]: every pixel replaced by its superpixel's mean colour."""
-    counts = np.bincount(seg.ravel())
-    out = np.empty_like(image, dtype=np.float32)
-    for c in range(image.shape[0]):
-        means = np.bincount(seg.ravel(), weights=image[c].ravel().astype(np.float64)) / counts
-        out[c] = means[seg]
-    return out
-
-
-def _anchor_fill(image: np.ndarray, seg: np.ndarray, fill) -> np.ndarray:
-    """What replaces an absent superpixel: its mean colour, or LIME's baseline values."""
-    if isinstance(fill, str) and fill == "superpixel_mean":
-        return segment_means(image, seg)
-    try:
-        return _fill(image, fill)
-    except OptionError as exc:
-        raise OptionError(f"anchor fill: {exc} (or 'superpixel_mean')") from None
-
-
 class _Sampler:
     """The perturbation distribution of one image and the tally of every anchor sampled."""
 
     def __init__(self, engine, image, seg, fill, target, rng, keep: int):
-        self.engine, self.image, self.seg, self.fill = engine, image, seg, fill
+        self.features = SuperpixelImage(engine, image, seg, fill)
         self.target, self.rng, self.keep = int(target), rng, keep
-        self.k = int(seg.max()) + 1
+        self.k = self.features.k
         self.n: dict[Anchor, int] = {}
         self.pos: dict[Anchor, int] = {}
         self.examples: dict[Anchor, dict[str, list]] = {}
-        self.evaluations = 0
-        self.calls = 0
+
+    @property
+    def evaluations(self) -> int:
+        return self.features.evaluations
+
+    @property
+    def calls(self) -> int:
+        return self.features.calls
 
     def draw(self, anchor: Anchor, m: int) -> np.ndarray:
         """[m, k] bool: the anchor's superpixels kept, each other one with probability 1/2."""
@@ -104,15 +90,7 @@ class _Sampler:
 
     def predict(self, z: np.ndarray) -> np.ndarray:
         """The model's top class on the perturbed images of the rows of z (memory-bounded)."""
-        per = _rows_per_call(self.image[None])
-        out = []
-        for s in range(0, len(z), per):
-            keep = z[s:s + per][:, self.seg][:, None]
-            out.append(self.engine.logits(np.where(keep, self.image[None], self.fill[None]))
-                       .argmax(axis=1))
-            self.calls += 1
-        self.evaluations += len(z)
-        return np.concatenate(out)
+        return self.features.predict(z)
 
     def sample(self, requests: list[tuple[Anchor, int]]) -> None:
         """Draw m samples for each (anchor, m) and evaluate them all in one batch."""
@@ -242,9 +220,7 @@ def _checked(opts: dict[str, Any]) -> dict[str, Any]:
     if bad:
         raise OptionError(f"anchor needs 0 < threshold <= 1, 0 < delta < 1, 0 < tau < 1 and "
                           f"positive counts; got {', '.join(bad)}")
-    if o["segmentation"] not in ("quickshift", "slic"):
-        raise OptionError(f"anchor segmentation must be 'quickshift' or 'slic', "
-                          f"got {o['segmentation']!r}")
+    check_segmentation(o["segmentation"], "anchor")
     return o
 
 
@@ -264,10 +240,11 @@ class Anchors(Method):
         n, c, h, w = x.shape
         maps = np.zeros((n, h, w), np.float32)
         segs = np.zeros((n, h, w), np.int64)
+        fills = np.zeros_like(x)
         results = []
         for i in range(n):
             seg = superpixels(x[i], o["segmentation"], o["n_segments"], None, o["seed"])
-            fill = _anchor_fill(x[i], seg, o["fill"])
+            fill = fills[i] = superpixel_fill(x[i], seg, o["fill"], "anchor")
             rng = np.random.default_rng(o["seed"])
             sampler = _Sampler(engine, x[i], seg, fill, targets[i], rng, o["examples"])
             cover = rng.random((o["coverage_samples"], sampler.k)) < 0.5
@@ -276,7 +253,7 @@ class Anchors(Method):
             maps[i] = np.isin(seg, res["anchor"])
             segs[i] = seg
             results.append(res)
-        info = {"segments": segs, "anchors": [r["anchor"] for r in results],
+        info = {"segments": segs, "fill": fills, "anchors": [r["anchor"] for r in results],
                 "precision": np.array([r["precision"] for r in results]),
                 "bounds": np.array([r["bounds"] for r in results]).reshape(n, 2),
                 "coverage": np.array([r["coverage"] for r in results]),
@@ -287,3 +264,43 @@ class Anchors(Method):
                 "examples": [r["examples"] for r in results], "seed": o["seed"],
                 "threshold": o["threshold"], "tau": o["tau"]}
         return Maps(self.name, maps, targets, False, None, logits, info)
+
+    def explanation(self, maps, i, labels=None):
+        info = maps.info
+        anchor = [int(a) for a in info["anchors"][i]]
+        t = int(maps.targets[i])
+        cls = f"{t} ({labels[t]})" if labels and t < len(labels) else str(t)
+        body = " AND ".join(f"s{a} kept" for a in anchor) or "always"
+        lb, ub = (float(v) for v in info["bounds"][i])
+        ex = info["examples"][i]
+        return {"target": t,
+                "rule": {"text": f"{body} -> {cls}", "premises": [{"superpixel": a, "kept": True} for a in anchor],
+                         "class": t},
+                "anchor": anchor, "precision": float(info["precision"][i]), "precision_bounds": [lb, ub],
+                "coverage": float(info["coverage"][i]), "met_threshold": bool(info["met_threshold"][i]),
+                "threshold": float(info["threshold"]), "tau": float(info["tau"]),
+                "superpixels": int(info["segments"][i].max()) + 1,
+                "examples": {"positive": int(len(ex["positive"])), "negative": int(len(ex["negative"])),
+                             "negative_class": [int(c) for c in ex["negative_class"]]},
+                "anchor_samples": int(info["anchor_samples"][i]), "evaluations": int(info["evaluations"][i]),
+                "engine_calls": int(info["engine_calls"][i]), "seed": info["seed"]}
+
+    def explanation_arrays(self, maps, i):
+        ex = maps.info["examples"][i]
+        return {"segments": maps.info["segments"][i].astype(np.int32), "examples_positive": ex["positive"],
+                "examples_negative": ex["negative"], "examples_negative_class": ex["negative_class"]}
+
+    def explanation_pictures(self, maps, i, image, labels=None):
+        from ..overlays import Picture
+
+        seg, fill = maps.info["segments"][i], maps.info["fill"][i]
+        e = self.explanation(maps, i, labels)
+        region = maps.maps[i] > 0
+        pics = [Picture(f"anchor: {e['rule']['text']}\nprecision {e['precision']:.2f}, coverage "
+                        f"{e['coverage']:.2f}", image, region),
+                Picture("anchor kept, the rest filled", np.where(region[None], image, fill), region)]
+        ex = maps.info["examples"][i]
+        for z, c in list(zip(ex["negative"], ex["negative_class"]))[:2]:
+            name = f"{int(c)} ({labels[int(c)]})" if labels and int(c) < len(labels) else str(int(c))
+            pics.append(Picture(f"covered sample, model -> {name}", np.where(z[seg][None], image, fill), region))
+        return pics

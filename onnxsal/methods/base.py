@@ -112,6 +112,31 @@ class Method:
         (only called when ``group`` is set)."""
         raise NotImplementedError
 
+    # -- structured explanations (rule and exemplar methods; docs/extending.md#structured-explanations)
+
+    def explanation(self, maps: Maps, i: int, labels: list[str] | None = None) -> dict[str, Any] | None:
+        """A JSON-ready structured explanation of image ``i`` of ``maps`` (what ``onnxsal
+        explain`` writes to explanations.json), or None: the default, a map and nothing else.
+        ``labels``: class names when known (for rule texts)."""
+        return None
+
+    def explanation_arrays(self, maps: Maps, i: int) -> dict[str, np.ndarray]:
+        """Arrays of image ``i``'s explanation for maps.npz, keyed by a short name (explain
+        stores them as ``<image>/<method>:<name>``); default none."""
+        return {}
+
+    def explanation_pictures(self, maps: Maps, i: int, image: np.ndarray,
+                             labels: list[str] | None = None) -> list:
+        """Pictures (:class:`onnxsal.overlays.Picture`: an image with an outlined region and a
+        title) that show image ``i``'s explanation, drawn by explain next to the maps' figure;
+        default none."""
+        return []
+
+    @classmethod
+    def explains(cls) -> bool:
+        """Whether this method gives structured explanations (overrides :meth:`explanation`)."""
+        return cls.explanation is not Method.explanation
+
     def __repr__(self) -> str:
         return f"<method {self.name} needs={sorted(self.needs)} signed={self.signed}>"
 
