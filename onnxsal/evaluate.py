@@ -739,10 +739,12 @@ def scores_markdown(summary: dict) -> str:
         rows.append(row)
     b = summary["settings"]["bootstrap"]
     d = summary["data"]
+    src = summary["settings"]["maps"]
+    src = "onnxsal" if src["source"] == "onnxsal" else f"`{src['file']}`"
     lines = ["# onnxsal evaluate", "",
              f"Model `{summary['model']['path'] or 'model'}` (sha256 {summary['model']['hash'][:12]}), "
              f"{d['count']} images of {d['source']}; maps from "
-             f"{'onnxsal' if summary['settings']['maps']['source'] == 'onnxsal' else summary['settings']['maps']['file']}.",
+             f"{src}.",
              "",
              f"Cells: mean over images [{b['confidence']:.0%} percentile bootstrap interval, "
              f"{b['resamples']} resamples of the images]; arrows: which direction is better; "
