@@ -712,17 +712,19 @@ class _Run:
 # result files
 
 
-def scores_markdown(summary: dict) -> str:
-    """The table of scores.md: method rows, one column per score ("mean [lo, hi]", the best
-    mean in bold, the direction arrow in the header), then what was skipped."""
+def scores_table(summary: dict) -> str:
+    """Method rows, one column per score ("mean [lo, hi]", the best mean in bold, the
+    direction arrow in the header); '' when no metric applied."""
     cols = list(summary["scores"])
+    if not cols:
+        return ""
     meths = summary["settings"]["methods"]
-    rows = []
     best = {}
     for c in cols:
         sc = summary["scores"][c]
         vals = [e["mean"] for e in sc["methods"].values() if e["mean"] is not None]
         best[c] = (min if sc["direction"] == "lower" else max)(vals) if vals else None
+    rows = []
     for m in meths:
         row = [m]
         for c in cols:
@@ -737,23 +739,23 @@ def scores_markdown(summary: dict) -> str:
                 cell += f" [{fmt(e['ci'][0])}, {fmt(e['ci'][1])}]"
             row.append(cell)
         rows.append(row)
+    return markdown_table(["method"] + [f"{c} {ARROW[summary['scores'][c]['direction']]}"
+                                        for c in cols], rows)
+
+
+def scores_markdown(summary: dict) -> str:
+    """scores.md: what was scored, :func:`scores_table`, then what was skipped and why."""
     b = summary["settings"]["bootstrap"]
     d = summary["data"]
     src = summary["settings"]["maps"]
     src = "onnxsal" if src["source"] == "onnxsal" else f"`{src['file']}`"
     lines = ["# onnxsal evaluate", "",
              f"Model `{summary['model']['path'] or 'model'}` (sha256 {summary['model']['hash'][:12]}), "
-             f"{d['count']} images of {d['source']}; maps from "
-             f"{src}.",
-             "",
+             f"{d['count']} images of {d['source']}; maps from {src}.", "",
              f"Cells: mean over images [{b['confidence']:.0%} percentile bootstrap interval, "
              f"{b['resamples']} resamples of the images]; arrows: which direction is better; "
-             "bold: the best method.", ""]
-    if cols:
-        lines.append(markdown_table(["method"] + [f"{c} {ARROW[summary['scores'][c]['direction']]}"
-                                                  for c in cols], rows))
-    else:
-        lines.append("No metric applied.\n")
+             "bold: the best method.", "",
+             scores_table(summary) or "No metric applied.\n"]
     if summary["skipped"]:
         lines.append("Skipped:\n")
         lines += [f"- {s['metric']}: {s['reason']}" for s in summary["skipped"]]
