@@ -351,8 +351,8 @@ def bootstrap_ci(values: np.ndarray, resamples: int = 1000, confidence: float = 
     v = v[np.isfinite(v)]
     if resamples < 1 or len(v) < 2:
         return None
-    if np.ptp(v) == 0:
-        return [float(v[0]), float(v[0])]
+    if np.ptp(v) == 0:  # every resample has this mean (as the mean itself is computed)
+        return [float(v.mean()), float(v.mean())]
     from scipy.stats import bootstrap
 
     res = bootstrap((v,), np.mean, n_resamples=int(resamples), confidence_level=confidence,
