@@ -602,11 +602,12 @@ class _Run:
 
         def deliver(group: EvalGroup, name: str, part: dict) -> None:
             save_arrays(self.out / group.files[name], part)
-            kind, *rest = name.split("|")
+            kind, _, rest = name.partition("|")
             if kind == "maps":
-                self.maps_done.add((rest[0], group.start))
-            else:
-                self.parts[(rest[0], rest[1], group.start)] = part
+                self.maps_done.add((rest, group.start))
+            else:  # a method's name (a key of a --maps file) may hold any character
+                metric, _, meth = rest.partition("|")
+                self.parts[(metric, meth, group.start)] = part
             self.computed += 1
             if bar is not None:
                 bar.update(1)

@@ -173,6 +173,22 @@ def test_maps_round_trip_gives_identical_scores(cli_run, tmp_path):
             assert sc["methods"][meth]["ci"] == a["scores"][col]["methods"][meth]["ci"]
 
 
+def test_maps_of_other_tools_with_any_key(tmp_path, data):
+    """Keys that are no onnxsal method, with characters file names cannot hold; their
+    [N, C, H, W] maps are summed over channels."""
+    rng = np.random.default_rng(3)
+    a, b = rng.random((N, 1, 20, 20)), rng.normal(size=(N, 20, 20))
+    np.savez(tmp_path / "m.npz", **{"tool|a/b": a, "vendor map": b})
+    res = run_evaluate(str(MODEL), str(SAMPLE), None, "sparseness,complexity", tmp_path / "o",
+                       maps=tmp_path / "m.npz", limit=N, shard_size=SHARD, device="cpu",
+                       threads=1, progress=False, bootstrap=50)
+    assert res["settings"]["methods"] == ["tool|a/b", "vendor map"]
+    assert res["settings"]["maps"]["channel_reduction"] == {"tool|a/b": "sum", "vendor map": "none"}
+    got = [p["score"] for p in res["scores"]["sparseness"]["methods"]["tool|a/b"]["per_image"]]
+    want = metrics.get("sparseness")()(None, data.images, a[:, 0].astype(np.float32))["per_image"]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
 def test_channel_reduction_rule():
     a = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
     np.testing.assert_allclose(reduce_channels(a, "sum"), a.sum(axis=1), atol=1e-6)
