@@ -232,10 +232,14 @@ def plan_metrics(names: Sequence[str], base: dict, ds: Dataset, engine: Any,
         cls = metrics.get(name)
         try:
             obj = cls.from_options(_with_inputs(base, masks, probe_explain, engine))
-            obj.check_labels(ds.labels, int(engine.num_classes), "the model", ds.source)
         except OptionError as exc:
             skipped.append({"metric": name, "reason": _skip_reason(
                 cls, base, n, hw, masks is not None, can_explain, engine, exc)})
+            continue
+        try:
+            obj.check_labels(ds.labels, int(engine.num_classes), "the model", ds.source)
+        except OptionError as exc:  # e.g. accuracy without labels (InputError: a real error)
+            skipped.append({"metric": name, "reason": " ".join(str(exc).split())})
             continue
         uses_masks = False
         if masks is not None:

@@ -295,6 +295,19 @@ def test_a_stopped_run_resumes_and_a_finished_one_recomputes_nothing(tmp_path, m
     assert list(more["scores"]) == ms + ["complexity"]
 
 
+def test_accuracy_without_labels_is_skipped_and_allegiance_applies(tmp_path):
+    with np.load(SAMPLE) as z:
+        np.savez(tmp_path / "nolabels.npz", x=z["x"][:N])
+    kw = dict(limit=N, shard_size=SHARD, device="cpu", threads=1, progress=False, bootstrap=50)
+    args = (str(MODEL), str(tmp_path / "nolabels.npz"), ["vanilla"],
+            ["black-white-deletion", "sparseness"])
+    res = run_evaluate(*args, tmp_path / "a", **kw)
+    assert [s["metric"] for s in res["skipped"]] == ["black-white-deletion"]
+    assert "labels" in res["skipped"][0]["reason"] and list(res["scores"]) == ["sparseness"]
+    res = run_evaluate(*args, tmp_path / "b", deletion_metric="allegiance", **kw)
+    assert not res["skipped"] and "black-white-deletion:white" in res["scores"]
+
+
 def test_no_methods_and_unknown_metric_are_one_line(tmp_path):
     code, _, err = evaluate_cli(tmp_path / "a", "--metrics", "sparseness")
     assert code == 2 and "no methods given" in one_error_line(err)
