@@ -123,6 +123,17 @@ class MetricSpec:
         return [metrics.get(n).from_options(opts) for n in self.names]
 
 
+def metric_options(metric: str = "accuracy", fractions: Sequence[float] = FRACTIONS,
+                   modes: Sequence[str] = MODES, max_batch_bytes: int = 256 << 20,
+                   rise_baseline: str = "black", rise_step: int | None = None) -> dict[str, Any]:
+    """The plain options every metric is built from (:meth:`Metric.from_options`): the
+    deletion benchmark's score (``metric``), fractions and modes, the memory budget of one
+    batch and RISE's baseline and step (``onnxsal benchmark`` and ``onnxsal evaluate``)."""
+    return {"metric": metric, "fractions": tuple(map(float, fractions)),
+            "modes": tuple(modes), "max_batch_bytes": int(max_batch_bytes),
+            "rise_baseline": rise_baseline, "rise_step": rise_step}
+
+
 def metric_names(rise: bool, extra: Sequence[str] | str = ()) -> tuple[str, ...]:
     """Black/white deletion, RISE deletion and insertion with ``rise``, then the ``extra``
     registered metrics (comma lists allowed); unknown names are refused here."""
@@ -226,9 +237,9 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
         method_names = _methods.resolve(method_names)
     if shard_size < 1:
         raise OptionError(f"shard size must be positive, got {shard_size}")
-    options = {"metric": metric, "fractions": tuple(map(float, fractions)),
-               "modes": tuple(modes), "max_batch_bytes": int(max_batch_bytes),
-               "rise_baseline": rise_baseline, "rise_step": rise_step}
+    options = metric_options(metric=metric, fractions=fractions, modes=modes,
+                             max_batch_bytes=max_batch_bytes, rise_baseline=rise_baseline,
+                             rise_step=rise_step)
     metric_spec = MetricSpec(metric_names(rise, metrics_extra), tuple(options.items()))
     settings = {"metric": metric, "methods": method_names,
                 "fractions": [float(p) for p in fractions], "modes": list(modes),

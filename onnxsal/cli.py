@@ -306,6 +306,84 @@ def benchmark(models, data, methods, metric, limit, out, preprocess, device, see
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", "data", multiple=True, required=True,
+              help="A folder (one subfolder per class), an .npz (x, y), image files "
+              "(repeatable), or fashion-mnist[:train|test], digits, skimage-samples.")
+@click.option("-m", "--methods", "methods", multiple=True, help="onnxsal method names "
+              "(repeatable, comma lists allowed), or 'all'; with --maps: the keys of the file "
+              "to score (default: all of them).")
+@click.option("--metrics", "metric_names", multiple=True, required=True, metavar="NAME",
+              help="Registered metric names (repeatable, comma lists allowed), or 'all': every "
+              "metric that applies; one that cannot (no --masks for a localisation metric, no "
+              "way to re-explain for maps from --maps, no labels) is skipped with its reason.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder "
+              "(scores.json, scores.md, plots/; shards/ for resuming).")
+@click.option("--maps", "maps_file", type=click.Path(dir_okay=False), default=None,
+              help="Score maps made elsewhere: an .npz with one array per method, [N, H, W] or "
+              "[N, C, H, W], in the data's order. Channels are reduced as onnxsal reduces its "
+              "own maps of that method: summed for signed methods and for names onnxsal does "
+              "not know, the maximum of the absolute value for magnitude maps (original, "
+              "positive, ...).")
+@click.option("--masks", default=None, metavar="MASKS", help="Ground-truth masks for the "
+              "localisation metrics: a folder of mask images named like the images, FILE.npz "
+              "or FILE.npz:KEY ([N, H, W], the data's order), or a CSV of boxes "
+              "name,x0,y0,x1,y1.")
+@click.option("--limit", type=COUNT, default=None, help="Use the first N images.")
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="Seed of seeded methods and metrics, and of the bootstrap.")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Bootstrap resamples of the images for the 95%% interval of each mean "
+              "(0: none).")
+@click.option("--deletion-metric", type=click.Choice(["accuracy", "allegiance"]),
+              default="accuracy", show_default=True, help="The score of black-white-deletion "
+              "(accuracy needs labels).")
+@click.option("--shard-size", type=COUNT, default=64, show_default=True,
+              help="Images per shard (the unit of resuming).")
+@click.option("--preprocess", default=None, help="Model preprocessing (as for explain).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--output", default=None, help="The output to explain when the model has several.")
+@click.option("--threads", type=THREADS, default=None, help="onnxruntime threads per session.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_executor_options
+def evaluate(model, data, methods, metric_names, out, maps_file, masks, limit, seed, bootstrap,
+             deletion_metric, shard_size, preprocess, device, output, threads, quiet, executor,
+             address, workers, cpus_per_worker, gpus_per_worker):
+    """Score saliency maps of MODEL with the registered metrics: per-image scores, means with
+    bootstrap confidence intervals, a table and plots. The maps come from onnxsal's METHODS or
+    from --maps (maps made by any other tool). Resumable: run the same command again."""
+    import shlex
+
+    from .evaluate import run_evaluate, scores_table
+
+    ex = _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker)
+    command = None
+    if Path(sys.argv[0]).name == "onnxsal":
+        command = " ".join(["onnxsal"] + [shlex.quote(a) for a in sys.argv[1:]])
+    try:
+        res = run_evaluate(model, data[0] if len(data) == 1 else list(data), list(methods),
+                           list(metric_names), out, maps=maps_file, masks=masks, limit=limit,
+                           seed=seed, preprocess=preprocess, device=device, threads=threads,
+                           output=output, shard_size=shard_size, executor=ex,
+                           bootstrap=bootstrap, deletion_metric=deletion_metric,
+                           progress=not quiet, command=command)
+    except KeyboardInterrupt:
+        _echo(f"interrupted: finished parts are kept in {out}/shards; run the same command "
+              "again to resume", err=True)
+        raise
+    for note in res["data"]["notes"]:
+        _echo(f"note: {note}", err=True)
+    for f in res["data"]["failures"] + res.get("figure_failures", []):
+        _echo(f"failed: {f['name']}: {f['error']}", err=True)
+    for s in res["skipped"]:
+        _echo(f"skipped: {s['metric']}: {s['reason']}", err=True)
+    _echo(scores_table(res), nl=False, block=True)
+    _echo(f"wrote {out}/scores.json, scores.md, plots/ ({res['data']['count']} images, "
+          f"{len(res['settings']['methods'])} methods, {len(res['scores'])} scores, "
+          f"{res['timing']['seconds_this_run']:.1f} s)")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", "data", required=True,
               help="A folder, an .npz (x, y), an image file, or fashion-mnist[:train|test], "
               "digits, skimage-samples.")

@@ -84,7 +84,7 @@ class InputInvariance(Metric):
     def from_options(cls, options: dict) -> InputInvariance:
         if options.get("explain_shifted") is None:
             raise OptionError("metric 'input-invariance' needs explain_shifted (the method on "
-                              "a shift-compensated model); onnxsal benchmark does not build one")
+                              "a shift-compensated model); onnxsal benchmark and evaluate do not build one")
         return cls(options["explain_shifted"], options.get("invariance_shift", 1.0),
                    options.get("max_batch_bytes", 256 << 20))
 

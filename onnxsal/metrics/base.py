@@ -95,6 +95,14 @@ class Metric:
                 "failures": [{"name": names[j], "error": "non-finite value"}
                              for j in np.flatnonzero(~np.isfinite(result["per_image"]))]}
 
+    def per_image_scores(self, result: Any) -> dict[str, np.ndarray]:
+        """{variant: float [N] per-image score} of an aggregated result, NaN where an image has
+        none; the variant "" is the metric itself (a metric with several scores, e.g. one per
+        deletion mode, names each). The mean over the finite scores is the aggregate
+        ``onnxsal evaluate`` reports. The default, for :meth:`aggregate`'s default: the
+        per-image ``value``."""
+        return {"": np.asarray(result["per_image"], np.float64)}
+
     def place(self, entry: dict, summary: dict) -> None:
         """Put the summary into a benchmark result ``entry`` (one model x method)."""
         entry.setdefault("metrics", {})[self.name] = summary

@@ -219,6 +219,20 @@ class BlackWhiteDeletion(Metric):
                 "fractions": result.fractions, "curves": result.curves, "auc": result.auc,
                 "failures": [{"name": n, "error": e} for n, e in result.failures(names)]}
 
+    def per_image_scores(self, result: DeletionResult) -> dict[str, np.ndarray]:
+        """Per mode, each image's AUC of its 0/1 correctness curve (the same rule as the
+        benchmark's AUC, so their mean is the AUC of the mean curve); NaN for failed images."""
+        out = {}
+        for mode in self.modes:
+            v = np.full(len(result.errors), np.nan)
+            ok = result.valid
+            if ok.any():
+                c = result.correct(mode).astype(np.float64)
+                v[ok] = (np.trapezoid(c, dx=0.1, axis=1) if tuple(self.fractions) == FRACTIONS
+                         else np.trapezoid(c, x=self.fractions, axis=1))
+            out[mode] = v
+        return out
+
     def place(self, entry: dict, summary: dict) -> None:
         """The benchmark's own metric: its summary is the top level of a result entry."""
         entry.update(summary)

@@ -185,6 +185,10 @@ class _RiseMetric(Metric):
                 "failures": [{"name": names[j], "error": e}
                              for j, e in enumerate(result.errors) if e]}
 
+    def per_image_scores(self, result: RiseResult) -> dict[str, np.ndarray]:
+        """Each image's AUC (NaN for failed images)."""
+        return {"": np.where(result.valid, result.auc_per_image, np.nan)}
+
     def place(self, entry: dict, summary: dict) -> None:
         """Under ``entry["rise"]["deletion" | "insertion"]``."""
         entry.setdefault("rise", {})[self.name] = summary
