@@ -168,10 +168,13 @@ def render_pictures(pictures: list[Picture], path: str | Path, title: str = "", 
         for ax in axes.flat:
             ax.axis("off")
         for ax, p in zip(axes.flat, pictures):
-            disp = _display_image(p.image)
+            # small images are enlarged (nearest) so that outlines follow pixel edges
+            f = max(1, -(-128 // min(p.image.shape[1:])))
+            disp = _display_image(np.repeat(np.repeat(p.image, f, axis=1), f, axis=2))
             ax.imshow(disp, cmap="gray" if disp.ndim == 2 else None, vmin=0, vmax=1)
             if p.outline is not None and np.any(p.outline) and not np.all(p.outline):
-                ax.contour(np.asarray(p.outline, np.float32), levels=[0.5], colors="yellow", linewidths=1.2)
+                mask = np.repeat(np.repeat(np.asarray(p.outline, np.float32), f, axis=0), f, axis=1)
+                ax.contour(mask, levels=[0.5], colors="yellow", linewidths=1.2)
             ax.set_title(p.title, fontsize=7)
         if title:
             fig.suptitle(title, fontsize=10)

@@ -40,7 +40,7 @@ class _Evaluator:
     def __call__(self, z: np.ndarray) -> np.ndarray:
         if not self.remember:
             return self.features.predict(z)
-        keys = [np.packbits(row).tobytes() for row in z]
+        keys = [row.tobytes() for row in np.packbits(z, axis=1)]
         todo: dict[bytes, int] = {}
         for j, key in enumerate(keys):
             if key not in self.known and key not in todo:
@@ -76,7 +76,10 @@ def _vary(rng, z: np.ndarray, o: dict[str, Any]) -> tuple[np.ndarray, np.ndarray
     touched = np.zeros(p, bool)
     if k >= 2 and pairs:
         mate = rng.random(pairs) < o["crossover"]
-        cuts = np.sort(np.stack([rng.permutation(np.arange(1, k + 1))[:2] for _ in range(pairs)]), axis=1)
+        first = rng.integers(1, k + 1, pairs)  # two distinct cut points in 1..k (as DEAP's cxTwoPoint)
+        second = rng.integers(1, k, pairs)
+        second = np.where(second >= first, second + 1, second)
+        cuts = np.sort(np.stack([first, second], axis=1), axis=1)
         cols = np.arange(k)
         swap = mate[:, None] & (cols >= cuts[:, :1]) & (cols < cuts[:, 1:])
         a, b = z[0:2 * pairs:2], z[1:2 * pairs:2]
