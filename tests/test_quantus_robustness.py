@@ -1,5 +1,5 @@
-"""Parity with Quantus 0.6.0 (the reference toolkit) for max-sensitivity, avg-sensitivity and
-the local Lipschitz estimate: one small torch CNN, explained by torch autograd for Quantus and
+"""Parity with Quantus 0.6.0 (the reference toolkit) for max-sensitivity, avg-sensitivity, the
+local Lipschitz estimate and the smooth and efficient MPRT: one small torch CNN, explained by torch autograd for Quantus and
 by onnxsal's gradient pass on its ONNX export for onnxsal, scored on the same maps.
 
 Exact parity: Quantus is given onnxsal's own perturbed inputs (its ``perturb_func`` replays
@@ -7,7 +7,10 @@ them), so the two differ only in the formula, which must agree to float precisio
 Lipschitz estimate Quantus runs with ``batch_size=1`` and maps already divided by their
 maximum: Quantus divides a batch of maps by one common maximum, onnxsal each map by its own
 (docs/metrics.md#local-lipschitz-estimate-local-lipschitz). Statistical parity: with each
-tool's own noise, average-sensitivity agrees within the Monte Carlo error."""
+tool's own noise, average-sensitivity agrees within the Monte Carlo error. For the MPRTs
+Quantus's layer generator yields the torch net carrying onnxsal's randomised weights (Quantus
+re-draws with PyTorch's ``reset_parameters``), and smooth MPRT's ``np.random.randn`` replays
+onnxsal's standard normal draws."""
 
 from __future__ import annotations
 
@@ -103,3 +106,83 @@ def test_avg_sensitivity_agrees_with_quantus_own_noise(setup):
     # the mean of 100 draws: a few per cent of Monte Carlo error per image
     np.testing.assert_allclose(got, ref, rtol=0.1)
     assert abs(got.mean() / ref.mean() - 1) < 0.05
+
+
+def _randomised_twin(net, onnx_model, seed):
+    """The torch net with onnxsal's randomised weights (the ONNX initializers keep the torch
+    parameter names), for Quantus's layer generator."""
+    import copy
+
+    from onnx import numpy_helper
+
+    from onnxsal.metrics.randomisation import randomize
+    from onnxsal.metrics.sanity import find_layers
+
+    rmodel = randomize(onnx_model, find_layers(onnx_model), seed=seed)
+    values = {t.name: numpy_helper.to_array(t) for t in rmodel.graph.initializer}
+    twin = copy.deepcopy(net)
+    state = twin.state_dict()
+    assert set(state) <= set(values)
+    twin.load_state_dict({k: torch.tensor(values[k].reshape(state[k].shape)) for k in state})
+    return twin
+
+
+def test_efficient_mprt_equals_quantus_on_the_same_randomised_model(setup, monkeypatch):
+    from onnxsal.metrics.randomisation_mprt import EfficientMPRT, model_explainer
+
+    net, engine, x, t, explain_onnx, maps = setup
+    onnx_model = engine.source_model
+    twin = _randomised_twin(net, onnx_model, seed=2)
+    assert not torch.allclose(twin[0].weight, net[0].weight)
+
+    def generator(self, order="top_down", seed=42):
+        # Quantus scores the last model of its cascade (every layer random) and skips the
+        # others: every step yields the fully randomised twin
+        for name in ("0", "3"):
+            yield name, twin
+
+    from quantus.helpers.model.pytorch_model import PyTorchModel
+
+    monkeypatch.setattr(PyTorchModel, "get_random_layer_generator", generator)
+    ref = quantus.EfficientMPRT(disable_warnings=True)(
+        model=net, x_batch=x, y_batch=t, a_batch=maps[:, None], explain_func=explain_torch,
+        batch_size=len(x))
+    got = EfficientMPRT(onnx_model, model_explainer("vanilla", threads=1, use_disk_cache=False),
+                        seed=2).evaluate(engine.logits, x, maps)["value"]
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-9)
+    assert np.abs(got).max() > 0.01
+
+
+def test_smooth_mprt_equals_quantus_on_the_same_model_and_noise(setup, monkeypatch):
+    from quantus.helpers.model.pytorch_model import PyTorchModel
+
+    from onnxsal.metrics.randomisation_mprt import SmoothMPRT, model_explainer
+
+    net, engine, x, t, explain_onnx, maps = setup
+    onnx_model = engine.source_model
+    twin = _randomised_twin(net, onnx_model, seed=0)
+    samples = 8
+    # onnxsal's standard normal draws (image i from (seed, i)), handed to Quantus's randn
+    z = np.stack([np.random.default_rng([0, i]).standard_normal((samples - 1,) + x.shape[1:])
+                  for i in range(len(x))])
+    calls = []
+
+    def randn(*shape):
+        assert shape == x.shape
+        calls.append(1)
+        return z[:, (len(calls) - 1) % (samples - 1)]
+
+    def generator(self, order="top_down", seed=42):
+        for name in ("0", "3"):
+            yield name, twin
+
+    monkeypatch.setattr(PyTorchModel, "get_random_layer_generator", generator)
+    monkeypatch.setattr(np.random, "randn", randn)
+    ref = quantus.SmoothMPRT(nr_samples=samples, return_last_correlation=True, disable_warnings=True)(
+        model=net, x_batch=x, y_batch=t, a_batch=None, explain_func=explain_torch, batch_size=len(x))
+    monkeypatch.undo()
+    assert len(calls) % (samples - 1) == 0 and calls
+    got = SmoothMPRT(onnx_model, model_explainer("vanilla", threads=1, use_disk_cache=False),
+                     samples=samples).evaluate(engine.logits, x, maps)["value"]
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    assert (got < 0.9).all()
