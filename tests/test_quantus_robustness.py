@@ -1,6 +1,7 @@
 """Parity with Quantus 0.6.0 (the reference toolkit) for max-sensitivity, avg-sensitivity, the
-local Lipschitz estimate and the smooth and efficient MPRT: one small torch CNN, explained by torch autograd for Quantus and
-by onnxsal's gradient pass on its ONNX export for onnxsal, scored on the same maps.
+local Lipschitz estimate and the smooth and efficient MPRT: one small torch CNN, explained by
+torch autograd for Quantus and by onnxsal's gradient pass on its ONNX export for onnxsal,
+scored on the same maps.
 
 Exact parity: Quantus is given onnxsal's own perturbed inputs (its ``perturb_func`` replays
 them), so the two differ only in the formula, which must agree to float precision. For the
