@@ -114,6 +114,7 @@ class Engine:
         self.model_hash = content_hash(source)
         self._key = hashlib.sha256((self.model_hash + self.preprocess.to_json() + (output or "")).encode()).hexdigest()
         self.providers = pick_providers(device)
+        self.output = output  # the output asked for (None: found), for engines of re-weighted copies
         self.provider = self.providers[0]
         self.threads = threads
         # data-parallel runs: `threads` one-thread runs on parts of each batch (CPU only)

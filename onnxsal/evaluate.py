@@ -171,20 +171,32 @@ def _digest(a: np.ndarray) -> str:
 # which metrics apply, and their options
 
 
-def _dummy_explain(images: np.ndarray, targets: np.ndarray) -> np.ndarray:  # pragma: no cover
-    raise AssertionError("a probe explainer is never called")
+class _ProbeExplainer:
+    """Stands in for :class:`_Explainer` while the metrics are chosen; never called."""
+
+    def __call__(self, images: np.ndarray, targets: np.ndarray) -> np.ndarray:  # pragma: no cover
+        raise AssertionError("a probe explainer is never called")
+
+    def for_model(self, model, images: np.ndarray, targets: np.ndarray) -> np.ndarray:  # pragma: no cover
+        raise AssertionError("a probe explainer is never called")
+
+
+_dummy_explain = _ProbeExplainer()
 
 
 def _with_inputs(base: dict, masks: np.ndarray | None, explain: Callable | None,
                  engine: Any) -> dict:
     """The metric options for one (slice, method): the plain ones, the masks of the slice,
-    ``explain_class(images, targets) -> maps`` re-explaining with the method, and the model
+    ``explain_class(images, targets) -> maps`` re-explaining with the method,
+    ``explain_model(model, images, targets) -> maps`` explaining a re-weighted copy of the model
+    with it (the MPRT metrics), and the model
     (``engine``: the engine that runs it, ``model``: its ONNX ModelProto)."""
     opts = dict(base)
     if masks is not None:
         opts["masks"] = masks
     if explain is not None:
         opts["explain_class"] = explain
+        opts["explain_model"] = explain.for_model
     if engine is not None:
         opts["engine"] = engine
         opts["model"] = getattr(engine, "source_model", None)
@@ -279,17 +291,41 @@ def resolve_metric_names(metric_names: Sequence[str] | str) -> list[str]:
 # the work of one slice of images
 
 
-def _explainer(engine: Any, method: str, seed: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """``explain(images [N, C, H, W], targets [N]) -> maps [N, H, W]`` with ``method``."""
-    from . import methods
+class _Explainer:
+    """``explain(images [N, C, H, W], targets [N]) -> maps [N, H, W]`` with ``method`` on the
+    run's engine, and :meth:`for_model`: the same on another ONNX model of the same inputs (a
+    randomised copy of the model: the engine built for it keeps this engine's preprocessing,
+    providers and threads)."""
 
-    opts = {"seed": seed} if "seed" in methods.get(method).defaults else {}
+    def __init__(self, engine: Any, method: str, seed: int):
+        from . import methods
 
-    def explain(images: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        out = methods.compute(engine, images, [method], targets=targets, **opts)[method]
-        return _as_maps(out, len(images), images.shape[2:], method)
+        self.engine, self.method = engine, method
+        self.opts = {"seed": seed} if "seed" in methods.get(method).defaults else {}
+        self._other: tuple[Any, Any] | None = None  # (model, its engine), the last one asked for
 
-    return explain
+    def _maps(self, engine: Any, images: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        from . import methods
+
+        out = methods.compute(engine, images, [self.method], targets=targets, **self.opts)[self.method]
+        return _as_maps(out, len(images), images.shape[2:], self.method)
+
+    def __call__(self, images: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        return self._maps(self.engine, images, targets)
+
+    def for_model(self, model, images: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        from .engine import Engine
+
+        if self._other is None or self._other[0] is not model:
+            e = self.engine
+            device = "cuda" if e.providers[0] == "CUDAExecutionProvider" else "cpu"
+            self._other = (model, Engine(model, preprocess=e.preprocess, device=device,
+                                         threads=e.threads, output=e.output))
+        return self._maps(self._other[1], images, np.asarray(targets))
+
+
+def _explainer(engine: Any, method: str, seed: int) -> _Explainer:
+    return _Explainer(engine, method, seed)
 
 
 def part_name(metric: str | None, method: str) -> str:
