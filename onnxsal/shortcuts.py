@@ -58,6 +58,7 @@ from .errors import InputError, OptionError
 
 DEFAULTS: dict[str, Any] = {
     "box_threshold": 0.5,     # D_c >= this fraction of its maximum makes the hot region
+    "box_grow": 0.25,         # the box grows by this share of its side on each side (>= 1 pixel)
     "pairs": 200,             # paste pairs and blanked images per class
     "paste_margin": 0.5,      # paste_flip_rate - control_flip_rate needed to suspect
     "max_box_fraction": 0.25,  # a box larger than this share of the image is not a shortcut
@@ -105,6 +106,8 @@ def _options(options: dict[str, Any]) -> dict[str, Any]:
     o = {**DEFAULTS, **options}
     if not 0.0 < float(o["box_threshold"]) <= 1.0:
         raise OptionError(f"box_threshold must be in (0, 1], got {o['box_threshold']}")
+    if not 0.0 <= float(o["box_grow"]) <= 1.0:
+        raise OptionError(f"box_grow must be in [0, 1], got {o['box_grow']}")
     if not 0.0 < float(o["max_box_fraction"]) <= 1.0:
         raise OptionError(f"max_box_fraction must be in (0, 1], got {o['max_box_fraction']}")
     for k in ("pairs", "min_images", "batch_size"):
@@ -135,17 +138,23 @@ def class_contrast_maps(maps: np.ndarray, labels: np.ndarray, num_classes: int) 
     return out
 
 
-def hot_box(contrast: np.ndarray, threshold: float) -> list[int] | None:
+def hot_box(contrast: np.ndarray, threshold: float, grow: float = 0.0) -> list[int] | None:
     """[y0, x0, y1, x1] (end exclusive) of the connected region (8-neighbours) around the
-    maximum of ``contrast`` where it is >= ``threshold`` times that maximum; None if the
-    maximum is not positive."""
+    maximum of ``contrast`` where it is >= ``threshold`` times that maximum, grown on each side
+    by ``grow`` times its height (width), at least one pixel when ``grow`` > 0, and clipped to
+    the image; None if the maximum is not positive."""
     peak = float(contrast.max())
     if not peak > 0:
         return None
     regions, _ = ndimage.label(contrast >= threshold * peak, structure=np.ones((3, 3)))
     py, px = np.unravel_index(int(np.argmax(contrast)), contrast.shape)
     ys, xs = np.nonzero(regions == regions[py, px])
-    return [int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1]
+    y0, x0, y1, x1 = int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
+    if grow > 0:
+        gy, gx = max(1, round(grow * (y1 - y0))), max(1, round(grow * (x1 - x0)))
+        y0, x0 = max(0, y0 - gy), max(0, x0 - gx)
+        y1, x1 = min(contrast.shape[0], y1 + gy), min(contrast.shape[1], x1 + gx)
+    return [y0, x0, y1, x1]
 
 
 def _consistency(p: np.ndarray, box: list[int]) -> float:
@@ -286,7 +295,7 @@ def find_shortcuts(predict_logits: Callable[[np.ndarray], np.ndarray], images, l
             if count:
                 skipped.append({"class": c, "reason": f"{count} images (< min_images {o['min_images']})"})
             continue
-        box = hot_box(contrast[c], float(o["box_threshold"]))
+        box = hot_box(contrast[c], float(o["box_threshold"]), float(o["box_grow"]))
         if box is None:
             skipped.append({"class": c, "reason": "saliency is not higher in this class anywhere"})
             continue

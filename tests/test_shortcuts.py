@@ -51,7 +51,10 @@ def test_toy_finds_exactly_the_corner():
     flagged = [f for f in r["findings"] if f["suspected"]]
     assert [f["class"] for f in flagged] == [1]
     f = flagged[0]
-    assert f["box"] == CORNER
+    # the hot region is exactly the corner; the reported box is it grown by box_grow (1 pixel)
+    assert f["box"] == [CORNER[0] - 1, CORNER[1] - 1, CORNER[2] + 1, CORNER[3] + 1]
+    exact = find_shortcuts(_toy_logits, x, y, maps, num_classes=3, seed=0, box_grow=0)
+    assert [g["box"] for g in exact["findings"] if g["suspected"]] == [CORNER]
     assert f["paste_flip_rate"] > 0.95 and f["control_flip_rate"] < 0.2
     assert f["blank_flip_rate"] > 0.95 and f["control_blank_flip_rate"] < 0.05
     assert f["consistency"] == 1.0
@@ -65,7 +68,8 @@ def test_toy_finds_exactly_the_corner():
     assert len(after) == len(f["examples"]) == 4
     assert (_toy_logits(after).argmax(1) == 1).all()
     assert (_toy_logits(before).argmax(1) == [e["before"] for e in f["examples"]]).all()
-    np.testing.assert_array_equal(after[:, :, 1:4, 12:15], src[:, :, 1:4, 12:15])
+    y0, x0, y1, x1 = f["box"]
+    np.testing.assert_array_equal(after[:, :, y0:y1, x0:x1], src[:, :, y0:y1, x0:x1])
 
 
 def test_toy_is_deterministic_and_seeded():
@@ -83,6 +87,8 @@ def test_hot_box_and_iou():
     d[8, 0] = 0.9  # a second hot spot, not connected to the peak's region
     d[3, 6] = 2.0
     assert hot_box(d, 0.4) == [2, 5, 4, 8]
+    assert hot_box(d, 0.4, grow=0.25) == [1, 4, 5, 9]  # at least one pixel per side
+    assert hot_box(d, 0.4, grow=1.0) == [0, 2, 6, 10]  # grown by the side, clipped to the image
     assert hot_box(-np.ones((4, 4)), 0.5) is None
     assert box_iou([0, 0, 4, 4], [0, 0, 4, 4]) == 1.0
     assert box_iou([0, 0, 4, 4], [2, 2, 6, 6]) == pytest.approx(4 / 28)
