@@ -57,7 +57,7 @@ def test_toy_finds_exactly_the_corner():
     assert [g["box"] for g in exact["findings"] if g["suspected"]] == [CORNER]
     assert f["paste_flip_rate"] > 0.95 and f["control_flip_rate"] < 0.2
     assert f["blank_flip_rate"] > 0.95 and f["control_blank_flip_rate"] < 0.05
-    assert f["consistency"] == 1.0
+    assert f["consistency"] == 1.0 and f["lift"] > 10
     # class 2's evidence is the whole image: the random box of that size flips as often
     c2 = next(g for g in r["findings"] if g["class"] == 2)
     assert not c2["suspected"] and c2["paste_excess"] < 0.1
