@@ -171,14 +171,16 @@ def hot_box(contrast: np.ndarray, threshold: float, grow: float = 0.0) -> list[i
 def _consistency(p: np.ndarray, box: list[int]) -> tuple[float, float]:
     """(consistency, concentration) of maps (normalised, [n, H, W]) for a box of area A: the
     fraction of maps with at least half of their A most salient pixels in the box, and the
-    mean share of their A most salient pixels that lie in the box."""
+    mean share of their A most salient pixels that lie in the box (zero pixels never count)."""
     y0, x0, y1, x1 = box
     area = (y1 - y0) * (x1 - x0)
     inside = np.zeros(p.shape[1:], dtype=bool)
     inside[y0:y1, x0:x1] = True
     flat = p.reshape(len(p), -1)
     top = np.argsort(-flat, axis=1, kind="stable")[:, :area]
-    share = inside.reshape(-1)[top].mean(1)
+    # a pixel of zero saliency counts as outside (ties at zero would otherwise be decided by
+    # their position)
+    share = (inside.reshape(-1)[top] & (np.take_along_axis(flat, top, 1) > 0)).mean(1)
     return float((share >= 0.5).mean()), float(share.mean())
 
 

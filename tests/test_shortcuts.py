@@ -57,7 +57,11 @@ def test_toy_finds_exactly_the_corner():
     assert [g["box"] for g in exact["findings"] if g["suspected"]] == [CORNER]
     assert f["paste_flip_rate"] > 0.95 and f["control_flip_rate"] < 0.2
     assert f["blank_flip_rate"] > 0.95 and f["control_blank_flip_rate"] < 0.05
-    assert f["consistency"] == 1.0 and f["lift"] > 10
+    # the 9 corner pixels are the only salient ones of every class-1 map: 9 of the 25 in the
+    # grown box, lift = (9/25) / (25/256) = 3.69; in the exact box all of them
+    assert f["lift"] == pytest.approx((9 / 25) / (25 / 256))
+    e1 = next(g for g in exact["findings"] if g["class"] == 1)
+    assert e1["consistency"] == 1.0 and e1["concentration"] == 1.0
     # class 2's evidence is the whole image: the random box of that size flips as often
     c2 = next(g for g in r["findings"] if g["class"] == 2)
     assert not c2["suspected"] and c2["paste_excess"] < 0.1
