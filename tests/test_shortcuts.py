@@ -127,3 +127,44 @@ def test_option_and_model_checks():
         find_shortcuts(_toy_logits, x, y, maps, num_classes=1)
     with pytest.raises(InputError, match=r"predict_logits returned shape \[30, 3\] .* expected \[30, 4\]"):
         find_shortcuts(_toy_logits, x, y, maps, num_classes=4)
+
+
+# -- the bundled Fashion-MNIST models (benchmarks/shortcut_demo.py; tests/data/README.md) ----
+
+DATA = __import__("pathlib").Path(__file__).resolve().parent / "data"
+
+
+def _bundled(model: str, key: str):
+    from onnxsal.engine import Engine
+    from onnxsal.methods import compute
+
+    d = np.load(DATA / "fmnist_tag_sample.npz")
+    x, y = d[key].astype(np.float32) / 255.0, d["y"]
+    eng = Engine(DATA / f"fmnist_{model}_cnn.onnx", device="cpu", threads=1, use_disk_cache=False)
+    maps = compute(eng, x, "vanilla", targets=y)["vanilla"].maps
+    res = find_shortcuts(eng.logits, x, y, maps, num_classes=10, seed=0)
+    return res, [int(v) for v in d["tag_box"]], int(d["tag_class"])
+
+
+def test_tagged_model_names_the_tag_class_and_box():
+    res, tag_box, tag_class = _bundled("tagged", "x")
+    flagged = [f for f in res["findings"] if f["suspected"]]
+    assert [f["class"] for f in flagged] == [tag_class]
+    f = flagged[0]
+    assert box_iou(f["box"], tag_box) > 0.3
+    assert f["paste_excess"] > 0.4 and f["lift"] > 10  # measured: 0.52 and 17.8
+    assert f["blank_flip_rate"] > 0.5 > f["control_blank_flip_rate"]  # measured 0.77 vs 0.0
+    assert all(e["after"] == tag_class != e["before"] for e in f["examples"])
+
+
+def test_clean_model_flags_nothing_even_with_the_tag_in_the_data():
+    res, _, _ = _bundled("clean", "x")
+    assert [f["class"] for f in res["findings"] if f["suspected"]] == []
+    assert max(f["paste_excess"] for f in res["findings"]) < 0.2  # measured 0.08
+
+
+def test_tagged_model_on_untagged_data_flags_nothing():
+    """The finder needs the shortcut in the audit data (docs/shortcuts.md#limits): without the
+    tag in the images, pasting boxes of them carries no tag."""
+    res, _, _ = _bundled("tagged", "x_clean")
+    assert [f["class"] for f in res["findings"] if f["suspected"]] == []
