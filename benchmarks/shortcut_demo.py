@@ -275,14 +275,15 @@ def write_readme(out: Path, rows, models, summary, figs, args, seconds: float) -
               f"{c}. paste / control: the share of other classes' images turned into class {c} by pasting the "
               f"box / a random box of the same size from class {c} images; blank / control: the share of class "
               f"{c}'s images that leave the class when the box / a random box is filled with the image mean.", "",
-              f"| model | data | method | accuracy | class {c} acc | box | IoU with tag | consistency | paste | "
+              f"| model | data | method | accuracy | class {c} acc | box | IoU with tag | consistency | lift | paste | "
               "control | blank | control | suspected | all flagged classes |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r["tag_class_finding"]
         lines.append(f"| {r['model']} | {r['data']} | {r['method']} | {r['accuracy']:.3f} | "
                      f"{r['tagged_class_accuracy']:.3f} | `{f['box']}` | {f['iou_with_tag']:.2f} | "
-                     f"{f['consistency']:.2f} | {_pct(f['paste_flip_rate'])} | {_pct(f['control_flip_rate'])} | "
+                     f"{f['consistency']:.2f} | {f['lift']:.1f} | {_pct(f['paste_flip_rate'])} | "
+                     f"{_pct(f['control_flip_rate'])} | "
                      f"{_pct(f['blank_flip_rate'])} | {_pct(f['control_blank_flip_rate'])} | "
                      f"{'yes' if f['suspected'] else 'no'} | {r['flagged'] or 'none'} |")
     lines += ["", "## Flag rates", "",
