@@ -81,6 +81,8 @@ def test_toy_is_deterministic_and_seeded():
     a = find_shortcuts(_toy_logits, x, y, maps, num_classes=3, seed=3)
     b = find_shortcuts(_toy_logits, x, y, maps, num_classes=3, seed=3)
     assert a == b
+    only = find_shortcuts(_toy_logits, x, y, maps, num_classes=3, seed=3, classes=[1])
+    assert [f["class"] for f in only["findings"]] == [1] and only["findings"][0]["suspected"]
     c = find_shortcuts(_toy_logits, x, y, maps, num_classes=3, seed=4)
     assert [f["examples"] for f in a["findings"]] != [f["examples"] for f in c["findings"]]
 
@@ -145,6 +147,8 @@ def test_option_and_model_checks():
     x, y, maps = _toy_data(n=10)
     with pytest.raises(OptionError, match="unknown shortcut finder option"):
         find_shortcuts(_toy_logits, x, y, maps, num_classes=3, pair=3)
+    with pytest.raises(OptionError, match=r"classes must be in 0..2"):
+        find_shortcuts(_toy_logits, x, y, maps, num_classes=3, classes=[1, 3])
     with pytest.raises(OptionError, match="box_threshold"):
         find_shortcuts(_toy_logits, x, y, maps, num_classes=3, box_threshold=0)
     with pytest.raises(OptionError, match="num_classes"):
