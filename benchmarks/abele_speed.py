@@ -1,0 +1,139 @@
+"""ABELE's speed and quality (onnxsal/methods/abele.py, docs/abele.md).
+
+``digits``: ABELE on held-out images of the bundled digits model (tests/data/digits_cnn.onnx)
+with the bundled autoencoder (tests/data/aae_digits): per image the neighbourhood, the tree's
+fidelity, the exemplars and counter-exemplars found and how many really keep / change the
+model's label (re-checked here with a session of the model file), model evaluations, engine
+calls and seconds.
+
+``fashion``: one ABELE explanation of Fashion-MNIST test images with the paper's CNN
+(benchmarks/paper/models/fashion_cnn.onnx) and the bundled Fashion-MNIST autoencoder, batched
+as onnxsal runs it (one engine call per generation or round) against a plain per-sample loop
+(one engine call per decoded image, the way ABELE's reference code calls the black box inside
+its genetic fitness and its rejection loops); the two give the same explanation (checked).
+
+    python benchmarks/abele_speed.py digits --limit 20
+    python benchmarks/abele_speed.py fashion --limit 3
+Both use one onnxruntime thread. Results: benchmarks/results/abele_speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from onnxsal import methods  # noqa: E402
+from onnxsal.autoencoder import load_autoencoder  # noqa: E402
+from onnxsal.engine import Engine  # noqa: E402
+from onnxsal.onnx_util import cpu_session  # noqa: E402
+
+
+class PerSample:
+    """The engine, but every forward pass is a loop of one-image calls."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def logits(self, x, batch_size=None):
+        return np.concatenate([self._engine.logits(x[i:i + 1]) for i in range(len(x))])
+
+
+def _check(model_path, e, ex, cex):
+    sess = cpu_session(str(model_path), 1)
+    name = sess.get_inputs()[0].name
+
+    def lab(a):
+        return sess.run(None, {name: a})[0].argmax(1) if len(a) else np.zeros(0, int)
+
+    return int((lab(ex) == e["target"]).sum()), int((lab(cex) != e["target"]).sum())
+
+
+def digits(limit: int) -> dict:
+    model, aae = ROOT / "tests/data/digits_cnn.onnx", ROOT / "tests/data/aae_digits"
+    eng = Engine(model, device="cpu", threads=1)
+    ae = load_autoencoder(aae)
+    s = np.load(ROOT / "tests/data/digits_sample.npz")
+    idx = np.linspace(0, len(s["x"]) - 1, limit).astype(int)
+    x = s["x"][idx].astype(np.float32) / 255
+    rows = []
+    for i in range(len(x)):
+        t0 = time.perf_counter()
+        m = methods.get("abele")(eng, x[i:i + 1], autoencoder=ae)
+        dt = time.perf_counter() - t0
+        e = m.info["explanations"][0]
+        ex, cex = m.info["exemplars"][0], m.info["counter_exemplars"][0]
+        keep, change = _check(model, e, ex, cex)
+        rows.append({"image": int(idx[i]), "label": int(s["y"][idx[i]]), "target": e["target"],
+                     "recon_label_kept": e["reconstruction"]["model_label"] == e["target"],
+                     "fidelity": e["fidelity"], "neighbourhood": e["neighbourhood"]["size"],
+                     "same": e["neighbourhood"]["same_label"], "rule_conditions": len(e["rule"]["premises"]),
+                     "counterfactuals": len(e["counterfactuals"]),
+                     "counterfactuals_valid": sum(c["changes_prediction"] for c in e["counterfactuals"]),
+                     "min_delta": min((len(c["delta"]) for c in e["counterfactuals"]), default=None),
+                     "exemplars": len(ex), "exemplars_keep": keep, "exemplar_hit_rate": e["exemplars"]["hit_rate"],
+                     "counter_exemplars": len(cex), "counter_exemplars_change": change,
+                     "counter_hit_rate": e["counter_exemplars"]["hit_rate"],
+                     "evaluations": e["evaluations"], "engine_calls": e["engine_calls"], "seconds": dt})
+        print(json.dumps(rows[-1]), flush=True)
+    return {"rows": rows, "autoencoder": ae.describe()}
+
+
+def fashion(limit: int) -> dict:
+    from onnxsal.data import fashion_mnist_arrays
+
+    model = ROOT / "benchmarks/paper/models/fashion_cnn.onnx"
+    aae = ROOT / "tests/data/aae_fashion"
+    eng = Engine(model, device="cpu", threads=1)
+    ae = load_autoencoder(aae)
+    xr, yr, _ = fashion_mnist_arrays("test")
+    x = (xr[:limit].astype(np.float32) / 255)[:, None]
+    rows = []
+    for i in range(len(x)):
+        t0 = time.perf_counter()
+        a = methods.get("abele")(eng, x[i:i + 1], autoencoder=ae)
+        t_batched = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        b = methods.get("abele")(PerSample(eng), x[i:i + 1], autoencoder=ae)
+        t_loop = time.perf_counter() - t0
+        ea, eb = a.info["explanations"][0], b.info["explanations"][0]
+        same = bool(np.array_equal(a.maps, b.maps)) and ea["rule"] == eb["rule"]
+        keep, change = _check(model, ea, a.info["exemplars"][0], a.info["counter_exemplars"][0])
+        rows.append({"image": i, "label": int(yr[i]), "target": ea["target"], "fidelity": ea["fidelity"],
+                     "exemplars": len(a.info["exemplars"][0]), "exemplars_keep": keep,
+                     "counter_exemplars": len(a.info["counter_exemplars"][0]), "counter_exemplars_change": change,
+                     "evaluations": ea["evaluations"], "engine_calls_batched": ea["engine_calls"],
+                     "engine_calls_loop": ea["evaluations"], "seconds_batched": t_batched,
+                     "seconds_loop": t_loop, "speedup": t_loop / t_batched, "same_explanation": same})
+        print(json.dumps(rows[-1]), flush=True)
+    return {"rows": rows, "autoencoder": ae.describe()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("which", choices=["digits", "fashion"])
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--json", default=None, help="Write the rows here.")
+    args = ap.parse_args()
+    res = digits(args.limit or 20) if args.which == "digits" else fashion(args.limit or 3)
+    res["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread"
+    res["command"] = "python benchmarks/abele_speed.py " + " ".join(sys.argv[1:])
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
