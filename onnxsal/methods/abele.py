@@ -305,12 +305,14 @@ def _weights(Z: np.ndarray) -> np.ndarray:
     return np.sqrt(np.exp(-(d ** 2) / w ** 2))
 
 
-def counterfactuals(tree, boxes, z0, target, bb, o) -> list[dict[str, Any]]:
-    """The counterfactual rules: leaves of another class, fewest violated conditions first;
-    the first level at which the model confirms one (its decoded minimal change gets another
-    label) is returned, every rule of it with its check."""
+def counterfactuals(tree, boxes, z0, target, factual: int, bb, o) -> list[dict[str, Any]]:
+    """The counterfactual rules: leaves other than z0's whose class is not the explained
+    label, fewest violated conditions first; the first level at which the model confirms one
+    (its decoded minimal change gets another label) is returned, every rule of it with its
+    check."""
     cls = tree.classes_[tree.tree_.value[:, 0].argmax(axis=1)]
-    cands = [(len(changed(b, z0)), leaf, b) for leaf, b in boxes.items() if int(cls[leaf]) != target]
+    cands = [(len(changed(b, z0)), leaf, b) for leaf, b in boxes.items()
+             if int(cls[leaf]) != target and leaf != factual]
     for level in sorted({c[0] for c in cands}):
         group = [(leaf, b) for n, leaf, b in cands if n == level][:o["max_counterfactuals"]]
         zs = np.stack([minimal_change(b, z0, o["eps"]) for _, b in group])
@@ -430,7 +432,7 @@ def explain_one(engine, ae, image: np.ndarray, target: int, o: dict[str, Any]) -
     leaf = int(tree.apply(z0[None])[0])
     fbox = boxes[leaf]
     fclass = int(pred[0])
-    cfs = counterfactuals(tree, boxes, z0, target, bb, o)
+    cfs = counterfactuals(tree, boxes, z0, target, leaf, bb, o)
     ex = sample_exemplars([fbox], True, target, o["exemplars"], bb, ae, rng, o)
     valid = [j for j, c in enumerate(cfs) if c["changes_prediction"]]
     cex = None
