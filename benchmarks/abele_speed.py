@@ -122,6 +122,42 @@ def fashion(limit: int) -> dict:
     return {"rows": rows, "autoencoder": ae.describe()}
 
 
+def summary(which: str, res: dict) -> str:
+    """A Markdown table of the rows and their totals."""
+    rows = res["rows"]
+    n = len(rows)
+    if which == "digits":
+        ex, keep = sum(r["exemplars"] for r in rows), sum(r["exemplars_keep"] for r in rows)
+        cex, change = sum(r["counter_exemplars"] for r in rows), sum(r["counter_exemplars_change"] for r in rows)
+        cf, cfv = sum(r["counterfactuals"] for r in rows), sum(r["counterfactuals_valid"] for r in rows)
+        hit = [r["exemplar_hit_rate"] for r in rows if r["exemplar_hit_rate"] is not None]
+        chit = [r["counter_hit_rate"] for r in rows if r["counter_hit_rate"] is not None]
+        lines = [
+            "| images | reconstruction keeps the label | fidelity (mean) | neighbourhood (mean size, share labelled y) "
+            "| exemplars found / keep the label | counter-exemplars found / change it | counterfactual rules checked / "
+            "change the label | exemplar hit rate (mean) | counter-exemplar hit rate (mean) | model evaluations "
+            "(mean) | engine calls (mean) | seconds per explanation (mean, max) |",
+            "| ---: | ---: | ---: | :--- | :--- | :--- | :--- | ---: | ---: | ---: | ---: | :--- |",
+            f"| {n} | {sum(r['recon_label_kept'] for r in rows)}/{n} | {np.mean([r['fidelity'] for r in rows]):.3f} "
+            f"| {np.mean([r['neighbourhood'] for r in rows]):.0f}, "
+            f"{np.mean([r['same'] / r['neighbourhood'] for r in rows]):.2f} | {ex} / {keep} | {cex} / {change} "
+            f"| {cf} / {cfv} | {np.mean(hit):.3f} | {np.mean(chit):.3f} "
+            f"| {np.mean([r['evaluations'] for r in rows]):.0f} | {np.mean([r['engine_calls'] for r in rows]):.1f} "
+            f"| {np.mean([r['seconds'] for r in rows]):.2f}, {max(r['seconds'] for r in rows):.2f} |"]
+    else:
+        lines = ["| image | label | model label | fidelity | exemplars (keep) | counter-exemplars (change) "
+                 "| model evaluations | engine calls batched / loop | seconds batched | seconds loop | speed-up "
+                 "| same explanation |",
+                 "| ---: | ---: | ---: | ---: | :--- | :--- | ---: | :--- | ---: | ---: | ---: | :--- |"]
+        for r in rows:
+            lines.append(f"| {r['image']} | {r['label']} | {r['target']} | {r['fidelity']:.3f} "
+                         f"| {r['exemplars']} ({r['exemplars_keep']}) | {r['counter_exemplars']} "
+                         f"({r['counter_exemplars_change']}) | {r['evaluations']} | {r['engine_calls_batched']} / "
+                         f"{r['engine_calls_loop']} | {r['seconds_batched']:.2f} | {r['seconds_loop']:.2f} "
+                         f"| {r['speedup']:.1f}x | {r['same_explanation']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("which", choices=["digits", "fashion"])
@@ -133,6 +169,8 @@ def main() -> None:
     res["command"] = "python benchmarks/abele_speed.py " + " ".join(sys.argv[1:])
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    print(summary(args.which, res))
+    print(f"command: {res['command']}; machine: {res['machine']}")
 
 
 if __name__ == "__main__":

@@ -95,9 +95,10 @@ def _export(module, example, path: Path, in_name: str, out_name: str) -> None:
 def train_autoencoder(x: np.ndarray, out: str | os.PathLike, latent: int = 4, epochs: int = 40,
                       seed: int = 0, batch_size: int = 128, adv_weight: float = 0.01,
                       lr: float = 1e-3, holdout: float = 0.1, threads: int = 1,
-                      source: str = "", log=None) -> dict[str, Any]:
+                      source: str = "", log=None, max_seconds: float | None = None) -> dict[str, Any]:
     """Train an AAE on images ``x`` (float32 [N, C, H, W] in [0, 1]) and write the folder
-    ``out``; returns the ``autoencoder.json`` record."""
+    ``out``; returns the ``autoencoder.json`` record. ``max_seconds``: stop after the epoch
+    that passes this training time (recorded as ``epochs_run``)."""
     import torch
     from torch import nn
 
@@ -156,6 +157,8 @@ def train_autoencoder(x: np.ndarray, out: str | os.PathLike, latent: int = 4, ep
         if log is not None:
             log(f"epoch {ep + 1}/{epochs}: train mse {tot_rec / len(xt):.5f}, "
                 f"discriminator loss {tot_d / len(xt):.4f}, {time.perf_counter() - t0:.0f} s")
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            break
     seconds = time.perf_counter() - t0
     enc.eval(), dec.eval(), disc.eval()
     with torch.no_grad():
@@ -184,6 +187,7 @@ def train_autoencoder(x: np.ndarray, out: str | os.PathLike, latent: int = 4, ep
                     "discriminator_accepts_codes": round(accept, 4),
                     "discriminator_accepts_prior": round(prior_accept, 4)},
         "training": {"source": source, "images": int(len(train)), "epochs": int(epochs),
+                     "epochs_run": len(history), "max_seconds": max_seconds,
                      "batch_size": int(batch_size), "lr": lr, "betas": [0.5, 0.999],
                      "adv_weight": adv_weight, "seed": int(seed), "threads": int(threads),
                      "seconds": round(seconds, 1), "final_train_mse": round(history[-1]["train_mse"], 6)},

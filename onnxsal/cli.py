@@ -442,9 +442,11 @@ def convert(framework, source, out, opset, dynamo, input_shape, weights, preproc
 @click.option("--limit", type=COUNT, default=None, help="Use the first N images.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--threads", type=THREADS, default=1, show_default=True, help="torch threads.")
+@click.option("--max-minutes", type=FiniteFloat(min=0, min_open=True), default=None,
+              help="Stop after the epoch that passes this training time.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def train_autoencoder(data, out, model, size, channels, latent, epochs, batch_size, adv_weight,
-                      limit, seed, threads, quiet):
+                      limit, seed, threads, max_minutes, quiet):
     """Train an adversarial autoencoder on DATA for ABELE (-m abele --autoencoder DIR) and
     export encoder, decoder and latent discriminator to ONNX (needs torch; docs/abele.md)."""
     from converters.autoencoder import train_autoencoder as train
@@ -467,7 +469,8 @@ def train_autoencoder(data, out, model, size, channels, latent, epochs, batch_si
         _echo(f"note: {note}", err=True)
     say = None if quiet else (lambda s: _echo(s, err=True))
     rec = train(ds.images, out, latent=latent, epochs=epochs, seed=seed, batch_size=batch_size,
-                adv_weight=adv_weight, threads=threads, source=ds.source, log=say)
+                adv_weight=adv_weight, threads=threads, source=ds.source, log=say,
+                max_seconds=None if max_minutes is None else 60 * max_minutes)
     held = rec["heldout"]
     _echo(f"wrote {out}/: latent {latent}, input {rec['input_shape']}, held-out reconstruction "
           f"MSE {held['reconstruction_mse']:.5f} on {held['images']} images, discriminator accepts "

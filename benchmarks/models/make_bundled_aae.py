@@ -8,7 +8,7 @@ only (the 200 bundled sample images are test images, never seen):
 
 fashion: the Fashion-MNIST training split (60000 images, 28x28):
 
-    python benchmarks/models/make_bundled_aae.py fashion --out tests/data/aae_fashion
+    python benchmarks/models/make_bundled_aae.py fashion --out tests/data/aae_fashion --max-minutes 12
 
 Both train on one CPU thread (converters.autoencoder.train_autoencoder).
 """
@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--latent", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--max-minutes", type=float, default=None, help="Stop after the epoch that passes this.")
     args = ap.parse_args()
     if args.which == "digits":
         x, source = digits_train(args.png), "OpenCV digits.png, training split (seed 0, 400 per class)"
@@ -61,7 +62,8 @@ def main() -> None:
     if args.limit:
         x = x[:args.limit]
     rec = train_autoencoder(x, args.out, latent=latent, epochs=epochs, seed=0, threads=1,
-                            source=source, log=lambda s: print(s, flush=True))
+                            source=source, log=lambda s: print(s, flush=True),
+                            max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
     print(json.dumps(rec, indent=2))
 
 
