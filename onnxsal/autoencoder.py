@@ -88,11 +88,13 @@ def _config(root: Path, where: str) -> dict[str, Any]:
     cfg = root / CONFIG
     if not cfg.is_file():
         raise _fail(where, f"no {CONFIG} in the folder (make one with `onnxsal train-autoencoder`)")
+    if cfg.resolve().parent != root.resolve():
+        raise _fail(where, f"{CONFIG} leads outside the folder (a link)")
     if cfg.stat().st_size > MAX_CONFIG_BYTES:
         raise _fail(where, f"{CONFIG} is larger than {MAX_CONFIG_BYTES >> 20} MB")
     try:
         rec = json.loads(cfg.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _fail(where, f"{CONFIG} is not valid JSON ({type(exc).__name__})") from None
     if not isinstance(rec, dict):
         raise _fail(where, f"{CONFIG} must hold a JSON object")

@@ -104,6 +104,14 @@ def _hostile_cases(tmp_path):
     case("missing_file", lambda d: (d / "decoder.onnx").unlink(), "decoder file 'decoder.onnx' not found")
     case("no_json", lambda d: (d / "autoencoder.json").unlink(), "no autoencoder.json")
     case("bad_json", lambda d: (d / "autoencoder.json").write_text("{not json"), "not valid JSON")
+    case("deep_json", lambda d: (d / "autoencoder.json").write_text("[" * 200000 + "]" * 200000),
+         "not valid JSON")
+
+    def config_link(d):
+        (tmp_path / "elsewhere.json").write_text((d / "autoencoder.json").read_text())
+        (d / "autoencoder.json").unlink()
+        (d / "autoencoder.json").symlink_to(tmp_path / "elsewhere.json")
+    case("config_link", config_link, "autoencoder.json leads outside the folder")
     case("format", lambda d: _edit(d, format="other/9"), "format must be")
     case("latent", lambda d: _edit(d, latent=7), "does not match")
     case("latent_type", lambda d: _edit(d, latent="4"), "latent must be an integer")
