@@ -181,3 +181,28 @@ def test_cli_explain_abele(tmp_path):
     maps = np.load(out / "maps.npz")
     key = [k for k in maps.files if k.endswith("/abele")]
     assert len(key) == 1 and maps[key[0]].shape == (20, 20)
+
+
+def test_explanation_hooks(run, monkeypatch):
+    import dataclasses
+
+    import onnxsal.overlays as overlays
+
+    @dataclasses.dataclass
+    class Picture:  # the shape of the explanation figures' picture (title, image, outline)
+        title: str
+        image: np.ndarray
+        outline: np.ndarray | None = None
+
+    if not hasattr(overlays, "Picture"):
+        monkeypatch.setattr(overlays, "Picture", Picture, raising=False)
+    eng, x, maps = run
+    m = methods.get("abele")
+    assert m.explanation(maps, 1) is maps.info["explanations"][1]
+    arrays = m.explanation_arrays(maps, 1)
+    assert arrays["exemplars"].shape[1:] == (1, 20, 20) and arrays["latent"].shape == (4,)
+    pics = m.explanation_pictures(maps, 1, x[1], eng.labels)
+    n_ex = min(3, len(maps.info["exemplars"][1])) + min(3, len(maps.info["counter_exemplars"][1]))
+    assert len(pics) == 2 + n_ex and pics[0].title.startswith("abele: z")
+    assert all(p.image.shape == (1, 20, 20) for p in pics)
+    assert "counter-exemplar, model -> " in pics[-1].title

@@ -531,3 +531,23 @@ class Abele(Method):
                 "counter_exemplars": info["counter_exemplars"][i],
                 "counter_exemplar_labels": info["counter_exemplar_labels"][i],
                 "reconstruction": info["reconstructions"][i], "latent": info["latents"][i]}
+
+    def explanation_pictures(self, maps: Maps, i: int, image: np.ndarray,
+                             labels: list[str] | None = None) -> list:
+        """The image (its map's non-neutral pixels outlined), its reconstruction, up to three
+        exemplars and three counter-exemplars, each titled with the model's label."""
+        import importlib
+
+        picture = importlib.import_module("onnxsal.overlays").Picture
+        info, e = maps.info, maps.info["explanations"][i]
+
+        def name(c: int) -> str:
+            return f"{c} ({labels[c]})" if labels and 0 <= c < len(labels) else str(c)
+
+        pics = [picture(f"abele: {e['rule']['text']}\nfidelity {e['fidelity']:.2f}", image, maps.maps[i] != 0),
+                picture(f"reconstruction, model -> {name(e['reconstruction']['model_label'])}",
+                        info["reconstructions"][i], None)]
+        for kind, key in (("exemplar", "exemplars"), ("counter-exemplar", "counter_exemplars")):
+            for im, c in list(zip(info[key][i], info[key[:-1] + "_labels"][i], strict=True))[:3]:
+                pics.append(picture(f"{kind}, model -> {name(int(c))}", im, None))
+        return pics
