@@ -152,3 +152,16 @@ def test_bad_autoencoder_in_the_cli_is_one_line_before_any_work(tmp_path, capsys
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: --autoencoder") and match in err and "\n" not in err, err
         assert not (out / "maps.npz").exists()
+
+
+def test_bundled_fashion_autoencoder_record_matches_its_files():
+    from onnxsal.data import fashion_mnist_arrays
+
+    d = DATA / "aae_fashion"
+    rec = json.loads((d / "autoencoder.json").read_text())
+    ae = load_autoencoder(d)
+    assert ae.latent == rec["latent"] == 8 and list(ae.input_shape) == [1, 28, 28]
+    xr, _, _ = fashion_mnist_arrays("test")  # the test split: never seen in training
+    x = (xr[:500].astype(np.float32) / 255)[:, None]
+    mse = float(((ae.decode(ae.encode(x)) - x) ** 2).mean())
+    assert abs(mse - rec["heldout"]["reconstruction_mse"]) < 0.005 and mse < 0.03
