@@ -203,6 +203,6 @@ def test_explanation_hooks(run, monkeypatch):
     assert arrays["exemplars"].shape[1:] == (1, 20, 20) and arrays["latent"].shape == (4,)
     pics = m.explanation_pictures(maps, 1, x[1], eng.labels)
     n_ex = min(3, len(maps.info["exemplars"][1])) + min(3, len(maps.info["counter_exemplars"][1]))
-    assert len(pics) == 2 + n_ex and pics[0].title.startswith("abele: z")
+    assert len(pics) == 3 + n_ex and pics[0].title.startswith("abele: z")
     assert all(p.image.shape == (1, 20, 20) for p in pics)
     assert "counter-exemplar, model -> " in pics[-1].title

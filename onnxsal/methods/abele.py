@@ -534,8 +534,9 @@ class Abele(Method):
 
     def explanation_pictures(self, maps: Maps, i: int, image: np.ndarray,
                              labels: list[str] | None = None) -> list:
-        """The image (its map's non-neutral pixels outlined), its reconstruction, up to three
-        exemplars and three counter-exemplars, each titled with the model's label."""
+        """The image (its map's non-neutral pixels outlined, the rule in the title), the map as
+        an image, the reconstruction, up to three exemplars and three counter-exemplars, each
+        titled with the model's label."""
         import importlib
 
         picture = importlib.import_module("onnxsal.overlays").Picture
@@ -544,7 +545,12 @@ class Abele(Method):
         def name(c: int) -> str:
             return f"{c} ({labels[c]})" if labels and 0 <= c < len(labels) else str(c)
 
-        pics = [picture(f"abele: {e['rule']['text']}\nfidelity {e['fidelity']:.2f}", image, maps.maps[i] != 0),
+        body, _, head = e["rule"]["text"].rpartition(" -> ")
+        conds = body.split(" AND ")
+        rule = "\n".join(" AND ".join(conds[k:k + 2]) for k in range(0, len(conds), 2))
+        smap = np.repeat(((maps.maps[i] + 1) / 2)[None], image.shape[0], 0)
+        pics = [picture(f"abele: {rule}\n-> {head}, fidelity {e['fidelity']:.2f}", image, maps.maps[i] != 0),
+                picture("saliency (grey 0, white image brighter than the exemplars)", smap, None),
                 picture(f"reconstruction, model -> {name(e['reconstruction']['model_label'])}",
                         info["reconstructions"][i], None)]
         for kind, key in (("exemplar", "exemplars"), ("counter-exemplar", "counter_exemplars")):
