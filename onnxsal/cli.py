@@ -160,22 +160,30 @@ def augment(model: str, out: str, wrt: tuple[str, ...], rules: str, epsilon: flo
 @click.option("--set", "settings", multiple=True, metavar="METHOD.OPTION=VALUE",
               help="A method option, e.g. lore.generations=5 or anchor.segmentation=slic "
               "(repeatable; VALUE is read as JSON, else as text).")
+@click.option("--autoencoder", default=None, type=click.Path(), metavar="DIR",
+              help="ABELE's adversarial autoencoder (-m abele; made by `onnxsal train-autoencoder`).")
 def explain(model, images, methods, out, target, preprocess, labels_file, device, output, layer, limit,
-            gradients, settings):
+            gradients, settings, autoencoder):
     """Saliency maps of MODEL for IMAGES (files, folders, .npz or built-in data names)."""
     from .explain import engine_for_images, run_explain
     from .preprocess import read_labels
     from .report import check_output_dir
 
     check_output_dir(out)  # before the model is read: minutes of work must have a place to go
-    set_opts = method_settings(settings)
+    names = [m.strip() for spec in methods for m in spec.split(",") if m.strip()]
+    opts: dict = {"gradcam": {"layer": layer}} if layer else {}
+    for name, values in method_settings(settings).items():
+        opts.setdefault(name, {}).update(values)
+    if autoencoder is not None:
+        opts.setdefault("abele", {})["autoencoder"] = _abele_autoencoder(names, autoencoder)
+    elif "abele" in _resolve_methods(names) and "autoencoder" not in opts.get("abele", {}):
+        from .errors import OptionError
+
+        raise OptionError("-m abele needs an adversarial autoencoder: --autoencoder DIR (make one "
+                          "with `onnxsal train-autoencoder`; docs/abele.md)")
     eng, inputs = engine_for_images(model, images, limit, preprocess=preprocess, device=device,
                                     output=output, gradients=gradients)
-    names = [m.strip() for spec in methods for m in spec.split(",") if m.strip()]
     labels = read_labels(labels_file) if labels_file else None
-    opts = {"gradcam": {"layer": layer}} if layer else {}
-    for name, values in set_opts.items():
-        opts.setdefault(name, {}).update(values)
     if eng.logits_spec.note:
         _echo(f"note: {eng.logits_spec.note}", err=True)
     res = run_explain(eng, inputs, names, out, targets=target, labels=labels, limit=limit, options=opts)
@@ -204,6 +212,23 @@ def method_settings(settings) -> dict:
             value = raw
         out.setdefault(method, {})[option.strip()] = value
     return out
+
+
+def _resolve_methods(names: list[str]) -> list[str]:
+    from .methods import resolve
+
+    return resolve(names)
+
+
+def _abele_autoencoder(names: list[str], path: str):
+    """The checked autoencoder folder of --autoencoder (read before the model: a bad folder is
+    one line before any work), refused when -m does not name abele."""
+    from .autoencoder import load_autoencoder
+    from .errors import OptionError
+
+    if "abele" not in _resolve_methods(names):
+        raise OptionError("--autoencoder is only used by ABELE: add -m abele")
+    return load_autoencoder(path)
 
 
 def _executor_options(f):
@@ -507,6 +532,60 @@ def convert(framework, source, out, opset, dynamo, input_shape, weights, preproc
         p = res.parity
         _echo(f"parity vs {framework} on {p['n']} random inputs: max abs logit diff "
                    f"{p['max_abs_logit_diff']:.2e}, top-1 agreement {p['argmax_agreement']:.0%}")
+
+
+@cli.command("train-autoencoder")
+@click.option("--data", "data", required=True, help="Training images: a folder, an .npz (x), "
+              "image files, or fashion-mnist[:train|test], digits.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Output folder (encoder.onnx, decoder.onnx, discriminator.onnx, autoencoder.json).")
+@click.option("--model", default=None, type=click.Path(dir_okay=False),
+              help="The classifier to be explained: the images are brought to its input size.")
+@click.option("--size", default=None, metavar="HxW", help="Image size (without --model; default: as read).")
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None,
+              help="Image channels (without --model; default: as read).")
+@click.option("--latent", type=click.IntRange(2, 64), default=4, show_default=True,
+              help="Latent size (ABELE uses 4..16; 4..8 for small grey images).")
+@click.option("--epochs", type=COUNT, default=40, show_default=True)
+@click.option("--batch-size", type=COUNT, default=128, show_default=True)
+@click.option("--adv-weight", type=FiniteFloat(0, 1, max_open=True), default=0.01, show_default=True,
+              help="Weight of the adversarial (prior-matching) loss against the reconstruction.")
+@click.option("--limit", type=COUNT, default=None, help="Use the first N images.")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--threads", type=THREADS, default=1, show_default=True, help="torch threads.")
+@click.option("--max-minutes", type=FiniteFloat(min=0, min_open=True), default=None,
+              help="Stop after the epoch that passes this training time.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def train_autoencoder(data, out, model, size, channels, latent, epochs, batch_size, adv_weight,
+                      limit, seed, threads, max_minutes, quiet):
+    """Train an adversarial autoencoder on DATA for ABELE (-m abele --autoencoder DIR) and
+    export encoder, decoder and latent discriminator to ONNX (needs torch; docs/abele.md)."""
+    from converters.autoencoder import train_autoencoder as train
+
+    from .data import load_dataset
+    from .errors import OptionError
+    from .preprocess import parse_size
+
+    shape: list = [int(channels) if channels else None, None, None]
+    if model is not None:
+        if size or channels:
+            raise OptionError("give --model or --size/--channels, not both")
+        from .engine import Engine
+
+        shape = list(Engine(model, threads=1).input_shape)
+    elif size:
+        shape[1:] = list(parse_size(size, "--size"))
+    ds = load_dataset(data, shape, limit=limit)
+    for note in ds.notes:
+        _echo(f"note: {note}", err=True)
+    say = None if quiet else (lambda s: _echo(s, err=True))
+    rec = train(ds.images, out, latent=latent, epochs=epochs, seed=seed, batch_size=batch_size,
+                adv_weight=adv_weight, threads=threads, source=ds.source, log=say,
+                max_seconds=None if max_minutes is None else 60 * max_minutes)
+    held = rec["heldout"]
+    _echo(f"wrote {out}/: latent {latent}, input {rec['input_shape']}, held-out reconstruction "
+          f"MSE {held['reconstruction_mse']:.5f} on {held['images']} images, discriminator accepts "
+          f"{held['discriminator_accepts_codes']:.0%} of their codes, {rec['training']['seconds']:.1f} s")
 
 
 @cli.command()

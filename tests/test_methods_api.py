@@ -63,7 +63,9 @@ def test_registry():
     assert methods.get("IG").name == "integrated_gradients"
     assert methods.get("Grad-CAM").name == "gradcam"
     assert methods.get("guided").name == "guided_backprop"
-    assert methods.resolve(["all"]) == methods.names()
+    # 'all': every method that runs without an option the user must give (abele: --autoencoder)
+    assert methods.resolve(["all"]) == [n for n in methods.names() if methods.METHODS[n].in_all]
+    assert "abele" in methods.names() and "abele" not in methods.resolve(["all"])
     assert methods.resolve(["ig", "integrated-gradients", "lrp"]) == ["integrated_gradients", "lrp"]
     with pytest.raises(OptionError, match="unknown method 'deeplift'"):
         methods.get("deeplift")
@@ -74,7 +76,7 @@ def test_registry():
 def test_all_methods_one_call_shape(tiny):
     net, eng, x = tiny
     res = methods.compute(eng, x, "all", **FAST)
-    assert list(res) == methods.names()
+    assert list(res) == methods.resolve(["all"])
     with torch.no_grad():
         pred = net(torch.from_numpy(x)).argmax(1).numpy()
     for name, m in res.items():

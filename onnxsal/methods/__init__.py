@@ -29,13 +29,18 @@ plugins.discover(__name__, __path__)  # any other module of this package, then t
 plugins.load()
 
 
+def _in_all() -> list[str]:
+    return [n for n in names() if METHODS[n].in_all]
+
+
 def resolve(methods: str | Iterable[str]) -> list[str]:
-    """Canonical names for a name, a list of names, or 'all' (duplicates dropped)."""
+    """Canonical names for a name, a list of names, or 'all' (duplicates dropped; 'all' leaves
+    out the methods that need an option the user must give, ``Method.in_all``)."""
     if isinstance(methods, str):
         methods = [methods]
     out: list[str] = []
     for m in methods:
-        for name in (names() if key(m) == "all" else [get(m).name]):
+        for name in (_in_all() if key(m) == "all" else [get(m).name]):
             if name not in out:
                 out.append(name)
     if not out:

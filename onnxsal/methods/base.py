@@ -71,6 +71,9 @@ class Method:
     description: ClassVar[str] = ""
     rules: ClassVar[str] = "default"
     group: ClassVar[str | None] = None
+    #: False for a method that cannot run without an option the user must give (ABELE's
+    #: autoencoder): ``-m all`` leaves it out; it runs when named
+    in_all: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
