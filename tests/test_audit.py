@@ -1,0 +1,199 @@
+"""onnxsal audit: the report's numbers against onnxruntime directly, resuming, masks, escaping,
+and the review file (folded back, and refused in one line when it is wrong)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from onnxsal.cli import cli, main
+
+DATA = Path(__file__).parent / "data"
+MODEL = DATA / "digits_cnn.onnx"
+SAMPLE = DATA / "digits_sample.npz"
+SMALL = ["--methods", "vanilla,gradcam", "--per-class", "1", "--eval-images", "10",
+         "--sanity-images", "4", "--max-steps", "2", "--shortcut-images", "200", "--quiet"]
+
+
+def _audit(args):
+    res = CliRunner().invoke(cli, ["audit", *args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return res
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit") / "out"
+    _audit([str(MODEL), "--data", str(SAMPLE), "--out", str(out), *SMALL])
+    return out
+
+
+def _report(out: Path) -> dict:
+    return json.loads((out / "audit.json").read_text())
+
+
+def test_accuracy_and_confusion_match_onnxruntime(audited):
+    r = _report(audited)
+    z = np.load(SAMPLE)
+    x, y = z["x"].astype(np.float32) / 255.0, z["y"]
+    sess = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    pred = sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(axis=1)
+    cm = np.zeros((10, 10), int)
+    np.add.at(cm, (y, pred), 1)
+    assert r["predictions"]["confusion"] == cm.tolist()
+    assert r["predictions"]["accuracy"] == pytest.approx((pred == y).mean())
+    assert r["predictions"]["correct"] == int((pred == y).sum())
+    # the sample: per class one correct and (where there is one) one wrong image, true to the model
+    for it in r["samples"]["items"]:
+        assert it["pred"] == int(pred[it["image"]]) and it["label"] == int(y[it["image"]])
+        assert it["correct"] == (pred[it["image"]] == y[it["image"]])
+    wrong = {int(c) for c in y[pred != y]}
+    assert {it["class"] for it in r["samples"]["items"] if not it["correct"]} == wrong
+
+
+def test_sections_come_from_the_drivers(audited):
+    r = _report(audited)
+    bench = json.loads((audited / "benchmark" / "results.json").read_text())
+    assert [row["auc"] for row in r["benchmark"]["rows"]] == [row["auc"] for row in bench["results"]]
+    sanity = json.loads((audited / "sanity" / "sanity.json").read_text())
+    assert r["sanity"]["verdicts"] == sanity["verdicts"]
+    assert r["model"]["gradient_source"] == bench["models"][0]["gradients"]
+    # metrics needing masks or options are skipped with a reason; the others ran
+    skipped = {s["metric"]: s["reason"] for s in r["benchmark"]["skipped"]}
+    assert "masks" in skipped["pointing-game"] and "explain_shifted" in skipped["input-invariance"]
+    ran = set(r["benchmark"]["rows"][0]["metrics"])
+    assert {"sparseness", "irof", "faithfulness-correlation"} <= ran and not ran & set(skipped)
+    assert r["benchmark"]["images"] == 10 and r["sanity"]["images"] == 4
+    html = (audited / "report.html").read_text()
+    for anchor in ("summary", "model", "accuracy", "maps", "faithfulness", "robustness",
+                   "localisation", "sanity", "shortcuts", "review", "reproduce"):
+        assert f'id="{anchor}"' in html
+    assert "http://" not in html and "https://" not in html and "src=\"assets/" not in html
+
+
+def test_rerun_reuses_every_part(audited, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(audited, out)
+    before = _report(out)
+    _audit([str(MODEL), "--data", str(SAMPLE), "--out", str(out), *SMALL])
+    after = _report(out)
+    assert after["parts"]["computed"] == []
+    assert set(after["parts"]["reused"]) >= {"predictions", "sample_maps", "shortcut_maps"}
+    for key in ("predictions", "benchmark", "sanity", "shortcuts", "id"):
+        assert after[key] == before[key], key
+
+
+def test_masks_give_localisation(tmp_path):
+    out = tmp_path / "masks"
+    z = np.load(SAMPLE)
+    boxes = tmp_path / "boxes.csv"
+    # every image's mask is the whole image: every map's top pixel and all its mass are inside
+    boxes.write_text("name,x0,y0,x1,y1\n" + "".join(f"x[{i}],0,0,20,20\n" for i in range(len(z["y"]))))
+    _audit([str(MODEL), "--data", str(SAMPLE), "--out", str(out), "--masks", str(boxes),
+            "--methods", "vanilla", "--per-class", "1", "--eval-images", "6", "--sanity-images", "2",
+            "--max-steps", "1", "--shortcut-images", "0", "--metric", "pointing-game,relevance-mass-accuracy,sparseness",
+            "--quiet"])
+    loc = _report(out)["localisation"]
+    assert loc["given"] and loc["images"] == 6 and loc["mask_fraction"] == 1.0
+    assert loc["metrics"]["pointing-game"]["methods"]["vanilla"]["value"] == 1.0
+    assert loc["metrics"]["relevance-mass-accuracy"]["methods"]["vanilla"]["value"] == pytest.approx(1.0)
+
+
+def test_untrusted_strings_are_escaped(tmp_path):
+    evil = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps([f"{evil}{i}" for i in range(10)]))
+    z = dict(np.load(SAMPLE))
+    data = tmp_path / f"{'<b>'}data.npz"
+    np.savez(data, x=z["x"][::20], y=z["y"][::20])
+    model = tmp_path / "m<i>odel&.onnx"
+    shutil.copy(MODEL, model)
+    out = tmp_path / "evil"
+    _audit([str(model), "--data", str(data), "--out", str(out), "--labels", str(labels),
+            "--methods", "vanilla", "--per-class", "1", "--eval-images", "4", "--sanity-images", "2",
+            "--max-steps", "1", "--shortcut-images", "0", "--metric", "sparseness", "--quiet"])
+    html = (out / "report.html").read_text()
+    assert "<script>alert" not in html and "<img src=x" not in html and "<b>data" not in html
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in html
+    assert "m&lt;i&gt;odel&amp;.onnx" in html
+    assert len(re.findall(r"<script\b", html)) == 1  # the report's own review script
+
+
+def _review(out: Path, verdicts: dict, **extra) -> Path:
+    r = _report(out)
+    path = out.parent / "review_in.json"
+    path.write_text(json.dumps({"format": "onnxsal-review", "version": 1, "audit": r["id"],
+                                "reviewer": "Dr. <Who>", "verdicts": verdicts, **extra}))
+    return path
+
+
+def test_review_folds_back_agreement_per_method_and_class(audited, tmp_path):
+    out = tmp_path / "rev"
+    shutil.copytree(audited, out)
+    items = _report(out)["samples"]["items"]
+    a, b = items[0], items[1]
+    verdicts = {f"{a['image']}:vanilla": "agree", f"{a['image']}:gradcam": "disagree",
+                f"{b['image']}:vanilla": "agree"}
+    res = CliRunner().invoke(cli, ["audit", "--review", str(_review(out, verdicts)), "--out", str(out)],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "3 of" in res.output and "66.7%" in res.output
+    rv = _report(out)["review"]
+    assert rv["per_method"]["vanilla"]["agreement"] == 1.0
+    assert rv["per_method"]["gradcam"]["agreement"] == 0.0
+    assert rv["overall"]["agreement"] == pytest.approx(2 / 3)
+    assert rv["per_class"][str(a["class"])]["reviewed"] == (3 if a["class"] == b["class"] else 2)
+    html = (out / "report.html").read_text()
+    assert 'id="review-agreement">66.7%' in html and "Dr. &lt;Who&gt;" in html
+    # the verdicts show as pressed buttons, and a re-run of the audit keeps the review
+    assert html.count('aria-pressed="true"') == 3
+    _audit([str(MODEL), "--data", str(SAMPLE), "--out", str(out), *SMALL])
+    assert _report(out)["review"]["overall"]["reviewed"] == 3
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.update(format="other"), "not an onnxsal review"),
+    (lambda d: d.update(audit="abc"), "made on audit abc"),
+    (lambda d: d.update(verdicts={"99999:vanilla": "agree"}), "is not a map of this report"),
+    (lambda d: d.update(verdicts={"ITEM": "maybe"}), "is not 'agree' or 'disagree'"),
+    (lambda d: d.update(verdicts=[1]), "must be an object"),
+    (lambda d: d.update(version=2), "version 2 is not supported"),
+    (None, "not JSON"),
+])
+def test_bad_review_is_one_line(audited, tmp_path, capsys, monkeypatch, mutate, message):
+    r = _report(audited)
+    first = f"{r['samples']['items'][0]['image']}:vanilla"
+    d = {"format": "onnxsal-review", "version": 1, "audit": r["id"], "verdicts": {first: "agree"}}
+    if mutate is not None:
+        mutate(d)
+        if d["verdicts"] == {"ITEM": "maybe"}:
+            d["verdicts"] = {first: "maybe"}
+    path = tmp_path / "bad.json"
+    path.write_text("{not json" if mutate is None else json.dumps(d))
+    before = (audited / "report.html").read_bytes()
+    monkeypatch.setattr("sys.argv", ["onnxsal", "audit", "--review", str(path), "--out", str(audited)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: review ") and message in err
+    assert err.count("\n") == 1
+    assert (audited / "report.html").read_bytes() == before
+
+
+def test_review_needs_an_audit(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["onnxsal", "audit", "--review", str(tmp_path / "r.json"),
+                                     "--out", str(tmp_path / "none")])
+    with pytest.raises(SystemExit):
+        main()
+    assert "no audit here" in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", ["onnxsal", "audit", "--out", str(tmp_path / "none")])
+    with pytest.raises(SystemExit):
+        main()
+    assert "give MODEL and --data" in capsys.readouterr().err
