@@ -98,8 +98,8 @@ def test_masks_give_localisation(tmp_path):
     boxes.write_text("name,x0,y0,x1,y1\n" + "".join(f"x[{i}],0,0,20,20\n" for i in range(len(z["y"]))))
     _audit([str(MODEL), "--data", str(SAMPLE), "--out", str(out), "--masks", str(boxes),
             "--methods", "vanilla", "--per-class", "1", "--eval-images", "6", "--sanity-images", "2",
-            "--max-steps", "1", "--shortcut-images", "0", "--metric", "pointing-game,relevance-mass-accuracy,sparseness",
-            "--quiet"])
+            "--max-steps", "1", "--shortcut-images", "0",
+            "--metric", "pointing-game,relevance-mass-accuracy,sparseness", "--quiet"])
     loc = _report(out)["localisation"]
     assert loc["given"] and loc["images"] == 6 and loc["mask_fraction"] == 1.0
     assert loc["metrics"]["pointing-game"]["methods"]["vanilla"]["value"] == 1.0

@@ -34,7 +34,8 @@ vertical-align:top;font-size:.92em}th{background:#f3f3f3}td.num{text-align:right
 .info{border-color:#5b7db1}.tag{font-weight:600;text-transform:uppercase;font-size:.75em;margin-right:.5em}
 figure{margin:.8em 0}figcaption{font-size:.88em;color:#444;max-width:900px}
 .grid td{text-align:center}.grid img{width:96px;height:auto;image-rendering:pixelated;display:block;margin:auto}
-.rv{font-size:.78em;margin:2px 1px;padding:1px 5px;border:1px solid #aaa;background:#fff;border-radius:3px;cursor:pointer}
+.rv{font-size:.78em;margin:2px 1px;padding:1px 5px;border:1px solid #aaa;background:#fff;border-radius:3px;
+cursor:pointer}
 .rv[aria-pressed=true].agree{background:#2e8b57;color:#fff}.rv[aria-pressed=true].disagree{background:#c0392b;color:#fff}
 .muted{color:#666;font-size:.9em}nav a{margin-right:.8em}.plot{max-width:100%;height:auto}
 code{background:#f3f3f3;padding:0 3px}#review-bar{position:sticky;top:0;background:#fffbe6;border:1px solid #e0d48a;
@@ -63,7 +64,9 @@ SCRIPT = """
   }
   for (var i = 0; i < buttons.length; i++) {
     var b = buttons[i];
-    if (b.getAttribute('aria-pressed') === 'true') { state[b.getAttribute('data-item')] = b.getAttribute('data-verdict'); }
+    if (b.getAttribute('aria-pressed') === 'true') {
+      state[b.getAttribute('data-item')] = b.getAttribute('data-verdict');
+    }
   }
   try {
     var saved = JSON.parse(window.localStorage.getItem(key) || '{}');
@@ -180,7 +183,7 @@ def _model(r: dict) -> str:
              ("labels", "yes" if d["labels"] else "no"), ("fingerprint", d["fingerprint"][:16])]
     drows += [("note", n) for n in d.get("notes", [])]
     drows += [("unreadable", f"{f['name']}: {f['error']}") for f in d.get("failures", [])[:20]]
-    return (f'<section id="model"><h2>Model and data</h2>'
+    return ('<section id="model"><h2>Model and data</h2>'
             + table(["", ""], [(e(k), e(v)) for k, v in rows])
             + "<h3>Data</h3>" + table(["", ""], [(e(k), e(v)) for k, v in drows]) + "</section>")
 
@@ -369,7 +372,8 @@ def _sanity(r: dict, out: Path) -> str:
                      "per randomisation step.",
                      "Step 0 compares the method with itself (its own noise); the value should fall well "
                      "below it as layers are randomised.")
-            + figs + f'<p class="muted">Details: <a href="{e(s["folder"])}/sanity.md">{e(s["folder"])}/sanity.md</a>.</p>'
+            + figs + f'<p class="muted">Details: <a href="{e(s["folder"])}/sanity.md">'
+            f'{e(s["folder"])}/sanity.md</a>.</p>'
             + "</section>")
 
 
@@ -436,7 +440,8 @@ def _review(r: dict) -> str:
     per_m = [(e(m), td_num(v["agree"]), td_num(v["disagree"]), f'<td class="num">{e(pct(v["agreement"]))}</td>')
              for m, v in rv["per_method"].items()]
     names = r["model"]["class_names"]
-    per_c = [(e(names[int(c)]), td_num(v["agree"]), td_num(v["disagree"]), f'<td class="num">{e(pct(v["agreement"]))}</td>')
+    per_c = [(e(names[int(c)]), td_num(v["agree"]), td_num(v["disagree"]),
+              f'<td class="num">{e(pct(v["agreement"]))}</td>')
              for c, v in rv["per_class"].items()]
     who = f" by {e(rv['reviewer'])}" if rv.get("reviewer") else ""
     return ('<section id="review"><h2>Expert review</h2>'

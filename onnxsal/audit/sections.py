@@ -81,9 +81,7 @@ def accuracy_section(labels: np.ndarray | None, pred: np.ndarray, names: list[st
         counts = np.bincount(pred, minlength=k)
         return {"labels": False, "images": int(len(pred)), "accuracy": None,
                 "predicted_counts": counts.tolist()}
-    from sklearn.metrics import confusion_matrix
-
-    cm = confusion_matrix(labels, pred, labels=list(range(k)))
+    cm = np.bincount(np.asarray(labels, np.int64) * k + pred, minlength=k * k).reshape(k, k)
     per = []
     for c in range(k):
         n = int(cm[c].sum())
