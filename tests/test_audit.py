@@ -197,3 +197,60 @@ def test_review_needs_an_audit(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main()
     assert "give MODEL and --data" in capsys.readouterr().err
+
+
+def _corner_model(path: Path) -> None:
+    """ONNX: class 1 iff the corner rows 1..3, columns 12..14 are bright; class 2 iff the image
+    is bright; else class 0 (the shortcut finder's hand-built model, tests/test_shortcuts.py)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name, v, dtype=np.float32):
+        return numpy_helper.from_array(np.asarray(v, dtype), name)
+
+    inits = [const("st", [1, 12], np.int64), const("en", [4, 15], np.int64), const("ax", [2, 3], np.int64),
+             const("a", 20.0), const("h1", 0.5), const("h2", 0.45), const("zero", np.zeros((1, 1)))]
+    nodes = [helper.make_node("Slice", ["x", "st", "en", "ax"], ["corner"]),
+             helper.make_node("ReduceMean", ["corner"], ["cm"], axes=[1, 2, 3], keepdims=0),
+             helper.make_node("ReduceMean", ["x"], ["om"], axes=[1, 2, 3], keepdims=0),
+             helper.make_node("Sub", ["cm", "h1"], ["c1"]), helper.make_node("Mul", ["c1", "a"], ["l1"]),
+             helper.make_node("Sub", ["om", "h2"], ["c2"]), helper.make_node("Mul", ["c2", "a"], ["l2"]),
+             helper.make_node("Unsqueeze", ["l1"], ["u1"], axes=[1]),
+             helper.make_node("Unsqueeze", ["l2"], ["u2"], axes=[1]),
+             helper.make_node("Mul", ["u1", "zero"], ["u0"]),
+             helper.make_node("Concat", ["u0", "u1", "u2"], ["logits"], axis=1)]
+    g = helper.make_graph(nodes, "corner", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 16, 16])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)], ir_version=8), path)
+
+
+def test_a_planted_corner_is_reported_as_a_shortcut(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 40
+    x = rng.uniform(0, 0.4, (3 * n, 1, 16, 16)).astype(np.float32)
+    x[n:2 * n, 0, 1:4, 12:15] = rng.uniform(0.8, 1, (n, 3, 3))
+    x[2 * n:] += 0.3
+    y = np.repeat([0, 1, 2], n)
+    data = tmp_path / "corner.npz"
+    np.savez(data, x=(x * 255).round().astype(np.uint8), y=y)
+    model = tmp_path / "corner.onnx"
+    _corner_model(model)
+    out = tmp_path / "out"
+    _audit([str(model), "--data", str(data), "--out", str(out), "--methods", "gradient_x_input",
+            "--per-class", "1", "--eval-images", "6", "--sanity-images", "3", "--max-steps", "1",
+            "--metric", "sparseness", "--quiet"])
+    r = _report(out)
+    flagged = [f for f in r["shortcuts"]["findings"] if f["suspected"]]
+    assert [f["class"] for f in flagged] == [1] and flagged[0]["box"] == [1, 12, 4, 15]
+    assert r["summary"]["verdicts"][1]["level"] == "bad"
+    # a model without a learnable layer cannot be randomised: the report says so, the rest goes on
+    assert "no learnable layer" in r["sanity"]["error"]
+    assert any(v["topic"] == "sanity" and "not run" in v["text"] for v in r["summary"]["verdicts"])
+    assert "class 1" in r["summary"]["findings"][0] and "rows 1-3, columns 12-14" in r["summary"]["findings"][0]
+    html = (out / "report.html").read_text()
+    assert 'id="shortcut-1"' in html and "Suspected shortcut: class 1" in html
+    ex = flagged[0]["examples"]
+    assert ex and all((out / e[k]).is_file() for e in ex for k in ("source_png", "before_png", "after_png"))
+    # the finder's image numbers map back to the data set's, and the examples flipped to class 1
+    idx = r["shortcuts"]["image_index"]
+    assert all(y[idx[e["image"]]] == 1 and y[idx[e["target_image"]]] != 1 and e["after"] == 1 for e in ex)

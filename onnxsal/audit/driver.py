@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .. import __version__
+from ..display import printable
 from ..errors import InputError, OptionError
 from ..files import atomic_write_bytes, atomic_write_json
 from . import figures, sections
@@ -139,31 +140,33 @@ def run_audit(model: str | os.PathLike, data: Any, out: str | os.PathLike, *,
                      "max_batch_bytes": 256 << 20, "rise_baseline": "black", "rise_step": None}
     plan = sections.metric_plan(_benchmark_options(bench_options), masks is not None, metrics)
     t = time.time()
-    bench = sections.benchmark_section(
+    bench = _guard("deletion benchmark", lambda: sections.benchmark_section(
         str(model), ds.subset(eval_idx), method_names, metric_kind, plan["benchmark"],
         out / "benchmark", seed=seed, preprocess=preprocess, device=device, threads=threads,
-        output=output, executor=executor, progress=bars)
+        output=output, executor=executor, progress=bars), say)
     bench["skipped"] = plan["skipped"]
     bench["category"] = plan["category"]
     timing["benchmark"] = time.time() - t
     say(f"deletion and {len(plan['benchmark'])} metrics on {len(eval_idx)} images ({timing['benchmark']:.1f} s)")
 
     t = time.time()
-    localisation = _localisation(parts, engine, ds, eval_idx, masks, plan["masks"], method_names, seed)
+    localisation = _guard("localisation", lambda: _localisation(
+        parts, engine, ds, eval_idx, masks, plan["masks"], method_names, seed), say)
     timing["localisation"] = time.time() - t
 
     t = time.time()
     sanity_idx = sections.stratified(groups, sanity_images)
-    sanity = sections.sanity_section(str(model), ds.images[sanity_idx], method_names, out / "sanity",
-                                     seed=seed, max_steps=max_steps, preprocess=preprocess,
-                                     device=device, threads=threads, output=output,
-                                     executor=executor, say=None)
+    sanity = _guard("sanity checks", lambda: sections.sanity_section(
+        str(model), ds.images[sanity_idx], method_names, out / "sanity", seed=seed,
+        max_steps=max_steps, preprocess=preprocess, device=device, threads=threads, output=output,
+        executor=executor, say=None), say)
     timing["sanity"] = time.time() - t
     say(f"sanity checks on {len(sanity_idx)} images ({timing['sanity']:.1f} s)")
 
     t = time.time()
-    shortcuts = _shortcuts(parts, engine, ds, groups, pred, method_names, shortcut_images,
-                           shortcut_method, shortcut_options or {}, seed, out)
+    shortcuts = _guard("shortcut search", lambda: _shortcuts(
+        parts, engine, ds, groups, pred, method_names, shortcut_images, shortcut_method,
+        shortcut_options or {}, seed, out), say)
     timing["shortcuts"] = time.time() - t
     say(f"shortcut search ({timing['shortcuts']:.1f} s)")
 
@@ -192,6 +195,21 @@ def run_audit(model: str | os.PathLike, data: Any, out: str | os.PathLike, *,
     write_report(out, report)
     say(f"wrote {out / 'report.html'} ({report['timing']['seconds']:.1f} s)")
     return report
+
+
+def _guard(what: str, run: Callable[[], dict], say: Callable[[str], None]) -> dict:
+    """A section's result, or {"error": one line} when the model or data cannot take it (a
+    model without a learnable layer cannot be randomised, a metric refuses the data, ...): the
+    other sections go on and the report says why this one is missing."""
+    from ..errors import OnnxsalError, OutputError, first_line
+
+    try:
+        return run()
+    except OutputError:
+        raise  # a full disk or a read-only folder stops the audit
+    except OnnxsalError as exc:
+        say(f"{what}: not run ({first_line(exc)})")
+        return {"error": printable(first_line(exc))}
 
 
 def _keep_review(out: Path, report: dict) -> None:

@@ -149,6 +149,10 @@ def item_id(it: dict, method: str) -> str:
     return f"{it['image']}:{method}"
 
 
+def _not_run(anchor: str, title: str, error: str) -> str:
+    return f'<section id="{anchor}"><h2>{e(title)}</h2><p>Not run: {e(error)}</p></section>'
+
+
 # -- sections --------------------------------------------------------------------------------
 
 
@@ -292,6 +296,8 @@ def _deletion(r: dict, out: Path) -> str:
 
 def _metric_tables(r: dict, only: set[str] | None, skip: set[str]) -> tuple[str, int]:
     b = r["benchmark"]
+    if "rows" not in b:
+        return "", 0
     cats = b["category"]
     names = sorted({k for x in b["rows"] for k in x["metrics"]})
     names = [n for n in names if (only is None or cats.get(n) in only) and cats.get(n) not in skip]
@@ -313,6 +319,8 @@ def _metric_tables(r: dict, only: set[str] | None, skip: set[str]) -> tuple[str,
 
 
 def _metrics(r: dict, out: Path) -> str:
+    if "error" in r["benchmark"]:
+        return _not_run("faithfulness", "Faithfulness and the other evaluation metrics", r["benchmark"]["error"])
     b = r["benchmark"]
     tables, _ = _metric_tables(r, None, {"robustness"})
     skipped = table(["metric", "why not run"], [(e(s["metric"]), e(s["reason"])) for s in b["skipped"]]) \
@@ -331,6 +339,8 @@ def _robustness(r: dict) -> str:
 
 
 def _localisation(r: dict) -> str:
+    if "error" in r["localisation"]:
+        return _not_run("localisation", "Localisation", r["localisation"]["error"])
     loc = r["localisation"]
     if not loc.get("given"):
         return ('<section id="localisation"><h2>Localisation</h2><p>No ground-truth masks were given '
@@ -348,6 +358,8 @@ def _localisation(r: dict) -> str:
 
 
 def _sanity(r: dict, out: Path) -> str:
+    if "error" in r["sanity"]:
+        return _not_run("sanity", "Sanity checks", r["sanity"]["error"])
     s = r["sanity"]
     rows = [(e(m), e({True: "pass", False: "FAIL", None: "undecided"}[v["passes"]]), e(v["reason"]))
             for m, v in s["verdicts"].items()]
@@ -388,6 +400,8 @@ def _finding_rows(sc: dict, names: list[str]) -> list:
 
 
 def _shortcuts(r: dict, out: Path) -> str:
+    if "error" in r["shortcuts"]:
+        return _not_run("shortcuts", "Shortcuts", r["shortcuts"]["error"])
     sc, names = r["shortcuts"], r["model"]["class_names"]
     if not sc.get("available"):
         return f'<section id="shortcuts"><h2>Shortcuts</h2><p>{e(sc.get("reason"))}</p></section>'

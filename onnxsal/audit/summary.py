@@ -117,9 +117,19 @@ def review_verdict(review: dict | None) -> dict | None:
 def summarize_audit(report: dict) -> dict:
     """{"verdicts": [...], "findings": [...]} (findings: the few most important lines)."""
     names = report["model"]["class_names"]
-    verdicts = [accuracy_verdict(report["predictions"], names), shortcut_verdict(report["shortcuts"], names),
-                sanity_verdict(report["sanity"]), deletion_verdict(report["benchmark"])]
-    for v in (localisation_verdict(report["localisation"]), review_verdict(report.get("review"))):
+
+    def guarded(key: str, topic: str, fn):
+        if "error" in report[key]:
+            return {"topic": topic, "level": "warn", "text": f"{topic.capitalize()}: not run "
+                    f"({report[key]['error']})."}
+        return fn(report[key])
+
+    verdicts = [accuracy_verdict(report["predictions"], names),
+                guarded("shortcuts", "shortcuts", lambda s: shortcut_verdict(s, names)),
+                guarded("sanity", "sanity", sanity_verdict),
+                guarded("benchmark", "faithfulness", deletion_verdict)]
+    loc = guarded("localisation", "localisation", localisation_verdict)
+    for v in (loc, review_verdict(report.get("review"))):
         if v is not None:
             verdicts.append(v)
     if report["model"]["gradient_source"]:
