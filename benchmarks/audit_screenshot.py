@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +34,7 @@ def chromium(width: int, height: int):
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
 
 
-def screenshot(report: Path, png: Path, width: int = 1100, height: int = 820) -> int:
+def screenshot(report: Path, png: Path, width: int = 1200, height: int = 900) -> int:
     """Save the top of ``report`` as a palette PNG; returns its size in bytes."""
     from PIL import Image
 
@@ -55,18 +56,21 @@ def main(argv=None) -> int:
     ap.add_argument("--report", default=None, help="an existing report.html")
     ap.add_argument("--png", default=str(ROOT / "docs" / "audit_summary.png"))
     a = ap.parse_args(argv)
-    report = Path(a.report) if a.report else None
+    report = Path(a.report).resolve() if a.report else None
+    png = Path(a.png).resolve()
     if report is None:
         from onnxsal.audit import run_audit
 
-        rep = run_audit(ROOT / "tests/data/digits_cnn.onnx", str(ROOT / "tests/data/digits_sample.npz"),
-                        a.out, progress=lambda s: print(s, file=sys.stderr),
-                        command="onnxsal audit tests/data/digits_cnn.onnx --data tests/data/digits_sample.npz "
-                                f"--out {a.out}")
+        out = Path(a.out).resolve()
+        os.chdir(ROOT)  # relative paths in the report, as a user in the repository types them
+        command = ("onnxsal audit tests/data/digits_cnn.onnx --data tests/data/digits_sample.npz "
+                   f"--out {a.out}")
+        rep = run_audit("tests/data/digits_cnn.onnx", "tests/data/digits_sample.npz", out,
+                        progress=lambda s: print(s, file=sys.stderr), command=command)
         print(f"audit: {rep['timing']['seconds']:.1f} s")
-        report = Path(a.out) / "report.html"
-    size = screenshot(report, Path(a.png))
-    print(f"wrote {a.png} ({size / 1024:.0f} KB) from {report}")
+        report = out / "report.html"
+    size = screenshot(report, png)
+    print(f"wrote {png} ({size / 1024:.0f} KB) from {report}")
     return 0
 
 

@@ -32,7 +32,7 @@ vertical-align:top;font-size:.92em}th{background:#f3f3f3}td.num{text-align:right
 .verdict{padding:6px 10px;margin:4px 0;border-left:6px solid #999;background:#fafafa}
 .good{border-color:#2e8b57}.warn{border-color:#e0a800}.bad{border-color:#c0392b;background:#fff4f2}
 .info{border-color:#5b7db1}.tag{font-weight:600;text-transform:uppercase;font-size:.75em;margin-right:.5em}
-figure{margin:.8em 0}figcaption{font-size:.88em;color:#444;max-width:900px}
+figure{margin:.8em 0;overflow-x:auto}figcaption{font-size:.88em;color:#444;max-width:900px}
 .grid td{text-align:center}.grid img{width:96px;height:auto;image-rendering:pixelated;display:block;margin:auto}
 .rv{font-size:.78em;margin:2px 1px;padding:1px 5px;border:1px solid #aaa;background:#fff;border-radius:3px;
 cursor:pointer}
