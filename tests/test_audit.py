@@ -254,3 +254,19 @@ def test_a_planted_corner_is_reported_as_a_shortcut(tmp_path):
     # the finder's image numbers map back to the data set's, and the examples flipped to class 1
     idx = r["shortcuts"]["image_index"]
     assert all(y[idx[e["image"]]] == 1 and y[idx[e["target_image"]]] != 1 and e["after"] == 1 for e in ex)
+
+
+def test_without_labels_groups_by_prediction(tmp_path):
+    z = np.load(SAMPLE)
+    data = tmp_path / "nolabels.npz"
+    np.savez(data, x=z["x"][::4])
+    out = tmp_path / "nl"
+    _audit([str(MODEL), "--data", str(data), "--out", str(out), "--methods", "vanilla", "--per-class", "1",
+            "--eval-images", "6", "--sanity-images", "2", "--max-steps", "1", "--metric", "sparseness",
+            "--shortcut-images", "0", "--quiet"])
+    r = _report(out)
+    assert r["predictions"]["accuracy"] is None and not r["predictions"]["labels"]
+    assert r["benchmark"]["metric"] == "allegiance" and r["benchmark"]["clean"]["score"] == 1.0
+    assert all(it["correct"] is None and it["class"] == it["pred"] for it in r["samples"]["items"])
+    assert sum(r["predictions"]["predicted_counts"]) == 50
+    assert "accuracy is unknown" in r["summary"]["verdicts"][0]["text"]

@@ -60,6 +60,11 @@ def deletion_verdict(b: dict) -> dict:
     best = min(rows, key=lambda r: r["auc"]["black"])
     worst = max(rows, key=lambda r: r["auc"]["black"])
     what = "accuracy" if b["metric"] == "accuracy" else "agreement with the clean prediction"
+    if len(rows) == 1:
+        text = (f"Faithfulness: blacking out the pixels that {best['method']} ranks highest gives a "
+                f"black-deletion AUC of {best['auc']['black']:.3f} for the {what} (lower is better: the "
+                f"curve falls sooner), on {b['images']} images.")
+        return {"topic": "faithfulness", "level": "info", "text": text}
     text = (f"Faithfulness: blacking out the pixels that {best['method']} ranks highest lowers the "
             f"{what} fastest (black-deletion AUC {best['auc']['black']:.3f}, lower is better); "
             f"{worst['method']} is the least faithful by this test ({worst['auc']['black']:.3f}), "
