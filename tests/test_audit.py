@@ -19,7 +19,8 @@ DATA = Path(__file__).parent / "data"
 MODEL = DATA / "digits_cnn.onnx"
 SAMPLE = DATA / "digits_sample.npz"
 SMALL = ["--methods", "vanilla,gradcam", "--per-class", "1", "--eval-images", "10",
-         "--sanity-images", "4", "--max-steps", "2", "--shortcut-images", "200", "--quiet"]
+         "--sanity-images", "4", "--max-steps", "2", "--shortcut-images", "200", "--quiet",
+         "--metric", "sparseness,irof,faithfulness-correlation,pointing-game,input-invariance,random-logit"]
 
 
 def _audit(args):
@@ -68,8 +69,9 @@ def test_sections_come_from_the_drivers(audited):
     # metrics needing masks or options are skipped with a reason; the others ran
     skipped = {s["metric"]: s["reason"] for s in r["benchmark"]["skipped"]}
     assert "masks" in skipped["pointing-game"] and "explain_shifted" in skipped["input-invariance"]
+    assert "explain_class" in skipped["random-logit"] and len(skipped) == 3
     ran = set(r["benchmark"]["rows"][0]["metrics"])
-    assert {"sparseness", "irof", "faithfulness-correlation"} <= ran and not ran & set(skipped)
+    assert ran == {"sparseness", "irof", "faithfulness-correlation"}
     assert r["benchmark"]["images"] == 10 and r["sanity"]["images"] == 4
     html = (audited / "report.html").read_text()
     for anchor in ("summary", "model", "accuracy", "maps", "faithfulness", "robustness",
@@ -270,3 +272,30 @@ def test_without_labels_groups_by_prediction(tmp_path):
     assert all(it["correct"] is None and it["class"] == it["pred"] for it in r["samples"]["items"])
     assert sum(r["predictions"]["predicted_counts"]) == 50
     assert "accuracy is unknown" in r["summary"]["verdicts"][0]["text"]
+
+
+def test_thumbnails_enlarge_small_reduce_large_and_keep_the_box():
+    import io
+
+    from PIL import Image
+
+    from onnxsal.audit import figures
+
+    def decode(b):
+        return np.asarray(Image.open(io.BytesIO(b)))
+
+    small = decode(figures.thumb(np.zeros((20, 20, 3), np.float32), [2, 4, 6, 8]))
+    assert small.shape == (100, 100, 3)  # 5x: at least 96 px
+    ys, xs = np.nonzero(small.any(axis=2))
+    assert (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1) == (10, 20, 30, 40)
+    big = decode(figures.thumb(np.zeros((400, 200, 3), np.float32), [100, 50, 200, 100]))
+    assert big.shape == (192, 96, 3)
+    ys, xs = np.nonzero(big.any(axis=2))
+    assert (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1) == (48, 24, 96, 48)
+    # an overlay keeps the image where the map is zero-ish and colours it where it is large
+    img = np.full((1, 4, 4), 0.5, np.float32)
+    m = np.zeros((4, 4), np.float32)
+    m[0, 0] = 1
+    rgb = figures.overlay_rgb(img, m, signed=True)
+    assert rgb[0, 0, 0] > 2 * rgb[0, 0, 2] and rgb[0, 0, 0] > 2 * rgb[0, 0, 1]  # red: supports the class
+    assert np.allclose(rgb[3, 3], rgb[3, 3, 0]) and abs(rgb[3, 3, 0] - 0.5) < 0.2  # grey shows through

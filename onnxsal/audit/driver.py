@@ -297,8 +297,10 @@ def _shortcuts(parts: Parts, engine, ds, groups: np.ndarray, pred: dict, methods
     idx = sections.stratified(groups, n)
     grouped_by = "label" if ds.labels is not None else "prediction"
     fields = {"images": idx.tolist(), "method": method, "seed": seed, "options": options}
+    # the maps of each image's class (its label; without labels, its prediction)
     maps = parts.arrays("shortcut_maps", fields,
-                        lambda: sections.compute_maps(engine, ds.images[idx], [method], seed),
+                        lambda: sections.compute_maps(engine, ds.images[idx], [method], seed,
+                                                      targets=groups[idx]),
                         {f"map/{method}"})
     x = ds.images[idx]
     res = parts.json("shortcuts", fields, lambda: sections.shortcut_section(

@@ -17,6 +17,7 @@ import numpy as np
 from ..overlays import DIVERGING, SEQUENTIAL, _robust_max
 
 MIN_SIDE = 96  # images are enlarged by an integer factor to at least this many pixels
+MAX_SIDE = 192  # and larger ones reduced to at most this many
 
 
 def _zoom(rgb: np.ndarray) -> np.ndarray:
@@ -83,10 +84,30 @@ def draw_box(rgb: np.ndarray, box, colour=(1.0, 0.85, 0.0)) -> np.ndarray:
     return out
 
 
+def _shrink(rgb: np.ndarray) -> np.ndarray:
+    """Large pictures (photographs) reduced to at most MAX_SIDE pixels a side, so that a report
+    of many images stays a few MB."""
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    scale = MAX_SIDE / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    img = Image.fromarray((np.clip(np.nan_to_num(rgb), 0, 1) * 255 + 0.5).astype(np.uint8))
+    return np.asarray(img.resize(size, Image.Resampling.BOX), np.float32) / 255
+
+
 def thumb(rgb: np.ndarray, box=None) -> bytes:
-    """PNG of an [H, W, 3] picture, enlarged, with an optional box outline (drawn after the
-    enlargement, so a one-pixel box stays visible)."""
+    """PNG of an [H, W, 3] picture, small ones enlarged and large ones reduced, with an
+    optional box outline [y0, x0, y1, x1] (drawn after the resizing, so a one-pixel box stays
+    visible)."""
     h = rgb.shape[0]
+    if max(rgb.shape[:2]) > MAX_SIDE:
+        out = _shrink(rgb)
+        scale = out.shape[0] / h
+        if box is not None:
+            b = [int(v * scale) for v in box[:2]] + [max(1, round(v * scale)) for v in box[2:]]
+            out = draw_box(out, b)
+        return png(out)
     big = _zoom(rgb)
     if box is not None:
         k = big.shape[0] // max(1, h)

@@ -119,12 +119,15 @@ def sample_items(labels: np.ndarray | None, pred: np.ndarray, per_class: int,
     return items, classes
 
 
-def compute_maps(engine, images: np.ndarray, methods: list[str], seed: int) -> dict[str, np.ndarray]:
-    """{method: float32 [N, H, W]} and {"signed/<method>": bool} from onnxsal.methods."""
-    from ..benchmark import default_maps_many
+def compute_maps(engine, images: np.ndarray, methods: list[str], seed: int,
+                 targets: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """{"map/<method>": float32 [N, H, W], "signed/<method>": bool, "target/<method>": [N]} from
+    :func:`onnxsal.methods.compute` (the explained class: ``targets``, default the predicted)."""
+    from .. import methods as registry
 
+    opts = {"seed": seed} if any("seed" in registry.get(m).defaults for m in methods) else {}
     out: dict[str, np.ndarray] = {}
-    res = default_maps_many(engine, methods, images, seed)
+    res = registry.compute(engine, images, list(methods), targets=targets, **opts)
     for m, r in res.items():
         out[f"map/{m}"] = np.asarray(r.maps, np.float32)
         out[f"signed/{m}"] = np.array(bool(r.signed))
