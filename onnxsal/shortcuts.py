@@ -8,9 +8,12 @@ in three steps, all computed from the data and the model alone (docs/shortcuts.m
    distribution over pixels). For class c, ``D_c`` = the mean normalised map over the images
    labelled c minus the mean over the images of every other class. The box is the bounding
    box of the connected region around the maximum of ``D_c`` where ``D_c >= box_threshold *
-   max(D_c)`` (default 0.5). *Consistency* = the fraction of class-c images for which at least
-   half of their ``A`` most salient pixels lie in the box, ``A`` being the box's area (a box
-   hit by chance gets about ``A / (H W)``; reported as ``chance``).
+   max(D_c)`` (default 0.5), grown on each side by ``box_grow`` (0.25) of its height / width
+   (at least one pixel: gradient maps light a patch's edges more than its inside). With ``A``
+   the box's area: *concentration* = the mean share of each class-c image's ``A`` most salient
+   pixels that lie in the box; *chance* = ``A / (H W)`` (the share a map unrelated to the box
+   puts there); *lift* = concentration / chance; *consistency* = the fraction of class-c
+   images with at least half of their ``A`` most salient pixels in the box.
 2. **Paste test.** ``pairs`` random (source, target) pairs: the source an image of class c,
    the target an image of another class that the model does not predict as c. The box's
    pixels are copied from the source onto the target; ``paste_flip_rate`` is the fraction of
@@ -22,10 +25,15 @@ in three steps, all computed from the data and the model alone (docs/shortcuts.m
 place that does not overlap the found box (the same place in source and target):
 ``control_flip_rate`` (``control_blank_flip_rate``). A large or central box copies much of
 the object, and so does a random box of that size: the control then flips as often and the
-excess is small. A region is **suspected** when ``paste_flip_rate - control_flip_rate >=
-paste_margin`` (default 0.5) and the box covers at most ``max_box_fraction`` of the image
-(default 0.25); the blank rates are reported as supporting evidence but do not decide (a
-shortcut the model learned *next to* the object does not need to be the only cue). The
+excess is small. A region is **suspected** when all three hold:
+
+* ``paste_excess = paste_flip_rate - control_flip_rate >= paste_margin`` (default 0.4);
+* ``lift >= min_lift`` (default 3): single images' saliency really sits in the box (a box
+  that only the class *average* lights, e.g. from a class whose objects vary in place, fails);
+* the box covers at most ``max_box_fraction`` of the image (default 0.25).
+
+The blank rates are reported as supporting evidence but do not decide (a model can learn the
+shortcut *and* the object; blanking the tag then leaves the object to carry the class). The
 defaults are justified by the measurements in benchmarks/results/audit/ (docs/shortcuts.md).
 
 Every intervened image goes to ``predict_logits`` in batches of ``batch_size`` (the
@@ -35,7 +43,7 @@ result depends only on the inputs and ``seed``.
 Returns a JSON-ready dict::
 
     {"findings": [{"class", "box": [y0, x0, y1, x1] (end exclusive), "area_fraction",
-                   "consistency", "chance", "paste_flip_rate", "control_flip_rate",
+                   "consistency", "concentration", "chance", "lift", "paste_flip_rate", "control_flip_rate",
                    "paste_excess", "blank_flip_rate", "control_blank_flip_rate",
                    "paste_pairs", "blank_images", "suspected", "reason",
                    "examples": [{"image", "target_image", "before", "after"}]}, ...],
@@ -58,8 +66,10 @@ from .errors import InputError, OptionError
 
 DEFAULTS: dict[str, Any] = {
     "box_threshold": 0.5,     # D_c >= this fraction of its maximum makes the hot region
+    "box_grow": 0.25,         # the box grows by this share of its side on each side (>= 1 pixel)
     "pairs": 200,             # paste pairs and blanked images per class
-    "paste_margin": 0.5,      # paste_flip_rate - control_flip_rate needed to suspect
+    "paste_margin": 0.4,      # paste_flip_rate - control_flip_rate needed to suspect
+    "min_lift": 3.0,          # concentration / chance needed to suspect
     "max_box_fraction": 0.25,  # a box larger than this share of the image is not a shortcut
     "min_images": 5,          # classes with fewer labelled images are skipped
     "examples": 4,            # flipped pastes kept per class
@@ -105,6 +115,10 @@ def _options(options: dict[str, Any]) -> dict[str, Any]:
     o = {**DEFAULTS, **options}
     if not 0.0 < float(o["box_threshold"]) <= 1.0:
         raise OptionError(f"box_threshold must be in (0, 1], got {o['box_threshold']}")
+    if float(o["min_lift"]) < 0:
+        raise OptionError(f"min_lift must be >= 0, got {o['min_lift']}")
+    if not 0.0 <= float(o["box_grow"]) <= 1.0:
+        raise OptionError(f"box_grow must be in [0, 1], got {o['box_grow']}")
     if not 0.0 < float(o["max_box_fraction"]) <= 1.0:
         raise OptionError(f"max_box_fraction must be in (0, 1], got {o['max_box_fraction']}")
     for k in ("pairs", "min_images", "batch_size"):
@@ -135,30 +149,39 @@ def class_contrast_maps(maps: np.ndarray, labels: np.ndarray, num_classes: int) 
     return out
 
 
-def hot_box(contrast: np.ndarray, threshold: float) -> list[int] | None:
+def hot_box(contrast: np.ndarray, threshold: float, grow: float = 0.0) -> list[int] | None:
     """[y0, x0, y1, x1] (end exclusive) of the connected region (8-neighbours) around the
-    maximum of ``contrast`` where it is >= ``threshold`` times that maximum; None if the
-    maximum is not positive."""
+    maximum of ``contrast`` where it is >= ``threshold`` times that maximum, grown on each side
+    by ``grow`` times its height (width), at least one pixel when ``grow`` > 0, and clipped to
+    the image; None if the maximum is not positive."""
     peak = float(contrast.max())
     if not peak > 0:
         return None
     regions, _ = ndimage.label(contrast >= threshold * peak, structure=np.ones((3, 3)))
     py, px = np.unravel_index(int(np.argmax(contrast)), contrast.shape)
     ys, xs = np.nonzero(regions == regions[py, px])
-    return [int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1]
+    y0, x0, y1, x1 = int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
+    if grow > 0:
+        gy, gx = max(1, round(grow * (y1 - y0))), max(1, round(grow * (x1 - x0)))
+        y0, x0 = max(0, y0 - gy), max(0, x0 - gx)
+        y1, x1 = min(contrast.shape[0], y1 + gy), min(contrast.shape[1], x1 + gx)
+    return [y0, x0, y1, x1]
 
 
-def _consistency(p: np.ndarray, box: list[int]) -> float:
-    """Fraction of maps (normalised, [n, H, W]) with at least half of their A most salient
-    pixels in the box, A = the box's area."""
+def _consistency(p: np.ndarray, box: list[int]) -> tuple[float, float]:
+    """(consistency, concentration) of maps (normalised, [n, H, W]) for a box of area A: the
+    fraction of maps with at least half of their A most salient pixels in the box, and the
+    mean share of their A most salient pixels that lie in the box (zero pixels never count)."""
     y0, x0, y1, x1 = box
     area = (y1 - y0) * (x1 - x0)
     inside = np.zeros(p.shape[1:], dtype=bool)
     inside[y0:y1, x0:x1] = True
     flat = p.reshape(len(p), -1)
     top = np.argsort(-flat, axis=1, kind="stable")[:, :area]
-    share = inside.reshape(-1)[top].mean(1)
-    return float((share >= 0.5).mean())
+    # a pixel of zero saliency counts as outside (ties at zero would otherwise be decided by
+    # their position)
+    share = (inside.reshape(-1)[top] & (np.take_along_axis(flat, top, 1) > 0)).mean(1)
+    return float((share >= 0.5).mean()), float(share.mean())
 
 
 def _control_boxes(rng: np.random.Generator, box: list[int], hw: tuple[int, int], n: int) -> np.ndarray:
@@ -252,6 +275,9 @@ def _verdict(f: dict, o: dict) -> tuple[bool, str]:
     if f["area_fraction"] > o["max_box_fraction"]:
         return False, (f"box covers {f['area_fraction']:.0%} of the image (> {o['max_box_fraction']:.0%}): "
                        "the object, not a shortcut")
+    if f["lift"] < o["min_lift"]:
+        return False, (f"saliency of single images falls in the box only {f['lift']:.1f} times as much as by "
+                       f"chance (< {o['min_lift']}): the box comes from averaging, not from every image")
     if f["paste_excess"] >= o["paste_margin"]:
         return True, (f"pasting the box turns {f['paste_flip_rate']:.0%} of other classes' images into this "
                       f"class (a random box of that size: {f['control_flip_rate']:.0%})")
@@ -286,13 +312,15 @@ def find_shortcuts(predict_logits: Callable[[np.ndarray], np.ndarray], images, l
             if count:
                 skipped.append({"class": c, "reason": f"{count} images (< min_images {o['min_images']})"})
             continue
-        box = hot_box(contrast[c], float(o["box_threshold"]))
+        box = hot_box(contrast[c], float(o["box_threshold"]), float(o["box_grow"]))
         if box is None:
             skipped.append({"class": c, "reason": "saliency is not higher in this class anywhere"})
             continue
         area = (box[2] - box[0]) * (box[3] - box[1])
-        f = {"class": c, "box": box, "area_fraction": area / (hw[0] * hw[1]),
-             "consistency": _consistency(p[y == c], box), "chance": area / (hw[0] * hw[1])}
+        consistency, concentration = _consistency(p[y == c], box)
+        f = {"class": c, "box": box, "area_fraction": area / (hw[0] * hw[1]), "consistency": consistency,
+             "concentration": concentration, "chance": area / (hw[0] * hw[1]),
+             "lift": concentration / (area / (hw[0] * hw[1]))}
         jobs, groups = _plan_class(rng, c, box, y, pred, hw, pairs)
         plans.append((f, groups, len(all_jobs)))
         all_jobs += jobs

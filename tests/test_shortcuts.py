@@ -51,10 +51,17 @@ def test_toy_finds_exactly_the_corner():
     flagged = [f for f in r["findings"] if f["suspected"]]
     assert [f["class"] for f in flagged] == [1]
     f = flagged[0]
-    assert f["box"] == CORNER
+    # the hot region is exactly the corner; the reported box is it grown by box_grow (1 pixel)
+    assert f["box"] == [CORNER[0] - 1, CORNER[1] - 1, CORNER[2] + 1, CORNER[3] + 1]
+    exact = find_shortcuts(_toy_logits, x, y, maps, num_classes=3, seed=0, box_grow=0)
+    assert [g["box"] for g in exact["findings"] if g["suspected"]] == [CORNER]
     assert f["paste_flip_rate"] > 0.95 and f["control_flip_rate"] < 0.2
     assert f["blank_flip_rate"] > 0.95 and f["control_blank_flip_rate"] < 0.05
-    assert f["consistency"] == 1.0
+    # the 9 corner pixels are the only salient ones of every class-1 map: 9 of the 25 in the
+    # grown box, lift = (9/25) / (25/256) = 3.69; in the exact box all of them
+    assert f["lift"] == pytest.approx((9 / 25) / (25 / 256))
+    e1 = next(g for g in exact["findings"] if g["class"] == 1)
+    assert e1["consistency"] == 1.0 and e1["concentration"] == 1.0
     # class 2's evidence is the whole image: the random box of that size flips as often
     c2 = next(g for g in r["findings"] if g["class"] == 2)
     assert not c2["suspected"] and c2["paste_excess"] < 0.1
@@ -65,7 +72,8 @@ def test_toy_finds_exactly_the_corner():
     assert len(after) == len(f["examples"]) == 4
     assert (_toy_logits(after).argmax(1) == 1).all()
     assert (_toy_logits(before).argmax(1) == [e["before"] for e in f["examples"]]).all()
-    np.testing.assert_array_equal(after[:, :, 1:4, 12:15], src[:, :, 1:4, 12:15])
+    y0, x0, y1, x1 = f["box"]
+    np.testing.assert_array_equal(after[:, :, y0:y1, x0:x1], src[:, :, y0:y1, x0:x1])
 
 
 def test_toy_is_deterministic_and_seeded():
@@ -83,6 +91,8 @@ def test_hot_box_and_iou():
     d[8, 0] = 0.9  # a second hot spot, not connected to the peak's region
     d[3, 6] = 2.0
     assert hot_box(d, 0.4) == [2, 5, 4, 8]
+    assert hot_box(d, 0.4, grow=0.25) == [1, 4, 5, 9]  # at least one pixel per side
+    assert hot_box(d, 0.4, grow=1.0) == [0, 2, 6, 10]  # grown by the side, clipped to the image
     assert hot_box(-np.ones((4, 4)), 0.5) is None
     assert box_iou([0, 0, 4, 4], [0, 0, 4, 4]) == 1.0
     assert box_iou([0, 0, 4, 4], [2, 2, 6, 6]) == pytest.approx(4 / 28)
@@ -117,3 +127,44 @@ def test_option_and_model_checks():
         find_shortcuts(_toy_logits, x, y, maps, num_classes=1)
     with pytest.raises(InputError, match=r"predict_logits returned shape \[30, 3\] .* expected \[30, 4\]"):
         find_shortcuts(_toy_logits, x, y, maps, num_classes=4)
+
+
+# -- the bundled Fashion-MNIST models (benchmarks/shortcut_demo.py; tests/data/README.md) ----
+
+DATA = __import__("pathlib").Path(__file__).resolve().parent / "data"
+
+
+def _bundled(model: str, key: str):
+    from onnxsal.engine import Engine
+    from onnxsal.methods import compute
+
+    d = np.load(DATA / "fmnist_tag_sample.npz")
+    x, y = d[key].astype(np.float32) / 255.0, d["y"]
+    eng = Engine(DATA / f"fmnist_{model}_cnn.onnx", device="cpu", threads=1, use_disk_cache=False)
+    maps = compute(eng, x, "vanilla", targets=y)["vanilla"].maps
+    res = find_shortcuts(eng.logits, x, y, maps, num_classes=10, seed=0)
+    return res, [int(v) for v in d["tag_box"]], int(d["tag_class"])
+
+
+def test_tagged_model_names_the_tag_class_and_box():
+    res, tag_box, tag_class = _bundled("tagged", "x")
+    flagged = [f for f in res["findings"] if f["suspected"]]
+    assert [f["class"] for f in flagged] == [tag_class]
+    f = flagged[0]
+    assert box_iou(f["box"], tag_box) > 0.3
+    assert f["paste_excess"] > 0.4 and f["lift"] > 10  # measured: 0.52 and 17.8
+    assert f["blank_flip_rate"] > 0.5 > f["control_blank_flip_rate"]  # measured 0.77 vs 0.0
+    assert all(e["after"] == tag_class != e["before"] for e in f["examples"])
+
+
+def test_clean_model_flags_nothing_even_with_the_tag_in_the_data():
+    res, _, _ = _bundled("clean", "x")
+    assert [f["class"] for f in res["findings"] if f["suspected"]] == []
+    assert max(f["paste_excess"] for f in res["findings"]) < 0.2  # measured 0.08
+
+
+def test_tagged_model_on_untagged_data_flags_nothing():
+    """The finder needs the shortcut in the audit data (docs/shortcuts.md#limits): without the
+    tag in the images, pasting boxes of them carries no tag."""
+    res, _, _ = _bundled("tagged", "x_clean")
+    assert [f["class"] for f in res["findings"] if f["suspected"]] == []
