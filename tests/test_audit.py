@@ -299,3 +299,24 @@ def test_thumbnails_enlarge_small_reduce_large_and_keep_the_box():
     rgb = figures.overlay_rgb(img, m, signed=True)
     assert rgb[0, 0, 0] > 2 * rgb[0, 0, 2] and rgb[0, 0, 0] > 2 * rgb[0, 0, 1]  # red: supports the class
     assert np.allclose(rgb[3, 3], rgb[3, 3, 0], atol=0.01) and abs(rgb[3, 3, 0] - 0.5) < 0.2  # grey shows through
+
+
+def test_planted_tag_on_fashion_mnist_named_and_clean_model_not_flagged(tmp_path):
+    """The bundled Fashion-MNIST CNNs (benchmarks/shortcut_demo.py): trained with a tag on 90% of
+    Pullover's training images, and without; the sample's class-2 images carry the tag."""
+    from onnxsal.shortcuts import box_iou
+
+    z = np.load(DATA / "fmnist_tag_sample.npz")
+    tag_box, tag_class = z["tag_box"].tolist(), int(z["tag_class"])
+    found = {}
+    for kind in ("tagged", "clean"):
+        out = tmp_path / kind
+        _audit([str(DATA / f"fmnist_{kind}_cnn.onnx"), "--data", str(DATA / "fmnist_tag_sample.npz"),
+                "--out", str(out), "--methods", "vanilla", "--per-class", "1", "--eval-images", "4",
+                "--sanity-images", "2", "--max-steps", "1", "--metric", "sparseness", "--quiet"])
+        r = _report(out)
+        found[kind] = [f for f in r["shortcuts"]["findings"] if f["suspected"]]
+        if kind == "tagged":
+            assert "class Pullover" in r["summary"]["findings"][0]
+    assert [f["class"] for f in found["tagged"]] == [tag_class] and found["clean"] == []
+    assert box_iou(found["tagged"][0]["box"], tag_box) >= 0.5
