@@ -393,7 +393,8 @@ def _finding_rows(sc: dict, names: list[str]) -> list:
     rows = []
     for f in sc["findings"]:
         rows.append([e(names[f["class"]]), e(f["box"]), f'<td class="num">{e(pct(f["area_fraction"]))}</td>',
-                     td_num(f["consistency"]), td_num(f["paste_flip_rate"]), td_num(f["control_flip_rate"]),
+                     td_num(f["consistency"]), td_num(f.get("lift")), td_num(f["paste_flip_rate"]),
+                     td_num(f["control_flip_rate"]),
                      td_num(f["blank_flip_rate"]), td_num(f["control_blank_flip_rate"]),
                      f"<b>{'SUSPECTED' if f['suspected'] else 'no'}</b>", e(f.get("reason", ""))])
     return rows
@@ -406,7 +407,7 @@ def _shortcuts(r: dict, out: Path) -> str:
     if not sc.get("available"):
         return f'<section id="shortcuts"><h2>Shortcuts</h2><p>{e(sc.get("reason"))}</p></section>'
     st = sc["settings"]
-    head = ["class", "box [y0, x0, y1, x1]", "area", "consistency", "paste flip", "control paste flip",
+    head = ["class", "box [y0, x0, y1, x1]", "area", "consistency", "lift", "paste flip", "control paste flip",
             "blank flip", "control blank flip", "suspected", "why"]
     parts = [f'<section id="shortcuts"><h2>Shortcuts</h2><p>For each class, the region where the '
              f'{e(sc["method"])} saliency of its images is higher than in other classes\' images is '
@@ -415,7 +416,9 @@ def _shortcuts(r: dict, out: Path) -> str:
              "(blank flip: how often they stop being it), each against a random region of the same size "
              f"(control). {st['images']} images grouped by {e(sc['grouped_by'])}, {st['pairs']} pairs per "
              f"class; a class is suspected when the paste flip rate exceeds the control's by at least "
-             f"{st['paste_margin']} and the box covers at most {pct(st['max_box_fraction'])} of the image.</p>",
+             f"{e(st.get('paste_margin'))}, the box covers at most {pct(st.get('max_box_fraction'))} of the image"
+             + (f" and single images' saliency falls in the box at least {e(st['min_lift'])} times as much as "
+                "by chance (lift)" if "min_lift" in st else "") + ".</p>",
              figure(table(head, _finding_rows(sc, names)), "One row per class tested.",
                     "A high paste flip rate far above the control means that the region alone makes the "
                     "model predict the class: the model may read a tag or watermark instead of the object.")]
