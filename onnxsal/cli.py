@@ -386,7 +386,7 @@ def sanity(model, data, methods, mode, limit, out, seed, max_steps, threshold, m
 def audit(model, data, out, masks, methods, labels_file, per_class, max_classes, limit,
           eval_images, sanity_images, max_steps, metric_names, shortcut_images, shortcut_method,
           review_file, seed, preprocess, device, output, threads, quiet, executor, address,
-          workers, cpus_per_worker, gpus_per_worker):
+          workers, cpus_per_worker, gpus_per_worker, **more_executor_options):
     """One report on MODEL (docs/audit.md): model facts, accuracy and confusion, maps per class,
     deletion and the metrics that apply, sanity checks, localisation (with --masks), shortcuts;
     OUT/report.html opens offline and has an expert review mode (--review folds it back)."""
@@ -399,7 +399,9 @@ def audit(model, data, out, masks, methods, labels_file, per_class, max_classes,
         if review_file is None or (model is None) != (data is None):
             raise OptionError("give MODEL and --data (or only --review FILE with the --out of an audit)")
     else:
-        ex = _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker)
+        # the executor options beyond these five (those _executor_options adds later) go on as given
+        ex = _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker,
+                            **more_executor_options)
         command = " ".join(["onnxsal"] + [shlex.quote(a) for a in sys.argv[1:]]) \
             if Path(sys.argv[0]).name == "onnxsal" else None
         wanted = [p.strip() for m in metric_names for p in m.split(",") if p.strip()] or None
