@@ -33,6 +33,7 @@ from ..display import printable
 from ..errors import InputError, OptionError
 from ..files import atomic_write_bytes, atomic_write_json
 from . import figures, sections
+from .images import AuditImages
 from .store import Parts
 
 DEFAULT_METHODS = ("vanilla", "original", "gradient_x_input", "guided_backprop", "gradcam", "smoothgrad")
@@ -81,7 +82,6 @@ def run_audit(model: str | os.PathLike, data: Any, out: str | os.PathLike, *,
     checks).
     """
     from ..benchmark import _parse_methods
-    from ..data import Dataset, load_dataset
     from ..engine import Engine
     from ..inspect import summarize
     from ..methods import resolve
@@ -97,10 +97,7 @@ def run_audit(model: str | os.PathLike, data: Any, out: str | os.PathLike, *,
     method_names = resolve(_parse_methods(methods))
     names_given = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else labels
     engine = Engine(model, preprocess=preprocess, device=device, threads=threads, output=output)
-    ds = data if isinstance(data, Dataset) and limit is None else load_dataset(
-        data, shape=tuple(engine.input_shape), limit=limit)
-    if ds.shape != tuple(engine.input_shape):
-        ds = load_dataset(ds, shape=tuple(engine.input_shape))
+    ds = AuditImages(data, tuple(engine.input_shape), limit)
     k = int(engine.num_classes)
     if ds.labels is not None and len(ds.labels) and (ds.labels.min() < 0 or ds.labels.max() >= k):
         raise InputError(f"data {ds.source}: labels {int(ds.labels.min())}..{int(ds.labels.max())} are "
@@ -120,7 +117,7 @@ def run_audit(model: str | os.PathLike, data: Any, out: str | os.PathLike, *,
              "provider": engine.provider, "num_classes": k, "class_names": cls_names,
              "input_shape": [int(d) for d in engine.input_shape],
              "preprocess": pre_json}
-    pred = parts.arrays("predictions", {}, lambda: sections.predict(engine, ds.images), {"pred", "prob"})
+    pred = parts.arrays("predictions", {}, lambda: sections.predict(engine, ds.batches()), {"pred", "prob"})
     accuracy = sections.accuracy_section(ds.labels, pred["pred"], cls_names)
     timing["predictions"] = time.time() - t
 
@@ -157,7 +154,7 @@ def run_audit(model: str | os.PathLike, data: Any, out: str | os.PathLike, *,
     t = time.time()
     sanity_idx = sections.stratified(groups, sanity_images)
     sanity = _guard("sanity checks", lambda: sections.sanity_section(
-        str(model), ds.images[sanity_idx], method_names, out / "sanity", seed=seed,
+        str(model), ds.take(sanity_idx), method_names, out / "sanity", seed=seed,
         max_steps=max_steps, preprocess=preprocess, device=device, threads=threads, output=output,
         executor=executor, say=None), say)
     timing["sanity"] = time.time() - t
@@ -244,14 +241,15 @@ def _sample_section(parts: Parts, engine, ds, idx: np.ndarray, items: list[dict]
                     methods: list[str], seed: int, out: Path, names: list[str]) -> dict:
     """Maps of the sample images (stored), their pictures in assets/, the shown items."""
     need = {f"map/{m}" for m in methods}
+    x = ds.take(idx)
     maps = parts.arrays("sample_maps", {"images": idx.tolist(), "methods": methods, "seed": seed},
-                        lambda: sections.compute_maps(engine, ds.images[idx], methods, seed), need)
+                        lambda: sections.compute_maps(engine, x, methods, seed), need)
     where = {int(i): j for j, i in enumerate(idx)}
-    for i in idx:
+    for j, i in enumerate(idx):
         atomic_write_bytes(out / "assets" / f"image_{int(i)}.png",
-                           figures.thumb(figures.image_rgb(ds.images[i])))
+                           figures.thumb(figures.image_rgb(x[j])))
         for m in methods:
-            rgb = figures.overlay_rgb(ds.images[i], maps[f"map/{m}"][where[int(i)]], bool(maps[f"signed/{m}"]))
+            rgb = figures.overlay_rgb(x[j], maps[f"map/{m}"][j], bool(maps[f"signed/{m}"]))
             atomic_write_bytes(out / "assets" / f"map_{int(i)}_{_safe(m)}.png", figures.thumb(rgb))
     shown = []
     for it in items:
@@ -280,10 +278,11 @@ def _localisation(parts: Parts, engine, ds, idx: np.ndarray, masks: Any, names: 
     else:
         all_masks = load_masks(masks, ds.names, hw)
     m = all_masks[idx]
+    x = ds.take(idx)
     maps = parts.arrays("eval_maps", {"images": idx.tolist(), "methods": methods, "seed": seed},
-                        lambda: sections.compute_maps(engine, ds.images[idx], methods, seed),
-                        {f"map/{x}" for x in methods})
-    res = sections.localisation_section(names, ds.images[idx], maps, m, methods, {})
+                        lambda: sections.compute_maps(engine, x, methods, seed),
+                        {f"map/{k}" for k in methods})
+    res = sections.localisation_section(names, x, maps, m, methods, {})
     res["given"] = True
     res["source"] = "array" if isinstance(masks, np.ndarray) else str(masks)
     return res
@@ -297,12 +296,11 @@ def _shortcuts(parts: Parts, engine, ds, groups: np.ndarray, pred: dict, methods
     idx = sections.stratified(groups, n)
     grouped_by = "label" if ds.labels is not None else "prediction"
     fields = {"images": idx.tolist(), "method": method, "seed": seed, "options": options}
+    x = ds.take(idx)
     # the maps of each image's class (its label; without labels, its prediction)
     maps = parts.arrays("shortcut_maps", fields,
-                        lambda: sections.compute_maps(engine, ds.images[idx], [method], seed,
-                                                      targets=groups[idx]),
+                        lambda: sections.compute_maps(engine, x, [method], seed, targets=groups[idx]),
                         {f"map/{method}"})
-    x = ds.images[idx]
     res = parts.json("shortcuts", fields, lambda: sections.shortcut_section(
         engine, x, groups[idx], maps[f"map/{method}"], num_classes=int(engine.num_classes),
         seed=seed, options=options, method=method, grouped_by=grouped_by))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -60,13 +60,13 @@ def class_names(num_classes: int, *candidates: Sequence[str] | None) -> list[str
 # -- predictions ---------------------------------------------------------------------------
 
 
-def predict(engine, images: np.ndarray, batch: int = 256) -> dict[str, np.ndarray]:
-    """Predicted class and its softmax probability per image (in batches)."""
+def predict(engine, batches: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
+    """Predicted class and its softmax probability per image, batch by batch."""
     from ..numeric import softmax
 
-    preds, probs = [], []
-    for s in range(0, len(images), batch):
-        z = np.asarray(engine.logits(images[s:s + batch]), np.float64)
+    preds, probs = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+    for x in batches:
+        z = np.asarray(engine.logits(x), np.float64)
         p = softmax(z, np.float64)
         preds.append(z.argmax(axis=1))
         probs.append(p.max(axis=1))
