@@ -226,13 +226,13 @@ def _pct(v) -> str:
 def summarise(rows: list[dict], models: list[dict], args) -> dict:
     s: dict = {}
     for kind in ("tagged", "clean"):
-        for data in ("tagged", "clean"):
-            rs = [r for r in rows if r["kind"] == kind and r["data"] == data]
+        for data, method in [(d, m) for d in ("tagged", "clean") for m in (None,) + METHODS]:
+            rs = [r for r in rows if r["kind"] == kind and r["data"] == data and method in (None, r["method"])]
             classes = sum(len(r["result"]["findings"]) for r in rs)
             flagged = sum(len(r["flagged"]) for r in rs)
             named = [r for r in rs if r["flagged"] == [args.tag_class]
                      and r["tag_class_finding"]["iou_with_tag"] > 0.3]
-            s[f"{kind}_models_on_{data}_data"] = {
+            s[f"{kind}_models_on_{data}_data" + (f"_{method}" if method else "")] = {
                 "runs": len(rs), "classes_tested": classes, "classes_flagged": flagged,
                 "flag_rate": flagged / classes if classes else None,
                 "runs_naming_exactly_the_tag_class_on_the_tag": len(named)}
@@ -275,27 +275,33 @@ def write_readme(out: Path, rows, models, summary, figs, args, seconds: float) -
               f"{c}. paste / control: the share of other classes' images turned into class {c} by pasting the "
               f"box / a random box of the same size from class {c} images; blank / control: the share of class "
               f"{c}'s images that leave the class when the box / a random box is filled with the image mean.", "",
-              f"| model | data | method | accuracy | class {c} acc | box | IoU with tag | consistency | paste | "
+              f"| model | data | method | accuracy | class {c} acc | box | IoU with tag | consistency | lift | paste | "
               "control | blank | control | suspected | all flagged classes |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r["tag_class_finding"]
         lines.append(f"| {r['model']} | {r['data']} | {r['method']} | {r['accuracy']:.3f} | "
                      f"{r['tagged_class_accuracy']:.3f} | `{f['box']}` | {f['iou_with_tag']:.2f} | "
-                     f"{f['consistency']:.2f} | {_pct(f['paste_flip_rate'])} | {_pct(f['control_flip_rate'])} | "
+                     f"{f['consistency']:.2f} | {f['lift']:.1f} | {_pct(f['paste_flip_rate'])} | "
+                     f"{_pct(f['control_flip_rate'])} | "
                      f"{_pct(f['blank_flip_rate'])} | {_pct(f['control_blank_flip_rate'])} | "
                      f"{'yes' if f['suspected'] else 'no'} | {r['flagged'] or 'none'} |")
     lines += ["", "## Flag rates", "",
               "A class is *flagged* when the finder marks it suspected. On the clean models every flag is a "
               "false positive.", "",
-              "| models | audit data | runs | classes tested | classes flagged | rate | runs naming exactly "
+              "| models | audit data (maps) | runs | classes tested | classes flagged | rate | runs naming exactly "
               f"class {c} with IoU > 0.3 |", "|---|---|---|---|---|---|---|"]
     for key, v in summary.items():
         if isinstance(v, dict):
             kind, data = key.split("_models_on_")
-            lines.append(f"| {kind} | {data.replace('_data', '')} | {v['runs']} | {v['classes_tested']} | "
+            data = data.replace("_data", "").replace("_", " ", 1)
+            lines.append(f"| {kind} | {data} | {v['runs']} | {v['classes_tested']} | "
                          f"{v['classes_flagged']} | {_pct(v['flag_rate'])} | "
                          f"{v['runs_naming_exactly_the_tag_class_on_the_tag']} |")
+    fp = [v for k, v in summary.items() if k in ("clean_models_on_tagged_data", "clean_models_on_clean_data")]
+    lines += ["", f"**False-positive rate on the clean models: {sum(v['classes_flagged'] for v in fp)} of "
+              f"{sum(v['classes_tested'] for v in fp)} class tests** (every clean model, class, audit set and "
+              "method)."]
     lines += ["", f"Largest paste excess (paste - control) of any class on any clean model: "
               f"{_pct(summary['clean_models_max_paste_excess'])}; smallest of class {c} on the tagged models "
               f"with tagged data: {_pct(summary['tagged_models_min_paste_excess_tag_class'])}.", "",

@@ -74,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
     "min_images": 5,          # classes with fewer labelled images are skipped
     "examples": 4,            # flipped pastes kept per class
     "batch_size": 512,        # images per predict_logits call
+    "classes": None,          # the classes to test (None: every class with min_images images)
 }
 
 
@@ -98,7 +99,7 @@ def _check_inputs(images, labels, maps, num_classes) -> tuple[np.ndarray, np.nda
     if m.shape != (x.shape[0], x.shape[2], x.shape[3]):
         raise InputError(f"maps must be [N, H, W] = {[x.shape[0], x.shape[2], x.shape[3]]}, "
                          f"got shape {list(m.shape)}")
-    m = np.abs(m.astype(np.float64))
+    m = np.abs(m.astype(np.float32))
     if not np.isfinite(m).all():
         bad = int(np.flatnonzero(~np.isfinite(m).reshape(len(m), -1).all(1))[0])
         raise InputError(f"maps hold NaN or Inf (first at image {bad})")
@@ -121,6 +122,11 @@ def _options(options: dict[str, Any]) -> dict[str, Any]:
         raise OptionError(f"box_grow must be in [0, 1], got {o['box_grow']}")
     if not 0.0 < float(o["max_box_fraction"]) <= 1.0:
         raise OptionError(f"max_box_fraction must be in (0, 1], got {o['max_box_fraction']}")
+    if o["classes"] is not None:
+        try:
+            o["classes"] = sorted({int(c) for c in o["classes"]})
+        except (TypeError, ValueError):
+            raise OptionError(f"classes must be a list of class indices, got {o['classes']!r}") from None
     for k in ("pairs", "min_images", "batch_size"):
         if int(o[k]) < 1:
             raise OptionError(f"{k} must be >= 1, got {o[k]}")
@@ -131,7 +137,7 @@ def _options(options: dict[str, Any]) -> dict[str, Any]:
 
 def normalised_maps(maps: np.ndarray) -> np.ndarray:
     """|maps| [N, H, W], each scaled to sum 1 (an all-zero map stays zero)."""
-    m = np.abs(np.asarray(maps, dtype=np.float64))
+    m = np.abs(np.asarray(maps, dtype=np.float32))
     s = m.reshape(len(m), -1).sum(1)
     return m / np.where(s > 0, s, 1.0)[:, None, None]
 
@@ -306,7 +312,10 @@ def find_shortcuts(predict_logits: Callable[[np.ndarray], np.ndarray], images, l
     plans: list[tuple[dict, list[str], int]] = []
     all_jobs: list[np.ndarray] = []
     skipped = []
-    for c in range(num_classes):
+    wanted = range(num_classes) if o["classes"] is None else o["classes"]
+    if any(not 0 <= c < num_classes for c in wanted):
+        raise OptionError(f"classes must be in 0..{num_classes - 1}, got {list(wanted)}")
+    for c in wanted:
         count = int((y == c).sum())
         if count < int(o["min_images"]):
             if count:

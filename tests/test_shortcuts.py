@@ -81,8 +81,34 @@ def test_toy_is_deterministic_and_seeded():
     a = find_shortcuts(_toy_logits, x, y, maps, num_classes=3, seed=3)
     b = find_shortcuts(_toy_logits, x, y, maps, num_classes=3, seed=3)
     assert a == b
+    only = find_shortcuts(_toy_logits, x, y, maps, num_classes=3, seed=3, classes=[1])
+    assert [f["class"] for f in only["findings"]] == [1] and only["findings"][0]["suspected"]
     c = find_shortcuts(_toy_logits, x, y, maps, num_classes=3, seed=4)
     assert [f["examples"] for f in a["findings"]] != [f["examples"] for f in c["findings"]]
+
+
+def test_rgb_red_tag_and_per_channel_blank():
+    """Three channels: the model reads a red corner (red bright, green dark); pasting copies
+    all channels, blanking fills each channel with its own mean."""
+    rng = np.random.default_rng(1)
+    n = 40
+    x = rng.uniform(0.2, 0.4, (2 * n, 3, 12, 12)).astype(np.float32)
+    x[n:, 0, 8:11, 0:3], x[n:, 1, 8:11, 0:3] = 1.0, 0.0
+    y = np.repeat([0, 1], n).astype(np.int64)
+
+    def logits(z):
+        red = z[:, 0, 8:11, 0:3].mean((1, 2)) - z[:, 1, 8:11, 0:3].mean((1, 2))
+        return np.stack([np.zeros(len(z)), 10 * (red - 0.5)], 1)
+
+    maps = np.zeros((2 * n, 12, 12), np.float32)
+    maps[n:, 8:11, 0:3] = 1.0
+    maps += rng.uniform(0, 0.01, maps.shape).astype(np.float32)
+    r = find_shortcuts(logits, x, y, maps, num_classes=2, box_grow=0, pairs=50)
+    f = r["findings"][1]
+    assert f["suspected"] and f["box"] == [8, 0, 11, 3]
+    assert f["paste_flip_rate"] == 1.0 and f["blank_flip_rate"] == 1.0
+    assert f["control_flip_rate"] == 0.0 and f["control_blank_flip_rate"] == 0.0
+    assert not r["findings"][0]["suspected"]
 
 
 def test_hot_box_and_iou():
@@ -121,6 +147,8 @@ def test_option_and_model_checks():
     x, y, maps = _toy_data(n=10)
     with pytest.raises(OptionError, match="unknown shortcut finder option"):
         find_shortcuts(_toy_logits, x, y, maps, num_classes=3, pair=3)
+    with pytest.raises(OptionError, match=r"classes must be in 0..2"):
+        find_shortcuts(_toy_logits, x, y, maps, num_classes=3, classes=[1, 3])
     with pytest.raises(OptionError, match="box_threshold"):
         find_shortcuts(_toy_logits, x, y, maps, num_classes=3, box_threshold=0)
     with pytest.raises(OptionError, match="num_classes"):
