@@ -339,3 +339,19 @@ def test_audit_images_read_by_index_and_batch_like_the_eager_load():
     assert np.array_equal(np.concatenate(list(imgs.batches(50))), eager.images)
     sub = imgs.subset(idx)
     assert np.array_equal(sub.labels, eager.labels[idx]) and sub.names == [eager.names[i] for i in idx]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--masks", "/no/such/masks.csv"], "masks /no/such/masks.csv: no such file or folder"),
+    (["--metric", "nope"], "unknown metric 'nope'"),
+    (["-m", "nope"], "unknown method 'nope'"),
+])
+def test_bad_options_fail_before_any_work(tmp_path, capsys, monkeypatch, extra, message):
+    out = tmp_path / "o"
+    monkeypatch.setattr("sys.argv", ["onnxsal", "audit", str(MODEL), "--data", str(SAMPLE), "--out", str(out),
+                                     "--quiet", *extra])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and err.count("\n") == 1
+    assert not (out / "parts").exists()

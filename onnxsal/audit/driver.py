@@ -95,6 +95,15 @@ def run_audit(model: str | os.PathLike, data: Any, out: str | os.PathLike, *,
     t_start = time.time()
     timing: dict[str, float] = {}
     method_names = resolve(_parse_methods(methods))
+    if masks is not None and not isinstance(masks, np.ndarray):
+        head = str(masks).rsplit(":", 1)[0] if ".npz:" in str(masks) else str(masks)
+        if not Path(head).exists():
+            raise InputError(f"masks {printable(masks)}: no such file or folder")
+    if metrics is not None:
+        from ..metrics import base as metric_registry
+
+        for n in metrics:
+            metric_registry.get(n)  # an unknown name is refused before any work
     names_given = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else labels
     engine = Engine(model, preprocess=preprocess, device=device, threads=threads, output=output)
     ds = AuditImages(data, tuple(engine.input_shape), limit)
