@@ -477,6 +477,97 @@ def sanity(model, data, methods, mode, limit, out, seed, max_steps, threshold, m
 
 
 @cli.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--data", "data", default=None,
+              help="A folder (one subfolder per class), an .npz (x, y), an image file, or "
+              "fashion-mnist[:train|test], digits, skimage-samples.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder (report.html, audit.json, assets/, benchmark/, sanity/, parts/).")
+@click.option("--masks", default=None, help="Ground-truth masks for the localisation metrics: a "
+              "folder of mask images named like the images, an .npz, or a CSV of boxes "
+              "name,x0,y0,x1,y1.")
+@click.option("-m", "--methods", "methods", multiple=True,
+              default=[",".join(("vanilla", "original", "gradient_x_input", "guided_backprop",
+                                 "gradcam", "smoothgrad"))],
+              show_default=True, help="Method names (repeatable, comma lists allowed), or 'all'.")
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Class names: JSON list or one per line (default: the model's, then the data's).")
+@click.option("--per-class", type=COUNT, default=2, show_default=True,
+              help="Images shown per class with their maps: this many correct and this many wrong.")
+@click.option("--max-classes", type=COUNT, default=20, show_default=True,
+              help="At most this many classes shown (those with the most errors).")
+@click.option("--limit", type=COUNT, default=None, help="Use the first N images.")
+@click.option("--eval-images", type=COUNT, default=32, show_default=True,
+              help="Images (class-stratified) for deletion, the metrics and localisation.")
+@click.option("--sanity-images", type=COUNT, default=8, show_default=True,
+              help="Images (class-stratified) for the sanity checks.")
+@click.option("--max-steps", type=COUNT, default=4, show_default=True,
+              help="Randomisation steps of the sanity checks (spread over the layers).")
+@click.option("--metric", "metric_names", multiple=True, metavar="NAME",
+              help="Only these registered metrics (repeatable, comma lists; default: every one "
+              "that applies).")
+@click.option("--shortcut-images", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Images (class-stratified) for the shortcut search; 0: no search.")
+@click.option("--shortcut-method", default=None, help="The method whose maps the shortcut search "
+              "uses (default: vanilla if selected, else the first).")
+@click.option("--review", "review_file", type=click.Path(dir_okay=False), default=None,
+              help="Fold an expert review (the file the report's Download review button saves) "
+              "into the report in --out; with MODEL and --data the audit is run (or resumed) first.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of seeded methods.")
+@click.option("--preprocess", default=None, help="Model preprocessing (as for explain).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--output", default=None, help="The output to explain when the model has several.")
+@click.option("--threads", type=THREADS, default=None, help="onnxruntime threads per session.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+@_executor_options
+def audit(model, data, out, masks, methods, labels_file, per_class, max_classes, limit,
+          eval_images, sanity_images, max_steps, metric_names, shortcut_images, shortcut_method,
+          review_file, seed, preprocess, device, output, threads, quiet, executor, address,
+          workers, cpus_per_worker, gpus_per_worker, **more_executor_options):
+    """One report on MODEL (docs/audit.md): model facts, accuracy and confusion, maps per class,
+    deletion and the metrics that apply, sanity checks, localisation (with --masks), shortcuts;
+    OUT/report.html opens offline and has an expert review mode (--review folds it back)."""
+    import shlex
+
+    from .audit import fold_review, run_audit
+    from .errors import OptionError
+
+    if model is None or data is None:
+        if review_file is None or (model is None) != (data is None):
+            raise OptionError("give MODEL and --data (or only --review FILE with the --out of an audit)")
+    else:
+        # the executor options beyond these five (those _executor_options adds later) go on as given
+        ex = _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker,
+                            **more_executor_options)
+        command = " ".join(["onnxsal"] + [shlex.quote(a) for a in sys.argv[1:]]) \
+            if Path(sys.argv[0]).name == "onnxsal" else None
+        wanted = [p.strip() for m in metric_names for p in m.split(",") if p.strip()] or None
+        say = None if quiet else (lambda s: _echo(s, err=True))
+        try:
+            rep = run_audit(model, data, out, methods=list(methods), masks=masks, labels=labels_file,
+                            per_class=per_class, max_classes=max_classes, limit=limit,
+                            eval_images=eval_images, sanity_images=sanity_images,
+                            max_steps=max_steps, metrics=wanted, shortcut_images=shortcut_images,
+                            shortcut_method=shortcut_method, seed=seed, preprocess=preprocess,
+                            device=device, threads=threads, output=output, executor=ex,
+                            progress=say, command=command)
+        except KeyboardInterrupt:
+            _echo(f"interrupted: finished parts are kept in {out}/; run the same command again "
+                  "to resume", err=True)
+            raise
+        for v in rep["summary"]["verdicts"]:
+            _echo(f"{v['level']:<5} {v['topic']}: {v['text']}")
+        _echo(f"wrote {out}/report.html, audit.json ({rep['data']['count']} images, "
+              f"{rep['timing']['seconds']:.1f} s)")
+    if review_file is not None:
+        rv = fold_review(out, review_file)
+        o = rv["overall"]
+        rate = "n/a" if o["agreement"] is None else f"{100 * o['agreement']:.1f}%"
+        _echo(f"review: {o['reviewed']} of {o['items']} maps reviewed, agreement {rate}; "
+              f"wrote {out}/report.html")
+
+
+@cli.command()
 @click.argument("framework", type=click.Choice(["torch", "keras", "jax"]))
 @click.argument("source")
 @click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False),
