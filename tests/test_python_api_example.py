@@ -22,6 +22,12 @@ def example() -> str:
     return m.group(1)
 
 
+def test_the_readme_shows_the_same_example():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    m = re.search(r"<!-- python-api-example -->\s*```python\n(.*?)```", readme, re.S)
+    assert m and m.group(1) == example(), "README.md's Python example differs from docs/audit.md's"
+
+
 def test_the_documented_example_runs(tmp_path, monkeypatch):
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "data").symlink_to(ROOT / "tests" / "data")  # the paths of the example
