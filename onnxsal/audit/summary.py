@@ -49,8 +49,14 @@ def sanity_verdict(s: dict) -> dict:
                      "show what the model learned and should not be trusted as explanations")
     if undecided:
         parts.append(f"{', '.join(undecided)}: undecided (no finite similarity)")
+    # the per-step rule: a method whose maps do not change when the top layer is randomised
+    # ignores what the model decides there (guided backprop), even if it passes at the end
+    top_failed = [m for m, v in (s.get("step_verdicts") or {}).items() if v.get("passes") is False]
+    if top_failed:
+        parts.append(f"the maps of {', '.join(top_failed)} hardly change when the top layer is "
+                     "randomised: they ignore what the model's last layers decide")
     text = "Sanity checks: " + "; ".join(parts) + "."
-    return {"topic": "sanity", "level": "bad" if failed else "good", "text": text}
+    return {"topic": "sanity", "level": "bad" if failed or top_failed else "good", "text": text}
 
 
 def deletion_verdict(b: dict) -> dict:
