@@ -41,7 +41,7 @@ from .loading import iter_batches, load_dataset, load_raw, open_source
 from .npz import NpzSource
 from .pixels import IMAGE_SUFFIXES, MAX_PIXELS, ImageFailure, _read_image, _to_float_hwc, max_pixels
 from .sources import ArraySource, DataSource, FileSource, folder_source, list_source
-from .stream import SliceReader, StreamedDataset, reads_on_workers, stream_dataset
+from .stream import SliceReader, StreamedDataset, per_shape, reads_on_workers, stream_dataset
 from .types import Dataset, RawImages
 
 __all__ = [
@@ -51,5 +51,5 @@ __all__ = [
     "_read_image", "_resize", "_to_float_hwc", "conform", "digits_source", "fashion_mnist_arrays",
     "fashion_mnist_source", "folder_source", "iter_batches", "list_source", "load_dataset",
     "load_digits", "load_fashion_mnist", "load_raw", "load_skimage_samples", "max_pixels",
-    "open_source", "reads_on_workers", "stream_dataset",
+    "open_source", "per_shape", "reads_on_workers", "stream_dataset",
 ]

@@ -18,14 +18,14 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import InputError
-from .conform import Conformer, channels_as_read, want_shape
+from .conform import Conformer, channels_as_read, conform, want_shape
 from .sources import DataSource
-from .types import Dataset
+from .types import Dataset, RawImages
 
 BATCH = 64
 
@@ -228,11 +228,54 @@ def stream_dataset(data: Any, shape: Sequence[int | None] | None = None, limit: 
     return StreamedDataset(items, conf.c, conf.hw, digests, notes, failures, hasher.hexdigest())
 
 
+def per_shape(data: Any, limit: int | None, split: str | None,
+               progress: bool = False) -> Callable[[Any], Any]:
+    """``data_for(engine)``: the data conformed to each engine's ``input_shape`` (read once
+    per shape): in memory when ``data`` is a Dataset or RawImages, else streamed (a
+    :class:`StreamedDataset`, one streaming pass per shape)."""
+    if isinstance(data, Dataset):
+        base: Dataset | RawImages = data if limit is None else data.subset(slice(0, limit))
+    elif isinstance(data, RawImages):
+        base = data
+    else:
+        from .loading import open_source
+
+        src = open_source(data, split, limit)
+        streamed: dict[tuple, Any] = {}
+
+        def stream_for(eng) -> Any:
+            shape = tuple(eng.input_shape)
+            if shape not in streamed:
+                streamed[shape] = stream_dataset(src, shape, limit, progress=progress)
+            return streamed[shape]
+
+        return stream_for
+    conformed: dict[tuple, Dataset] = {}
+
+    def data_for(eng) -> Dataset:
+        shape = tuple(eng.input_shape)
+        if shape not in conformed:
+            if isinstance(base, Dataset) and base.shape == shape:
+                conformed[shape] = base
+            else:
+                raw = base
+                if isinstance(base, Dataset):
+                    raw = RawImages([im.transpose(1, 2, 0) for im in base.images], base.labels,
+                                    list(base.names), base.source, base.class_names,
+                                    list(base.notes), list(base.failures))
+                conformed[shape] = conform(raw, shape)
+        return conformed[shape]
+
+    return data_for
+
+
 def reads_on_workers(value: bool | None, executor: Any) -> bool:
     """Whether remote workers read their slice from the data's path themselves: ``value``
-    when given (``--data-on-workers`` / ``--data-from-driver``), else ``$ONNXSAL_DATA_ON_WORKERS``
-    (1/0), else yes exactly when the workers share this machine's files (a Ray instance
-    started here)."""
+    when given, else the executor's ``data_on_workers`` (``--data-on-workers`` /
+    ``--data-from-driver``), else ``$ONNXSAL_DATA_ON_WORKERS`` (1/0), else yes exactly when the
+    workers share this machine's files (a Ray instance started by this run)."""
+    if value is None:
+        value = getattr(executor, "data_on_workers", None)
     if value is not None:
         return bool(value)
     env = os.environ.get("ONNXSAL_DATA_ON_WORKERS", "").strip()
