@@ -85,12 +85,20 @@ def link_subset(files: list[Path], src_root: Path, dst_root: Path, n: int) -> No
         os.link(f, d)
 
 
-def run(tree: Path, model: Path, data: Path, out: Path, method: str) -> dict:
-    """One `onnxsal benchmark` in a fresh process: peak RSS (MB), seconds, what it printed."""
+BENCH = """import sys
+from onnxsal.benchmark import run_benchmark
+model, data, out, method, fractions = sys.argv[1:6]
+run_benchmark([model], data, [method], out_dir=out, threads=1, device="cpu", progress=False,
+              fractions=[float(f) for f in fractions.split(",")], modes=("black",))
+"""
+
+
+def run(tree: Path, model: Path, data: Path, out: Path, method: str, fractions: str) -> dict:
+    """One benchmark (`onnxsal.benchmark.run_benchmark`, what `onnxsal benchmark` runs, with
+    ``fractions`` and black deletion only, to keep the run short) in a fresh process: its peak
+    RSS (MB), seconds, the data fingerprint and the AUC."""
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-c", "from onnxsal.cli import main; main()", "benchmark", str(model),
-           "--data", str(data), "-m", method, "--out", str(out), "--threads", "1", "--quiet",
-           "--device", "cpu"]
+    cmd = [sys.executable, "-c", BENCH, str(model), str(data), str(out), method, fractions]
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = proc.stdout.read().decode(errors="replace")
@@ -118,6 +126,7 @@ def main() -> None:
     ap.add_argument("--old-tree", type=Path, default=None)
     ap.add_argument("--old-sizes", type=int, nargs="*", default=[1000, 2000])
     ap.add_argument("--method", default="original")
+    ap.add_argument("--fractions", default="0,0.3,0.6", help="deletion fractions (comma list)")
     ap.add_argument("--work", type=Path, default=None, help="where the images go (default: a "
                     "temporary folder, removed afterwards)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "data_scale")
@@ -129,31 +138,36 @@ def main() -> None:
         biggest = max(a.sizes + (a.old_sizes if a.old_tree else []))
         t0 = time.time()
         full = work / f"images_{biggest}"
-        files = make_images(full, biggest)
+        files = sorted(full.glob("*/*.*"), key=lambda f: f.stem) if full.is_dir() else []
+        if len(files) != biggest:  # else: made by an earlier run with --work
+            shutil.rmtree(full, ignore_errors=True)
+            files = make_images(full, biggest)
         gen_s = time.time() - t0
         print(f"wrote {biggest} images in {gen_s:.0f} s", flush=True)
         folders = {}
         for n in sorted(set(a.sizes + (a.old_sizes if a.old_tree else []))):
             folders[n] = full if n == biggest else work / f"images_{n}"
-            if n != biggest:
+            if n != biggest and not folders[n].is_dir():
                 link_subset(files, full, folders[n], n)
-        runs = []
-        for label, tree, sizes in [("streaming", ROOT, a.sizes)] + (
-                [("eager (old)", a.old_tree, a.old_sizes)] if a.old_tree else []):
-            for n in sizes:
-                r = run(tree, model, folders[n], work / f"out_{label[:5]}_{n}", a.method)
-                r["loader"], r["folder_images"] = label, n
-                runs.append(r)
-                print(json.dumps(r), flush=True)
         mb = sum(f.stat().st_size for f in files) / 1e6
         report = {"command": "OMP_NUM_THREADS=1 python benchmarks/data_scale.py " + " ".join(sys.argv[1:]),
-                  "image_size": SIZE, "method": a.method, "metric": "accuracy (black/white deletion)",
+                  "image_size": SIZE, "method": a.method,
+                  "metric": f"accuracy, black deletion at fractions {a.fractions}",
                   "images_written": biggest, "image_megabytes": round(mb, 1),
                   "generation_seconds": round(gen_s, 1), "machine": platform.platform(),
-                  "cpus": os.cpu_count(), "runs": runs}
+                  "cpus": os.cpu_count(), "runs": []}
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        a.out.with_suffix(".md").write_text(markdown(report))
+        todo = [("streaming", ROOT, n) for n in a.sizes] + (
+            [("eager (old)", a.old_tree, n) for n in a.old_sizes] if a.old_tree else [])
+        for label, tree, n in todo:
+            out = work / f"out_{label[:5]}_{n}"
+            shutil.rmtree(out, ignore_errors=True)
+            r = run(tree, model, folders[n], out, a.method, a.fractions)
+            r["loader"], r["folder_images"] = label, n
+            report["runs"].append(r)
+            print(json.dumps(r), flush=True)
+            a.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+            a.out.with_suffix(".md").write_text(markdown(report))  # after every run
         print(f"wrote {a.out.with_suffix('.md')}")
     finally:
         if a.work is None:
@@ -166,8 +180,10 @@ def markdown(rep: dict) -> str:
              f"Synthetic {rep['image_size']}x{rep['image_size']} photographs (JPEG, every tenth PNG; "
              f"{rep['images_written']} images, {rep['image_megabytes']} MB on disk) in 7 class folders; "
              f"a small CNN on [N, 3, {rep['image_size']}, {rep['image_size']}]; method `{rep['method']}`, "
-             f"{rep['metric']}, shard size 256, one thread, {rep['cpus']} CPUs ({rep['machine']}). "
-             "Peak RSS is the benchmark process's `ru_maxrss`.", "",
+             f"{rep['metric']}, shard size 256, one thread, {rep['cpus']} CPUs ({rep['machine']}; "
+             "shared with other jobs, so the seconds are indicative). Each run is a fresh process "
+             "calling `onnxsal.benchmark.run_benchmark` (what `onnxsal benchmark` runs) on the "
+             "folder; peak RSS is that process's `ru_maxrss` (`os.wait4`).", "",
              "| loader | images | peak RSS (MB) | seconds | exit |", "|---|---:|---:|---:|---:|"]
     for r in rep["runs"]:
         lines.append(f"| {r['loader']} | {r['folder_images']} | {r['peak_rss_mb']} | {r['seconds']} | "

@@ -13,7 +13,10 @@ that dies resumes from the files written, on either executor.
 * :class:`RayExecutor`: a pool of Ray actors, each keeping one context per model (built once
   per worker from model bytes the driver put into the object store: no shared file system
   needed), at most ``max_in_flight`` tasks queued per actor (back-pressure); a worker that dies
-  is replaced and its unfinished tasks are given to the others.
+  is replaced and its unfinished tasks are given to the others. A task with ``for_remote()``
+  is sent as that method returns it: a benchmark group then carries either a reader of its
+  slice of the data (the worker reads the images from their path) or the images, read by
+  the driver as the group is sent (``data_on_workers``, docs/data.md#streaming).
 """
 
 from __future__ import annotations

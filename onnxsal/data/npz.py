@@ -1,6 +1,6 @@
 """``.npz`` files as lazy sources: the array ``x`` is read a slice at a time.
 
-``np.load(..., mmap_mode="r")`` does not memory-map the members of an ``.npz`` (it reads a
+numpy's load with ``mmap_mode="r"`` does not memory-map the members of an ``.npz`` (it reads a
 member whole when it is accessed), so :class:`_Member` reads ``x.npy`` itself: in an
 uncompressed ``.npz`` (``np.savez``) the member's bytes lie contiguously in the file and are
 memory-mapped; in a compressed one (``np.savez_compressed``) a slice is read by decompressing
