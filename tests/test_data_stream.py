@@ -279,3 +279,13 @@ def test_npz_source_pickles_small(tmp_path):
     src = NpzSource(p).take([3, 4])
     back = pickle.loads(pickle.dumps(src))
     assert back.names == ["x[3]", "x[4]"] and len(pickle.dumps(src)) < 12_000
+
+
+def test_in_memory_data_streams_too():
+    from onnxsal.data import load_raw
+
+    d = load_dataset("digits", (1, 8, 8), limit=30)
+    _same(load_dataset(d, (3, 16, 16)), stream_dataset(d, (3, 16, 16), batch=7))
+    raw = load_raw(SAMPLE, limit=12)
+    raw.failures.append(("earlier", "a failure found when it was read"))
+    _same(load_dataset(raw, (1, 10, 10)), stream_dataset(raw, (1, 10, 10)))

@@ -162,6 +162,25 @@ class CallSource(DataSource):
         return CallSource([self.names[int(i)] for i in index], self.source)
 
 
+class MemorySource(DataSource):
+    """Images already in memory (a :class:`RawImages`), so that in-memory data streams too."""
+
+    def __init__(self, raw: RawImages) -> None:
+        self.images, self.labels, self.names = list(raw.images), raw.labels, list(raw.names)
+        self.source, self.class_names, self.notes = raw.source, raw.class_names, list(raw.notes)
+        self.failures_before = list(raw.failures)  # failures of whoever read the images
+
+    def load(self, i: int) -> np.ndarray:
+        return self.images[i]
+
+    def take(self, index: Sequence[int]) -> "MemorySource":
+        index = [int(i) for i in index]
+        return MemorySource(RawImages([self.images[i] for i in index],
+                                      None if self.labels is None else self.labels[index],
+                                      [self.names[i] for i in index], self.source,
+                                      self.class_names, self.notes))
+
+
 # --------------------------------------------------------------------------------------------
 # listing files
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import InputError
 from .conform import Conformer, channels_as_read, conform, want_shape
-from .sources import DataSource
+from .sources import DataSource, MemorySource
 from .types import Dataset, RawImages
 
 BATCH = 64
@@ -199,7 +199,12 @@ def stream_dataset(data: Any, shape: Sequence[int | None] | None = None, limit: 
     from .loading import check_limit, open_source
 
     check_limit(limit)
-    src = data if isinstance(data, DataSource) else open_source(data, split, limit)
+    if isinstance(data, Dataset):
+        data = RawImages([im.transpose(1, 2, 0) for im in data.images], data.labels,
+                         list(data.names), data.source, data.class_names, list(data.notes),
+                         list(data.failures))
+    src = MemorySource(data) if isinstance(data, RawImages) else \
+        data if isinstance(data, DataSource) else open_source(data, split, limit)
     c, h, w = want_shape(shape)
     if c is not None and c not in (1, 3):
         raise InputError(f"cannot convert images to {c} channels (only 1 or 3)")
@@ -225,6 +230,7 @@ def stream_dataset(data: Any, shape: Sequence[int | None] | None = None, limit: 
         hasher.update(np.ascontiguousarray(items.labels, dtype=np.int64).tobytes())
     hasher.update("\n".join(items.names).encode("utf-8", "surrogateescape"))
     notes = list(src.notes) + conf.notes()
+    failures = list(getattr(src, "failures_before", [])) + failures
     return StreamedDataset(items, conf.c, conf.hw, digests, notes, failures, hasher.hexdigest())
 
 
