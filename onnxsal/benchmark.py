@@ -21,13 +21,13 @@ import os
 import platform
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .data import Dataset, RawImages, conform, load_raw
+from .data import Dataset, per_shape, reads_on_workers
 from .errors import OnnxsalError, OptionError
 from .metrics import base as metrics
 from .metrics.deletion import FRACTIONS, MODES, BlackWhiteDeletion
@@ -158,15 +158,30 @@ class ShardGroup:
     start: int
     stop: int
     methods: tuple[str, ...]
-    images: np.ndarray
+    images: np.ndarray | None
     labels: np.ndarray | None
     seed: int
     metric: MetricSpec
     files: dict[str, str] = field(default_factory=dict)
     maps_fn: MapsFn | None = None
+    reader: Any = None  # a SliceReader: the images are read when the group is computed
+    read_on_worker: bool = True
 
     def describe(self) -> str:
         return f"{self.model_name} {self.start}:{self.stop}"
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(images, labels) of the group, read now when the group holds a reader."""
+        if self.images is not None:
+            return self.images, self.labels
+        return self.reader.read().images, self.labels
+
+    def for_remote(self) -> "ShardGroup":
+        """What is sent to a remote worker: the reader when workers read the data from its
+        path themselves, else the images, read here (one group at a time, when it is sent)."""
+        if self.images is not None or self.read_on_worker:
+            return self
+        return replace(self, images=self.arrays()[0], reader=None)
 
     def iter_parts(self, engine: Any) -> Iterator[tuple[str, dict]]:
         """(method, shard part) pairs: :func:`iter_group`."""
@@ -180,7 +195,7 @@ def iter_group(group: ShardGroup, engine: Any) -> Iterator[tuple[str, dict]]:
     The maps of all methods come from one :func:`default_maps_many` call (shared gradient
     work) unless the group carries its own ``maps_fn``."""
     metric_objs = group.metric.build()
-    x, y = group.images, group.labels
+    x, y = group.arrays()
     methods = list(group.methods)
     all_maps = default_maps_many(engine, methods, x, group.seed) if group.maps_fn is None else None
     for meth in methods:
@@ -210,7 +225,7 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
                   rise: bool = False, rise_baseline: str = "black",
                   rise_step: int | None = None, metrics_extra: Sequence[str] | str = (),
                   command: str | None = None, stop_after: int | None = None,
-                  executor: Any = None) -> dict:
+                  executor: Any = None, data_on_workers: bool | None = None) -> dict:
     """Run black/white deletion (and the other selected metrics) for every model x method;
     write the result files; return the results dictionary (the content of ``results.json``).
 
@@ -224,6 +239,11 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
     newly computed shards, without writing the final files (what an interruption does; used
     by tests). ``executor`` runs the shard groups: None or "local" (this process), "ray", or an
     object from :func:`onnxsal.executors.make_executor`; the result files do not depend on it.
+
+    Data given as a path or a built-in name is streamed (:func:`onnxsal.data.stream_dataset`):
+    one pass learns the names, labels and fingerprint, and each shard reads its own slice when
+    it is computed. ``data_on_workers``: remote workers read their slice from the path (True)
+    or get the images from the driver (False); default :func:`onnxsal.data.reads_on_workers`.
     """
     check_output_dir(out_dir)  # before any work
     t_start = time.time()
@@ -256,8 +276,9 @@ def run_benchmark(models: Sequence[str | os.PathLike], data: Any, methods: Seque
                    out=Path(out_dir), maps_fn=maps_fn, preprocess=preprocess, device=device,
                    seed=seed, shard_size=shard_size, threads=threads, output=output,
                    split=split, engine_factory=engine_factory, metric_spec=metric_spec,
-                   metric_objs=metric_spec.build(), executor=ex, t_start=t_start)
-        run.prepare()
+                   metric_objs=metric_spec.build(), executor=ex, t_start=t_start,
+                   on_workers=ex.in_process or reads_on_workers(data_on_workers, ex))
+        run.prepare(progress)
         if not run.execute(progress, stop_after):
             return {"complete": False, "shards": len(run.plan), "done": len(run.parts)}
         return run.finish(settings, command)
@@ -285,6 +306,7 @@ class _Run:
     metric_objs: list
     executor: Any
     t_start: float
+    on_workers: bool = True
     engines: list = field(default_factory=list)
     names: list = field(default_factory=list)
     model_info: list = field(default_factory=list)
@@ -292,7 +314,7 @@ class _Run:
     parts: dict = field(default_factory=dict)  # (model index, method, start) -> part
     computed: int = 0
 
-    def prepare(self) -> None:
+    def prepare(self, progress: bool = False) -> None:
         """Build the driver's engines, read the data, plan the shards, load the finished."""
         self.out.mkdir(parents=True, exist_ok=True)
         factory = self.engine_factory
@@ -309,7 +331,7 @@ class _Run:
 
         self.engines = [factory(m) for m in self.models]
         self.names = _model_names(self.models)
-        data_for = _conformer(self.data, self.limit, self.split)
+        data_for = per_shape(self.data, self.limit, self.split, progress=progress)
         for i, (eng, name) in enumerate(zip(self.engines, self.names)):
             self._plan_model(i, eng, name, data_for(eng))
         for info in self.model_info:
@@ -354,11 +376,14 @@ class _Run:
             g = groups.get((i, sl.start))
             if g is None:
                 ds = self.model_info[i]["data"]
+                eager = isinstance(ds, Dataset)
                 g = groups[(i, sl.start)] = ShardGroup(
                     model_index=i, model_name=self.names[i], engine=self.model_info[i]["spec"],
-                    start=sl.start, stop=sl.stop, methods=(), images=ds.images[sl],
+                    start=sl.start, stop=sl.stop, methods=(),
+                    images=ds.images[sl] if eager else None,
                     labels=None if ds.labels is None else ds.labels[sl], seed=self.seed,
-                    metric=self.metric_spec, maps_fn=self.maps_fn)
+                    metric=self.metric_spec, maps_fn=self.maps_fn,
+                    reader=None if eager else ds.reader(sl), read_on_worker=self.on_workers)
             g.methods += (meth,)
             g.files[meth] = str(path.relative_to(self.out))
         return list(groups.values())
@@ -370,15 +395,18 @@ class _Run:
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(self.plan), initial=len(self.parts), unit="shard",
-                       desc=f"benchmark ({self.executor.name})", dynamic_ncols=True)
+            # one tick per image and method: the rate is in images (x methods) per second
+            bar = tqdm(total=sum(sl.stop - sl.start for _, sl, _, _ in self.plan),
+                       initial=sum(sl.stop - sl.start for i, sl, m, _ in self.plan
+                                   if (i, m, sl.start) in self.parts),
+                       unit="img", desc=f"benchmark ({self.executor.name})", dynamic_ncols=True)
 
         def deliver(group: ShardGroup, meth: str, part: dict) -> None:
             save_arrays(self.out / group.files[meth], part)
             self.parts[(group.model_index, meth, group.start)] = part
             self.computed += 1
             if bar is not None:
-                bar.update(1)
+                bar.update(group.stop - group.start)
 
         def status(text: str) -> None:
             if bar is not None:
@@ -452,33 +480,6 @@ class _Run:
         _write_outputs(self.out, summary)
         summary["complete"] = True
         return summary
-
-
-def _conformer(data: Any, limit: int | None, split: str | None) -> Callable[[Any], Dataset]:
-    """``data_for(engine)``: the data, read once, conformed to each model's input shape."""
-    if isinstance(data, Dataset):
-        base: Dataset | RawImages = data if limit is None else data.subset(slice(0, limit))
-    elif isinstance(data, RawImages):
-        base = data
-    else:
-        base = load_raw(data, limit=limit, split=split)
-    conformed: dict[tuple, Dataset] = {}
-
-    def data_for(eng) -> Dataset:
-        shape = tuple(eng.input_shape)
-        if shape not in conformed:
-            if isinstance(base, Dataset) and base.shape == shape:
-                conformed[shape] = base
-            else:
-                raw = base
-                if isinstance(base, Dataset):
-                    raw = RawImages([im.transpose(1, 2, 0) for im in base.images], base.labels,
-                                    list(base.names), base.source, base.class_names,
-                                    list(base.notes), list(base.failures))
-                conformed[shape] = conform(raw, shape)
-        return conformed[shape]
-
-    return data_for
 
 
 def _write_outputs(out: Path, summary: dict) -> None:

@@ -245,16 +245,19 @@ def _executor_options(f):
                      help="CPUs per Ray worker [1]."),
         click.option("--gpus-per-worker", type=FiniteFloat(min=0), default=None, help="GPUs per Ray worker "
                      "[0; 1 with --device cuda]."),
+        click.option("--data-on-workers/--data-from-driver", default=None, help="Ray workers read "
+                     "their images from the data's path, or get them from the driver [workers read "
+                     "when Ray runs on this machine; docs/data.md#streaming]."),
     ]):
         f = opt(f)
     return f
 
 
-def _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker):
+def _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker, data_on_workers=None):
     from .executors import make_executor
 
-    return make_executor(executor, address=address, workers=workers,
-                         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    return make_executor(executor, address=address, workers=workers, cpus_per_worker=cpus_per_worker,
+                         gpus_per_worker=gpus_per_worker, data_on_workers=data_on_workers)
 
 
 @cli.command()
@@ -290,13 +293,13 @@ def _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker)
 @_executor_options
 def benchmark(models, data, methods, metric, limit, out, preprocess, device, seed, output,
               shard_size, threads, quiet, rise, rise_baseline, rise_step, add_metrics, executor,
-              address, workers, cpus_per_worker, gpus_per_worker):
+              address, workers, cpus_per_worker, gpus_per_worker, data_on_workers):
     """Black/white-deletion AUCs of saliency METHODS on MODELS (docs/definitions.md#deletion)."""
     import shlex
 
     from .benchmark import run_benchmark
 
-    ex = _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker)
+    ex = _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker, data_on_workers)
     command = None
     if Path(sys.argv[0]).name == "onnxsal":
         command = " ".join(["onnxsal"] + [shlex.quote(a) for a in sys.argv[1:]])
@@ -372,7 +375,7 @@ def benchmark(models, data, methods, metric, limit, out, preprocess, device, see
 @_executor_options
 def evaluate(model, data, methods, metric_names, out, maps_file, masks, limit, seed, bootstrap,
              deletion_metric, shard_size, preprocess, device, output, threads, quiet, executor,
-             address, workers, cpus_per_worker, gpus_per_worker):
+             address, workers, cpus_per_worker, gpus_per_worker, data_on_workers):
     """Score saliency maps of MODEL with the registered metrics: per-image scores, means with
     bootstrap confidence intervals, a table and plots. The maps come from onnxsal's METHODS or
     from --maps (maps made by any other tool). Resumable: run the same command again."""
@@ -380,7 +383,7 @@ def evaluate(model, data, methods, metric_names, out, maps_file, masks, limit, s
 
     from .evaluate import run_evaluate, scores_table
 
-    ex = _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker)
+    ex = _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker, data_on_workers)
     command = None
     if Path(sys.argv[0]).name == "onnxsal":
         command = " ".join(["onnxsal"] + [shlex.quote(a) for a in sys.argv[1:]])
@@ -444,12 +447,12 @@ def evaluate(model, data, methods, metric_names, out, maps_file, masks, limit, s
 @_executor_options
 def sanity(model, data, methods, mode, limit, out, seed, max_steps, threshold, margin,
            step_margin, top_steps, hog_correlation, grid_image, preprocess, device, output, threads, quiet, executor,
-           address, workers, cpus_per_worker, gpus_per_worker):
+           address, workers, cpus_per_worker, gpus_per_worker, data_on_workers):
     """Model-parameter randomisation test of Adebayo et al. (docs/definitions.md#sanity-checks): do the METHODS'
     maps change when MODEL's learned weights are re-initialised?"""
     from .sanity_run import run_sanity
 
-    ex = _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker)
+    ex = _make_executor(executor, address, workers, cpus_per_worker, gpus_per_worker, data_on_workers)
     names = [m.strip() for spec in methods for m in spec.split(",") if m.strip()]
     say = None if quiet else (lambda s: _echo(s, err=True))
     try:

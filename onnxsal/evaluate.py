@@ -26,7 +26,7 @@ import os
 import time
 import zipfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -34,14 +34,13 @@ import numpy as np
 
 from .benchmark import (
     _as_maps,
-    _conformer,
     _parse_methods,
     _safe,
     default_maps_many,
     metric_options,
     package_versions,
 )
-from .data import Dataset
+from .data import Dataset, per_shape, reads_on_workers
 from .display import printable
 from .errors import InputError, OptionError, first_line
 from .metrics import base as metrics
@@ -236,7 +235,7 @@ def plan_metrics(names: Sequence[str], base: dict, ds: Dataset, engine: Any,
                  masks: np.ndarray | None, can_explain: bool
                  ) -> tuple[list[_MetricPlan], list[dict]]:
     """(the metrics that apply, [{"metric", "reason"}] of those skipped)."""
-    n, hw = len(ds), tuple(ds.images.shape[2:])
+    n, hw = len(ds), tuple(ds.shape[1:])
     probe_explain = _dummy_explain if can_explain else None
     plans, skipped = [], []
     masks_hash = None if masks is None else _digest(np.packbits(masks))
@@ -343,7 +342,7 @@ class EvalGroup:
     engine: EngineSpec
     start: int
     stop: int
-    images: np.ndarray
+    images: np.ndarray | None                # None: read by ``reader`` when computed
     labels: np.ndarray | None
     masks: np.ndarray | None
     seed: int
@@ -353,9 +352,22 @@ class EvalGroup:
     compute: tuple[str, ...]                 # methods whose maps are computed and stored here
     scores: tuple[tuple[str, str], ...]      # pending (metric, method)
     files: dict[str, str] = field(default_factory=dict)
+    reader: Any = None  # a SliceReader of a streamed data set
+    read_on_worker: bool = True
 
     def describe(self) -> str:
         return f"images {self.start}:{self.stop}"
+
+    def arrays(self) -> np.ndarray:
+        """The group's images, read now when the group holds a reader."""
+        return self.images if self.images is not None else self.reader.read().images
+
+    def for_remote(self) -> EvalGroup:
+        """What a remote worker gets: the reader when workers read the data from its path
+        themselves, else the images, read here when the group is sent."""
+        if self.images is not None or self.read_on_worker:
+            return self
+        return replace(self, images=self.arrays(), reader=None)
 
     def iter_parts(self, engine: Any) -> Iterator[tuple[str, dict]]:
         return iter_eval_group(self, engine)
@@ -365,7 +377,7 @@ def iter_eval_group(group: EvalGroup, engine: Any) -> Iterator[tuple[str, dict]]
     """Yield (part name, arrays): first the maps computed here (all methods in one
     :func:`default_maps_many` call, which shares their gradient work), then each pending
     metric x method."""
-    x, y = group.images, group.labels
+    x, y = group.arrays(), group.labels
     maps = dict(group.maps)
     if group.compute:
         got = default_maps_many(engine, list(group.compute), x, group.seed)
@@ -462,7 +474,7 @@ def run_evaluate(model: str | os.PathLike | Any, data: Any,
                    out=Path(out), maps_file=maps, masks_src=masks, limit=limit, seed=int(seed),
                    preprocess=preprocess, device=device, threads=threads, output=output,
                    split=split, shard_size=shard_size, base=base, executor=ex,
-                   engine_factory=engine_factory, t_start=t_start)
+                   engine_factory=engine_factory, t_start=t_start, progress=progress)
         run.prepare()
         if not run.execute(progress, stop_after):
             return {"complete": False, "parts": len(run.plan), "done": run.done()}
@@ -490,6 +502,7 @@ class _Run:
     executor: Any
     engine_factory: Callable[[Any], Any] | None
     t_start: float
+    progress: bool = True
     engine: Any = None
     ds: Any = None
     given: dict = field(default_factory=dict)          # method -> maps from the file
@@ -543,7 +556,7 @@ class _Run:
         the parts and load the finished ones."""
         self.out.mkdir(parents=True, exist_ok=True)
         self.engine = eng = self._make_engine()
-        self.ds = ds = _conformer(self.data, self.limit, self.split)(eng)
+        self.ds = ds = per_shape(self.data, self.limit, self.split, progress=self.progress)(eng)
         if len(ds) == 0:
             raise InputError("no images to evaluate")
         self._load_inputs()
@@ -614,8 +627,11 @@ class _Run:
                     else:
                         known[m] = loaded["maps"]
             ds = self.ds
+            streamed = not isinstance(ds, Dataset)
             g = EvalGroup(model_index=0, engine=self.spec, start=s, stop=e,
-                          images=ds.images[s:e],
+                          images=None if streamed else ds.images[s:e],
+                          reader=ds.reader(slice(s, e)) if streamed else None,
+                          read_on_worker=reads_on_workers(None, self.executor),
                           labels=None if ds.labels is None else ds.labels[s:e],
                           masks=None if self.masks is None else self.masks[s:e], seed=self.seed,
                           options=tuple(self.base.items()),

@@ -13,7 +13,10 @@ that dies resumes from the files written, on either executor.
 * :class:`RayExecutor`: a pool of Ray actors, each keeping one context per model (built once
   per worker from model bytes the driver put into the object store: no shared file system
   needed), at most ``max_in_flight`` tasks queued per actor (back-pressure); a worker that dies
-  is replaced and its unfinished tasks are given to the others.
+  is replaced and its unfinished tasks are given to the others. A task with ``for_remote()``
+  is sent as that method returns it: a benchmark group then carries either a reader of its
+  slice of the data (the worker reads the images from their path) or the images, read by
+  the driver as the group is sent (``data_on_workers``, docs/data.md#streaming).
 """
 
 from __future__ import annotations
@@ -141,7 +144,8 @@ class RayExecutor:
     def __init__(self, address: str | None = None, workers: int | None = None,
                  cpus_per_worker: float = 1, gpus_per_worker: float | None = None,
                  max_in_flight: int = 2, max_attempts: int = 3, max_models: int = 4,
-                 on_result: Callable[["RayExecutor", int], None] | None = None) -> None:
+                 on_result: Callable[["RayExecutor", int], None] | None = None,
+                 data_on_workers: bool | None = None) -> None:
         self.ray = import_ray(address)
         if workers is not None and workers < 1:
             raise OptionError(f"--workers must be at least 1, got {workers}")
@@ -161,6 +165,7 @@ class RayExecutor:
         self.max_attempts = int(max_attempts)
         self.max_models = int(max_models)
         self.on_result = on_result
+        self.data_on_workers = data_on_workers
         self.actors: list[Any] = []
         self.providers: dict[int, str] = {}
         self.replaced = 0     # actors that died and were replaced
@@ -168,6 +173,12 @@ class RayExecutor:
         self.delivered = 0    # groups delivered this run
         self._n = 0           # worker actors to start (set by open())
         self._started = False
+
+    @property
+    def shares_files(self) -> bool:
+        """True when the workers run on this machine (a Ray instance started by this run), so
+        they can read the data's files at the driver's paths."""
+        return not (self.address or os.environ.get("RAY_ADDRESS"))
 
     def for_device(self, device: str) -> None:
         """``--device cuda`` without ``--gpus-per-worker``: one GPU per worker (Ray shows a
@@ -296,7 +307,8 @@ class RayExecutor:
                 if task.model_index not in boxes:
                     boxes[task.model_index] = [ray.put(payload(task.model_index))]
                 actor = self.actors[k]
-                ref = actor.run.remote(task, boxes[task.model_index])
+                sent = task.for_remote() if hasattr(task, "for_remote") else task
+                ref = actor.run.remote(sent, boxes[task.model_index])
                 inflight[ref] = (k, actor, task, attempt)
                 load[k] += 1
             if not inflight:
@@ -345,7 +357,7 @@ class RayExecutor:
 
 def make_executor(name: str = "local", **options: Any) -> LocalExecutor | RayExecutor:
     """``"local"`` or ``"ray"`` (options: address, workers, cpus_per_worker, gpus_per_worker,
-    max_in_flight); options that are None are left at their defaults."""
+    max_in_flight, data_on_workers); options that are None are left at their defaults."""
     options = {k: v for k, v in options.items() if v is not None}
     if name == "local":
         if options:

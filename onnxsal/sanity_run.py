@@ -309,11 +309,14 @@ def _images(images: Any, engine: Any, limit: int | None, data: dict | None,
             grid_image: int) -> tuple[np.ndarray, dict | None]:
     """(float32 [N, C, H, W] images in the model's input shape, their description)."""
     if not isinstance(images, np.ndarray):
-        from .data import load_dataset
+        from .data import Dataset, RawImages, load_dataset, stream_dataset
 
-        ds = load_dataset(images, shape=tuple(engine.input_shape), limit=limit)
+        if isinstance(images, (Dataset, RawImages)):
+            ds = load_dataset(images, shape=tuple(engine.input_shape), limit=limit)
+        else:  # streamed: only the images used are read (the first ``limit``), batch by batch
+            ds = stream_dataset(images, tuple(engine.input_shape), limit)
         data = data or ds.describe()
-        images = ds.images
+        images = ds.images if isinstance(ds, Dataset) else ds.read().images
     elif limit is not None:
         images = images[:limit]
     x = np.asarray(images)
