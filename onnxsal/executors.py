@@ -318,24 +318,10 @@ class RayExecutor:
             for ref in ready:
                 k, actor, task, attempt = inflight.pop(ref)
                 load[k] -= 1
-                try:
-                    provider, result = ray.get(ref)
-                except RayActorError as exc:
-                    if attempt >= self.max_attempts:
-                        raise OnnxsalError(
-                            f"Ray workers died {attempt} times on {task.describe()}: "
-                            f"{' '.join(str(exc).split())[:200]}") from None
-                    if self.actors[k] is actor:  # not replaced yet
-                        self.actors[k] = self._new_actor()
-                        self.replaced += 1
-                    self.reassigned += 1
-                    queue.appendleft((task, attempt + 1))
+                got = self._result(ray, RayActorError, RayTaskError, ref, k, actor, task, attempt, queue)
+                if got is None:
                     continue
-                except RayTaskError as exc:
-                    cause = getattr(exc, "cause", None)
-                    if isinstance(cause, BaseException):
-                        raise cause from None
-                    raise
+                provider, result = got
                 if provider:
                     self.providers[task.model_index] = provider
                 for name, part in result:
@@ -345,6 +331,30 @@ class RayExecutor:
                     status(f"{task.describe()} done; {len(inflight)} in flight on {n} workers")
                 if self.on_result is not None:
                     self.on_result(self, self.delivered)
+
+    def _result(self, ray, RayActorError, RayTaskError, ref, k: int, actor, task, attempt: int,
+                queue: deque) -> Any:
+        """(provider, parts) of a finished task; None when its worker died (the worker is
+        replaced and the task queued again, up to ``max_attempts``). A task's own error is
+        raised as it was raised on the worker."""
+        try:
+            return ray.get(ref)
+        except RayActorError as exc:
+            if attempt >= self.max_attempts:
+                raise OnnxsalError(
+                    f"Ray workers died {attempt} times on {task.describe()}: "
+                    f"{' '.join(str(exc).split())[:200]}") from None
+            if self.actors[k] is actor:  # not replaced yet
+                self.actors[k] = self._new_actor()
+                self.replaced += 1
+            self.reassigned += 1
+            queue.appendleft((task, attempt + 1))
+            return None
+        except RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, BaseException):
+                raise cause from None
+            raise
 
     def _kill_actors(self) -> None:
         for a in self.actors:
