@@ -156,12 +156,13 @@ def test_faithfulness_correlation(setup, monkeypatch):
     assert np.abs(qv - ov).max() < 1e-5, (qv, ov)
 
 
-def test_monotonicity(setup):
+def test_monotonicity(setup, monkeypatch):
     """Quantus Monotonicity (Arya; black, |map|, 25 pixels a step). Its default perturb_func
     (baseline_replacement_by_indices) writes the baseline into the baseline image, so the
     original pixels never come back: the curve is flat and every map is "monotonic". With a
-    perturb_func that puts the original pixels back (the definition), Quantus's curve is
-    onnxsal's without the all-baseline first point, and the verdicts agree on that curve."""
+    perturb_func that puts the original pixels back (the definition), Quantus's curve (read
+    where it calls np.diff on it) is onnxsal's without the all-baseline first point, and the
+    verdicts agree on that curve."""
     x = setup["x"]
     flat = x.reshape(N, -1)
     rows = np.arange(N)[:, None]
@@ -173,16 +174,23 @@ def test_monotonicity(setup):
 
     res = o(setup, metrics.get("monotonicity")(steps=16))
     curve = res["curve"]
-    assert not res["value"].all()  # some maps are not monotonic
     qdefault = q(setup, quantus.Monotonicity(features_in_step=25, perturb_baseline="black",
                                              normalise=False, disable_warnings=True))
     assert qdefault.all()  # Quantus's default: always monotonic (the flat curve)
+    seen = []
+    diff = np.diff
+    monkeypatch.setattr(np, "diff", lambda a, *args, **kw: (seen.append(np.array(a)),
+                                                           diff(a, *args, **kw))[1])
     qv = q(setup, quantus.Monotonicity(features_in_step=25, perturb_baseline="black",
                                        perturb_func=put_back, normalise=False,
                                        disable_warnings=True))
+    monkeypatch.setattr(np, "diff", diff)
+    assert np.abs(seen[-1] - curve[:, 1:]).max() < 1e-4
     np.testing.assert_array_equal(qv, (np.diff(curve[:, 1:], axis=1) >= 0).all(axis=1))
     # onnxsal also checks the first step from the baseline image: monotonic there implies Quantus
     assert (qv[res["value"] == 1] == 1).all()
+    # the curves are real: the logit of the clean image is reached at the last step
+    np.testing.assert_allclose(curve[:, -1], setup["logits"][np.arange(N), setup["y"]], atol=1e-4)
 
 
 def test_road_imputation_and_accuracy(setup):
