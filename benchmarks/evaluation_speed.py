@@ -92,23 +92,26 @@ class Ctx:
         return metric.evaluate(self.engine.logits, self.x, self.maps)
 
 
-def pixel_flipping(c: Ctx) -> dict:
+def pixel_flipping(c: Ctx, steps: int = 16) -> dict:
+    """``steps`` evenly sized steps (784: one pixel a step, Quantus's default
+    features_in_step=1)."""
     import quantus
 
     from onnxsal.metrics import base
 
-    step = c.x[0].size // 16
-    t_o, res = timed(lambda: c.onnxsal(base.get("region-perturbation-morf")(patch=1, steps=16)))
+    step = c.x[0].size // steps
+    t_o, res = timed(lambda: c.onnxsal(base.get("region-perturbation-morf")(patch=1,
+                                                                           steps=steps)))
     t_q, qc = timed(lambda: c.quantus(quantus.PixelFlipping(
         features_in_step=step, perturb_baseline="black", normalise=False,
         disable_warnings=True)))
     qc = np.asarray(qc, np.float64)
-    return {"onnxsal": "region-perturbation-morf(patch=1, steps=16)",
+    return {"onnxsal": f"region-perturbation-morf(patch=1, steps={steps})",
             "quantus": f"PixelFlipping(features_in_step={step}, perturb_baseline='black', "
                        "normalise=False)",
             "t_onnxsal": t_o, "t_quantus": t_q,
             "max_diff": float(np.abs(res["curve"][:, 1:] - qc).max()),
-            "compared": "the target logit after each of the 16 steps, every image"}
+            "compared": f"the target logit after each of the {steps} steps, every image"}
 
 
 def road(c: Ctx) -> dict:
@@ -193,27 +196,49 @@ def max_sensitivity(c: Ctx, samples: int) -> dict | None:
             "compared": "max-sensitivity per image"}
 
 
+def cascading_spearman(c: Ctx) -> np.ndarray:
+    """onnxsal's cascading randomisation with Quantus MPRT's score alone: per step (top layer
+    first, onnxsal.metrics.randomisation), the vanilla maps of the randomised ONNX model and
+    their Spearman correlation of |map| with the original |map|; [steps, N]."""
+    from onnxsal import methods
+    from onnxsal.engine import Engine
+    from onnxsal.metrics.randomisation import cascading_steps, randomize
+    from onnxsal.metrics.sanity import find_layers
+    from onnxsal.metrics.similarity import spearman
+
+    ref = np.abs(c.maps)
+    out = []
+    for step in cascading_steps(find_layers(c.model)):
+        e = Engine(randomize(c.model, step, seed=0), threads=c.threads, use_disk_cache=False)
+        m = np.abs(methods.compute(e, c.x, ["vanilla"], targets=c.y)["vanilla"].maps)
+        out.append([spearman(a, b) for a, b in zip(ref, m, strict=True)])
+    return np.asarray(out)
+
+
 def mprt(c: Ctx) -> dict:
     import quantus
 
-    from onnxsal.metrics.sanity import find_layers
     from onnxsal.sanity_run import run_sanity
 
-    layers = len(find_layers(c.model))
+    t_o, sp = timed(lambda: cascading_spearman(c))
     with tempfile.TemporaryDirectory() as out:
-        t_o, res = timed(lambda: run_sanity(c.model, c.x, ["vanilla"], os.path.join(out, "s"),
-                                            mode="cascading", threads=c.threads, plots=False))
+        t_full, _ = timed(lambda: run_sanity(c.model, c.x, ["vanilla"], os.path.join(out, "s"),
+                                             mode="cascading", threads=c.threads, plots=False))
     t_q, qres = timed(lambda: c.quantus(quantus.MPRT(
         layer_order="top_down", seed=42, disable_warnings=True), explain_func=explain_torch))
-    q_last = float(np.mean(list(qres.values())[-1]))
-    return {"onnxsal": f"run_sanity(vanilla, mode='cascading'): {layers} cascading steps, "
-                       "similarities of the maps of each step",
+    q_layers = [float(np.mean(v)) for v in qres.values()]
+    return {"onnxsal": f"cascading randomisation, {len(sp)} steps top-down (randomize, "
+                       "Engine, vanilla maps, similarity.spearman of abs(map))",
             "quantus": "MPRT(layer_order='top_down') with the torch-autograd gradient "
                        f"explain_func: {len(qres)} layers",
             "t_onnxsal": t_o, "t_quantus": t_q, "max_diff": None,
-            "quantus_last_layer_spearman": q_last,
-            "onnxsal_result_keys": sorted(res)[:20],
-            "compared": "not number by number: each tool draws its own random weights"}
+            "t_onnxsal_run_sanity": t_full,
+            "run_sanity_note": "onnxsal.sanity_run.run_sanity (cascading, vanilla, no plots): "
+                               "also SSIM, HOG and signed/abs Spearman per step, a report",
+            "quantus_mean_spearman_per_layer": q_layers,
+            "onnxsal_mean_spearman_per_step": [float(np.nanmean(v)) for v in sp],
+            "compared": "not number by number: each tool draws its own random weights "
+                        "(mean Spearman per step listed)"}
 
 
 def main(argv=None) -> int:
@@ -240,7 +265,8 @@ def main(argv=None) -> int:
         tdiff = float(np.abs(net(torch.from_numpy(x)).numpy() - engine.logits(x)).max())
     maps = methods.compute(engine, x, ["vanilla"], targets=y)["vanilla"].maps
     c = Ctx(net, model, engine, x, y, np.asarray(maps, np.float32), a.threads)
-    runs = {"pixel-flipping": pixel_flipping, "road": road,
+    runs = {"pixel-flipping": pixel_flipping,
+            "pixel-flipping-1px": lambda c: pixel_flipping(c, c.x[0].size), "road": road,
             "max-sensitivity": lambda c: max_sensitivity(c, a.samples),
             "faithfulness-correlation": faithfulness_correlation, "mprt": mprt}
     only = [s for s in a.only.split(",") if s]
@@ -270,8 +296,43 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(info))
     print(json.dumps(info, indent=2))
     return 0
+
+
+def markdown(info: dict) -> str:
+    """The results table (one row per metric) with the run's settings."""
+    m, v = info["machine"], info["versions"]
+    lines = ["# Evaluation speed: onnxsal vs Quantus", "",
+             "Written by `benchmarks/evaluation_speed.py` (its docstring says what is compared "
+             "and how); one run:", "", f"    {info['command']}", "",
+             f"- N = {info['n']} Fashion-MNIST test images (28x28), the paper's CNN, "
+             f"{info['threads']} thread(s) for both (torch.set_num_threads, onnxruntime threads)",
+             f"- machine: {m['platform']}, {m['cpus']} CPUs (shared), Python {m['python']}",
+             f"- versions: Quantus {v['quantus']}, torch {v['torch']}, onnxruntime "
+             f"{v['onnxruntime']}, numpy {v['numpy']}",
+             f"- torch vs ONNX logits: max |difference| {info['torch_vs_onnx_max_logit_diff']:.1e}",
+             "- onnxsal's metrics are called directly (`Metric.evaluate`), not through "
+             "`onnxsal evaluate`; Quantus with `batch_size=N`", "",
+             "| metric | onnxsal | Quantus | onnxsal s | Quantus s | onnxsal img/s | "
+             "Quantus img/s | ratio | max \\|score difference\\| (what) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in info["metrics"].items():
+        diff = "n/a" if r["max_diff"] is None else f"{r['max_diff']:.2g}"
+        lines.append(f"| {name} | {r['onnxsal']} | {r['quantus']} | {r['t_onnxsal']:.2f} | "
+                     f"{r['t_quantus']:.2f} | {r['images_per_s_onnxsal']:.1f} | "
+                     f"{r['images_per_s_quantus']:.1f} | {r['ratio']:.2f}x | "
+                     f"{diff} ({r['compared']}) |")
+    extra = info["metrics"].get("mprt")
+    if extra:
+        lines += ["", f"MPRT: onnxsal's full `run_sanity` took {extra['t_onnxsal_run_sanity']:.2f} s "
+                  f"({extra['run_sanity_note']}). Mean Spearman per step, Quantus (its first "
+                  "entry is the original model): "
+                  + ", ".join(f"{x:.3f}" for x in extra["quantus_mean_spearman_per_layer"])
+                  + "; onnxsal: " + ", ".join(f"{x:.3f}" for x in
+                                              extra["onnxsal_mean_spearman_per_step"]) + "."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
