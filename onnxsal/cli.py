@@ -402,6 +402,11 @@ def evaluate(model, data, methods, metric_names, out, maps_file, masks, limit, s
               help="Pass rule: final mean Spearman(abs) similarity must fall below this.")
 @click.option("--margin", type=FiniteFloat(), default=0.3, show_default=True,
               help="Pass rule: ... and at least this far below the self-similarity.")
+@click.option("--step-margin", type=FiniteFloat(), default=0.02, show_default=True,
+              help="Per-step rule: a step's mean Spearman(abs) must fall at least this far "
+                   "below the self-similarity (and significantly, one-sided Wilcoxon).")
+@click.option("--top-steps", type=COUNT, default=1, show_default=True,
+              help="Top-layer verdict: the similarity must drop at each of the first N steps.")
 @click.option("--hog-correlation", type=click.Choice(["pearson", "spearman"]), default="pearson",
               show_default=True, help="Correlation of the HOG vectors.")
 @click.option("--grid-image", type=click.IntRange(min=0), default=0, show_default=True,
@@ -413,7 +418,7 @@ def evaluate(model, data, methods, metric_names, out, maps_file, masks, limit, s
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @_executor_options
 def sanity(model, data, methods, mode, limit, out, seed, max_steps, threshold, margin,
-           hog_correlation, grid_image, preprocess, device, output, threads, quiet, executor,
+           step_margin, top_steps, hog_correlation, grid_image, preprocess, device, output, threads, quiet, executor,
            address, workers, cpus_per_worker, gpus_per_worker):
     """Model-parameter randomisation test of Adebayo et al. (docs/definitions.md#sanity-checks): do the METHODS'
     maps change when MODEL's learned weights are re-initialised?"""
@@ -425,7 +430,8 @@ def sanity(model, data, methods, mode, limit, out, seed, max_steps, threshold, m
     try:
         rep = run_sanity(model, data, names, out, mode=mode, seed=seed, preprocess=preprocess,
                          device=device, threads=threads, output=output, max_steps=max_steps,
-                         threshold=threshold, margin=margin, hog_correlation=hog_correlation,
+                         threshold=threshold, margin=margin, step_margin=step_margin,
+                         top_steps=top_steps, hog_correlation=hog_correlation,
                          grid_image=grid_image, limit=limit, progress=say, executor=ex)
     except KeyboardInterrupt:
         _echo(f"interrupted: finished steps are kept in {out}/steps; run the same command "
@@ -438,6 +444,9 @@ def sanity(model, data, methods, mode, limit, out, seed, max_steps, threshold, m
     for m, v in rep["verdicts"].items():
         word = {True: "pass", False: "FAIL", None: "undecided"}[v["passes"]]
         _echo(f"{m:<24}{word:<10}{v['reason']}")
+    for m, v in rep["step_verdicts"].items():
+        word = {True: "pass", False: "FAIL", None: "undecided"}[v["passes"]]
+        _echo(f"{m:<24}{word:<10}top layer(s): {v['reason']}")
     _echo(f"wrote {out}/sanity.json, sanity.md, {mode}.png, maps_grid.png "
                f"({rep['images']} images, {len(rep['steps']) - 1} steps)")
 

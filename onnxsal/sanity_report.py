@@ -2,7 +2,9 @@
 (:mod:`onnxsal.sanity_run` computes the steps; docs/definitions.md#sanity-checks).
 
 Pass/fail rule (:data:`RULE`): lower similarity to the trained model's maps is better
-(:data:`DIRECTION`); see :func:`verdict`.
+(:data:`DIRECTION`); see :func:`verdict`. The per-step rule (:data:`STEP_RULE`,
+:func:`step_verdicts`) asks, step by step, whether the similarity fell significantly, and
+passes a method only when it falls as soon as the top layer is randomised.
 """
 
 from __future__ import annotations
@@ -28,6 +30,58 @@ RULE = ("a method passes when its mean Spearman rank correlation of the absolute
         "{margin} below its trained-model self-similarity (step 0); otherwise it fails")
 
 
+STEP_RULE = ("at a step the similarity has dropped when the mean spearman_abs over images is at "
+             "least {step_margin} below the step-0 self-similarity and a one-sided Wilcoxon "
+             "signed-rank test over images (per-image self-similarity minus similarity > 0) "
+             "gives p < {alpha}; the top-layer verdict passes a method when the similarity "
+             "dropped at each of the first {top_steps} step(s) (cascading: the top layer(s) "
+             "randomised; independent: each of them alone), so that a method whose maps ignore "
+             "the top layers fails it")
+
+
+def step_drop(base: np.ndarray, values: np.ndarray, step_margin: float, alpha: float) -> dict:
+    """Whether one step's per-image similarities fell below the per-image self-similarities
+    ``base`` (step 0): mean drop >= step_margin and one-sided Wilcoxon p < alpha."""
+    from scipy import stats
+
+    b = np.asarray(base, np.float64)
+    v = np.asarray(values, np.float64)
+    ok = np.isfinite(b) & np.isfinite(v)
+    if not ok.any():
+        return {"drop": None, "p_value": None, "n": 0, "dropped": None}
+    d = b[ok] - v[ok]
+    if np.all(d == 0):
+        p = 1.0
+    else:
+        p = float(stats.wilcoxon(d, alternative="greater", zero_method="wilcox").pvalue)
+    drop = float(d.mean())
+    return {"drop": drop, "p_value": p, "n": int(ok.sum()),
+            "dropped": bool(drop >= step_margin and p < alpha)}
+
+
+def step_verdicts(base: np.ndarray, steps: list[tuple[int, str, np.ndarray]], step_margin: float,
+                  alpha: float, top_steps: int) -> dict:
+    """:data:`STEP_RULE` for one method: ``base`` its per-image step-0 self-similarities,
+    ``steps`` (step index, label, per-image spearman_abs) of the randomised steps in order."""
+    per = [{"step": i, "label": label, **step_drop(base, v, step_margin, alpha)}
+           for i, label, v in steps]
+    top = per[:max(1, int(top_steps))]
+    if not top or any(s["dropped"] is None for s in top):
+        return {"passes": None, "steps": per, "first_drop": None,
+                "reason": "no finite similarity at the top step(s)"}
+    first = next((s["step"] for s in per if s["dropped"]), None)
+    passes = all(s["dropped"] for s in top)
+    if passes:
+        reason = (f"drops by {top[-1]['drop']:.3f} (p={top[-1]['p_value']:.2g}) once "
+                  f"`{top[-1]['label']}` is randomised")
+    else:
+        miss = next(s for s in top if not s["dropped"])
+        reason = (f"drops by only {miss['drop']:.3f} (p={miss['p_value']:.2g}) when "
+                  f"`{miss['label']}` is randomised; first significant drop at "
+                  f"{'step ' + str(first) if first is not None else 'no step'}")
+    return {"passes": passes, "steps": per, "first_drop": first, "reason": reason}
+
+
 def verdict(steps: list[dict], method: str, mode: str, threshold: float, margin: float) -> dict:
     """Apply :data:`RULE` to one method's per-step summaries (step 0 first)."""
     base = steps[0]["methods"][method]["spearman_abs"]["mean"]
@@ -50,6 +104,10 @@ def _f(v: float | None, digits: int = 3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _p(v: float | None) -> str:
+    return "n/a" if v is None else (f"{v:.3f}" if v >= 1e-3 else f"{v:.0e}")
+
+
 def markdown(report: dict) -> str:
     """sanity.md: verdicts, then per metric a table of mean (std) per step and method."""
     from .report import markdown_table
@@ -65,12 +123,30 @@ def markdown(report: dict) -> str:
              f"- rule: {report['rule']}", ""]
     lines.append("## Verdicts\n")
     rows = []
+    words = {True: "**pass**", False: "**fail**", None: "undecided"}
     for m in methods:
         v = report["verdicts"][m]
-        word = {True: "**pass**", False: "**fail**", None: "undecided"}[v["passes"]]
-        rows.append([m, word, _f(v["baseline"]), _f(v["final"]), v["reason"]])
+        rows.append([m, words[v["passes"]], _f(v["baseline"]), _f(v["final"]), v["reason"]])
     lines.append(markdown_table(["method", "verdict", "self-similarity (step 0)",
                                  "final spearman_abs", "why"], rows, "llrrl"))
+    if report.get("step_verdicts"):
+        lines += ["## Per-step verdicts\n", f"Rule: {report['step_rule']}.\n"]
+        sv = report["step_verdicts"]
+        lines.append(markdown_table(["method", "top-layer verdict", "first significant drop", "why"],
+                                    [[m, words[sv[m]["passes"]], _f(sv[m]["first_drop"], 0)
+                                      if sv[m]["first_drop"] is not None else "none", sv[m]["reason"]]
+                                     for m in methods], "llrl"))
+        rows = []
+        for k, s in enumerate(report["steps"][1:]):
+            row = [s["step"], f"`{s['label']}`"]
+            for m in methods:
+                d = sv[m]["steps"][k]
+                mark = {True: "yes", False: "no", None: "n/a"}[d["dropped"]]
+                row.append(f"{_f(d['drop'])} (p={_p(d['p_value'])}) {mark}")
+            rows.append(row)
+        lines.append("Drop of the mean spearman_abs below the self-similarity (Wilcoxon p), "
+                     "and whether it counts as a significant drop:\n")
+        lines.append(markdown_table(["step", "layer"] + list(methods), rows, "rl" + "r" * len(methods)))
     for metric in sim.METRICS:
         lines.append(f"## {METRIC_LABELS[metric]}: mean (std) over images\n")
         rows = []

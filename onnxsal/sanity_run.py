@@ -20,6 +20,15 @@ stay similar to the trained model's, so they do not reflect what the model learn
 the baseline itself is low, the method's own noise hides any dependence on the model).
 Lower similarity is better here (the metric's direction is "lower").
 
+Per-step rule (:data:`onnxsal.sanity_report.STEP_RULE`): the end-point rule cannot see a
+method that ignores the top layers and changes only once the lowest ones are randomised
+(guided backprop). So each step also gets a verdict: the similarity *dropped* there when the
+mean ``spearman_abs`` is at least ``step_margin`` (0.02) below the step-0 self-similarity and a
+one-sided Wilcoxon signed-rank test over the images (per-image self-similarity minus
+similarity) gives p < ``alpha`` (0.05). The **top-layer verdict** passes a method when the
+similarity dropped at each of the first ``top_steps`` (1) steps, i.e. as soon as the top
+layer is randomised.
+
 Outputs in ``out``: ``sanity.json`` (settings, layers, per-step mean/std/n per method and
 metric, verdicts), ``sanity.md``, ``cascading.png`` (or ``independent.png``: similarity against
 the randomisation step, one line per method, one panel per metric), ``maps_grid.png`` (rows
@@ -51,7 +60,7 @@ from .metrics.randomisation import cascading_steps, independent_steps, pick_step
 from .metrics.sanity import Layer, find_layers
 from .model import content_hash, load_model
 from .runs import EngineSpec, executor_session, load_arrays, model_payload, run_key, save_arrays
-from .sanity_report import DIRECTION, RULE, markdown, plot_curves, plot_grid, verdict
+from .sanity_report import DIRECTION, RULE, STEP_RULE, markdown, plot_curves, plot_grid, step_verdicts, verdict
 
 MODES = ("cascading", "independent")
 
@@ -247,7 +256,8 @@ def run_sanity(model: str | os.PathLike | onnx.ModelProto, images: Any,
                mode: str = "cascading", seed: int = 0, preprocess=None, device: str = "auto",
                threads: int | None = None, output: str | None = None,
                max_steps: int | None = None, method_options: Mapping[str, dict] | None = None,
-               threshold: float = 0.5, margin: float = 0.3, hog_correlation: str = "pearson",
+               threshold: float = 0.5, margin: float = 0.3, step_margin: float = 0.02,
+               alpha: float = 0.05, top_steps: int = 1, hog_correlation: str = "pearson",
                grid_image: int = 0, limit: int | None = None, data: dict | None = None,
                engine_factory: Callable[[onnx.ModelProto], Any] | None = None,
                progress: Callable[[str], None] | None = None, plots: bool = True,
@@ -263,17 +273,23 @@ def run_sanity(model: str | os.PathLike | onnx.ModelProto, images: Any,
     randomisation steps over the layers (the last, full randomisation always included).
     ``executor``: None or "local" (this process), "ray", or an object from
     :func:`onnxsal.executors.make_executor`; the result files do not depend on it.
+    ``step_margin``, ``alpha``, ``top_steps``: the per-step rule
+    (:data:`onnxsal.sanity_report.STEP_RULE`; with ``max_steps`` the first steps are the
+    first ones picked).
     """
     from .report import check_output_dir
 
     check_output_dir(out)  # before any work
     _check_options(mode, hog_correlation, seed, max_steps)
+    if not 0 < alpha < 1 or top_steps < 1:
+        raise OptionError(f"alpha must be in (0, 1) and top steps >= 1, got {alpha}, {top_steps}")
     with executor_session(executor, device) as ex:
         return _run_sanity(model, images, methods, out, mode=mode, seed=seed,
                            preprocess=preprocess, device=device, threads=threads, output=output,
                            max_steps=max_steps, method_options=method_options,
-                           threshold=threshold, margin=margin, hog_correlation=hog_correlation,
-                           grid_image=grid_image, limit=limit, data=data,
+                           threshold=threshold, margin=margin,
+                           step_rule=(float(step_margin), float(alpha), int(top_steps)),
+                           hog_correlation=hog_correlation, grid_image=grid_image, limit=limit, data=data,
                            engine_factory=engine_factory, progress=progress, plots=plots,
                            executor=ex)
 
@@ -312,7 +328,7 @@ def _images(images: Any, engine: Any, limit: int | None, data: dict | None,
 
 
 def _run_sanity(model, images, methods, out, *, mode, seed, preprocess, device, threads, output,
-                max_steps, method_options, threshold, margin, hog_correlation, grid_image,
+                max_steps, method_options, threshold, margin, step_rule, hog_correlation, grid_image,
                 limit, data, engine_factory, progress, plots, executor) -> dict:
     """The body of :func:`run_sanity` between opening and closing the executor."""
     from .report import atomic_write_json, atomic_write_text
@@ -417,6 +433,10 @@ def _run_sanity(model, images, methods, out, *, mode, seed, preprocess, device, 
         })
 
     verdicts = {m: verdict(results, m, mode, threshold, margin) for m in fns}
+    step_margin, alpha, top_steps = step_rule
+    per_step = {m: step_verdicts(done[0][2][m]["spearman_abs"],
+                                 [(st.index, st.label, done[st.index][2][m]["spearman_abs"])
+                                  for st in steps[1:]], step_margin, alpha, top_steps) for m in fns}
     report = {
         "model": model_name, "model_hash": model_hash, "data": data or {"count": len(x)},
         "images": len(x), "mode": mode, "seed": seed, "methods": list(fns),
@@ -427,7 +447,10 @@ def _run_sanity(model, images, methods, out, *, mode, seed, preprocess, device, 
         "threshold": threshold, "margin": margin, "direction": DIRECTION,
         "provider": executor.providers.get(0, getattr(engine, "provider", None)),
         "layers": [L.to_dict() for L in layers],
-        "steps": results, "verdicts": verdicts, "version": __version__,
+        "steps": results, "verdicts": verdicts,
+        "step_rule": STEP_RULE.format(step_margin=step_margin, alpha=alpha, top_steps=top_steps),
+        "step_margin": step_margin, "alpha": alpha, "top_steps": top_steps,
+        "step_verdicts": per_step, "version": __version__,
     }
     atomic_write_json(out / "sanity.json", report)
     atomic_write_text(out / "sanity.md", markdown(report))

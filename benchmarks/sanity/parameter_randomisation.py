@@ -57,6 +57,8 @@ def run(name: str, model: str, data: str, limit: int, max_steps: int | None, thr
     (RESULTS / name / "run.json").write_text(json.dumps(extra, indent=2) + "\n")
     for m, v in rep["verdicts"].items():
         print(f"{m:<24}{'pass' if v['passes'] else 'FAIL':<6}{v['reason']}")
+    for m, v in rep["step_verdicts"].items():
+        print(f"{m:<24}{'pass' if v['passes'] else 'FAIL':<6}top layer: {v['reason']}")
 
 
 def summary() -> str:
@@ -75,16 +77,23 @@ def summary() -> str:
         row = [m]
         for r in runs.values():
             v = r["verdicts"].get(m)
-            row.append("-" if v is None else
-                       f"{'pass' if v['passes'] else '**fail**'} ({v['final']:.2f})" if v["final"] is not None
-                       else "n/a")
+            cell = "-" if v is None else \
+                f"{'pass' if v['passes'] else '**fail**'} ({v['final']:.2f})" if v["final"] is not None else "n/a"
+            sv = (r.get("step_verdicts") or {}).get(m)
+            if sv is not None and sv["passes"] is not None:
+                drop = sv["steps"][0]["drop"]
+                cell += f"; top layer: {'pass' if sv['passes'] else '**fail**'} (drop {drop:.3f})"
+            row.append(cell)
         row.append(PAPER.get(m, "-"))
         rows.append(row)
+    step_rule = next((r["step_rule"] for r in runs.values() if r.get("step_rule")), None)
     lines = ["# Sanity checks: model-parameter randomisation\n",
              "Cascading randomisation from the logits down (onnxsal.metrics.sanity); cell = verdict "
              "(mean Spearman rank correlation of the absolute maps with the trained model's maps "
              "once every layer is randomised). Rule: "
              + (next(iter(runs.values()))["rule"] if runs else "") + ".\n",
+             (f"Top-layer verdict (runs made with it): {step_rule}; the cell gives the drop of the "
+              "mean similarity when the top layer alone is randomised.\n" if step_rule else ""),
              markdown_table(headers, rows, "l" * len(headers)),
              "\nPer-model details (per step, per metric, mean and std over images; figures): "
              + ", ".join(f"[{n}]({n}/sanity.md)" for n in runs) + ".\n"]
@@ -94,7 +103,8 @@ def summary() -> str:
         "fails a method whose drop is not clearly larger than its own noise. The guided rule set "
         "treats ReLU6 (Clip with lower bound 0, EfficientNet-Lite0's activation) as a ReLU. The "
         "single end-point rule cannot see guided backprop's failure mode (it ignores the upper "
-        "layers and changes only once the lowest ones go): read the per-step curves. A method "
+        "layers and changes only once the lowest ones go); the top-layer verdict does, and the "
+        "per-step curves show it. A method "
         "whose maps are constant (Grad-CAM on a 1x1 layer) scores 1 by convention (both maps "
         "normalise to zeros).\n")
     dr = RESULTS / "data_randomisation" / "data_randomisation.md"
