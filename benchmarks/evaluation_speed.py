@@ -196,6 +196,67 @@ def max_sensitivity(c: Ctx, samples: int) -> dict | None:
             "compared": "max-sensitivity per image"}
 
 
+def smooth_mprt(c: Ctx, samples: int) -> dict | None:
+    """onnxsal smooth-mprt vs Quantus SmoothMPRT(skip_layers=True, return_last_correlation=True)
+    on the same fully randomised model (Quantus's layer generator yields the torch net with
+    onnxsal's random weights) and the same noise (Quantus's np.random.randn replays onnxsal's
+    standard normal draws)."""
+    import copy
+
+    import quantus
+    import torch
+    from onnx import numpy_helper
+    from quantus.helpers.model.pytorch_model import PyTorchModel
+
+    from onnxsal.metrics import base
+    from onnxsal.metrics.randomisation import randomize
+    from onnxsal.metrics.randomisation_mprt import model_explainer
+    from onnxsal.metrics.sanity import find_layers
+
+    if "smooth-mprt" not in base.names():
+        return None
+    m = base.get("smooth-mprt")(c.model, model_explainer("vanilla", threads=c.threads,
+                                                         use_disk_cache=False),
+                                samples=samples)
+    t_o, res = timed(lambda: c.onnxsal(m))
+    values = {t.name: numpy_helper.to_array(t)
+              for t in randomize(c.model, find_layers(c.model), seed=0).graph.initializer}
+    twin = copy.deepcopy(c.net)
+    state = twin.state_dict()
+    twin.load_state_dict({k: torch.tensor(values[k].reshape(state[k].shape)) for k in state})
+    # onnxsal clips the noisy copies to [0, 1], Quantus does not: Quantus's randn returns the
+    # standard normal draw that gives onnxsal's clipped copy (x + std * z = clip(...))
+    m._start = 0
+    std = m.noise * (c.x.max(axis=(1, 2, 3)) - c.x.min(axis=(1, 2, 3)))[:, None, None, None, None]
+    z = ((m.noisy(c.x)[:, :-1].astype(np.float64) - c.x[:, None]) / std)
+    calls = []
+
+    def randn(*shape):
+        calls.append(1)
+        return z[:, (len(calls) - 1) % (samples - 1)]
+
+    def generator(self, order="top_down", seed=42):
+        names = [n for n, mod in c.net.named_modules() if list(mod.parameters(recurse=False))]
+        for name in names:
+            yield name, twin
+
+    gen, rn = PyTorchModel.get_random_layer_generator, np.random.randn
+    PyTorchModel.get_random_layer_generator, np.random.randn = generator, randn
+    try:
+        t_q, qv = timed(lambda: c.quantus(quantus.SmoothMPRT(
+            nr_samples=samples, skip_layers=True, return_last_correlation=True,
+            disable_warnings=True), a_batch=None, explain_func=explain_torch))
+    finally:
+        PyTorchModel.get_random_layer_generator, np.random.randn = gen, rn
+    qv = np.asarray(qv, np.float64)
+    return {"onnxsal": f"smooth-mprt(vanilla, samples={samples}, noise=0.1)",
+            "quantus": f"SmoothMPRT(nr_samples={samples}, skip_layers=True, "
+                       "return_last_correlation=True), onnxsal's random weights and (clipped) noise",
+            "t_onnxsal": t_o, "t_quantus": t_q,
+            "max_diff": float(np.abs(qv - res["value"]).max()),
+            "compared": "Spearman of the smoothed maps, trained vs fully random, per image"}
+
+
 def cascading_spearman(c: Ctx) -> np.ndarray:
     """onnxsal's cascading randomisation with Quantus MPRT's score alone: per step (top layer
     first, onnxsal.metrics.randomisation), the vanilla maps of the randomised ONNX model and
@@ -246,6 +307,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--samples", type=int, default=20, help="max-sensitivity draws")
+    p.add_argument("--smooth-samples", type=int, default=10, help="smooth MPRT samples")
     p.add_argument("--only", default="", help="comma list of metrics to run (default all)")
     p.add_argument("--out", default="benchmarks/results/evaluation_speed")
     a = p.parse_args(argv)
@@ -268,7 +330,8 @@ def main(argv=None) -> int:
     runs = {"pixel-flipping": pixel_flipping,
             "pixel-flipping-1px": lambda c: pixel_flipping(c, c.x[0].size), "road": road,
             "max-sensitivity": lambda c: max_sensitivity(c, a.samples),
-            "faithfulness-correlation": faithfulness_correlation, "mprt": mprt}
+            "faithfulness-correlation": faithfulness_correlation, "mprt": mprt,
+            "smooth-mprt": lambda c: smooth_mprt(c, a.smooth_samples)}
     only = [s for s in a.only.split(",") if s]
     rows = {}
     for name, fn in runs.items():
