@@ -409,8 +409,8 @@ def markdown(info: dict) -> str:
               "steps or draws. Below the goal of 10x in this run: "
               + (", ".join(f"{k} ({r['ratio']:.2f}x)" for k, r in info["metrics"].items()
                            if r["ratio"] < 10) or "none") + ". The MPRT row builds "
-              "an Engine (session and gradient graph) per randomisation step, which dominates "
-              "at this N. Regenerate the table from the JSON: `python -c \"import json, "
+              "an Engine (session and gradient graph) per randomisation step, inside its time. "
+              "Regenerate the table from the JSON: `python -c \"import json, "
               "benchmarks.evaluation_speed as e; print(e.markdown(json.load(open("
               "'benchmarks/results/evaluation_speed.json'))))\"`."]
     return "\n".join(lines) + "\n"
