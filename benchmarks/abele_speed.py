@@ -74,7 +74,7 @@ def digits(limit: int) -> dict:
     model, aae = ROOT / "tests/data/digits_cnn.onnx", ROOT / "tests/data/aae_digits"
     eng = Engine(model, device="cpu", threads=1)
     ae = load_autoencoder(aae)
-    s = np.load(ROOT / "tests/data/digits_sample.npz")
+    s = np.load(ROOT / "tests/data/digits_sample.npz", allow_pickle=False)
     idx = np.linspace(0, len(s["x"]) - 1, limit).astype(int)
     x = s["x"][idx].astype(np.float32) / 255
     rows = []
