@@ -39,7 +39,8 @@ def main() -> None:
     path = ROOT / "tests" / "data" / "digits_cnn.onnx"
     model = onnx.load(str(path))
     engine = Engine(model, threads=1, use_disk_cache=False)
-    x = np.load(ROOT / "tests" / "data" / "digits_sample.npz", allow_pickle=False)["x"][:a.images].astype(np.float32) / 255
+    with np.load(ROOT / "tests" / "data" / "digits_sample.npz", allow_pickle=False) as z:
+        x = z["x"][:a.images].astype(np.float32) / 255
     t = engine.logits(x).argmax(1)
     rows, secs, excluded = {}, {}, ""
     for name in METHODS:
