@@ -113,7 +113,8 @@ def measure(name: str, threads: int, rounds: int, sizes: list[int], seed: int = 
         print(f"{name} threads={threads} round {r + 1}/{rounds} load={os.getloadavg()[0]:.1f}", flush=True)
     info["per_image"] = {k: {str(b): {"wall_ms": 1e3 * float(np.median([t[0] for t in v])),
                                       "cpu_ms": 1e3 * float(np.median([t[1] for t in v])),
-                                      "wall_ms_all": [round(1e3 * t[0], 2) for t in v]}
+                                      "wall_ms_all": [round(1e3 * t[0], 2) for t in v],
+                                      "cpu_ms_all": [round(1e3 * t[1], 2) for t in v]}
                              for b, v in d.items()} for k, d in times.items()}
     return info
 
