@@ -168,8 +168,9 @@ def main(argv=None) -> None:
     out = Path(args.out)
     if args.from_json:
         doc = json.loads(Path(args.from_json).read_text())
-        if args.reading:
+        if args.reading:  # kept in the .json, so that the table can be rewritten again
             doc["reading"] = args.reading
+            Path(args.from_json).write_text(json.dumps(doc, indent=2) + "\n")
         write_md(doc, out)
         return
     import onnxruntime
