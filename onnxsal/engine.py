@@ -6,7 +6,8 @@ onnxruntime session. The engine
 * prepends the model's preprocessing, so its input space is float32 [0, 1] NCHW;
 * picks providers (``auto`` uses CUDA only when a session really loads on it; :mod:`onnxsal.runtime`)
   and reports them;
-* batches under a memory budget, and computes per-class Jacobians in chunks of seed rows;
+* batches under a memory budget (on the CPU also under a cache-sized cap, docs/engine.md), and
+  computes per-class Jacobians in chunks of seed rows;
 * with ``threads`` > 1 on the CPU, runs the parts of a batch concurrently, one thread each
   (data parallel: the images, or else the seed rows, are split), which scales better than
   onnxruntime's intra-op threads on the gradient graph (its ConvTranspose, ScatterElements

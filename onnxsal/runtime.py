@@ -19,9 +19,10 @@ DEVICES = ("auto", "cpu", "cuda")
 #: CPU provider: the most estimated activation bytes one batch may hold (the per-image
 #: estimate of :func:`activation_bytes`, or of a gradient run, times its images). Beyond the
 #: last-level cache (480 MiB on the machine measured) a memory-bound model costs more per
-#: image: EfficientNet-Lite0 +10% (logits) and +20-25% (gradient) CPU time at 16-64 images
-#: against 2-4, while ResNet-18 is flat (benchmarks/results/cpu_batch.md). ``$ONNXSAL_CPU_BATCH_BYTES`` or the
-#: engine's ``cpu_batch_bytes`` override it; 0 turns the cap off (the memory budget alone).
+#: image: EfficientNet-Lite0 +10-12% (logits) and +20-25% (gradient) CPU time at 16-64 images
+#: against 2-4, while ResNet-18 is flat (benchmarks/results/cpu_batch.md).
+#: ``$ONNXSAL_CPU_BATCH_BYTES`` or the engine's ``cpu_batch_bytes`` override it; 0 turns the
+#: cap off (the memory budget alone).
 CPU_BATCH_BYTES = 256 << 20
 CPU_BATCH_ENV = "ONNXSAL_CPU_BATCH_BYTES"
 
