@@ -6,7 +6,8 @@ onnxruntime session. The engine
 * prepends the model's preprocessing, so its input space is float32 [0, 1] NCHW;
 * picks providers (``auto`` uses CUDA only when a session really loads on it; :mod:`onnxsal.runtime`)
   and reports them;
-* batches under a memory budget, and computes per-class Jacobians in chunks of seed rows;
+* batches under a memory budget (on the CPU also under a cache-sized cap, docs/engine.md), and
+  computes per-class Jacobians in chunks of seed rows;
 * with ``threads`` > 1 on the CPU, runs the parts of a batch concurrently, one thread each
   (data parallel: the images, or else the seed rows, are split), which scales better than
   onnxruntime's intra-op threads on the gradient graph (its ConvTranspose, ScatterElements
@@ -45,7 +46,8 @@ from .numeric import softmax
 from .onnx_util import quiet_options
 from .preprocess import PreprocessSpec, labels_from_model, parse, prepend, raw_shape
 from .preprocess import from_model as preprocess_from_model
-from .runtime import activation_bytes, pick_providers
+from .runtime import activation_bytes, capped_batch, pick_providers
+from .runtime import cpu_batch_bytes as cpu_batch_bytes_of
 from .simplify import simplify
 from .tensors import check_external_data, densify
 
@@ -78,7 +80,8 @@ class Engine:
                  preprocess: str | PreprocessSpec | None = None, device: str = "auto",
                  output: str | None = None, memory_budget_mb: int = 2048,
                  cache_dir: str | os.PathLike | None = None, threads: int | None = None,
-                 use_disk_cache: bool = True, simplify: bool = True, gradients: str = "auto"):
+                 use_disk_cache: bool = True, simplify: bool = True, gradients: str = "auto",
+                 cpu_batch_bytes: int | None = None):
         if isinstance(model, onnx.ModelProto):
             self.path = None
             source = model
@@ -123,6 +126,8 @@ class Engine:
         self._pool = None
         self._wide: dict[int, tuple] = {}  # id(session) -> (model, all-threads session or None)
         self.memory_budget = int(memory_budget_mb) << 20
+        # CPU only: at most this many activation bytes per run (onnxsal.runtime.CPU_BATCH_BYTES)
+        self.cpu_batch_bytes = cpu_batch_bytes_of(cpu_batch_bytes)
         self._cache_dir = cache_dir
         self._use_disk_cache = use_disk_cache
         self.simplify = simplify
@@ -306,10 +311,16 @@ class Engine:
         return self._bytes_per_image + seeds * COT_TENSORS_PER_SEED * self._largest_tensor
 
     def batch_size(self, seeds: int = 0) -> int:
-        """Images per run that fit the memory budget (the model's own batch size when fixed)."""
+        """Images per run that fit the memory budget (the model's own batch size when fixed);
+        on the CPU provider also at most ``cpu_batch_bytes`` of activations in all, but one image
+        per data-parallel part at least (docs/engine.md)."""
         if self.fixed_batch is not None:
             return self.fixed_batch
-        return max(1, int(self.memory_budget // self._bytes_per_run_image(seeds)))
+        per = self._bytes_per_run_image(seeds)
+        n = max(1, int(self.memory_budget // per))
+        if self.provider != "CPUExecutionProvider":
+            return n
+        return capped_batch(n, per, self.cpu_batch_bytes, self.parallel)
 
     def _pad(self, a: np.ndarray, axis: int = 0) -> np.ndarray:
         """Zero-pad a chunk along its image axis to the model's fixed batch size."""

@@ -4,6 +4,8 @@ batches by."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 from onnx import TensorProto
@@ -13,6 +15,16 @@ from .model import check_tensor_sizes, dim_of
 from .onnx_util import cpu_session, quiet_options, set_ir_version
 
 DEVICES = ("auto", "cpu", "cuda")
+
+#: CPU provider: the most estimated activation bytes one batch may hold (the per-image
+#: estimate of :func:`activation_bytes`, or of a gradient run, times its images). Beyond the
+#: last-level cache (480 MiB on the machine measured) a memory-bound model costs more per
+#: image: EfficientNet-Lite0 +10-12% (logits) and +20-25% (gradient) CPU time at 16-64 images
+#: against 2-4, while ResNet-18 is flat (benchmarks/results/cpu_batch.md).
+#: ``$ONNXSAL_CPU_BATCH_BYTES`` or the engine's ``cpu_batch_bytes`` override it; 0 turns the
+#: cap off (the memory budget alone).
+CPU_BATCH_BYTES = 256 << 20
+CPU_BATCH_ENV = "ONNXSAL_CPU_BATCH_BYTES"
 
 _PROVIDER_PROBE: dict[str, bool] = {}
 
@@ -96,3 +108,30 @@ def activation_bytes(model: onnx.ModelProto, input_name: str, shape, budget: int
         return 64 << 20, 8 << 20
     sizes = [o.nbytes for o in outs if isinstance(o, np.ndarray) and o.dtype.kind == "f"] or [0]
     return max(sum(sizes), 1 << 16), max(max(sizes), 1 << 12)
+
+
+def cpu_batch_bytes(value: int | None = None) -> int:
+    """The CPU batch cap in bytes: ``value`` if given, else ``$ONNXSAL_CPU_BATCH_BYTES``, else
+    :data:`CPU_BATCH_BYTES`; 0 means no cap."""
+    where = "cpu_batch_bytes"
+    if value is None:
+        text = os.environ.get(CPU_BATCH_ENV, "").strip()
+        if not text:
+            return CPU_BATCH_BYTES
+        where = f"{CPU_BATCH_ENV}='{text}'"
+        try:
+            value = int(text)
+        except ValueError:
+            raise OptionError(f"{where} is not a whole number of bytes (0: no cap)") from None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise OptionError(f"{where} must be a whole number of bytes >= 0 (0: no cap), not {value!r}")
+    return int(value)
+
+
+def capped_batch(budget_batch: int, bytes_per_image: int, cap: int, parts: int = 1) -> int:
+    """The CPU batch: the memory budget's batch, holding at most ``cap`` bytes in all (the
+    ``parts`` concurrent one-thread runs of a batch share the last-level cache), but at least
+    one image per part."""
+    if cap <= 0:
+        return budget_batch
+    return max(1, min(budget_batch, max(int(parts), cap // max(1, bytes_per_image))))
