@@ -479,7 +479,8 @@ def findings(res: dict) -> list[str]:
         allt = [t for d in a.values() for t in d["kendall_tau"].values()]
         s.append(f"Over all metric columns and model pairs the mean tau is {np.mean(allt):.2f} "
                  f"({np.mean(np.array(allt) < 0.5) * 100:.0f}% of pairs below 0.5).")
-    split = [c for c, d in a.items() if len(set(d["winner_per_model"].values())) >= max(3, len(d["winner_per_model"]) // 2)]
+    split = [c for c, d in a.items()
+             if len(set(d["winner_per_model"].values())) >= max(3, len(d["winner_per_model"]) // 2)]
     if split:
         s.append(f"No single winner across the models on {len(split)} columns ("
                  + ", ".join(f"{c}: {len(set(a[c]['winner_per_model'].values()))} different winners" for c in split[:4])
@@ -517,6 +518,35 @@ def plot_ranking(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def not_run(res: dict) -> list[str]:
+    """Metrics with no value anywhere: refused by from_options, or failing on every model and
+    method (with the distinct errors)."""
+    cols = columns(res)
+    reasons: dict[str, set[str]] = {}
+    for m in res["models"].values():
+        for k, why in m["skipped"].items():
+            reasons.setdefault(k, set()).add(why)
+        for k, per in m["errors"].items():
+            if not any(c == k or c.startswith(k + ":") for c in cols):
+                reasons.setdefault(k, set()).update(per.values())
+    return [f"- `{k}`: " + " / ".join(sorted(v)) for k, v in sorted(reasons.items())]
+
+
+def failures(res: dict) -> list[str]:
+    """Method failures, and metric failures of metrics that ran elsewhere, grouped by error."""
+    cols = columns(res)
+    seen: dict[str, list[str]] = {}
+    for name, m in res["models"].items():
+        for meth, info in m["methods"].items():
+            if "error" in info:
+                seen.setdefault(info["error"], []).append(f"{name}, method {meth}")
+        for k, per in m["errors"].items():
+            if any(c == k or c.startswith(k + ":") for c in cols):
+                for meth, e in per.items():
+                    seen.setdefault(e, []).append(f"{name}, {meth}, {k}")
+    return [f"- {'; '.join(where)}: {e}" for e, where in seen.items()]
+
+
 def write_report(res: dict, out: Path) -> None:
     s = res["setup"]
     a = res["analysis"]
@@ -534,6 +564,16 @@ def write_report(res: dict, out: Path) -> None:
              f"({s['evaluate_seconds_this_run']} s in the last run, which reuses unchanged parts).", "",
              "## Findings", ""]
     lines += [" ".join(findings(res)), "", "## Models", "",
+              "Architectures (benchmarks/models/cross_architecture.py, benchmarks/models/paper_models.py): "
+              "paper_cnn: conv 7x7 s2, max pool, three blocks of three 3x3 convs (32, 64, 128), global average "
+              "pool, linear; resnet18: torchvision's ResNet-18, 1-channel stem; mobilenet: torchvision "
+              "MobileNetV2 inverted residuals (16, 24, 32, 64 channels, 1280 last), stride-2 stem; convnext: "
+              "patchify stem, 2+2 ConvNeXt blocks (depthwise 7x7, LayerNorm, GELU, layer scale) at 32 and 64 "
+              "channels; vit: torchvision VisionTransformer, patch 4, 3 layers, 4 heads, width 64; mlp: "
+              "784-256-128-10 with ReLU. *_keras and *_jax: the same paper CNN and MLP built and trained "
+              "in Keras and flax (AdamW lr 1e-3, weight decay 0.01, batch 128, as the torch ones), exported by "
+              "converters/keras_export.py and converters/jax_export.py. Models trained here saw a seeded subset "
+              "of the training set; the paper models all 60000 images.", "",
               "| model | framework | trained on | epochs | test accuracy (10000) | accuracy on the sample | "
               "ONNX bytes | evaluate s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, m in res["models"].items():
@@ -550,19 +590,13 @@ def write_report(res: dict, out: Path) -> None:
         pair = "n/a" if d["least_agreeing_pair"] is None else f"{d['least_agreeing_pair']} ({d['min_tau']:.2f})"
         lines.append(f"| {col} | {'↑' if d['direction'] == 'higher' else '↓'} | {d['winner']} "
                      f"({d['mean_rank'][d['winner']]:.1f}) | {per} | {fmt(d['mean_tau'])} | {pair} |")
-    skipped: dict[str, str] = {}
-    errors: list[str] = []
-    for name, m in res["models"].items():
-        skipped.update(m["skipped"])
-        for k, per in m["errors"].items():
-            for meth, e in per.items():
-                errors.append(f"- {name}, {meth}, {k}: {e}")
-        for meth, info in m["methods"].items():
-            if "error" in info:
-                errors.append(f"- {name}, method {meth}: {info['error']}")
-    lines += ["", "## Metrics not run", ""]
-    lines += [f"- `{k}`: {v}" for k, v in sorted(skipped.items())] or ["none"]
-    lines += ["", "## Failures", ""] + (errors or ["none"])
+    lines += ["", "## Metrics not run", ""] + (not_run(res) or ["none"])
+    lines += ["", "Fashion-MNIST has no ground-truth object masks, so the localisation metrics have nothing to "
+              "score against. Input invariance explains f2(x) = f(x - c) (the shift folded into the prepended "
+              f"preprocessing) at x + c with c = {SHIFT}; those images leave the [0, 1] input range every method "
+              "checks (onnxsal.methods.base.as_batch), so it fails before any work."]
+    lines += ["", "## Failures (model, method, metric: error; one line per distinct error)", ""]
+    lines += failures(res) or ["none"]
     for name in res["models"]:
         lines += ["", f"## {name}", ""] + model_table(res, name)
     (out / "README.md").write_text("\n".join(lines) + "\n")

@@ -10,7 +10,6 @@ import re
 
 import numpy as np
 import pytest
-
 import torch
 
 from benchmarks import cross_architecture as xa
