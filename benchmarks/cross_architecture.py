@@ -236,9 +236,11 @@ def bootstrap(v: np.ndarray, n: int = 1000, seed: int = 0) -> dict:
 
 
 def evaluate_model(path: str, x: np.ndarray, y: np.ndarray, methods: list[str], metrics: list[str],
-                   log=print) -> dict:
+                   log=print, done: dict | None = None, save=None) -> dict:
     """All methods x metrics on one model: {"accuracy", "methods": {m: {"seconds", "error"}},
-    "metrics": {m: {column: {...}}}, "skipped": {metric: reason}, "errors": {...}}."""
+    "metrics": {column: {method: {...}}}, "skipped": {metric: reason}, "errors": {...}}.
+    ``done``: an earlier result on the same images and metrics whose methods are kept;
+    ``save(result)`` is called after each method (a checkpoint)."""
     from onnxsal import methods as M
     from onnxsal.engine import Engine
     from onnxsal.errors import OptionError
@@ -249,7 +251,17 @@ def evaluate_model(path: str, x: np.ndarray, y: np.ndarray, methods: list[str], 
     names = [str(i) for i in range(len(x))]
     res: dict = {"accuracy_on_sample": float((eng.logits(x).argmax(1) == y).mean()), "methods": {},
                  "metrics": {}, "skipped": {}, "errors": {}}
+    if done:
+        keep = [m for m in methods if m in done["methods"]]
+        res["methods"] = {m: done["methods"][m] for m in keep}
+        res["metrics"] = {c: {m: d for m, d in per.items() if m in keep} for c, per in done["metrics"].items()}
+        res["skipped"] = dict(done["skipped"])
+        res["errors"] = {k: {m: e for m, e in per.items() if m in keep} for k, per in done["errors"].items()}
     for m in methods:
+        if m in res["methods"]:
+            continue
+        if save is not None:
+            save(res)
         t0 = time.perf_counter()
         try:
             maps = np.asarray(M.compute(eng, x, [m], **method_options(m))[m].maps, np.float32)
@@ -311,22 +323,31 @@ def cmd_evaluate(args) -> dict:
         if not Path(path).is_file():
             print(f"{name}: {path} missing (run the train step)", flush=True)
             continue
+        skip = [k for item in _names(args.skip) for mod, _, k in [item.partition(":")] if mod == name]
         settings = {"model": name, "file_sha256_16": file_hash(path), "images": args.images, "seed": args.seed,
-                    "methods": methods, "metrics": metrics}
+                    "metrics": metrics, "skipped_for_time": skip}
         pf = out / "parts" / f"{name}.json"
-        if pf.is_file() and not args.force:
-            old = json.loads(pf.read_text())
-            if old.get("settings") == settings:
-                print(f"{name}: reusing {pf}", flush=True)
-                parts[name] = old
-                continue
-        print(f"{name}: evaluating {path}", flush=True)
+        old = json.loads(pf.read_text()) if pf.is_file() and not args.force else None
+        if old is not None and old.get("settings") != settings:
+            old = None
+        if old is not None and all(m in old["methods"] for m in methods):
+            print(f"{name}: reusing {pf}", flush=True)
+            parts[name] = old
+            continue
+        print(f"{name}: evaluating {path}" + (f" (resuming: {len(old['methods'])} methods done)" if old else ""),
+              flush=True)
         t0 = time.perf_counter()
-        r = evaluate_model(path, x, y, methods, metrics, log=lambda s: print(s, flush=True))
-        r["seconds"] = round(time.perf_counter() - t0, 1)
-        r["settings"] = settings
-        r["file"] = os.path.relpath(path, ROOT) if Path(path).resolve().is_relative_to(ROOT) else str(path)
-        pf.write_text(json.dumps(r, indent=1))
+        spent = old["seconds"] if old else 0.0
+        rel = os.path.relpath(path, ROOT) if Path(path).resolve().is_relative_to(ROOT) else str(path)
+
+        def save(r, t0=t0, spent=spent, rel=rel, pf=pf, settings=settings):
+            r.update(seconds=round(spent + time.perf_counter() - t0, 1), settings=settings, file=rel)
+            pf.write_text(json.dumps(r, indent=1))
+
+        r = evaluate_model(path, x, y, methods, [k for k in metrics if k not in skip],
+                           log=lambda s: print(s, flush=True), done=old, save=save)
+        r["skipped"].update({k: f"not run on {name} for time (--skip {name}:{k})" for k in skip})
+        save(r)
         parts[name] = r
         print(f"{name}: {r['seconds']} s", flush=True)
     result = assemble(parts, out, args, methods, metrics, idx, time.perf_counter() - t_all)
@@ -360,7 +381,9 @@ def assemble(parts: dict, out: Path, args, methods, metrics, idx, seconds: float
                      "evaluate_seconds_sum_of_parts": round(sum(p["seconds"] for p in parts.values()), 1),
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
                      "python": platform.python_version(), "versions": versions(),
-                     "command": f"{COMMAND} train && {COMMAND} evaluate --images {args.images}"},
+                     "skip": args.skip or "",
+                     "command": f"{COMMAND} train && {COMMAND} evaluate --images {args.images}"
+                     + (f" --skip {args.skip}" if args.skip else "")},
            "models": models}
     res["analysis"] = analyse(res)
     return res
@@ -557,7 +580,8 @@ def write_report(res: dict, out: Path) -> None:
              f"test images (a fixed sample, seed {s['seed']}: `setup.test_indices`); each method explains the "
              "model's predicted class; metrics get the true labels. Arrows: ↑ higher is better, ↓ lower is better.",
              "", "Regenerate everything (training about 15 min, evaluation as below, 1 thread):", "", "```",
-             f"{COMMAND} train", f"{COMMAND} evaluate --images {s['images']}", "```", "",
+             f"{COMMAND} train", f"{COMMAND} evaluate --images {s['images']}"
+             + (f" --skip {s['skip']}" if s.get("skip") else ""), "```", "",
              f"Machine: {s['machine']}, Python {s['python']}; "
              + ", ".join(f"{k} {v}" for k, v in s["versions"].items()) + ". "
              f"Evaluation time: {s['evaluate_seconds_sum_of_parts']} s over all models "
@@ -628,6 +652,7 @@ def main(argv=None) -> None:
     e.add_argument("--images", type=int, default=100)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--force", action="store_true", help="recompute parts whose settings match")
+    e.add_argument("--skip", help="comma-separated MODEL:METRIC pairs not to run (for time; recorded)")
     sub.add_parser("report", help="rewrite the analysis, plot and README from results.json")
     for p in (t, e, sub.choices["report"]):
         p.add_argument("--out", default=str(OUT))

@@ -39,10 +39,12 @@ def run(tmp_path_factory):
     for name, m in models.items():
         paths[name] = tmp / f"{name}.onnx"
         export(m.eval(), (1, 28, 28), paths[name], opset=17, dynamo=False, preprocess=xa.PREPROCESS)
-    argv = ["evaluate", "--models", ",".join(f"{k}={v}" for k, v in paths.items()), "--methods",
-            ",".join(METHODS), "--metrics", ",".join(METRICS), "--images", "8", "--out", str(tmp / "out")]
-    xa.main(argv)
-    return tmp / "out", paths, argv
+    argv = ["evaluate", "--models", ",".join(f"{k}={v}" for k, v in paths.items()), "--metrics",
+            ",".join(METRICS), "--images", "8", "--out", str(tmp / "out")]
+    xa.main(argv + ["--methods", METHODS[0]])  # a first run with one method: the second resumes
+    first = json.loads((tmp / "out" / "results.json").read_text())
+    xa.main(argv + ["--methods", ",".join(METHODS)])
+    return tmp / "out", paths, argv + ["--methods", ",".join(METHODS)], first
 
 
 def table(readme: str, model: str) -> dict[str, dict[str, str]]:
@@ -57,7 +59,7 @@ def table(readme: str, model: str) -> dict[str, dict[str, str]]:
 
 
 def test_tables_match_the_json_and_the_metric_called_directly(run):
-    out, paths, _ = run
+    out, paths, _, _ = run
     res = json.loads((out / "results.json").read_text())
     readme = (out / "README.md").read_text()
     assert set(res["models"]) == set(paths)
@@ -82,7 +84,7 @@ def test_tables_match_the_json_and_the_metric_called_directly(run):
 
 
 def test_ranking_follows_the_values(run):
-    out, paths, _ = run
+    out, paths, _, _ = run
     res = json.loads((out / "results.json").read_text())
     for k in METRICS:
         a = res["analysis"][k]
@@ -98,8 +100,18 @@ def test_ranking_follows_the_values(run):
     assert (out / "ranking.png").stat().st_size > 0
 
 
+def test_a_run_with_more_methods_keeps_the_methods_done(run):
+    out, paths, _, first = run
+    res = json.loads((out / "results.json").read_text())
+    for name in paths:
+        assert list(first["models"][name]["methods"]) == METHODS[:1]
+        for k in METRICS:
+            assert res["models"][name]["metrics"][k][METHODS[0]] == first["models"][name]["metrics"][k][METHODS[0]]
+            assert set(res["models"][name]["metrics"][k]) == set(METHODS)
+
+
 def test_a_second_run_reuses_the_parts(run, capsys):
-    out, _, argv = run
+    out, _, argv, _ = run
     before = (out / "results.json").read_text()
     xa.main(argv)
     assert capsys.readouterr().out.count("reusing") == 2
