@@ -657,9 +657,10 @@ def main(argv=None) -> None:
     for p in (t, e, sub.choices["report"]):
         p.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
-    import torch
+    if not (args.step == "train" and all(MODELS[n]["framework"] != "torch" for n in _names(args.models) or MODELS)):
+        import torch  # not in a Keras-only training process (tensorflow beside torch segfaulted here)
 
-    torch.set_num_threads(1)
+        torch.set_num_threads(1)
     {"train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report}[args.step](args)
 
 

@@ -123,7 +123,9 @@ def train_keras(model, x_train, y_train, x_test, y_test, epochs: int, seed: int 
                      shuffle=True, callbacks=[keras.callbacks.LambdaCallback(
                          on_epoch_end=lambda e, logs: log(f"epoch={e + 1} loss={logs['loss']:.4f}"))])
     seconds = time.perf_counter() - t0
-    pred = model.predict(x_test.transpose(0, 2, 3, 1), batch_size=500, verbose=0).argmax(1)
+    xte = x_test.transpose(0, 2, 3, 1)
+    pred = np.concatenate([np.asarray(model(xte[i:i + 500], training=False)).argmax(1)
+                           for i in range(0, len(xte), 500)])
     return {"test_accuracy": float((pred == y_test).mean()), "train_seconds": round(seconds, 1),
             "train_loss": [float(v) for v in hist.history["loss"]]}
 
