@@ -106,11 +106,13 @@ def train_one(name: str, data, n_train: int, out: Path, log=print) -> dict:
         export(model.eval(), (1, 28, 28), path, opset=17, dynamo=False, preprocess=PREPROCESS,
                labels=FASHION_MNIST_CLASSES)
     elif fw == "keras":
+        from converters import keras_export
+
+        keras_export._quiet_tf()  # before tensorflow: torch._dynamo imported after it segfaults
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(1)
         tf.config.threading.set_inter_op_parallelism_threads(1)
-        from converters import keras_export
 
         model = getattr(ca, spec["build"])()
         rec.update(ca.train_keras(model, xs, ys, xte, yte, epochs, log=log), parameters=int(model.count_params()))
@@ -657,10 +659,9 @@ def main(argv=None) -> None:
     for p in (t, e, sub.choices["report"]):
         p.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
-    if not (args.step == "train" and all(MODELS[n]["framework"] != "torch" for n in _names(args.models) or MODELS)):
-        import torch  # not in a Keras-only training process (tensorflow beside torch segfaulted here)
+    import torch
 
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     {"train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report}[args.step](args)
 
 
