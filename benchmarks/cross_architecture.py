@@ -607,6 +607,9 @@ def write_report(res: dict, out: Path) -> None:
     for name, m in res["models"].items():
         i = m["info"]
         acc = i.get("test_accuracy")
+        n_done = len(m["methods"])
+        if n_done < len(s["methods"]):
+            name = f"{name} (partial: {n_done} of {len(s['methods'])} methods)"
         lines.append(f"| {name} | {i.get('framework', '?')} | {i.get('train_images', '?')} | {i.get('epochs', '?')} | "
                      f"{'n/a' if acc is None else f'{acc:.4f}'} | {m['accuracy_on_sample']:.3f} | "
                      f"{i.get('onnx_bytes', '?')} | {m['seconds']} |")
@@ -631,11 +634,25 @@ def write_report(res: dict, out: Path) -> None:
 
 
 def cmd_report(args) -> None:
+    """Rebuild results.json, the plot and the README from the parts under ``<out>/parts/``
+    (complete or not: a model's missing methods show as '-'), without computing anything."""
+    from onnxsal import methods as M
+
     out = Path(args.out)
-    res = json.loads((out / "results.json").read_text())
-    res["analysis"] = analyse(res)
-    (out / "results.json").write_text(json.dumps(res, indent=1))
-    write_report(res, out)
+    parts = {p.stem: json.loads(p.read_text()) for p in sorted((out / "parts").glob("*.json"))}
+    order = [n for n in MODELS if n in parts] + [n for n in parts if n not in MODELS]
+    parts = {n: parts[n] for n in order}
+    if not parts:
+        raise SystemExit(f"no parts under {out / 'parts'}: run the evaluate step")
+    first = next(iter(parts.values()))["settings"]
+    done = {m for r in parts.values() for m in r["methods"]}
+    methods = [m for m in M.names() if m in done]
+    skip = ",".join(f"{n}:{k}" for n, r in parts.items() for k in r["settings"].get("skipped_for_time", []))
+    ns = argparse.Namespace(images=first["images"], seed=first["seed"], skip=skip)
+    _, _, idx = sample(first["images"], first["seed"])
+    result = assemble(parts, out, ns, methods, first["metrics"], idx, 0.0)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    write_report(result, out)
 
 
 def _names(s: str | None) -> list[str]:
