@@ -506,6 +506,15 @@ def findings(res: dict) -> list[str]:
         allt = [t for d in a.values() for t in d["kendall_tau"].values()]
         s.append(f"Over all metric columns and model pairs the mean tau is {np.mean(allt):.2f} "
                  f"({np.mean(np.array(allt) < 0.5) * 100:.0f}% of pairs below 0.5).")
+    same, other = [], []
+    for d in a.values():
+        for pair, t in d["kendall_tau"].items():
+            x, y = (n.removesuffix("_keras").removesuffix("_jax") for n in pair.split(" vs "))
+            (same if x == y else other).append(t)
+    if same and other:
+        s.append(f"The same architecture trained in another framework ranks the methods more alike (mean tau "
+                 f"{np.mean(same):.2f} over {len(same)} metric x pair cases) than another architecture does "
+                 f"({np.mean(other):.2f} over {len(other)}).")
     split = [c for c, d in a.items()
              if len(set(d["winner_per_model"].values())) >= max(3, len(d["winner_per_model"]) // 2)]
     if split:
