@@ -586,6 +586,8 @@ def failures(res: dict) -> list[str]:
 def write_report(res: dict, out: Path) -> None:
     s = res["setup"]
     a = res["analysis"]
+    train_seconds = sum(m["info"].get("train_seconds") or 0 for n, m in res["models"].items()
+                        if "paper" not in MODELS.get(n, {}))
     if a:
         plot_ranking(res, out / "ranking.png")
     lines = ["# Cross-architecture benchmark: every model x method x metric on Fashion-MNIST", "",
@@ -601,7 +603,7 @@ def write_report(res: dict, out: Path) -> None:
              f"Evaluation time: {s['evaluate_seconds_sum_of_parts']} s over all models "
              f"({s['evaluate_seconds_this_run']} s in the last run, which reuses unchanged parts); training of the "
              "models trained here: "
-             f"{sum(m['info'].get('train_seconds') or 0 for n, m in res['models'].items() if 'paper' not in MODELS.get(n, {})):.0f}"
+             f"{train_seconds:.0f}"
              " s. Wall-clock seconds on a 2-core machine shared with other jobs (load average 8-20 during this "
              "run; several models evaluated in parallel processes), so CPU time was lower.", "",
              "## Findings", ""]
