@@ -361,9 +361,16 @@ def _sanity(r: dict, out: Path) -> str:
     if "error" in r["sanity"]:
         return _not_run("sanity", "Sanity checks", r["sanity"]["error"])
     s = r["sanity"]
-    rows = [(e(m), e({True: "pass", False: "FAIL", None: "undecided"}[v["passes"]]), e(v["reason"]))
+    words = {True: "pass", False: "FAIL", None: "undecided"}
+    top = s.get("step_verdicts") or {}
+    rows = [(e(m), e(words[v["passes"]]), e(v["reason"]))
+            + ((e(words[top[m]["passes"]]), e(top[m]["reason"])) if m in top else ())
             for m, v in s["verdicts"].items()]
     methods = list(s["verdicts"])
+    head = ["method", "verdict", "why"] + (["top-layer verdict", "why (top layer)"] if top else [])
+    step_rule = (f'<p>Top-layer rule: {e(s["step_rule"])}; a method whose maps do not change when '
+                 "the top layer is randomised ignores what the model's last layers decide.</p>"
+                 if top and s.get("step_rule") else "")
     steps = [[e(st["label"]), td_num(st["layers_randomised"]), f'<td class="num">{e(pct(st["class_agreement"]))}</td>']
              + [td_num(st["spearman_abs"][m]) for m in methods] for st in s["steps"]]
     figs = "".join(figure(img_tag(out, f"{s['folder']}/{f}", f, "plot"),
@@ -378,7 +385,7 @@ def _sanity(r: dict, out: Path) -> str:
     return ('<section id="sanity"><h2>Sanity checks</h2>'
             f'<p>Cascading model-parameter randomisation (Adebayo et al. 2018) on {s["images"]} images. '
             f'Rule: {e(s["rule"])}</p>'
-            + table(["method", "verdict", "why"], rows)
+            + step_rule + table(head, rows)
             + figure(table(["step (layer randomised last)", "layers", "same class"] + methods, steps),
                      "Mean Spearman rank correlation of the absolute maps with the trained model's maps, "
                      "per randomisation step.",

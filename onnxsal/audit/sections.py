@@ -217,6 +217,10 @@ def sanity_section(model: str, images: np.ndarray, methods: list[str], out: Path
              for s in rep["steps"]]
     return {"images": rep["images"], "mode": rep["mode"], "rule": rep["rule"],
             "verdicts": rep["verdicts"], "steps": steps, "folder": out.name,
+            "step_rule": rep.get("step_rule"),
+            "step_verdicts": {m: {"passes": v["passes"], "first_drop": v["first_drop"],
+                                  "reason": v["reason"]}
+                              for m, v in (rep.get("step_verdicts") or {}).items()},
             "figures": [f for f in ("cascading.png", "maps_grid.png") if (out / f).is_file()]}
 
 

@@ -53,8 +53,9 @@ def sanity_verdict(s: dict) -> dict:
     # ignores what the model decides there (guided backprop), even if it passes at the end
     top_failed = [m for m, v in (s.get("step_verdicts") or {}).items() if v.get("passes") is False]
     if top_failed:
-        parts.append(f"the maps of {', '.join(top_failed)} hardly change when the top layer is "
-                     "randomised: they ignore what the model's last layers decide")
+        parts.append(f"the maps of {', '.join(top_failed)} do not change significantly when only the "
+                     "top layer is randomised (the top-layer rule): they may ignore what the model's "
+                     "last layers decide")
     text = "Sanity checks: " + "; ".join(parts) + "."
     return {"topic": "sanity", "level": "bad" if failed or top_failed else "good", "text": text}
 
