@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import (
-    COUNT,
-    SEED,
-    THREADS,
-    FiniteFloat,
-    _echo,
-)
+from .common import COUNT, SEED, THREADS, FiniteFloat, _echo
 
 
 @click.command()

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import (
-    COUNT,
-    _abele_autoencoder,
-    _echo,
-    _resolve_methods,
-    method_settings,
-)
+from .common import COUNT, _abele_autoencoder, _echo, _resolve_methods, method_settings
 
 
 @click.command()

@@ -8,14 +8,7 @@ import time
 
 import click
 
-from .common import (
-    COUNT,
-    SEED,
-    THREADS,
-    FiniteFloat,
-    _echo,
-    _meta,
-)
+from .common import COUNT, SEED, THREADS, FiniteFloat, _echo, _meta
 
 
 @click.command()

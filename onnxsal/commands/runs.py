@@ -8,15 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import (
-    COUNT,
-    SEED,
-    THREADS,
-    FiniteFloat,
-    _echo,
-    _executor_options,
-    _make_executor,
-)
+from .common import COUNT, SEED, THREADS, FiniteFloat, _echo, _executor_options, _make_executor
 
 
 @click.command()

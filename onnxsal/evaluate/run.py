@@ -15,14 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..benchmark import (
-    _as_maps,
-    _parse_methods,
-    _safe,
-    default_maps_many,
-    metric_options,
-    package_versions,
-)
+from ..benchmark import _as_maps, _parse_methods, _safe, default_maps_many, metric_options, package_versions
 from ..data import Dataset, per_shape, reads_on_workers
 from ..display import printable
 from ..errors import InputError, OptionError
