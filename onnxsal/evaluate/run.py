@@ -1,30 +1,13 @@
-"""``onnxsal evaluate``: every registered metric that applies, for the maps of several methods
-on one model and one data set, with per-image scores and bootstrap confidence intervals
-(docs/evaluate.md).
-
-The maps come from onnxsal's methods (computed here, shard by shard) or from a file made
-elsewhere (``maps=FILE.npz``: one array per method, [N, H, W] or [N, C, H, W], in the data's
-order; see :func:`load_maps` for the checks and the channel-reduction rule). A metric that
-cannot apply to the inputs (no masks for a localisation metric, no way to re-explain an image
-when the maps come from a file, no labels for accuracy) is skipped with a one-line reason.
-
-The work is split like ``onnxsal benchmark``'s (:mod:`onnxsal.runs`): per slice of
-``shard_size`` images, one part holds a method's maps (``maps/``) and one part each metric's
-per-image arrays for one method, written atomically under a key that hashes everything it
-depends on (model, preprocessing, data, seed, shard size, the code fingerprint; per part the
-metric's settings, the masks when the metric reads them, and the maps' content when they
-come from a file). A stopped run resumes from its finished parts; an executor (local or Ray)
-computes the parts and the driver alone writes them. ``scores.json``, ``scores.md`` and
-``plots/*.png`` are made from the parts alone.
-"""
+"""The work of ``onnxsal evaluate``: the shard groups (:class:`EvalGroup`, one slice of
+images and its pending parts, computed by :func:`iter_eval_group` on an executor) and the
+resumable run (:func:`run_evaluate`, :class:`_Run`: plan the parts, load the finished ones,
+compute the rest, aggregate them into scores.json)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
-import zipfile
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,299 +15,21 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .benchmark import (
-    _as_maps,
-    _parse_methods,
-    _safe,
-    default_maps_many,
-    metric_options,
-    package_versions,
-)
-from .data import Dataset, per_shape, reads_on_workers
-from .display import printable
-from .errors import InputError, OptionError, first_line
-from .metrics import base as metrics
-from .report import atomic_write_json, atomic_write_text, check_output_dir, fmt, markdown_table
-from .runs import EngineSpec, executor_session, load_arrays, model_payload, run_key, save_arrays
+from ..benchmark import _as_maps, _parse_methods, _safe, default_maps_many, metric_options, package_versions
+from ..data import Dataset, per_shape, reads_on_workers
+from ..display import printable
+from ..errors import InputError, OptionError
+from ..metrics import base as metrics
+from ..report import atomic_write_text, check_output_dir
+from ..runs import EngineSpec, executor_session, load_arrays, model_payload, run_key, save_arrays
+from .maps import _digest, load_maps
+from .plan import _explainer, _MetricPlan, _with_inputs, plan_metrics, resolve_metric_names
+from .report import bootstrap_ci, write_outputs
 
 SHARD_FORMAT = 1
-ARROW = {"lower": "\u2193", "higher": "\u2191"}
-
-
-# --------------------------------------------------------------------------------------------
-# maps made elsewhere
-
-
-def channel_reduction(method: str) -> str:
-    """How [N, C, H, W] maps of ``method`` become [N, H, W]: "sum" over channels for a signed
-    attribution (onnxsal's signed methods sum, so that sums of attributions stay sums; also
-    any name that is not an onnxsal method), "max-abs" (the maximum over channels of the
-    absolute value) for an onnxsal method whose maps are magnitudes (original, positive,
-    negative, active, inactive, gradcam, ...), as onnxsal reduces its own."""
-    from . import methods
-
-    try:
-        meth = methods.get(method)
-    except OptionError:
-        return "sum"
-    return "sum" if meth.signed else "max-abs"
-
-
-def reduce_channels(maps: np.ndarray, rule: str) -> np.ndarray:
-    """[N, C, H, W] -> [N, H, W] by ``rule`` ("sum" or "max-abs"); [N, H, W] as it is."""
-    a = np.asarray(maps)
-    if a.ndim == 3:
-        return a.astype(np.float32)
-    a = a.astype(np.float64)
-    out = a.sum(axis=1) if rule == "sum" else np.abs(a).max(axis=1)
-    return out.astype(np.float32)
-
-
-def _npy_header(zf: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    """(shape, dtype) of one array of an .npz, read from its header (no data read)."""
-    with zf.open(key + ".npy") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise ValueError(f"unsupported .npy format version {version}")
-    return tuple(int(d) for d in shape), np.dtype(dtype)
-
-
-def _check_header(where: str, key: str, shape: tuple[int, ...], dtype: np.dtype, n: int,
-                  at_least: bool, hw: tuple[int, int], channels: int) -> None:
-    what = f"{where}: array '{printable(key)}' of shape {list(shape)}"
-    if dtype.hasobject:
-        raise InputError(f"{what} holds Python objects (pickled data is refused)")
-    if dtype.kind not in "biuf":
-        raise InputError(f"{what} has dtype {dtype}, not numbers")
-    if len(shape) not in (3, 4):
-        raise InputError(f"{what}: expected [N, H, W] or [N, C, H, W] maps")
-    good_n = shape[0] >= n if at_least else shape[0] == n
-    if not good_n or tuple(shape[-2:]) != tuple(hw):
-        need = f"{'at least ' if at_least else ''}{n} maps of {hw[0]}x{hw[1]}"
-        raise InputError(f"{what}: expected {need} (the data's images, in their order)")
-    if len(shape) == 4 and shape[1] not in (1, channels):
-        raise InputError(f"{what}: {shape[1]} channels; the images have {channels}")
-
-
-def load_maps(path: str | os.PathLike, methods: Sequence[str] | None, n: int,
-              hw: tuple[int, int], channels: int, at_least: bool = False
-              ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """({method: float32 [n, H, W]}, {method: channel reduction}) from an .npz with one array
-    per method (``methods``: the keys to use, default all), [N, H, W] or [N, C, H, W] (C = 1
-    or the images' channels), ``n`` maps of ``hw`` (``at_least``: N >= n, the first n used,
-    for a --limit). Each array's header is checked before its data is read; a wrong shape,
-    anything but numbers, pickled objects or NaN/Inf is one InputError naming the key."""
-    where = f"--maps {printable(path)}"
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{where}: no such file")
-    try:
-        zf = zipfile.ZipFile(p)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise InputError(f"{where}: not an .npz file ({first_line(exc)})") from None
-    with zf:
-        keys = [k[:-4] for k in zf.namelist() if k.endswith(".npy")]
-        if not keys:
-            raise InputError(f"{where}: holds no arrays (expected one per method)")
-        use = list(keys) if not methods else list(methods)
-        missing = [m for m in use if m not in keys]
-        if missing:
-            raise InputError(f"{where}: no array for method(s) {', '.join(map(printable, missing))} "
-                             f"(it has {', '.join(map(printable, keys))})")
-        out, rules = {}, {}
-        for k in use:
-            try:
-                shape, dtype = _npy_header(zf, k)
-            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-                raise InputError(f"{where}: array '{printable(k)}' is unreadable "
-                                 f"({first_line(exc)})") from None
-            _check_header(where, k, shape, dtype, n, at_least, hw, channels)
-            try:
-                with zf.open(k + ".npy") as f:
-                    a = np.lib.format.read_array(f, allow_pickle=False)
-            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-                raise InputError(f"{where}: array '{printable(k)}' is unreadable "
-                                 f"({first_line(exc)})") from None
-            a = a[:n]
-            bad = int((~np.isfinite(a)).sum()) if a.dtype.kind == "f" else 0
-            if bad:
-                raise InputError(f"{where}: array '{printable(k)}' of shape {list(shape)} has "
-                                 f"{bad} NaN or infinite values")
-            rules[k] = "none" if a.ndim == 3 else channel_reduction(k)
-            out[k] = reduce_channels(a, rules[k])
-    return out, rules
-
-
-def _digest(a: np.ndarray) -> str:
-    a = np.ascontiguousarray(a)
-    h = hashlib.sha256(repr((a.shape, str(a.dtype))).encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------------------------
-# which metrics apply, and their options
-
-
-class _ProbeExplainer:
-    """Stands in for :class:`_Explainer` while the metrics are chosen; never called."""
-
-    def __call__(self, images: np.ndarray, targets: np.ndarray) -> np.ndarray:  # pragma: no cover
-        raise AssertionError("a probe explainer is never called")
-
-    def for_model(self, model, images: np.ndarray, targets: np.ndarray) -> np.ndarray:  # pragma: no cover
-        raise AssertionError("a probe explainer is never called")
-
-
-_dummy_explain = _ProbeExplainer()
-
-
-def _with_inputs(base: dict, masks: np.ndarray | None, explain: Callable | None,
-                 engine: Any) -> dict:
-    """The metric options for one (slice, method): the plain ones, the masks of the slice,
-    ``explain_class(images, targets) -> maps`` re-explaining with the method,
-    ``explain_model(model, images, targets) -> maps`` explaining a re-weighted copy of the model
-    with it (the MPRT metrics), and the model
-    (``engine``: the engine that runs it, ``model``: its ONNX ModelProto)."""
-    opts = dict(base)
-    if masks is not None:
-        opts["masks"] = masks
-    if explain is not None:
-        opts["explain_class"] = explain
-        opts["explain_model"] = explain.for_model
-    if engine is not None:
-        opts["engine"] = engine
-        opts["model"] = getattr(engine, "source_model", None)
-    return opts
-
-
-@dataclass
-class _MetricPlan:
-    name: str
-    obj: metrics.Metric      # built in the driver: settings, aggregate, summarize
-    uses_masks: bool
-    key: str                 # what its parts depend on beyond the run key
-
-
-def _skip_reason(cls, base: dict, n: int, hw: tuple[int, int], has_masks: bool,
-                 can_explain: bool, engine: Any, exc: OptionError) -> str:
-    """Why ``cls`` cannot be built from what this run has (one line)."""
-    dummy_masks = np.zeros((n, *hw), bool)
-    if not has_masks:
-        try:
-            cls.from_options(_with_inputs(base, dummy_masks,
-                                          _dummy_explain if can_explain else None, engine))
-            return "needs ground-truth masks (--masks)"
-        except OptionError:
-            pass
-    if not can_explain:
-        try:
-            cls.from_options(_with_inputs(base, dummy_masks, _dummy_explain, engine))
-            return ("needs to re-explain images with the method, which maps from --maps "
-                    "cannot do")
-        except OptionError:
-            pass
-    return " ".join(str(exc).split())
-
-
-def plan_metrics(names: Sequence[str], base: dict, ds: Dataset, engine: Any,
-                 masks: np.ndarray | None, can_explain: bool
-                 ) -> tuple[list[_MetricPlan], list[dict]]:
-    """(the metrics that apply, [{"metric", "reason"}] of those skipped)."""
-    n, hw = len(ds), tuple(ds.shape[1:])
-    probe_explain = _dummy_explain if can_explain else None
-    plans, skipped = [], []
-    masks_hash = None if masks is None else _digest(np.packbits(masks))
-    for name in names:
-        cls = metrics.get(name)
-        try:
-            obj = cls.from_options(_with_inputs(base, masks, probe_explain, engine))
-        except OptionError as exc:
-            skipped.append({"metric": name, "reason": _skip_reason(
-                cls, base, n, hw, masks is not None, can_explain, engine, exc)})
-            continue
-        try:
-            obj.check_labels(ds.labels, int(engine.num_classes), "the model", ds.source)
-        except OptionError as exc:  # e.g. accuracy without labels (InputError: a real error)
-            skipped.append({"metric": name, "reason": " ".join(str(exc).split())})
-            continue
-        uses_masks = False
-        if masks is not None:
-            try:
-                cls.from_options(_with_inputs(base, None, probe_explain, engine))
-            except OptionError:
-                uses_masks = True
-        key_src = json.dumps({"metric": name, "settings": obj.settings(),
-                              "masks": masks_hash if uses_masks else None,
-                              "options": {k: base[k] for k in sorted(base)}},
-                             sort_keys=True, default=str)
-        plans.append(_MetricPlan(name, obj, uses_masks,
-                                 hashlib.sha256(key_src.encode()).hexdigest()[:12]))
-    return plans, skipped
-
-
-def resolve_metric_names(metric_names: Sequence[str] | str) -> list[str]:
-    """Registered names from names, comma lists and 'all' (every registered metric)."""
-    if isinstance(metric_names, str):
-        metric_names = [metric_names]
-    out: list[str] = []
-    for spec in metric_names:
-        for part in str(spec).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            for name in (metrics.names() if part.lower() == "all" else [metrics.get(part).name]):
-                if name not in out:
-                    out.append(name)
-    if not out:
-        raise OptionError("no metrics given (e.g. --metrics sparseness,region-perturbation-morf, "
-                          "or all)")
-    return out
-
 
 # --------------------------------------------------------------------------------------------
 # the work of one slice of images
-
-
-class _Explainer:
-    """``explain(images [N, C, H, W], targets [N]) -> maps [N, H, W]`` with ``method`` on the
-    run's engine, and :meth:`for_model`: the same on another ONNX model of the same inputs (a
-    randomised copy of the model: the engine built for it keeps this engine's preprocessing,
-    providers and threads)."""
-
-    def __init__(self, engine: Any, method: str, seed: int):
-        from . import methods
-
-        self.engine, self.method = engine, method
-        self.opts = {"seed": seed} if "seed" in methods.get(method).defaults else {}
-        self._other: tuple[Any, Any] | None = None  # (model, its engine), the last one asked for
-
-    def _maps(self, engine: Any, images: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        from . import methods
-
-        out = methods.compute(engine, images, [self.method], targets=targets, **self.opts)[self.method]
-        return _as_maps(out, len(images), images.shape[2:], self.method)
-
-    def __call__(self, images: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        return self._maps(self.engine, images, targets)
-
-    def for_model(self, model, images: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        from .engine import Engine
-
-        if self._other is None or self._other[0] is not model:
-            e = self.engine
-            device = "cuda" if e.providers[0] == "CUDAExecutionProvider" else "cpu"
-            self._other = (model, Engine(model, preprocess=e.preprocess, device=device,
-                                         threads=e.threads, output=e.output))
-        return self._maps(self._other[1], images, np.asarray(targets))
-
-
-def _explainer(engine: Any, method: str, seed: int) -> _Explainer:
-    return _Explainer(engine, method, seed)
 
 
 def part_name(metric: str | None, method: str) -> str:
@@ -391,29 +96,6 @@ def iter_eval_group(group: EvalGroup, engine: Any) -> Iterator[tuple[str, dict]]
         yield part_name(metric, meth), m.evaluate(engine.logits, x, maps[meth], y)
 
 
-# --------------------------------------------------------------------------------------------
-# confidence intervals
-
-
-def bootstrap_ci(values: np.ndarray, resamples: int = 1000, confidence: float = 0.95,
-                 seed: Any = 0) -> list[float] | None:
-    """Percentile bootstrap interval of the mean of the finite ``values`` (resampling
-    images; ``scipy.stats.bootstrap``), or None with fewer than 2 values or no resamples."""
-    v = np.asarray(values, np.float64)
-    v = v[np.isfinite(v)]
-    if resamples < 1 or len(v) < 2:
-        return None
-    if np.ptp(v) == 0:  # every resample has this mean (as the mean itself is computed)
-        return [float(v.mean()), float(v.mean())]
-    from scipy.stats import bootstrap
-
-    res = bootstrap((v,), np.mean, n_resamples=int(resamples), confidence_level=confidence,
-                    method="percentile", rng=np.random.default_rng(seed),
-                    batch=max(1, (1 << 22) // len(v)))
-    ci = res.confidence_interval
-    return [float(ci.low), float(ci.high)]
-
-
 def _stream(*names: str) -> list[int]:
     return [zlib.crc32(n.encode("utf-8", "surrogateescape")) for n in names]
 
@@ -460,7 +142,7 @@ def run_evaluate(model: str | os.PathLike | Any, data: Any,
         raise OptionError(f"confidence must be in (0, 1), got {confidence}")
     metric_list = resolve_metric_names(metrics)
     if maps is None:
-        from . import methods as _methods
+        from .. import methods as _methods
 
         if not methods:
             raise OptionError("no methods given (--methods NAME,..., or --maps FILE.npz)")
@@ -522,7 +204,7 @@ class _Run:
     def _make_engine(self) -> Any:
         if self.engine_factory is not None:
             return self.engine_factory(self.model)
-        from .engine import Engine
+        from ..engine import Engine
 
         # when remote workers compute, the driver may have no GPU: it plans on the CPU
         plan_device = self.device if self.executor.in_process else "cpu"
@@ -542,7 +224,7 @@ class _Run:
             self.method_names = list(self.given)
         if self.masks_src is not None:
             if isinstance(self.masks_src, (str, os.PathLike)):
-                from .metrics.masks import load_masks
+                from ..metrics.masks import load_masks
 
                 self.masks = load_masks(self.masks_src, list(ds.names), (h, w))
             else:
@@ -765,100 +447,3 @@ class _Run:
         return summary
 
 
-# --------------------------------------------------------------------------------------------
-# result files
-
-
-def scores_table(summary: dict) -> str:
-    """Method rows, one column per score ("mean [lo, hi]", the best mean in bold, the
-    direction arrow in the header); '' when no metric applied."""
-    cols = list(summary["scores"])
-    if not cols:
-        return ""
-    meths = summary["settings"]["methods"]
-    best = {}
-    for c in cols:
-        sc = summary["scores"][c]
-        vals = [e["mean"] for e in sc["methods"].values() if e["mean"] is not None]
-        best[c] = (min if sc["direction"] == "lower" else max)(vals) if vals else None
-    rows = []
-    for m in meths:
-        row = [m]
-        for c in cols:
-            e = summary["scores"][c]["methods"].get(m)
-            if e is None:
-                row.append("-")
-                continue
-            cell = fmt(e["mean"])
-            if e["mean"] is not None and e["mean"] == best[c] and len(meths) > 1:
-                cell = f"**{cell}**"
-            if e["ci"] is not None:
-                cell += f" [{fmt(e['ci'][0])}, {fmt(e['ci'][1])}]"
-            row.append(cell)
-        rows.append(row)
-    return markdown_table(["method"] + [f"{c} {ARROW[summary['scores'][c]['direction']]}"
-                                        for c in cols], rows)
-
-
-def scores_markdown(summary: dict) -> str:
-    """scores.md: what was scored, :func:`scores_table`, then what was skipped and why."""
-    b = summary["settings"]["bootstrap"]
-    d = summary["data"]
-    src = summary["settings"]["maps"]
-    src = "onnxsal" if src["source"] == "onnxsal" else f"`{src['file']}`"
-    lines = ["# onnxsal evaluate", "",
-             f"Model `{summary['model']['path'] or 'model'}` (sha256 {summary['model']['hash'][:12]}), "
-             f"{d['count']} images of {d['source']}; maps from {src}.", "",
-             f"Cells: mean over images [{b['confidence']:.0%} percentile bootstrap interval, "
-             f"{b['resamples']} resamples of the images]; arrows: which direction is better; "
-             "bold: the best method.", "",
-             scores_table(summary) or "No metric applied.\n"]
-    if summary["skipped"]:
-        lines.append("Skipped:\n")
-        lines += [f"- {s['metric']}: {s['reason']}" for s in summary["skipped"]]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot_scores(summary: dict, column: str, path: str | os.PathLike) -> None:
-    """One bar per method: the mean, the confidence interval as an error bar."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    from .files import atomic_write_bytes
-    from .overlays import png_bytes
-
-    sc = summary["scores"][column]
-    meths = list(sc["methods"])
-    mean = np.array([np.nan if sc["methods"][m]["mean"] is None else sc["methods"][m]["mean"]
-                     for m in meths])
-    ci = [sc["methods"][m]["ci"] for m in meths]
-    lo = np.array([mean[i] - c[0] if c else 0.0 for i, c in enumerate(ci)])
-    hi = np.array([c[1] - mean[i] if c else 0.0 for i, c in enumerate(ci)])
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(meths) + 2), 3.6))
-    ax.bar(range(len(meths)), np.nan_to_num(mean), yerr=np.vstack([lo, hi]), capsize=4,
-           color="#4c72b0")
-    ax.set_xticks(range(len(meths)), [printable(m) for m in meths], rotation=30, ha="right")
-    better = "lower" if sc["direction"] == "lower" else "higher"
-    ax.set_title(f"{column} ({better} is better)")
-    ax.set_ylabel(f"mean, {summary['settings']['bootstrap']['confidence']:.0%} CI")
-    ax.grid(axis="y", alpha=0.3)
-    atomic_write_bytes(path, png_bytes(fig, dpi=100, metadata={"Software": None}))
-
-
-def write_outputs(out: Path, summary: dict) -> None:
-    """scores.json, scores.md, then one plot per score column (a failed plot is listed in
-    scores.json, never costs the scores)."""
-    from .overlays import draw_figures
-
-    atomic_write_json(out / "scores.json", summary)
-    atomic_write_text(out / "scores.md", scores_markdown(summary))
-    figs = [(f"plots/{_safe(c)}.png",
-             lambda c=c: plot_scores(summary, c, out / "plots" / f"{_safe(c)}.png"))
-            for c in summary["scores"]]
-    failed = draw_figures(figs)
-    if failed:
-        summary["figure_failures"] = [{"name": n, "error": e} for n, e in failed]
-        atomic_write_json(out / "scores.json", summary)
