@@ -11,6 +11,19 @@ import click
 from .common import COUNT, SEED, THREADS, FiniteFloat, _echo, _executor_options, _make_executor
 
 
+def _interrupted(out, what: str) -> None:
+    _echo(f"interrupted: finished {what} are kept in {out}/shards; run the same command again "
+          "to resume", err=True)
+
+
+def _data_lines(res: dict) -> None:
+    """A run's data notes and per-image failures (reading or figures), one line each."""
+    for note in res["data"]["notes"]:
+        _echo(f"note: {note}", err=True)
+    for f in res["data"]["failures"] + res.get("figure_failures", []):
+        _echo(f"failed: {f['name']}: {f['error']}", err=True)
+
+
 @click.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--data", "data", multiple=True, required=True,
@@ -62,13 +75,9 @@ def benchmark(models, data, methods, metric, limit, out, preprocess, device, see
                             rise_baseline=rise_baseline, rise_step=rise_step,
                             metrics_extra=add_metrics, executor=ex)
     except KeyboardInterrupt:
-        _echo(f"interrupted: finished shards are kept in {out}/shards; run the same "
-                   "command again to resume", err=True)
+        _interrupted(out, "shards")
         raise
-    for note in res["data"]["notes"]:
-        _echo(f"note: {note}", err=True)
-    for f in res["data"]["failures"] + res.get("figure_failures", []):
-        _echo(f"failed: {f['name']}: {f['error']}", err=True)
+    _data_lines(res)
     nfail = sum(len(r["failures"]) for r in res["results"])
     if nfail:
         _echo(f"note: {nfail} per-image failures (listed in {out}/results.md)", err=True)
@@ -146,13 +155,9 @@ def evaluate(model, data, methods, metric_names, out, maps_file, masks, limit, s
                            bootstrap=bootstrap, deletion_metric=deletion_metric,
                            progress=not quiet, command=command)
     except KeyboardInterrupt:
-        _echo(f"interrupted: finished parts are kept in {out}/shards; run the same command "
-              "again to resume", err=True)
+        _interrupted(out, "parts")
         raise
-    for note in res["data"]["notes"]:
-        _echo(f"note: {note}", err=True)
-    for f in res["data"]["failures"] + res.get("figure_failures", []):
-        _echo(f"failed: {f['name']}: {f['error']}", err=True)
+    _data_lines(res)
     for s in res["skipped"]:
         _echo(f"skipped: {s['metric']}: {s['reason']}", err=True)
     _echo(scores_table(res), nl=False, block=True)
