@@ -75,3 +75,15 @@ def torch_jacobian(module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="session")
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """A local Ray instance for one test module (2 CPUs, one onnxruntime thread per worker)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False, object_store_memory=200 << 20,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import ray
 
 from onnxsal.evaluate import run_evaluate
@@ -20,15 +19,6 @@ from onnxsal.executors import RayExecutor
 DATA = Path(__file__).parent / "data"
 METHODS = ["vanilla", "smoothgrad"]  # smoothgrad: seeded, in the worker too
 METRICS = ["sparseness", "random-logit", "region-perturbation-morf"]
-
-
-@pytest.fixture(scope="module")
-def ray_instance():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, object_store_memory=200 << 20,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
 
 
 def _run(out, **kw):

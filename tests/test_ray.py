@@ -27,15 +27,6 @@ LIMIT, SHARD = 64, 8  # 8 groups x 3 methods = 24 shards
 
 
 @pytest.fixture(scope="module")
-def ray_instance():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, object_store_memory=200 << 20,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def cnn(tmp_path_factory):
     """A tiny CNN trained briefly on the 8x8 digits, exported to ONNX."""
     import onnx
