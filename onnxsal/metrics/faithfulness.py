@@ -45,7 +45,23 @@ def target_scores(predict_logits: PredictLogits, x: np.ndarray, variants: np.nda
     """(clean target logits [N], target logits of the variants [N, T]) from one model call;
     the target is the class predicted on the clean image."""
     n, t = variants.shape[:2]
-    batch = np.concatenate([x, variants.reshape((n * t,) + x.shape[1:])])
+    return batch_scores(predict_logits, np.concatenate([x, variants.reshape((n * t,) + x.shape[1:])]),
+                        n, t)
+
+
+def stacked(x: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """(batch [N + N T, C, H, W], its variants view [N, T, C, H, W]): the clean images first,
+    room for ``t`` variants of each after them, filled in place (no concatenation)."""
+    n = len(x)
+    batch = np.empty((n + n * t,) + x.shape[1:], x.dtype)
+    batch[:n] = x
+    return batch, batch[n:].reshape((n, t) + x.shape[1:])
+
+
+def batch_scores(predict_logits: PredictLogits, batch: np.ndarray, n: int, t: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`target_scores` of a batch already stacked: N clean images, then T variants of
+    each."""
     logits = np.asarray(predict_logits(batch), np.float64)
     if logits.ndim != 2 or logits.shape[0] != len(batch):
         raise InputError(f"the model returned logits of shape {logits.shape} for "
@@ -153,8 +169,10 @@ class RegionPerturbationMoRF(_CurveMetric):
         curves = np.full((len(self.orders), n, t), np.nan)
         if ok.any():
             x, m = images[ok], maps[ok]
-            var = np.concatenate([self.variants(x, m, lerf)[:, 1:] for lerf in self.orders], 1)
-            clean, scores = target_scores(predict_logits, x, var)
+            batch, var = stacked(x, len(self.orders) * (t - 1))
+            for o, lerf in enumerate(self.orders):
+                var[:, o * (t - 1):(o + 1) * (t - 1)] = self.variants(x, m, lerf)[:, 1:]
+            clean, scores = batch_scores(predict_logits, batch, len(x), var.shape[1])
             for o in range(len(self.orders)):
                 curves[o, ok] = np.concatenate(
                     [clean[:, None], scores[:, o * (t - 1):(o + 1) * (t - 1)]], axis=1)
@@ -219,7 +237,10 @@ class FaithfulnessCorrelation(Metric):
         size = max(1, round((self.subset if fraction is None else fraction) * h * w))
         out = np.zeros((n, self.runs, h * w), bool)
         for i, xi in enumerate(images):  # the first `size` of a random permutation per run
-            pick = np.argsort(image_rng(self.seed, xi, size).random((self.runs, h * w)), axis=1)
+            # the `size` smallest draws: the same set a full argsort's first `size` holds (the
+            # draws are distinct doubles), at a partial sort's cost
+            pick = np.argpartition(image_rng(self.seed, xi, size).random((self.runs, h * w)),
+                                   size - 1, axis=1)
             np.put_along_axis(out[i], pick[:, :size], True, axis=1)
         return out
 
@@ -236,10 +257,14 @@ class FaithfulnessCorrelation(Metric):
         fr = self.fractions
         sub = np.concatenate([self.subsets(x, f) for f in fr], axis=1)
         gone = sub.reshape(len(x), sub.shape[1], 1, h, w)
-        variants = np.where(gone, baseline(x, self.baseline, self.seed)[:, None], x[:, None])
-        clean, scores = target_scores(predict_logits, x, variants)
+        base = baseline(x, self.baseline, self.seed)
+        batch, variants = stacked(x, sub.shape[1])
+        for i in range(len(x)):  # image by image: the temporaries stay small
+            variants[i] = np.where(gone[i], base[i], x[i])
+        clean, scores = batch_scores(predict_logits, batch, len(x), sub.shape[1])
         drop = (clean[:, None] - scores).reshape(len(x), len(fr), self.runs)
-        att = (sub * m[:, None]).sum(axis=2).reshape(len(x), len(fr), self.runs)
+        att = np.stack([(si * mi).sum(axis=1) for si, mi in zip(sub, m, strict=True)]
+                       ).reshape(len(x), len(fr), self.runs)
         corr[ok] = [[pearson(a, d) for a, d in zip(ai, di, strict=True)]
                     for ai, di in zip(att, drop, strict=True)]
         return corr
