@@ -180,6 +180,9 @@ def load_autoencoder(path: str | os.PathLike, threads: int | None = 1) -> Autoen
             model = load_model(p)
         except OnnxsalError as exc:
             raise _fail(where, f"{role}: {' '.join(str(exc).split())}") from None
+        if model.ByteSize() > MAX_FILE_BYTES:  # external data counted too
+            raise _fail(where, f"{role} file {p.name!r} with its external data is larger than "
+                        f"{MAX_FILE_BYTES >> 20} MB")
         _check_graph(model, role, p.name, *io[role], where)
         try:
             sessions[role] = cpu_session(model, threads)

@@ -326,19 +326,24 @@ def test_planted_tag_on_fashion_mnist_named_and_clean_model_not_flagged(tmp_path
 
 
 def test_audit_images_read_by_index_and_batch_like_the_eager_load():
-    import onnxsal.data
     from onnxsal.audit.images import AuditImages
     from onnxsal.data import load_dataset
 
     eager = load_dataset(str(DATA / "fmnist_tag_sample.npz"), shape=(1, 28, 28), limit=120)
     imgs = AuditImages(str(DATA / "fmnist_tag_sample.npz"), (1, 28, 28), limit=120)
-    assert imgs.streamed == hasattr(onnxsal.data, "stream_dataset")  # streamed when onnxsal.data can
+    assert imgs.streamed
     assert imgs.fingerprint() == eager.fingerprint() and imgs.names == eager.names
     idx = np.array([5, 6, 7, 90, 3, 4, 119, 0])  # runs, out of order
     assert np.array_equal(imgs.take(idx), eager.images[idx])
     assert np.array_equal(np.concatenate(list(imgs.batches(50))), eager.images)
     sub = imgs.subset(idx)
     assert np.array_equal(sub.labels, eager.labels[idx]) and sub.names == [eager.names[i] for i in idx]
+    # a Dataset given as is (no limit) and one cut by a limit read the same images in memory
+    for given, lim in ((eager, None), (load_dataset(str(DATA / "fmnist_tag_sample.npz"), shape=(1, 28, 28)), 120)):
+        mem = AuditImages(given, (1, 28, 28), limit=lim)
+        assert not mem.streamed and mem.fingerprint() == eager.fingerprint()
+        assert np.array_equal(mem.take(idx), eager.images[idx])
+        assert np.array_equal(np.concatenate(list(mem.batches(50))), eager.images)
 
 
 @pytest.mark.parametrize("extra, message", [

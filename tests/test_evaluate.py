@@ -102,7 +102,8 @@ def test_cli_scores_json_structure(cli_run):
 
 def test_cli_numbers_equal_the_metrics_called_directly(cli_run, engine, data):
     """Each metric through the Python API on each shard's images and onnxsal's maps of them
-    (the random-logit draw depends on the index within the evaluated set, so per shard)."""
+    (per shard, each metric told where its shard starts: the random-logit draw follows the
+    image's index in the data set)."""
     out, masks_file, _, _ = cli_run
     s = json.loads((out / "scores.json").read_text())
     masks = np.load(masks_file)["masks"]
@@ -118,6 +119,7 @@ def test_cli_numbers_equal_the_metrics_called_directly(cli_run, engine, data):
             opts = {"masks": masks[a:a + SHARD], "explain_class": explain}
             for name in METRICS[:-1]:
                 m = metrics.get(name).from_options(opts)
+                m.index_offset = a
                 for variant, v in m.per_image_scores(m(engine.logits, x, maps, y)).items():
                     got.setdefault(name + (f":{variant}" if variant else ""), []).append(v)
         for col, parts in got.items():

@@ -43,3 +43,18 @@ def test_mprt_scores_equal_the_metrics_called_directly(tmp_path):
         have = [p["score"] for p in s["scores"][name]["methods"]["vanilla"]["per_image"]]
         assert np.isfinite(want).all()
         np.testing.assert_allclose(have, want, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_per_image_draws_do_not_depend_on_the_shard_size(tmp_path):
+    """random-logit, max-sensitivity and smooth-mprt draw per image from (seed, index in the
+    data set): shards of 2 images give the scores of one shard of 6."""
+    names = ["random-logit", "max-sensitivity", "smooth-mprt"]
+    got = []
+    for shard in (2, 6):
+        run_evaluate(str(MODEL), str(SAMPLE), methods=["vanilla"], metrics=names, out=tmp_path / f"s{shard}",
+                     limit=N, shard_size=shard, device="cpu", threads=1, bootstrap=0, progress=False)
+        s = json.loads((tmp_path / f"s{shard}" / "scores.json").read_text())
+        got.append({n: [p["score"] for p in s["scores"][n]["methods"]["vanilla"]["per_image"]] for n in names})
+    for n in names:
+        assert np.isfinite(got[0][n]).all(), n
+        np.testing.assert_allclose(got[0][n], got[1][n], rtol=1e-6, atol=1e-7, err_msg=n)

@@ -21,7 +21,6 @@ running the same command again after an interruption recomputes only what is mis
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,6 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .. import __version__
+from ..benchmark import _safe
 from ..display import printable
 from ..errors import InputError, OptionError
 from ..files import atomic_write_bytes, atomic_write_json
@@ -39,10 +39,6 @@ from .store import Parts
 DEFAULT_METHODS = ("vanilla", "original", "gradient_x_input", "guided_backprop", "gradcam", "smoothgrad")
 DEFAULTS = {"per_class": 2, "max_classes": 20, "eval_images": 32, "sanity_images": 8,
             "max_steps": 4, "shortcut_images": 1000}
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name))[:64] or "_"
 
 
 def _check(per_class: int, max_classes: int, eval_images: int, sanity_images: int,

@@ -134,8 +134,9 @@ def img_tag(out: Path, rel: str | None, alt: str, cls: str = "") -> str:
     """An <img> with the PNG at ``out/rel`` embedded; '' when the file is missing."""
     if not rel:
         return ""
-    path = out / rel
-    if not path.is_file():
+    path = (out / rel).resolve()
+    # names come from audit.json, which a reviewer may be handed: embed nothing from outside
+    if not path.is_relative_to(out.resolve()) or not path.is_file():
         return f'<span class="muted">(figure {e(rel)} missing)</span>'
     return f'<img src="{figures.data_uri(path.read_bytes())}" alt="{e(alt)}" class="{e(cls)}">'
 

@@ -20,7 +20,7 @@ class AuditImages:
         self.streamed = False
         if isinstance(data, d.Dataset) and limit is None and data.shape == tuple(shape):
             self._ds: Any = data
-        elif hasattr(d, "stream_dataset") and not isinstance(data, d.Dataset):
+        elif not isinstance(data, d.Dataset):
             self._ds = d.stream_dataset(data, shape=tuple(shape), limit=limit)
             self.streamed = True
         else:

@@ -253,11 +253,8 @@ def shortcut_section(engine, images: np.ndarray, groups: np.ndarray, maps: np.nd
                      num_classes: int, seed: int, options: dict, method: str,
                      grouped_by: str) -> dict:
     """:func:`onnxsal.shortcuts.find_shortcuts` on the shortcut images (JSON-ready)."""
-    try:
-        from ..shortcuts import find_shortcuts
-    except ImportError:
-        return {"available": False, "reason": "the shortcut finder (onnxsal.shortcuts) is not "
-                "installed in this version"}
+    from ..shortcuts import find_shortcuts
+
     res = find_shortcuts(engine.logits, images, groups, maps, num_classes=num_classes, seed=seed,
                          **options)
     return {"available": True, "method": method, "grouped_by": grouped_by, **res}

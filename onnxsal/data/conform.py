@@ -25,12 +25,11 @@ def channels_as_read(c: int) -> int:
 
 def conform(raw: RawImages, shape: Sequence[int | None] | None = None) -> Dataset:
     """Convert every image to ``shape`` = (C, H, W); each kind of conversion becomes a note."""
-    c_want, h_want, w_want = (list(shape) + [None] * 3)[:3] if shape is not None else (None,) * 3
+    c_want, h_want, w_want = want_shape(shape)
     notes = list(raw.notes)
     failures = list(raw.failures)
     if c_want is None:
-        chans = {im.shape[2] for im in raw.images}
-        chans = {1 if c == 2 else 3 if c == 4 else c for c in chans}
+        chans = {channels_as_read(im.shape[2]) for im in raw.images}
         c_want = 3 if 3 in chans else 1
     if c_want not in (1, 3):
         raise InputError(f"cannot convert images to {c_want} channels (only 1 or 3)")

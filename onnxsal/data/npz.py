@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -51,6 +51,21 @@ class _Member:
             raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
         self.shape, self.fortran, self.dtype = tuple(shape), bool(fortran), dtype
         self._whole: np.ndarray | None = None
+        # a compressed member kept open: a zip stream seeks forward by decompressing only the
+        # gap, so reading slices in order costs one pass, not one pass per slice
+        self._open: tuple[zipfile.ZipFile, Any] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": None}  # a worker opens its own
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open[1].close()
+            self._open[0].close()
+            self._open = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def __len__(self) -> int:
         return self.shape[0] if self.shape else 0
@@ -67,9 +82,12 @@ class _Member:
         if self.stored:
             mm = np.memmap(self.path, self.dtype, "r", offset=self.offset, shape=self.shape)
             return np.array(mm[start:stop])
-        with zipfile.ZipFile(self.path) as zf, zf.open(self.name) as f:
-            f.seek(self.header + start * row)
-            buf = f.read((stop - start) * row)
+        if self._open is None:
+            zf = zipfile.ZipFile(self.path)
+            self._open = (zf, zf.open(self.name))
+        f = self._open[1]
+        f.seek(self.header + start * row)  # forward from where the last read ended: the gap only
+        buf = f.read((stop - start) * row)
         return np.frombuffer(buf, self.dtype).reshape((stop - start,) + self.shape[1:])
 
     def chunks(self) -> Iterator[np.ndarray]:
@@ -100,8 +118,9 @@ def _scaling(x: _Member, where: str) -> float | None:
     if dt == np.bool_:
         return None
     if np.issubdtype(dt, np.integer):
-        lo = min((int(c.min()) for c in x.chunks() if c.size), default=0)
-        hi = max((int(c.max()) for c in x.chunks() if c.size), default=0)
+        lo, hi = 0, 0
+        for k, c in enumerate(c for c in x.chunks() if c.size):  # one pass over the data
+            lo, hi = (int(c.min()), int(c.max())) if k == 0 else (min(lo, int(c.min())), max(hi, int(c.max())))
         if lo < 0:
             raise InputError(f"{where}: 'x' holds negative integer pixel values")
         if hi <= 255:

@@ -83,7 +83,7 @@ def read_image_file(f: Path, name: str) -> np.ndarray:
         raise ImageFailure(str(exc)) from None
 
 
-def _to_float_hwc(arr: np.ndarray, name: str, layout: str = "HWC") -> np.ndarray:
+def _to_float_hwc(arr: np.ndarray, name: str) -> np.ndarray:
     """One image (HW or HWC; uint8/uint16/bool/float) -> float32 HWC in [0, 1]."""
     arr = np.asarray(arr)
     if arr.ndim == 2:

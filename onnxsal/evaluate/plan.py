@@ -163,6 +163,8 @@ class _Explainer:
     def for_model(self, model, images: np.ndarray, targets: np.ndarray) -> np.ndarray:
         from ..engine import Engine
 
+        if model is self.engine.source_model:  # the trained model: the run's own engine
+            return self(images, np.asarray(targets))
         if self._other is None or self._other[0] is not model:
             e = self.engine
             device = "cuda" if e.providers[0] == "CUDAExecutionProvider" else "cpu"

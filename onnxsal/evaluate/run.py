@@ -93,6 +93,7 @@ def iter_eval_group(group: EvalGroup, engine: Any) -> Iterator[tuple[str, dict]]
     for metric, meth in group.scores:
         explain = _explainer(engine, meth, group.seed) if group.can_explain else None
         m = metrics.get(metric).from_options(_with_inputs(base, group.masks, explain, engine))
+        m.index_offset = group.start  # per-image draws follow the image's index in the data set
         yield part_name(metric, meth), m.evaluate(engine.logits, x, maps[meth], y)
 
 

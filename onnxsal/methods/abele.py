@@ -114,7 +114,6 @@ class _Genetic:
 
     def __init__(self, z0, target, bb, ae, rng, o):
         self.z0, self.target, self.bb, self.ae, self.rng, self.o = z0, target, bb, ae, rng, o
-        self.seen: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (z, labels, fitness)
 
     def fitness(self, z: np.ndarray, labels: np.ndarray, same: bool) -> np.ndarray:
         o = self.o

@@ -32,6 +32,10 @@ class Metric:
     shard_prefix: str | None = None
     #: bytes of model input one batch may hold (the callable batches again internally)
     max_batch_bytes: int = 256 << 20
+    #: the index of the first evaluated image within the whole data set: metrics that draw
+    #: per-image randomness seed it from (seed, index), so a run split into shards (each
+    #: setting its start here) draws what one call over all images draws
+    index_offset: int = 0
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

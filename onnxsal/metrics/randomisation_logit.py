@@ -50,7 +50,7 @@ class RandomLogit(Metric):
         super().prepare(images, maps, labels)
         if self.explain is None:
             raise OptionError("metric 'random-logit' needs explain=...")
-        self._start = 0
+        self._start = int(self.index_offset)
 
     def other_classes(self, predicted: np.ndarray, num_classes: int, start: int) -> np.ndarray:
         """A uniform class != predicted per image, from (seed, image index)."""

@@ -41,6 +41,7 @@ import onnx
 from scipy import stats
 
 from ..errors import InputError, OptionError
+from ..model import load_model
 from .base import Metric
 from .randomisation import randomize
 from .sanity import find_layers
@@ -73,7 +74,8 @@ class _ModelRandomisation(Metric):
     def __init__(self, model: onnx.ModelProto | str | os.PathLike | None = None,
                  explain_model: ExplainModel | None = None, seed: int = 0,
                  max_batch_bytes: int = 256 << 20):
-        self.model = onnx.load(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else model
+        # a path is read like any model file: external data only inside its folder, size limits
+        self.model = load_model(model) if isinstance(model, (str, os.PathLike)) else model
         self.explain_model = explain_model
         self.seed = int(seed)
         if self.seed < 0:
@@ -109,7 +111,7 @@ class _ModelRandomisation(Metric):
             if not layers:
                 raise InputError(f"metric '{self.name}': the model has no learnable layer to randomise")
             self._random = randomize(self.model, layers, seed=self.seed)
-        self._start = 0
+        self._start = int(self.index_offset)
 
     def explain_both(self, x: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Maps of x [M, C, H, W] on the trained and on the randomised model."""

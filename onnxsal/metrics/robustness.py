@@ -69,7 +69,7 @@ class _Reexplain(Metric):
         super().prepare(images, maps, labels)
         if self.explain is None:
             raise OptionError(f"metric '{self.name}' needs explain=... (explain_class)")
-        self._start = 0
+        self._start = int(self.index_offset)
 
     def bytes_per_image(self, shape) -> int:
         return 4 * math.prod(shape) * (self.samples + 1)
