@@ -149,7 +149,7 @@ class _Explainer:
 
         self.engine, self.method = engine, method
         self.opts = {"seed": seed} if "seed" in methods.get(method).defaults else {}
-        self._other: tuple[Any, Any] | None = None  # (model, its engine), the last one asked for
+        self._for_model: Callable | None = None  # built when first asked for
 
     def _maps(self, engine: Any, images: np.ndarray, targets: np.ndarray) -> np.ndarray:
         from .. import methods
@@ -161,16 +161,17 @@ class _Explainer:
         return self._maps(self.engine, images, targets)
 
     def for_model(self, model, images: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        from ..engine import Engine
+        from ..metrics.randomisation_mprt import model_explainer
 
         if model is self.engine.source_model:  # the trained model: the run's own engine
             return self(images, np.asarray(targets))
-        if self._other is None or self._other[0] is not model:
+        if self._for_model is None:
             e = self.engine
             device = "cuda" if e.providers[0] == "CUDAExecutionProvider" else "cpu"
-            self._other = (model, Engine(model, preprocess=e.preprocess, device=device,
-                                         threads=e.threads, output=e.output))
-        return self._maps(self._other[1], images, np.asarray(targets))
+            self._for_model = model_explainer(self.method, self.opts, preprocess=e.preprocess,
+                                              device=device, threads=e.threads, output=e.output)
+        return _as_maps(self._for_model(model, images, np.asarray(targets)), len(images),
+                        images.shape[2:], self.method)
 
 
 def _explainer(engine: Any, method: str, seed: int) -> _Explainer:

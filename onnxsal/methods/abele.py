@@ -24,12 +24,13 @@ or exemplar round.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import OptionError
-from .base import Maps, Method
+from .base import Maps, Method, class_label
 
 Box = tuple[np.ndarray, np.ndarray]  # (lo, hi): the rule holds where lo < z <= hi
 
@@ -252,8 +253,7 @@ def premises(box: Box) -> list[dict[str, Any]]:
 
 def rule_text(prem: list[dict[str, Any]], cls: int, labels: list[str] | None = None) -> str:
     body = " AND ".join(f"z{p['feature']} {p['op']} {p['threshold']:.4g}" for p in prem) or "always"
-    name = f"{cls} ({labels[cls]})" if labels and 0 <= cls < len(labels) else str(cls)
-    return f"{body} -> {name}"
+    return f"{body} -> {class_label(cls, labels)}"
 
 
 def covers(box: Box, z: np.ndarray) -> np.ndarray:
@@ -396,13 +396,32 @@ def _checked(opts: dict[str, Any]) -> dict[str, Any]:
     return o
 
 
+_LOADED: dict[tuple, tuple[tuple, Any]] = {}  # (folder, threads) -> (its files' stamp, Autoencoder)
+
+
+def _stamp(folder: Path) -> tuple:
+    return tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in folder.iterdir()
+                        for st in [p.lstat()]))
+
+
 def _load(ae, engine, threads):
+    """The checked autoencoder; a folder is read and checked once per process while its files
+    stay as they are (methods run once per batch)."""
     from ..autoencoder import Autoencoder, load_autoencoder
 
     if isinstance(ae, Autoencoder):
         out = ae
     else:
-        out = load_autoencoder(ae, threads=threads)
+        folder = Path(str(ae))
+        key = (str(folder.resolve()) if folder.is_dir() else str(ae), threads)
+        stamp = _stamp(folder) if folder.is_dir() else ()
+        hit = _LOADED.get(key)
+        if hit is not None and stamp and hit[0] == stamp:
+            out = hit[1]
+        else:
+            out = load_autoencoder(ae, threads=threads)
+            if stamp:
+                _LOADED[key] = (stamp, out)
     if tuple(out.input_shape) != tuple(engine.input_shape):
         raise OptionError(f"--autoencoder {out.path}: it takes images {list(out.input_shape)}, the "
                           f"model {list(engine.input_shape)} (train one at the model's input size: "
@@ -541,18 +560,15 @@ class Abele(Method):
         picture = importlib.import_module("onnxsal.overlays").Picture
         info, e = maps.info, maps.info["explanations"][i]
 
-        def name(c: int) -> str:
-            return f"{c} ({labels[c]})" if labels and 0 <= c < len(labels) else str(c)
-
         body, _, head = e["rule"]["text"].rpartition(" -> ")
         conds = body.split(" AND ")
         rule = "\n".join(" AND ".join(conds[k:k + 2]) for k in range(0, len(conds), 2))
         smap = np.repeat(((maps.maps[i] + 1) / 2)[None], image.shape[0], 0)
         pics = [picture(f"abele: {rule}\n-> {head}, fidelity {e['fidelity']:.2f}", image, maps.maps[i] != 0),
                 picture("saliency (grey 0, white image brighter than the exemplars)", smap, None),
-                picture(f"reconstruction, model -> {name(e['reconstruction']['model_label'])}",
+                picture(f"reconstruction, model -> {class_label(e['reconstruction']['model_label'], labels)}",
                         info["reconstructions"][i], None)]
         for kind, key in (("exemplar", "exemplars"), ("counter-exemplar", "counter_exemplars")):
             for im, c in list(zip(info[key][i], info[key[:-1] + "_labels"][i], strict=True))[:3]:
-                pics.append(picture(f"{kind}, model -> {name(int(c))}", im, None))
+                pics.append(picture(f"{kind}, model -> {class_label(int(c), labels)}", im, None))
         return pics

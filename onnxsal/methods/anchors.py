@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import OptionError
-from .base import Maps, Method
+from .base import Maps, Method, class_label
 from .superpixel import SuperpixelImage, check_segmentation, superpixel_fill, superpixels
 
 Anchor = tuple[int, ...]
@@ -269,7 +269,7 @@ class Anchors(Method):
         info = maps.info
         anchor = [int(a) for a in info["anchors"][i]]
         t = int(maps.targets[i])
-        cls = f"{t} ({labels[t]})" if labels and t < len(labels) else str(t)
+        cls = class_label(t, labels)
         body = " AND ".join(f"s{a} kept" for a in anchor) or "always"
         lb, ub = (float(v) for v in info["bounds"][i])
         ex = info["examples"][i]

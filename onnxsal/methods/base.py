@@ -51,6 +51,11 @@ class Maps:
         return len(self.maps)
 
 
+def class_label(c: int, labels) -> str:
+    """'c (name)' when ``labels`` names class ``c``, else 'c' (rule texts and figure titles)."""
+    return f"{c} ({labels[c]})" if labels and 0 <= c < len(labels) else str(c)
+
+
 class Method:
     """Base class: a named saliency method with declared needs and default options.
 

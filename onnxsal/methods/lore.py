@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import OnnxsalError, OptionError
-from .base import Maps, Method
+from .base import Maps, Method, class_label
 from .superpixel import SuperpixelImage, check_segmentation, superpixel_fill, superpixels
 
 _INTS = ("population", "generations", "tournament", "counterfactuals", "n_segments", "seed")
@@ -246,14 +246,10 @@ def _checked(opts: dict[str, Any]) -> dict[str, Any]:
     return o
 
 
-def _name(c: int, labels) -> str:
-    return f"{c} ({labels[c]})" if labels and 0 <= c < len(labels) else str(c)
-
-
 def rule_text(premises: list[dict], cls: int, labels=None) -> str:
     """'s3 kept AND s7 absent -> 4 (name)'; the empty rule reads 'always'."""
     body = " AND ".join(f"s{p['superpixel']} {'kept' if p['kept'] else 'absent'}" for p in premises)
-    return f"{body or 'always'} -> {_name(cls, labels)}"
+    return f"{body or 'always'} -> {class_label(cls, labels)}"
 
 
 class LORE(Method):
@@ -327,5 +323,5 @@ class LORE(Method):
             img = np.where(z[seg][None], image, fill)
             mark = "valid" if cf["valid"] else "INVALID"
             pics.append(Picture(f"counterfactual {j + 1}: remove {', '.join(f's{f}' for f in cf['changes'])}\n"
-                                f"model -> {_name(cf['predicted'], labels)} ({mark})", img, ~z[seg]))
+                                f"model -> {class_label(cf['predicted'], labels)} ({mark})", img, ~z[seg]))
         return pics

@@ -73,9 +73,7 @@ class Metric:
 
     def batches(self, n: int, shape: tuple[int, ...] = (1,)) -> Iterable[slice]:
         """Slices of at most ``max_batch_bytes`` worth of images (at least one image)."""
-        size = max(1, int(self.max_batch_bytes) // max(1, self.bytes_per_image(shape)))
-        for s in range(0, n, size):
-            yield slice(s, min(n, s + size))
+        return budget_slices(n, self.bytes_per_image(shape), self.max_batch_bytes)
 
     def evaluate_batch(self, predict_logits: PredictLogits, images: np.ndarray, maps: np.ndarray,
                        labels: np.ndarray | None) -> Any:
@@ -133,6 +131,14 @@ class Metric:
                  labels: np.ndarray | None = None) -> Any:
         part = self.evaluate(predict_logits, images, maps, labels)
         return self.aggregate([part] if part else [])
+
+
+def budget_slices(n: int, per_item: int, budget: int) -> Iterable[slice]:
+    """Slices of ``n`` items of ``per_item`` bytes each within ``budget`` bytes (at least one
+    item per slice)."""
+    size = max(1, int(budget) // max(1, int(per_item)))
+    for s in range(0, n, size):
+        yield slice(s, min(n, s + size))
 
 
 _REGISTRY: dict[str, type[Metric]] = {}

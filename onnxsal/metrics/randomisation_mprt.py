@@ -42,7 +42,7 @@ from scipy import stats
 
 from ..errors import InputError, OptionError
 from ..model import load_model
-from .base import Metric
+from .base import Metric, budget_slices
 from .randomisation import randomize
 from .sanity import find_layers
 from .similarity import spearman
@@ -50,9 +50,10 @@ from .similarity import spearman
 ExplainModel = Callable[[onnx.ModelProto, np.ndarray, np.ndarray], np.ndarray]
 
 
-def model_explainer(method: str, **engine_options: Any) -> ExplainModel:
+def model_explainer(method: str, method_options: dict | None = None, **engine_options: Any) -> ExplainModel:
     """``explain_model`` for an onnxsal method: an :class:`~onnxsal.engine.Engine` per model
-    (kept while the model object lives in the metric), ``engine_options`` passed to it."""
+    (kept while the model object lives in the metric), ``engine_options`` passed to it,
+    ``method_options`` (e.g. the seed) to the method."""
     from .. import methods
     from ..engine import Engine
 
@@ -63,7 +64,8 @@ def model_explainer(method: str, **engine_options: Any) -> ExplainModel:
         if key not in engines or engines[key][0] is not model:
             engines[key] = (model, Engine(model, **engine_options))
         engine = engines[key][1]
-        return methods.compute(engine, images, [method], targets=np.asarray(targets))[method].maps
+        return methods.compute(engine, images, [method], targets=np.asarray(targets),
+                               **({method: method_options} if method_options else {}))[method].maps
 
     return explain
 
@@ -116,15 +118,14 @@ class _ModelRandomisation(Metric):
     def explain_both(self, x: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Maps of x [M, C, H, W] on the trained and on the randomised model."""
         assert self.model is not None and self.explain_model is not None and self._random is not None
-        size = max(1, self.max_batch_bytes // max(1, 4 * math.prod(x.shape[1:])))
         out = []
         for model in (self.model, self._random):
             parts = []
-            for s in range(0, len(x), size):
-                m = np.asarray(self.explain_model(model, x[s:s + size], targets[s:s + size]), np.float64)
-                if m.shape != (len(x[s:s + size]),) + x.shape[2:]:
+            for sl in budget_slices(len(x), 4 * math.prod(x.shape[1:]), self.max_batch_bytes):
+                m = np.asarray(self.explain_model(model, x[sl], targets[sl]), np.float64)
+                if m.shape != (len(x[sl]),) + x.shape[2:]:
                     raise InputError(f"explain_model returned maps of shape {m.shape}; expected "
-                                     f"{(len(x[s:s + size]),) + x.shape[2:]}")
+                                     f"{(len(x[sl]),) + x.shape[2:]}")
                 parts.append(m)
             out.append(np.concatenate(parts))
         return out[0], out[1]

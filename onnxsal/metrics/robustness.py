@@ -27,17 +27,10 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError, OptionError
-from .base import Metric
+from .base import Metric, budget_slices
 from .similarity import normalize_abs, spearman
 
 ExplainClass = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-def _chunks(n: int, per_item: int, budget: int):
-    """Slices of ``n`` items of ``per_item`` bytes each under ``budget`` (at least one)."""
-    size = max(1, int(budget) // max(1, per_item))
-    for s in range(0, n, size):
-        yield slice(s, min(n, s + size))
 
 
 class _Reexplain(Metric):
@@ -82,7 +75,7 @@ class _Reexplain(Metric):
         """``explain`` on a stack of inputs [M, C, H, W], in as few calls as the budget allows."""
         assert self.explain is not None
         out = []
-        for sl in _chunks(len(x), 4 * math.prod(x.shape[1:]), self.max_batch_bytes):
+        for sl in budget_slices(len(x), 4 * math.prod(x.shape[1:]), self.max_batch_bytes):
             m = np.asarray(self.explain(x[sl], targets[sl]), np.float64)
             if m.shape != (sl.stop - sl.start,) + x.shape[2:]:
                 raise InputError(f"explain returned maps of shape {m.shape}; expected "
@@ -92,7 +85,7 @@ class _Reexplain(Metric):
 
     def predict_all(self, predict_logits, x: np.ndarray) -> np.ndarray:
         out = [np.asarray(predict_logits(x[sl]))
-               for sl in _chunks(len(x), 4 * math.prod(x.shape[1:]), self.max_batch_bytes)]
+               for sl in budget_slices(len(x), 4 * math.prod(x.shape[1:]), self.max_batch_bytes)]
         return np.concatenate(out)
 
     def perturb(self, images: np.ndarray) -> np.ndarray:
