@@ -28,7 +28,6 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -190,15 +189,12 @@ def sample(n: int, seed: int = 0):
 
 def shifted_engine(engine, path: str, shift: float):
     """An engine for f2(x) = f(x - shift), so that f2(x + shift) = f(x) exactly: the shift is
-    folded into the prepended preprocessing (mean + shift * scale), for any first layer (a bias
-    absorbing it, as in Kindermans et al., is not exact at zero-padded borders)."""
+    folded into the prepended preprocessing (``Engine(input_shift=)``), for any first layer (a
+    bias absorbing it, as in Kindermans et al., is not exact at zero-padded borders)."""
     from onnxsal.engine import Engine
 
-    pre = engine.preprocess
-    c = engine.input_shape[0]
-    mean = tuple(pre.mean) if pre.mean is not None else (0.0,) * c
-    mean = tuple(m + shift * pre.scale for m in (mean * c if len(mean) == 1 else mean))
-    return Engine(path, preprocess=replace(pre, mean=mean), device="cpu", threads=1, use_disk_cache=False)
+    return Engine(path, preprocess=engine.preprocess, input_shift=shift, device="cpu", threads=1,
+                  use_disk_cache=False)
 
 
 def method_options(name: str) -> dict:
@@ -277,7 +273,7 @@ def evaluate_model(path: str, x: np.ndarray, y: np.ndarray, methods: list[str], 
         opts = {"seed": 0,
                 "explain_class": lambda a, t, m=m: M.compute(eng, a, [m], targets=t, **method_options(m))[m].maps,
                 "explain": lambda a, t=None, m=m: M.compute(eng, a, [m], targets=t, **method_options(m))[m].maps,
-                "explain_shifted": lambda a, m=m: M.compute(eng2, a, [m], **method_options(m))[m].maps}
+                "explain_shifted": lambda a, t, m=m: M.compute(eng2, a, [m], targets=t, **method_options(m))[m].maps}
         for k in metrics:
             cls = base.get(k)
             try:

@@ -81,7 +81,7 @@ class Engine:
                  output: str | None = None, memory_budget_mb: int = 2048,
                  cache_dir: str | os.PathLike | None = None, threads: int | None = None,
                  use_disk_cache: bool = True, simplify: bool = True, gradients: str = "auto",
-                 cpu_batch_bytes: int | None = None):
+                 cpu_batch_bytes: int | None = None, input_shift: float = 0.0):
         if isinstance(model, onnx.ModelProto):
             self.path = None
             source = model
@@ -102,6 +102,14 @@ class Engine:
         if spec is None:
             spec = preprocess_from_model(forward)
         self.preprocess = spec or PreprocessSpec()
+        # input_shift c: the engine takes x + c for the model's x (values in [c, 1 + c]); its
+        # preprocessing subtracts c first, so the model sees what it sees for x (the
+        # shift-compensated model of the input-invariance test)
+        self.input_shift = float(input_shift)
+        if not np.isfinite(self.input_shift):
+            raise OptionError(f"input_shift must be finite, got {input_shift}")
+        self.input_range = (self.input_shift, 1.0 + self.input_shift)
+        self.preprocess = self.preprocess.shifted(self.input_shift)
         self.input_spec = find_image_input(forward)
         self.logits_spec = find_logits(forward, output)
         self.labels = labels_from_model(forward)

@@ -49,6 +49,16 @@ class PreprocessSpec:
     def is_identity(self) -> bool:
         return self.scale == 1.0 and self.mean is None and self.std is None and not self.bgr
 
+    def shifted(self, c: float) -> PreprocessSpec:
+        """The preprocessing of inputs shifted by the constant ``c``: it takes x + c where this
+        one takes x, and gives the model the same values, ((x + c) * scale - (mean + c * scale))
+        / std = (x * scale - mean) / std: the shift-compensated model of the input-invariance
+        test (docs/metrics.md#input-invariance-input-invariance)."""
+        if not c:
+            return self
+        mean = self.mean if self.mean is not None else (0.0,)
+        return replace(self, mean=tuple(float(m) + float(c) * self.scale for m in mean))
+
     def to_json(self) -> str:
         d = {k: v for k, v in asdict(self).items() if k != "notes" and v not in (None, False)}
         return json.dumps(d, sort_keys=True)

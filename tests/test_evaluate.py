@@ -75,12 +75,16 @@ def test_cli_scores_json_structure(cli_run):
     s = json.loads((out / "scores.json").read_text())
     assert s["tool"] == "onnxsal evaluate" and s["settings"]["methods"] == METHODS
     assert s["model"]["hash"] and s["versions"]["numpy"] and s["data"]["count"] == N
-    # input invariance needs a shift-compensated model onnxsal does not build: skipped, said
-    assert [k["metric"] for k in s["skipped"]] == ["input-invariance"]
-    assert "skipped: input-invariance: " in stderr
+    assert s["skipped"] == [] and "skipped" not in stderr
     cols = ["sparseness", "region-perturbation-morf", "random-logit",
-            "black-white-deletion:black", "black-white-deletion:white", "pointing-game"]
+            "black-white-deletion:black", "black-white-deletion:white", "pointing-game",
+            "input-invariance"]
     assert list(s["scores"]) == cols
+    # input invariance on the model behind a preprocessing that subtracts the shift: the
+    # gradient is the same function's gradient (0 up to float rounding); integrated gradients
+    # from a black (0) baseline are not invariant (Kindermans et al. 2019)
+    inv = {m: e["mean"] for m, e in s["scores"]["input-invariance"]["methods"].items()}
+    assert inv["vanilla"] < 1e-4 and inv["integrated_gradients"] > 0.05, inv
     names = [f"x[{i}]" for i in range(N)]
     for col, sc in s["scores"].items():
         assert sc["direction"] == metrics.get(sc["metric"]).direction
@@ -94,7 +98,6 @@ def test_cli_scores_json_structure(cli_run):
             assert lo <= e["mean"] <= hi, (col, e["mean"], e["ci"])
     md = (out / "scores.md").read_text()
     assert "| method | sparseness \u2191 | region-perturbation-morf \u2193 |" in md
-    assert "- input-invariance: " in md
     assert sorted(p.name for p in (out / "plots").glob("*.png")) == sorted(
         c.replace(":", "_") + ".png" for c in cols)
     assert "| vanilla |" in stdout
@@ -167,7 +170,8 @@ def test_maps_round_trip_gives_identical_scores(cli_run, tmp_path):
     assert {k["metric"]: k["reason"] for k in b["skipped"]}["random-logit"].startswith(
         "needs to re-explain")
     assert "skipped: random-logit: needs to re-explain" in stderr
-    assert list(b["scores"]) == [c for c in a["scores"] if c != "random-logit"]
+    assert "skipped: input-invariance: needs to re-explain" in stderr
+    assert list(b["scores"]) == [c for c in a["scores"] if c not in ("random-logit", "input-invariance")]
     for col, sc in b["scores"].items():
         for meth in METHODS:
             assert sc["methods"][meth]["per_image"] == a["scores"][col]["methods"][meth]["per_image"]

@@ -31,6 +31,9 @@ class _ProbeExplainer:
     def for_model(self, model, images: np.ndarray, targets: np.ndarray) -> np.ndarray:  # pragma: no cover
         raise AssertionError("a probe explainer is never called")
 
+    def shifted(self, images: np.ndarray, targets: np.ndarray) -> np.ndarray:  # pragma: no cover
+        raise AssertionError("a probe explainer is never called")
+
 
 _dummy_explain = _ProbeExplainer()
 
@@ -40,7 +43,8 @@ def _with_inputs(base: dict, masks: np.ndarray | None, explain: Callable | None,
     """The metric options for one (slice, method): the plain ones, the masks of the slice,
     ``explain_class(images, targets) -> maps`` re-explaining with the method,
     ``explain_model(model, images, targets) -> maps`` explaining a re-weighted copy of the model
-    with it (the MPRT metrics), and the model
+    with it (the MPRT metrics), ``explain_shifted(images + c, targets) -> maps`` on the model
+    that takes shifted inputs (input invariance), and the model
     (``engine``: the engine that runs it, ``model``: its ONNX ModelProto)."""
     opts = dict(base)
     if masks is not None:
@@ -48,6 +52,7 @@ def _with_inputs(base: dict, masks: np.ndarray | None, explain: Callable | None,
     if explain is not None:
         opts["explain_class"] = explain
         opts["explain_model"] = explain.for_model
+        opts["explain_shifted"] = explain.shifted
     if engine is not None:
         opts["engine"] = engine
         opts["model"] = getattr(engine, "source_model", None)
@@ -144,12 +149,13 @@ class _Explainer:
     randomised copy of the model: the engine built for it keeps this engine's preprocessing,
     providers and threads)."""
 
-    def __init__(self, engine: Any, method: str, seed: int):
+    def __init__(self, engine: Any, method: str, seed: int, shift: float = 1.0):
         from .. import methods
 
-        self.engine, self.method = engine, method
+        self.engine, self.method, self.shift = engine, method, float(shift)
         self.opts = {"seed": seed} if "seed" in methods.get(method).defaults else {}
         self._for_model: Callable | None = None  # built when first asked for
+        self._shifted: Any = None  # the engine of shifted inputs, built when first asked for
 
     def _maps(self, engine: Any, images: np.ndarray, targets: np.ndarray) -> np.ndarray:
         from .. import methods
@@ -166,14 +172,29 @@ class _Explainer:
         if model is self.engine.source_model:  # the trained model: the run's own engine
             return self(images, np.asarray(targets))
         if self._for_model is None:
-            e = self.engine
-            device = "cuda" if e.providers[0] == "CUDAExecutionProvider" else "cpu"
-            self._for_model = model_explainer(self.method, self.opts, preprocess=e.preprocess,
-                                              device=device, threads=e.threads, output=e.output)
+            self._for_model = model_explainer(self.method, self.opts, **self._engine_options())
         return _as_maps(self._for_model(model, images, np.asarray(targets)), len(images),
                         images.shape[2:], self.method)
 
+    def shifted(self, images: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """The method's maps of ``images`` (already shifted by ``shift``) on the run's model
+        behind a preprocessing that subtracts the shift first: the shift-compensated model
+        f2(x + c) = f(x) of the input-invariance test."""
+        from ..engine import Engine
 
-def _explainer(engine: Any, method: str, seed: int) -> _Explainer:
-    return _Explainer(engine, method, seed)
+        if self._shifted is None:
+            self._shifted = Engine(self.engine.source_model, input_shift=self.shift,
+                                   **self._engine_options())
+        return self._maps(self._shifted, images, np.asarray(targets))
+
+    def _engine_options(self) -> dict:
+        """What an engine of another model, or of shifted inputs, keeps of the run's engine."""
+        e = self.engine
+        device = "cuda" if e.providers[0] == "CUDAExecutionProvider" else "cpu"
+        return {"preprocess": e.preprocess, "device": device, "threads": e.threads,
+                "output": e.output}
+
+
+def _explainer(engine: Any, method: str, seed: int, shift: float = 1.0) -> _Explainer:
+    return _Explainer(engine, method, seed, shift)
 

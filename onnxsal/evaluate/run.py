@@ -90,8 +90,14 @@ def iter_eval_group(group: EvalGroup, engine: Any) -> Iterator[tuple[str, dict]]
             maps[meth] = _as_maps(got[meth], len(x), x.shape[2:], meth)
             yield part_name(None, meth), {"maps": maps[meth]}
     base = dict(group.options)
+    explainers: dict[str, Any] = {}  # one per method: its engines of other models are built once
     for metric, meth in group.scores:
-        explain = _explainer(engine, meth, group.seed) if group.can_explain else None
+        explain = None
+        if group.can_explain:
+            if meth not in explainers:
+                explainers[meth] = _explainer(engine, meth, group.seed,
+                                              base.get("invariance_shift", 1.0))
+            explain = explainers[meth]
         m = metrics.get(metric).from_options(_with_inputs(base, group.masks, explain, engine))
         m.index_offset = group.start  # per-image draws follow the image's index in the data set
         yield part_name(metric, meth), m.evaluate(engine.logits, x, maps[meth], y)

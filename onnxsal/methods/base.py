@@ -166,9 +166,13 @@ def as_batch(engine, images) -> np.ndarray:
     if not np.isfinite(x).all():
         raise InputError("images contain NaN or infinite values")
     lo, hi = float(x.min()), float(x.max())
-    if lo < -1e-4 or hi > 1 + 1e-4:
+    # [0, 1], or [c, 1 + c] for an engine of shifted inputs (Engine(input_shift=c))
+    first, last = getattr(engine, "input_range", (0.0, 1.0))
+    if lo < first - 1e-4 or hi > last + 1e-4:
+        space = "scaled to [0, 1]" if (first, last) == (0.0, 1.0) else \
+            f"scaled to [0, 1] and shifted by {first:g} (this engine takes [{first:g}, {last:g}])"
         raise InputError(f"image values span [{lo:.4g}, {hi:.4g}]; onnxsal takes raw pixels "
-                         "scaled to [0, 1] (the model's own preprocessing goes in --preprocess)")
+                         f"{space} (the model's own preprocessing goes in --preprocess)")
     return x
 
 

@@ -8,8 +8,10 @@ attribution), so sum(map) = sum(raw attribution).
 
 Input invariance needs a second explanation, of a model whose first layer compensates a
 constant input shift; it cannot come from the stored maps, so the metric takes a callable
-``explain_shifted(images) -> maps [N, H, W]`` (the method run on that model) in its constructor
-and compares its maps of ``images + shift`` with the stored maps of ``images``.
+``explain_shifted(images + shift, targets) -> maps [N, H, W]`` (the method run on that model,
+for each image's predicted class) in its constructor and compares its maps with the stored
+maps of ``images``. ``onnxsal evaluate`` builds it from the run's model: an engine with
+``input_shift`` (:class:`onnxsal.engine.Engine`), whose preprocessing subtracts the shift.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..methods.base import target_scores
 from ..methods.gradient import _baseline
 from .base import Metric, PredictLogits
 
-Explain = Callable[[np.ndarray], np.ndarray]
+Explain = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def _logits(predict_logits: PredictLogits, x: np.ndarray) -> np.ndarray:
@@ -84,7 +86,8 @@ class InputInvariance(Metric):
     def from_options(cls, options: dict) -> InputInvariance:
         if options.get("explain_shifted") is None:
             raise OptionError("metric 'input-invariance' needs explain_shifted (the method on "
-                              "a shift-compensated model); onnxsal benchmark and evaluate do not build one")
+                              "a shift-compensated model), which maps from --maps and onnxsal "
+                              "benchmark do not have")
         return cls(options["explain_shifted"], options.get("invariance_shift", 1.0),
                    options.get("max_batch_bytes", 256 << 20))
 
@@ -99,7 +102,8 @@ class InputInvariance(Metric):
     def evaluate_batch(self, predict_logits, images, maps, labels) -> dict:
         assert self.explain_shifted is not None
         m = np.asarray(maps, np.float64)
-        m2 = np.asarray(self.explain_shifted(images + np.float32(self.shift)), np.float64)
+        targets = _logits(predict_logits, images).argmax(axis=1)  # the class the maps explain
+        m2 = np.asarray(self.explain_shifted(images + np.float32(self.shift), targets), np.float64)
         if m2.shape != m.shape:
             raise InputError(f"explain_shifted returned maps of shape {m2.shape}; expected {m.shape}")
         n = len(m)
