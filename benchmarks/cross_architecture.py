@@ -243,12 +243,9 @@ def evaluate_model(path: str, x: np.ndarray, y: np.ndarray, methods: list[str], 
     ``save(result)`` is called after each method (a checkpoint)."""
     from onnxsal import methods as M
     from onnxsal.engine import Engine
-    from onnxsal.errors import OptionError
-    from onnxsal.metrics import base
 
     eng = Engine(path, device="cpu", threads=1, use_disk_cache=False)
     eng2 = shifted_engine(eng, path, SHIFT)
-    names = [str(i) for i in range(len(x))]
     res: dict = {"accuracy_on_sample": float((eng.logits(x).argmax(1) == y).mean()), "methods": {},
                  "metrics": {}, "skipped": {}, "errors": {}}
     if done:
@@ -270,28 +267,61 @@ def evaluate_model(path: str, x: np.ndarray, y: np.ndarray, methods: list[str], 
             log(f"  method {m}: {res['methods'][m]['error']}")
             continue
         res["methods"][m] = {"seconds": round(time.perf_counter() - t0, 2)}
-        opts = {"seed": 0,
-                "explain_class": lambda a, t, m=m: M.compute(eng, a, [m], targets=t, **method_options(m))[m].maps,
-                "explain": lambda a, t=None, m=m: M.compute(eng, a, [m], targets=t, **method_options(m))[m].maps,
-                "explain_shifted": lambda a, t, m=m: M.compute(eng2, a, [m], targets=t, **method_options(m))[m].maps}
-        for k in metrics:
-            cls = base.get(k)
-            try:
-                metric = cls.from_options(opts)
-            except OptionError as exc:
-                res["skipped"][k] = str(exc)
-                continue
-            t0 = time.perf_counter()
-            try:
-                out = metric(eng.logits, x, maps, y)
-            except Exception as exc:
-                res["errors"].setdefault(k, {})[m] = f"{type(exc).__name__}: {exc}"
-                continue
-            for col, d in scalars(metric, out, names).items():
-                d["seconds"] = round(time.perf_counter() - t0, 3)
-                res["metrics"].setdefault(col, {})[m] = d
+        score_method(eng, eng2, x, y, m, maps, metrics, res)
         log(f"  method {m}: {res['methods'][m]['seconds']} s, metrics done "
             f"({sum(1 for c in res['metrics'].values() if m in c)} columns)")
+    return res
+
+
+def score_method(eng, eng2, x: np.ndarray, y: np.ndarray, m: str, maps: np.ndarray, metrics: list[str],
+                 res: dict) -> None:
+    """Score method ``m``'s maps with each metric into ``res`` (its columns, skips and errors)."""
+    from onnxsal import methods as M
+    from onnxsal.errors import OptionError
+    from onnxsal.metrics import base
+
+    names = [str(i) for i in range(len(x))]
+    opts = {"seed": 0,
+            "explain_class": lambda a, t: M.compute(eng, a, [m], targets=t, **method_options(m))[m].maps,
+            "explain": lambda a, t=None: M.compute(eng, a, [m], targets=t, **method_options(m))[m].maps,
+            "explain_shifted": lambda a, t: M.compute(eng2, a, [m], targets=t, **method_options(m))[m].maps}
+    for k in metrics:
+        cls = base.get(k)
+        try:
+            metric = cls.from_options(opts)
+        except OptionError as exc:
+            res["skipped"][k] = str(exc)
+            continue
+        res["skipped"].pop(k, None)
+        t0 = time.perf_counter()
+        try:
+            out = metric(eng.logits, x, maps, y)
+        except Exception as exc:
+            res["errors"].setdefault(k, {})[m] = f"{type(exc).__name__}: {exc}"
+            continue
+        if m in res["errors"].get(k, {}):
+            del res["errors"][k][m]
+        for col, d in scalars(metric, out, names).items():
+            d["seconds"] = round(time.perf_counter() - t0, 3)
+            res["metrics"].setdefault(col, {})[m] = d
+
+
+def add_metrics(path: str, x: np.ndarray, y: np.ndarray, metrics: list[str], res: dict, log=print) -> dict:
+    """``res`` (a model's part, e.g. from the committed results.json) with the columns of
+    ``metrics`` (re)computed for each of its methods: the maps are recomputed (every method is
+    deterministic at its seed), the other columns are kept."""
+    from onnxsal import methods as M
+    from onnxsal.engine import Engine
+
+    eng = Engine(path, device="cpu", threads=1, use_disk_cache=False)
+    eng2 = shifted_engine(eng, path, SHIFT)
+    for m, info in res["methods"].items():
+        if "error" in info:
+            continue
+        t0 = time.perf_counter()
+        maps = np.asarray(M.compute(eng, x, [m], **method_options(m))[m].maps, np.float32)
+        score_method(eng, eng2, x, y, m, maps, metrics, res)
+        log(f"  method {m}: {time.perf_counter() - t0:.1f} s for {', '.join(metrics)}")
     return res
 
 
@@ -667,6 +697,45 @@ def cmd_report(args) -> None:
     write_report(result, out)
 
 
+def cmd_add(args) -> None:
+    """(Re)compute the columns of ``--metrics`` for the models of the committed results.json
+    (all, or ``--models``), keep every other column, and rewrite results.json and the README;
+    the sample, methods and settings are those of results.json. A metric added to a model it
+    was skipped on for time leaves the skip list."""
+    out = Path(args.out)
+    res = json.loads((out / "results.json").read_text())
+    setup = res["setup"]
+    add = _names(args.metrics)
+    for k in add:
+        from onnxsal.metrics import base
+
+        base.get(k)
+    x, y, idx = sample(setup["images"], setup["seed"])
+    names = _names(args.models) or list(res["models"])
+    parts = {}
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    for name, m in res["models"].items():
+        part = {k: v for k, v in m.items() if k != "info"}
+        part["settings"] = {"model": name, "file_sha256_16": file_hash(str(ROOT / m["file"])),
+                            "images": setup["images"], "seed": setup["seed"],
+                            "metrics": list(dict.fromkeys(setup["metrics"] + add)),
+                            "skipped_for_time": [k for item in _names(setup.get("skip")) for mod, _, k
+                                                 in [item.partition(":")] if mod == name and k not in add]}
+        if name in names:
+            print(f"{name}: adding {', '.join(add)}", flush=True)
+            t0 = time.perf_counter()
+            add_metrics(str(ROOT / m["file"]), x, y, add, part, log=lambda s: print(s, flush=True))
+            part["seconds"] = round(part["seconds"] + time.perf_counter() - t0, 1)
+        (out / "parts" / f"{name}.json").write_text(json.dumps(part, indent=1))  # for `report`
+        parts[name] = part
+    skip = ",".join(f"{n}:{k}" for n, p in parts.items() for k in p["settings"]["skipped_for_time"])
+    ns = argparse.Namespace(images=setup["images"], seed=setup["seed"], skip=skip)
+    metrics = list(dict.fromkeys(setup["metrics"] + add))
+    result = assemble(parts, out, ns, setup["methods"], metrics, idx, 0.0)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    write_report(result, out)
+
+
 def _names(s: str | None) -> list[str]:
     return [p.strip() for p in s.split(",") if p.strip()] if s else []
 
@@ -687,13 +756,16 @@ def main(argv=None) -> None:
     e.add_argument("--force", action="store_true", help="recompute parts whose settings match")
     e.add_argument("--skip", help="comma-separated MODEL:METRIC pairs not to run (for time; recorded)")
     sub.add_parser("report", help="rewrite the analysis, plot and README from results.json")
-    for p in (t, e, sub.choices["report"]):
+    a = sub.add_parser("add", help="(re)compute some metric columns of the committed results.json")
+    a.add_argument("--models", help="comma-separated names (default: all in results.json)")
+    a.add_argument("--metrics", required=True, help="comma-separated metric names")
+    for p in (t, e, sub.choices["report"], a):
         p.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
-    {"train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report}[args.step](args)
+    {"train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report, "add": cmd_add}[args.step](args)
 
 
 if __name__ == "__main__":
