@@ -621,9 +621,14 @@ def write_report(res: dict, out: Path) -> None:
              f"test images (a fixed sample, seed {s['seed']}: `setup.test_indices`); each method explains the "
              "model's predicted class; metrics get the true labels. Arrows: ↑ higher is better, ↓ lower is better.",
              "", "Regenerate everything (1 thread per process; `train` skips models already trained, `evaluate` "
-             "reuses the per-model parts under `parts/`, which are not committed):", "", "```",
+             "reuses the per-model parts under `parts/`, which are not committed; `add` recomputes the maps and "
+             "scores only the metrics it is given, keeping the other columns):", "", "```",
              f"{COMMAND} train", f"{COMMAND} evaluate --images {s['images']}"
-             + (f" --skip {s['skip']}" if s.get("skip") else ""), "```", "",
+             + (f" --skip {s['skip']}" if s.get("skip") else "")]
+    # columns computed later on the same sample by the add step (the other columns kept)
+    lines += [f"{COMMAND} add" + (f" --models {st['models']}" if st["models"] else "") + f" --metrics {st['metrics']}"
+              for st in s.get("added", [])]
+    lines += ["```", "",
              f"Machine: {s['machine']}, Python {s['python']}; "
              + ", ".join(f"{k} {v}" for k, v in s["versions"].items()) + ". "
              f"Evaluation time: {s['evaluate_seconds_sum_of_parts']} s over all models "
@@ -666,8 +671,8 @@ def write_report(res: dict, out: Path) -> None:
     lines += ["", "## Metrics not run", ""] + (not_run(res) or ["none"])
     lines += ["", "Fashion-MNIST has no ground-truth object masks, so the localisation metrics have nothing to "
               "score against. Input invariance explains f2(x) = f(x - c) (the shift folded into the prepended "
-              f"preprocessing) at x + c with c = {SHIFT}; those images leave the [0, 1] input range every method "
-              "checks (onnxsal.methods.base.as_batch), so it fails before any work."]
+              f"preprocessing, `Engine(input_shift=c)`) at x + c with c = {SHIFT}, with the method's own "
+              "settings (a zero baseline stays 0)."]
     lines += ["", "## Failures (model, method, metric: error; one line per distinct error)", ""]
     lines += failures(res) or ["none"]
     for name in res["models"]:
@@ -732,6 +737,9 @@ def cmd_add(args) -> None:
     ns = argparse.Namespace(images=setup["images"], seed=setup["seed"], skip=skip)
     metrics = list(dict.fromkeys(setup["metrics"] + add))
     result = assemble(parts, out, ns, setup["methods"], metrics, idx, 0.0)
+    result["setup"]["skip"] = setup.get("skip", "")  # the evaluate step's, for its command
+    result["setup"]["added"] = setup.get("added", []) + [
+        {"models": ",".join(names) if args.models else "", "metrics": ",".join(add)}]
     (out / "results.json").write_text(json.dumps(result, indent=1))
     write_report(result, out)
 

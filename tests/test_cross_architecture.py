@@ -117,3 +117,33 @@ def test_a_second_run_reuses_the_parts(run, capsys):
     assert capsys.readouterr().out.count("reusing") == 2
     after = json.loads((out / "results.json").read_text())
     assert after["models"] == json.loads(before)["models"]
+
+
+def test_add_scores_a_new_column_and_keeps_the_others(run, tmp_path):
+    import shutil
+
+    src, paths, _, _ = run
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    before = json.loads((out / "results.json").read_text())
+    xa.main(["add", "--metrics", "input-invariance", "--models", "tiny_cnn", "--out", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    assert res["setup"]["added"] == [{"models": "tiny_cnn", "metrics": "input-invariance"}]
+    assert "add --models tiny_cnn --metrics input-invariance" in (out / "README.md").read_text()
+    for name in paths:
+        for k in METRICS:
+            assert res["models"][name]["metrics"][k] == before["models"][name]["metrics"][k]
+    assert "input-invariance" not in res["models"]["tiny_mlp"]["metrics"]
+    # the new column is the metric called directly on the engine of shifted inputs
+    x, y, _ = xa.sample(8, 0)
+    eng = Engine(str(paths["tiny_cnn"]), device="cpu", threads=1, use_disk_cache=False)
+    shifted = Engine(str(paths["tiny_cnn"]), preprocess=eng.preprocess, input_shift=xa.SHIFT,
+                     device="cpu", threads=1, use_disk_cache=False)
+    for m in METHODS:
+        maps = M.compute(eng, x, [m])[m].maps
+        metric = base.get("input-invariance").from_options(
+            {"explain_shifted": lambda a, t, m=m: M.compute(shifted, a, [m], targets=t)[m].maps})
+        want = float(np.nanmean(metric(eng.logits, x, maps, y)["per_image"]))
+        assert res["models"]["tiny_cnn"]["metrics"]["input-invariance"][m]["value"] == pytest.approx(want)
+    inv = res["models"]["tiny_cnn"]["metrics"]["input-invariance"]
+    assert inv["vanilla"]["value"] < 1e-4 < inv["gradient_x_input"]["value"]
