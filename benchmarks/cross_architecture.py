@@ -279,12 +279,17 @@ def score_method(eng, eng2, x: np.ndarray, y: np.ndarray, m: str, maps: np.ndarr
     from onnxsal import methods as M
     from onnxsal.errors import OptionError
     from onnxsal.metrics import base
+    from onnxsal.metrics.randomisation_mprt import model_explainer
 
     names = [str(i) for i in range(len(x))]
     opts = {"seed": 0,
             "explain_class": lambda a, t: M.compute(eng, a, [m], targets=t, **method_options(m))[m].maps,
             "explain": lambda a, t=None: M.compute(eng, a, [m], targets=t, **method_options(m))[m].maps,
-            "explain_shifted": lambda a, t: M.compute(eng2, a, [m], targets=t, **method_options(m))[m].maps}
+            "explain_shifted": lambda a, t: M.compute(eng2, a, [m], targets=t, **method_options(m))[m].maps,
+            # the MPRTs: the method on re-weighted copies of the model, on engines like this one
+            "model": eng.source_model,
+            "explain_model": model_explainer(m, method_options(m) or None, preprocess=eng.preprocess,
+                                             device="cpu", threads=1, use_disk_cache=False)}
     for k in metrics:
         cls = base.get(k)
         try:
@@ -591,6 +596,11 @@ def not_run(res: dict) -> list[str]:
         for k, per in m["errors"].items():
             if not any(c == k or c.startswith(k + ":") for c in cols):
                 reasons.setdefault(k, set()).update(per.values())
+    from onnxsal.metrics import base
+
+    for k in base.names():  # registered, but not in the run's list (added to onnxsal since)
+        if k not in res["setup"]["metrics"]:
+            reasons.setdefault(k, set()).add("not in this run's metric list (`add --metrics` scores it)")
     return [f"- `{k}`: " + " / ".join(sorted(v)) for k, v in sorted(reasons.items())]
 
 
