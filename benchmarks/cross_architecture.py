@@ -273,9 +273,25 @@ def evaluate_model(path: str, x: np.ndarray, y: np.ndarray, methods: list[str], 
     return res
 
 
+class Memo:
+    """``explain(images, targets)`` remembered by the bytes of its arguments: max- and
+    average-sensitivity draw the same noise (same seed), so the second re-uses the first's maps."""
+
+    def __init__(self, explain):
+        self.explain, self.seen = explain, {}
+
+    def __call__(self, a, t):
+        a, t = np.ascontiguousarray(a), np.ascontiguousarray(t)
+        key = (a.shape, a.dtype.str, hashlib.sha256(a).hexdigest(), hashlib.sha256(t).hexdigest())
+        if key not in self.seen:
+            self.seen[key] = np.asarray(self.explain(a, t))
+        return self.seen[key]
+
+
 def score_method(eng, eng2, x: np.ndarray, y: np.ndarray, m: str, maps: np.ndarray, metrics: list[str],
-                 res: dict) -> None:
-    """Score method ``m``'s maps with each metric into ``res`` (its columns, skips and errors)."""
+                 res: dict, metric_options: dict | None = None) -> None:
+    """Score method ``m``'s maps with each metric into ``res`` (its columns, skips and errors);
+    ``metric_options`` (e.g. {"sensitivity_samples": 10}) override the metrics' defaults."""
     from onnxsal import methods as M
     from onnxsal.errors import OptionError
     from onnxsal.metrics import base
@@ -283,13 +299,14 @@ def score_method(eng, eng2, x: np.ndarray, y: np.ndarray, m: str, maps: np.ndarr
 
     names = [str(i) for i in range(len(x))]
     opts = {"seed": 0,
-            "explain_class": lambda a, t: M.compute(eng, a, [m], targets=t, **method_options(m))[m].maps,
+            "explain_class": Memo(lambda a, t: M.compute(eng, a, [m], targets=t, **method_options(m))[m].maps),
             "explain": lambda a, t=None: M.compute(eng, a, [m], targets=t, **method_options(m))[m].maps,
             "explain_shifted": lambda a, t: M.compute(eng2, a, [m], targets=t, **method_options(m))[m].maps,
             # the MPRTs: the method on re-weighted copies of the model, on engines like this one
             "model": eng.source_model,
             "explain_model": model_explainer(m, method_options(m) or None, preprocess=eng.preprocess,
-                                             device="cpu", threads=1, use_disk_cache=False)}
+                                             device="cpu", threads=1, use_disk_cache=False),
+            **(metric_options or {})}
     for k in metrics:
         cls = base.get(k)
         try:
@@ -311,10 +328,12 @@ def score_method(eng, eng2, x: np.ndarray, y: np.ndarray, m: str, maps: np.ndarr
             res["metrics"].setdefault(col, {})[m] = d
 
 
-def add_metrics(path: str, x: np.ndarray, y: np.ndarray, metrics: list[str], res: dict, log=print) -> dict:
+def add_metrics(path: str, x: np.ndarray, y: np.ndarray, metrics: list[str], res: dict, log=print,
+                methods: list[str] | None = None, metric_options: dict | None = None) -> dict:
     """``res`` (a model's part, e.g. from the committed results.json) with the columns of
-    ``metrics`` (re)computed for each of its methods: the maps are recomputed (every method is
-    deterministic at its seed), the other columns are kept."""
+    ``metrics`` (re)computed for each of its methods (or those of ``methods``): the maps are
+    recomputed (every method is deterministic at its seed), the other columns are kept. The
+    methods left out are listed under ``res["unscored"][metric]``."""
     from onnxsal import methods as M
     from onnxsal.engine import Engine
 
@@ -323,10 +342,23 @@ def add_metrics(path: str, x: np.ndarray, y: np.ndarray, metrics: list[str], res
     for m, info in res["methods"].items():
         if "error" in info:
             continue
+        unscored = res.setdefault("unscored", {})
+        if methods is not None and m not in methods:
+            for k in metrics:
+                unscored[k] = sorted(set(unscored.get(k, [])) | {m})
+                for col in [c for c in res["metrics"] if c == k or c.startswith(k + ":")]:
+                    res["metrics"][col].pop(m, None)
+            continue
+        for k in metrics:
+            if m in unscored.get(k, []):
+                unscored[k].remove(m)
         t0 = time.perf_counter()
         maps = np.asarray(M.compute(eng, x, [m], **method_options(m))[m].maps, np.float32)
-        score_method(eng, eng2, x, y, m, maps, metrics, res)
+        score_method(eng, eng2, x, y, m, maps, metrics, res, metric_options)
         log(f"  method {m}: {time.perf_counter() - t0:.1f} s for {', '.join(metrics)}")
+    res["unscored"] = {k: v for k, v in res.get("unscored", {}).items() if v}
+    if not res["unscored"]:
+        del res["unscored"]
     return res
 
 
@@ -409,7 +441,8 @@ def assemble(parts: dict, out: Path, args, methods, metrics, idx, seconds: float
     for name, r in parts.items():
         models[name] = {"info": model_info(name, out), **{k: r[k] for k in ("file", "accuracy_on_sample", "seconds",
                                                                               "methods", "metrics", "skipped",
-                                                                              "errors")}}
+                                                                              "errors")},
+                        **({"unscored": r["unscored"]} if r.get("unscored") else {})}
     res = {"setup": {"images": args.images, "seed": args.seed, "test_indices": [int(i) for i in idx],
                      "methods": methods, "metrics": metrics, "input_invariance_shift": SHIFT,
                      "evaluate_seconds_this_run": round(seconds, 1),
@@ -604,6 +637,26 @@ def not_run(res: dict) -> list[str]:
     return [f"- `{k}`: " + " / ".join(sorted(v)) for k, v in sorted(reasons.items())]
 
 
+def partial(res: dict) -> list[str]:
+    """Metrics an ``add --methods`` step scored on some methods only, and the metric options
+    the add steps set."""
+    lines = []
+    gone: dict[str, dict[str, list[str]]] = {}
+    for name, m in res["models"].items():
+        for k, meths in m.get("unscored", {}).items():
+            for meth in meths:
+                gone.setdefault(k, {}).setdefault(meth, []).append(name)
+    for k, per in sorted(gone.items()):
+        lines.append(f"- `{k}`: not scored for " + ", ".join(
+            meth + ("" if len(mods) == len(res["models"]) else f" (on {', '.join(mods)})")
+            for meth, mods in per.items()))
+    for st in res["setup"].get("added", []):
+        if st.get("options"):
+            lines.append(f"- `{st['metrics']}`" + (f" on {st['models']}" if st["models"] else "") + ": "
+                         + ", ".join(f"{k}={v}" for k, v in st["options"].items()))
+    return lines
+
+
 def failures(res: dict) -> list[str]:
     """Method failures, and metric failures of metrics that ran elsewhere, grouped by error."""
     cols = columns(res)
@@ -636,8 +689,7 @@ def write_report(res: dict, out: Path) -> None:
              f"{COMMAND} train", f"{COMMAND} evaluate --images {s['images']}"
              + (f" --skip {s['skip']}" if s.get("skip") else "")]
     # columns computed later on the same sample by the add step (the other columns kept)
-    lines += [f"{COMMAND} add" + (f" --models {st['models']}" if st["models"] else "") + f" --metrics {st['metrics']}"
-              for st in s.get("added", [])]
+    lines += [add_command(st) for st in s.get("added", [])]
     lines += ["```", "",
              f"Machine: {s['machine']}, Python {s['python']}; "
              + ", ".join(f"{k} {v}" for k, v in s["versions"].items()) + ". "
@@ -683,6 +735,14 @@ def write_report(res: dict, out: Path) -> None:
               "score against. Input invariance explains f2(x) = f(x - c) (the shift folded into the prepended "
               f"preprocessing, `Engine(input_shift=c)`) at x + c with c = {SHIFT}, with the method's own "
               "settings (a zero baseline stays 0)."]
+    more = partial(res)
+    if more:
+        lines += ["", "## Metrics on some methods only, and their options", "",
+                  "Re-explaining each image tens of times (the robustness metrics, the smooth and efficient "
+                  "MPRTs) costs that many times the method's own time (`methods.*.seconds` in results.json): "
+                  "for the perturbation and surrogate methods (occlusion, RISE, LIME, anchor) that is hours "
+                  "per model here, so those columns score the gradient-based methods only, with fewer samples "
+                  "than the metrics' defaults:", ""] + more
     lines += ["", "## Failures (model, method, metric: error; one line per distinct error)", ""]
     lines += failures(res) or ["none"]
     for name in res["models"]:
@@ -725,6 +785,11 @@ def cmd_add(args) -> None:
         from onnxsal.metrics import base
 
         base.get(k)
+    only = _names(args.methods) or None
+    for m in only or []:
+        if m not in setup["methods"]:
+            raise SystemExit(f"--methods: {m!r} is not a method of results.json ({', '.join(setup['methods'])})")
+    options = dict(parse_option(o) for o in args.set or [])
     x, y, idx = sample(setup["images"], setup["seed"])
     names = _names(args.models) or list(res["models"])
     parts = {}
@@ -739,7 +804,8 @@ def cmd_add(args) -> None:
         if name in names:
             print(f"{name}: adding {', '.join(add)}", flush=True)
             t0 = time.perf_counter()
-            add_metrics(str(ROOT / m["file"]), x, y, add, part, log=lambda s: print(s, flush=True))
+            add_metrics(str(ROOT / m["file"]), x, y, add, part, log=lambda s: print(s, flush=True),
+                        methods=only, metric_options=options)
             part["seconds"] = round(part["seconds"] + time.perf_counter() - t0, 1)
         (out / "parts" / f"{name}.json").write_text(json.dumps(part, indent=1))  # for `report`
         parts[name] = part
@@ -748,10 +814,32 @@ def cmd_add(args) -> None:
     metrics = list(dict.fromkeys(setup["metrics"] + add))
     result = assemble(parts, out, ns, setup["methods"], metrics, idx, 0.0)
     result["setup"]["skip"] = setup.get("skip", "")  # the evaluate step's, for its command
-    result["setup"]["added"] = setup.get("added", []) + [
-        {"models": ",".join(names) if args.models else "", "metrics": ",".join(add)}]
+    step = {"models": ",".join(names) if args.models else "", "metrics": ",".join(add)}
+    if only:
+        step["methods"] = ",".join(only)
+    if options:
+        step["options"] = options
+    result["setup"]["added"] = setup.get("added", []) + [step]
     (out / "results.json").write_text(json.dumps(result, indent=1))
     write_report(result, out)
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``add --set``: the value read as JSON (numbers, lists), else as text."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise SystemExit(f"--set {text!r}: expected KEY=VALUE, e.g. sensitivity_samples=10")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def add_command(step: dict) -> str:
+    """The ``add`` command line of a recorded step of ``setup.added``."""
+    return (f"{COMMAND} add" + (f" --models {step['models']}" if step["models"] else "")
+            + f" --metrics {step['metrics']}" + (f" --methods {step['methods']}" if step.get("methods") else "")
+            + "".join(f" --set {k}={json.dumps(v)}" for k, v in step.get("options", {}).items()))
 
 
 def _names(s: str | None) -> list[str]:
@@ -777,6 +865,10 @@ def main(argv=None) -> None:
     a = sub.add_parser("add", help="(re)compute some metric columns of the committed results.json")
     a.add_argument("--models", help="comma-separated names (default: all in results.json)")
     a.add_argument("--metrics", required=True, help="comma-separated metric names")
+    a.add_argument("--methods", help="comma-separated: score only these methods on the metrics (the others "
+                                     "are recorded as not scored; default: all of results.json)")
+    a.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a metric option, e.g. sensitivity_samples=10 (repeatable; recorded)")
     for p in (t, e, sub.choices["report"], a):
         p.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)

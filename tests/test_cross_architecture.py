@@ -147,3 +147,55 @@ def test_add_scores_a_new_column_and_keeps_the_others(run, tmp_path):
         assert res["models"]["tiny_cnn"]["metrics"]["input-invariance"][m]["value"] == pytest.approx(want)
     inv = res["models"]["tiny_cnn"]["metrics"]["input-invariance"]
     assert inv["vanilla"]["value"] < 1e-4 < inv["gradient_x_input"]["value"]
+
+
+def test_add_scores_some_methods_with_options(run, tmp_path):
+    """``add --methods`` scores only the given methods (the others listed as not scored, also
+    when a column existed), ``--set`` reaches the metric, and max- and average-sensitivity
+    equal the metrics called directly with the same options."""
+    import shutil
+
+    src, paths, _, _ = run
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    xa.main(["add", "--metrics", "max-sensitivity,avg-sensitivity", "--models", "tiny_mlp", "--methods",
+             "vanilla", "--set", "sensitivity_samples=3", "--set", "sensitivity_radius=0.05", "--out", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    part = res["models"]["tiny_mlp"]
+    assert set(part["metrics"]["max-sensitivity"]) == {"vanilla"}
+    assert part["unscored"] == {"max-sensitivity": ["gradient_x_input"], "avg-sensitivity": ["gradient_x_input"]}
+    assert res["setup"]["added"][-1] == {"models": "tiny_mlp", "metrics": "max-sensitivity,avg-sensitivity",
+                                         "methods": "vanilla",
+                                         "options": {"sensitivity_samples": 3, "sensitivity_radius": 0.05}}
+    readme = (out / "README.md").read_text()
+    assert ("add --models tiny_mlp --metrics max-sensitivity,avg-sensitivity --methods vanilla "
+            "--set sensitivity_samples=3 --set sensitivity_radius=0.05") in readme
+    assert "`max-sensitivity`: not scored for gradient_x_input (on tiny_mlp)" in readme
+    assert table(readme, "tiny_mlp")["gradient_x_input"]["max-sensitivity"] == "-"
+    x, y, _ = xa.sample(8, 0)
+    eng = Engine(str(paths["tiny_mlp"]), device="cpu", threads=1, use_disk_cache=False)
+    maps = M.compute(eng, x, ["vanilla"])["vanilla"].maps
+    for k in ("max-sensitivity", "avg-sensitivity"):
+        metric = base.get(k).from_options({"explain_class": lambda a, t: M.compute(eng, a, ["vanilla"], targets=t)
+                                           ["vanilla"].maps, "sensitivity_samples": 3, "sensitivity_radius": 0.05})
+        want = float(np.nanmean(metric(eng.logits, x, maps, y)["per_image"]))
+        assert part["metrics"][k]["vanilla"]["value"] == pytest.approx(want)
+    assert part["metrics"]["max-sensitivity"]["vanilla"]["value"] > part["metrics"]["avg-sensitivity"]["vanilla"]["value"]
+    # all methods again: nothing is left unscored
+    xa.main(["add", "--metrics", "max-sensitivity", "--models", "tiny_mlp", "--set", "sensitivity_samples=2",
+             "--out", str(out)])
+    part = json.loads((out / "results.json").read_text())["models"]["tiny_mlp"]
+    assert set(part["metrics"]["max-sensitivity"]) == set(METHODS)
+    assert part["unscored"] == {"avg-sensitivity": ["gradient_x_input"]}
+
+
+def test_memo_calls_once_per_distinct_input():
+    calls = []
+    memo = xa.Memo(lambda a, t: calls.append(1) or a[:, 0] * 2)
+    a = np.arange(8, dtype=np.float32).reshape(2, 1, 2, 2)
+    t = np.array([0, 1])
+    first = memo(a, t)
+    assert np.array_equal(memo(a.copy(), t), first) and len(calls) == 1
+    memo(a, np.array([1, 1]))
+    memo(a + 1, t)
+    assert len(calls) == 3
