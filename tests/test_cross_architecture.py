@@ -180,7 +180,8 @@ def test_add_scores_some_methods_with_options(run, tmp_path):
                                            ["vanilla"].maps, "sensitivity_samples": 3, "sensitivity_radius": 0.05})
         want = float(np.nanmean(metric(eng.logits, x, maps, y)["per_image"]))
         assert part["metrics"][k]["vanilla"]["value"] == pytest.approx(want)
-    assert part["metrics"]["max-sensitivity"]["vanilla"]["value"] > part["metrics"]["avg-sensitivity"]["vanilla"]["value"]
+    scored = part["metrics"]
+    assert scored["max-sensitivity"]["vanilla"]["value"] > scored["avg-sensitivity"]["vanilla"]["value"]
     # all methods again: nothing is left unscored
     xa.main(["add", "--metrics", "max-sensitivity", "--models", "tiny_mlp", "--set", "sensitivity_samples=2",
              "--out", str(out)])

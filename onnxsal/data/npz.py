@@ -31,6 +31,8 @@ class _Member:
     """One ``.npy`` member of a zip file, read by rows (axis 0) without reading the rest."""
 
     def __init__(self, path: Path, name: str) -> None:
+        # set first: close() (and so __del__) must work even when reading the header fails
+        self._open: tuple[zipfile.ZipFile, Any] | None = None
         self.path, self.name = path, name
         with zipfile.ZipFile(path) as zf:
             info = zf.getinfo(name)
@@ -51,9 +53,8 @@ class _Member:
             raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
         self.shape, self.fortran, self.dtype = tuple(shape), bool(fortran), dtype
         self._whole: np.ndarray | None = None
-        # a compressed member kept open: a zip stream seeks forward by decompressing only the
-        # gap, so reading slices in order costs one pass, not one pass per slice
-        self._open: tuple[zipfile.ZipFile, Any] | None = None
+        # self._open holds a compressed member kept open: a zip stream seeks forward by
+        # decompressing only the gap, so reading slices in order costs one pass, not one per slice
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": None}  # a worker opens its own
