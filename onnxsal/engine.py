@@ -451,8 +451,13 @@ class Engine:
 
     # -- graph facts for methods ---------------------------------------------------------
     def default_cam_layer(self) -> str:
-        """The last 4-D activation before global pooling (Grad-CAM's default layer)."""
+        """The last 4-D activation before global pooling (Grad-CAM's default layer), among the
+        4-D tensors whose layout the graph tells (``methods.cam.Layouts``): a ViT's attention
+        tensors are 4-D too, but not images, and mix the batch with the tokens."""
+        from .methods.cam import Layouts
+
         m = self.model
+        layouts = Layouts(m)
         try:
             inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False)
         except Exception:
@@ -460,33 +465,42 @@ class Engine:
         ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in inferred.graph.value_info}
         pools = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "AveragePool", "Flatten", "Reshape")
         inits = {i.name for i in m.graph.initializer}
+        # tensor -> is a 4-D activation with a known layout; the model's own image input (inside
+        # the prepended preprocessing) is one by the inspection (an MLP has no other)
+        image = {self.input_spec.name: self.input_spec.name != self.input_name}
+
+        def is_image(t: str) -> bool:
+            if t not in image:
+                image[t] = ranks.get(t) == 4 and t not in inits and t != self.input_name \
+                    and layouts.evidence(t) is not None
+            return image[t]
+
         best = None
         # global pooling first: the Flatten/Reshape after it would otherwise pick the
         # pooled [N, K, 1, 1] tensor
         for group in (pools[:3], pools[3:]):
             for node in inferred.graph.node:
-                if node.op_type in group and node.input and ranks.get(node.input[0]) == 4 \
-                        and node.input[0] not in inits and node.input[0] != self.input_name:
+                if node.op_type in group and node.input and is_image(node.input[0]):
                     best = node.input[0]
             if best is not None:
                 break
         dims = {vi.name: [dim_of(d) for d in vi.type.tensor_type.shape.dim] for vi in inferred.graph.value_info}
         cands = [n.output[0] for n in inferred.graph.node if n.output and ranks.get(n.output[0]) == 4]
         if best is None:
-            if not cands:
-                raise ModelError("the model has no 4-D activation for Grad-CAM; name one with --layer")
-            best = cands[-1]
-        from .methods.cam import channel_axis
+            best = next((c for c in reversed(cands) if is_image(c)), None)
+            if best is None:
+                raise ModelError("the model has no 4-D activation with an image layout for Grad-CAM; "
+                                 "name one with --layer")
 
         def spatial(t):  # (h, w) of a 4-D tensor in its own layout
             d = dims.get(t, [None] * 4)
-            return d[1:3] if channel_axis(m, t) == 3 else d[2:]
+            return d[1:3] if layouts.evidence(t) == 3 else d[2:]
 
         if spatial(best) == [1, 1]:
             # a 1x1 activation (small inputs) gives a constant map: take the last larger one
             order = {name: i for i, name in enumerate(cands)}
             bigger = [c for c in cands if order[c] < order.get(best, len(cands))
-                      and any(not isinstance(v, int) or v > 1 for v in spatial(c))]
+                      and any(not isinstance(v, int) or v > 1 for v in spatial(c)) and is_image(c)]
             if bigger:
                 best = bigger[-1]
         return best

@@ -200,3 +200,45 @@ def test_matches_onnx_ad(cache, name, dynamo, opset):
     ref = np.moveaxis(ref, -1, 0)
     _, g = _run(*cache.session(name, dynamo, opset), x, identity_seed(NUM_CLASSES, n))
     assert np.abs(g - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+# -- Grad-CAM's layer: an image, never a tensor that mixes the batch --------------------------
+
+# swin_t at 32x32: its last stage is 1x1 (a constant map), so it is checked at the last block of
+# stage 3 as well ([N, 2, 2, 384], channels last: the LayerNorms that read it say so)
+SWIN_STAGE3 = "/features/features.5/features.5.5/Add_1_output_0"
+
+
+@pytest.mark.parametrize("name,dynamo,opset,layer", [
+    ("vit_b_16", False, 17, None), ("vit_b_16", True, 18, None), ("swin_t", False, 16, None),
+    ("swin_t", False, 16, SWIN_STAGE3), ("resnet18", True, 18, None)],
+    ids=["vit_b_16-legacy", "vit_b_16-dynamo", "swin_t", "swin_t-stage3", "resnet18"])
+def test_gradcam_layer_keeps_images_apart(cache, name, dynamo, opset, layer):
+    """A ViT's attention tensors are 4-D ([tokens, N heads, ...] in torch's export); Grad-CAM at
+    one of them made each image's map depend on the others in its batch (and failed at odd batch
+    sizes). The default layer is a 4-D tensor whose layout the graph states, so each image's map
+    is the one it gets alone; for torchvision's ViT that is the patch embedding, the output of its
+    one Conv (named conv_proj by the legacy exporter, conv2d by the dynamo one)."""
+    from onnxsal import methods as M
+    from onnxsal.engine import Engine
+    from onnxsal.methods.cam import channel_axis
+
+    eng = Engine(cache.exported(name, dynamo, opset), device="cpu", threads=1, use_disk_cache=False)
+    x = np.random.default_rng(3).random((3, 3, SIZES[name], SIZES[name]), dtype=np.float32)
+    opts = {"layer": layer} if layer else {}
+    batch = M.compute(eng, x, ["gradcam"], targets=np.array([1, 4, 7]), **opts)["gradcam"]
+    assert batch.maps.shape == (3, SIZES[name], SIZES[name])
+    if "vit" in name:
+        convs = [n for n in eng.model.graph.node if n.op_type == "Conv"]
+        assert [batch.info["layer"]] == [o for n in convs for o in n.output]
+    if name == "swin_t" and layer is None:  # the channels-first copy before the pooling, 1x1 here
+        assert batch.info["layer_shape"] == [768, 1, 1] and "1x1" in batch.info["note"]
+    if layer == SWIN_STAGE3:
+        assert channel_axis(eng.model, layer) == 3 and batch.info["layer_shape"] == [384, 2, 2]
+    if "note" not in batch.info:  # (one image's map may be 0 everywhere: the ReLU of a random net)
+        assert np.abs(batch.maps).max() > 0
+    for i, t in enumerate((1, 4, 7)):
+        alone = M.compute(eng, x[i:i + 1], ["gradcam"], targets=np.array([t]), **opts)["gradcam"]
+        assert alone.info["layer"] == batch.info["layer"]
+        np.testing.assert_allclose(batch.maps[i], alone.maps[0], rtol=1e-4,
+                                   atol=1e-5 * np.abs(alone.maps[0]).max())

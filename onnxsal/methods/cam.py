@@ -41,62 +41,97 @@ _NCHW_PRODUCERS = ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MaxPo
                    "LRN", "DepthToSpace", "SpaceToDepth")
 
 
-def _produced_layout(g, layer: str) -> int | None:
-    """1 or 3 from how ``layer`` was made, followed back through elementwise ops: a
-    convolution or pooling writes NCHW, a Transpose with perm (0, 2, 3, 1) of it NHWC (as
-    tf2onnx writes before a Keras Flatten); None when the producers do not say."""
-    producer = producers(g)
-    n = producer.get(layer)
-    while n is not None:
-        if n.op_type in _NCHW_PRODUCERS:
-            return 1
-        if n.op_type == "Transpose":
-            perm = tuple(attribute(n, "perm", default=()))
-            return {(0, 2, 3, 1): 3, (0, 3, 1, 2): 1}.get(perm, None)
-        if n.op_type not in _PASS_THROUGH or not n.input:
-            return None
-        n = next((producer[i] for i in n.input if i in producer
-                  and producer[i].op_type != "Constant"), None)
-    return None
+_TO_NHWC, _TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
+
+
+class Layouts:
+    """How a graph lays out its 4-D tensors: 1 (NCHW), 3 (NHWC) or None (the graph does not
+    say). A tensor shares its layout with every tensor it is joined to through elementwise ops
+    (a residual Add, a ReLU, a scale); the nearest of those with evidence decides:
+
+    - written by a convolution or pooling (NCHW by ONNX's definition); a Transpose with perm
+      (0, 2, 3, 1) writes NHWC, (0, 3, 1, 2) NCHW;
+    - read by a reduction over axes (1, 2) (a spatial mean, as jax2onnx and unoptimised TF
+      exports write) or over the last axis (a LayerNorm of a channels-last stage, as in Swin):
+      NHWC; by one over (2, 3), a convolution or pooling, or a Transpose (0, 2, 3, 1): NCHW;
+      by a Transpose (0, 3, 1, 2): NHWC.
+
+    The 4-D tensors inside attention ([N, heads, tokens, width], or [tokens, N heads, ...] as
+    torch's MultiheadAttention exports them) have none of this: they are not images."""
+
+    def __init__(self, model):
+        g = model.graph
+        self.producer, self.readers, self.consts = producers(g), consumers(g), constants(g)
+        self.memo: dict[str, int | None] = {}
+
+    def _axes(self, n) -> list[int] | None:
+        from onnx import numpy_helper
+
+        axes = attributes(n).get("axes")
+        if axes is None and len(n.input) > 1 and n.input[1] in self.consts:
+            axes = numpy_helper.to_array(self.consts[n.input[1]]).ravel().tolist()
+        return None if axes is None else sorted(int(a) % 4 for a in axes)
+
+    def _direct(self, t: str) -> int | None:
+        """Evidence from the node that writes ``t`` and those that read it."""
+        n = self.producer.get(t)
+        if n is not None:
+            if n.op_type in _NCHW_PRODUCERS:
+                return 1
+            if n.op_type == "Transpose":
+                got = {_TO_NHWC: 3, _TO_NCHW: 1}.get(tuple(attribute(n, "perm", default=())))
+                if got is not None:
+                    return got
+        for n in self.readers.get(t, []):
+            if n.op_type.startswith("Reduce"):
+                axes = self._axes(n)
+                if axes in ([1, 2], [3]):
+                    return 3
+                if axes == [2, 3]:
+                    return 1
+            elif n.op_type == "Transpose":
+                got = {_TO_NHWC: 1, _TO_NCHW: 3}.get(tuple(attribute(n, "perm", default=())))
+                if got is not None:
+                    return got
+            elif n.op_type in _NCHW_PRODUCERS and n.input[0] == t:
+                return 1
+        return None
+
+    def _joined(self, t: str) -> list[str]:
+        """The tensors one elementwise op away from ``t`` (constants left out)."""
+        out = []
+        n = self.producer.get(t)
+        if n is not None and n.op_type in _PASS_THROUGH:
+            out += [i for i in n.input if i and i not in self.consts]
+        out += [n.output[0] for n in self.readers.get(t, []) if n.op_type in _PASS_THROUGH and n.output]
+        return out
+
+    def evidence(self, layer: str) -> int | None:
+        if layer not in self.memo:
+            from collections import deque
+
+            found, todo, seen = None, deque([layer]), {layer}
+            while todo and found is None:  # breadth first: the nearest evidence wins
+                t = todo.popleft()
+                found = self._direct(t)
+                for u in self._joined(t):
+                    if u not in seen:
+                        seen.add(u)
+                        todo.append(u)
+            self.memo[layer] = found
+        return self.memo[layer]
+
+
+def layout_evidence(model, layer: str) -> int | None:
+    """1 (NCHW) or 3 (NHWC) when the graph says how the 4-D tensor ``layer`` is laid out,
+    None when it does not (see :class:`Layouts`)."""
+    return Layouts(model).evidence(layer)
 
 
 def channel_axis(model, layer: str) -> int:
-    """1 (NCHW) or 3 (NHWC): the channel axis of the 4-D tensor ``layer``. From its own
-    layout when its producers say (see _produced_layout); else read from what consumes it
-    (through elementwise ops): a reduction over axes (1, 2) or a Transpose with perm
-    (0, 3, 1, 2) means NHWC (as jax2onnx and unoptimised TF exports write); anything else
-    (GlobalAveragePool, Conv, a reduction over (2, 3)) NCHW."""
-    from onnx import numpy_helper
-
-    g = model.graph
-    own = _produced_layout(g, layer)
-    if own is not None:
-        return own
-    consts = constants(g)
-    readers = consumers(g)
-    todo, seen = [layer], set()
-    while todo:
-        t = todo.pop()
-        if t in seen:
-            continue
-        seen.add(t)
-        for n in readers.get(t, []):
-            attrs = attributes(n)
-            if n.op_type.startswith("Reduce"):
-                axes = attrs.get("axes")
-                if axes is None and len(n.input) > 1 and n.input[1] in consts:
-                    axes = numpy_helper.to_array(consts[n.input[1]]).ravel().tolist()
-                if axes is not None and sorted(int(a) % 4 for a in axes) == [1, 2]:
-                    return 3
-                if axes is not None:
-                    return 1
-            elif n.op_type == "Transpose" and list(attrs.get("perm", [])) == [0, 3, 1, 2]:
-                return 3
-            elif n.op_type in _PASS_THROUGH:
-                todo.extend(n.output[:1])
-            else:
-                return 1
-    return 1
+    """1 (NCHW) or 3 (NHWC): the channel axis of the 4-D tensor ``layer``, as
+    :class:`Layouts` reads it; NCHW (ONNX's own layout) when the graph does not say."""
+    return layout_evidence(model, layer) or 1
 
 
 class GradCAM(Method):
@@ -116,14 +151,16 @@ class GradCAM(Method):
             raise OptionError(f"Grad-CAM layer '{layer}' gave no gradient or activation")
         grad = np.asarray(res.grads[layer], np.float32)[0]
         act = np.asarray(res.values[layer], np.float32)
-        if act.ndim != 4:
-            raise OptionError(f"Grad-CAM needs a 4-D activation [N, K, h, w]; layer '{layer}' "
-                              f"has shape {list(act.shape)}")
+        if act.ndim != 4 or len(act) != len(x) or grad.shape != act.shape:
+            raise OptionError(f"Grad-CAM needs a 4-D activation [N, K, h, w] with the batch first; layer "
+                              f"'{layer}' has shape {list(act.shape)} for a batch of {len(x)}")
         if channel_axis(engine.model, layer) == 3:  # NHWC activation: channels last
             act, grad = act.transpose(0, 3, 1, 2), grad.transpose(0, 3, 1, 2)
         alpha = grad.mean(axis=(2, 3), keepdims=True)
         coarse = np.maximum((alpha * act).sum(axis=1), 0).astype(np.float32)
         maps = upsample(coarse, tuple(x.shape[2:]))
         info = {"layer": layer, "layer_shape": list(act.shape[1:])}
+        if act.shape[2:] == (1, 1):  # an export with symbolic sizes hides this from default_cam_layer
+            info["note"] = f"layer '{layer}' is 1x1 at this input size: the map is constant; name a larger one"
         return Maps(self.name, maps, targets, False, coarse,
                     np.asarray(res.logits, np.float32), info)
