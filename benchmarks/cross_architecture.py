@@ -332,8 +332,9 @@ def add_metrics(path: str, x: np.ndarray, y: np.ndarray, metrics: list[str], res
                 methods: list[str] | None = None, metric_options: dict | None = None) -> dict:
     """``res`` (a model's part, e.g. from the committed results.json) with the columns of
     ``metrics`` (re)computed for each of its methods (or those of ``methods``): the maps are
-    recomputed (every method is deterministic at its seed), the other columns are kept. The
-    methods left out are listed under ``res["unscored"][metric]``."""
+    recomputed (every method is deterministic at its seed), the other columns are kept. A method
+    left out keeps its scores of these columns; one left out that has none is listed under
+    ``res["unscored"][metric]``."""
     from onnxsal import methods as M
     from onnxsal.engine import Engine
 
@@ -345,9 +346,8 @@ def add_metrics(path: str, x: np.ndarray, y: np.ndarray, metrics: list[str], res
         unscored = res.setdefault("unscored", {})
         if methods is not None and m not in methods:
             for k in metrics:
-                unscored[k] = sorted(set(unscored.get(k, [])) | {m})
-                for col in [c for c in res["metrics"] if c == k or c.startswith(k + ":")]:
-                    res["metrics"][col].pop(m, None)
+                if not any(m in d for c, d in res["metrics"].items() if c == k or c.startswith(k + ":")):
+                    unscored[k] = sorted(set(unscored.get(k, [])) | {m})
             continue
         for k in metrics:
             if m in unscored.get(k, []):
@@ -556,8 +556,8 @@ def findings(res: dict) -> list[str]:
     for col, d in a.items():
         wins.setdefault(d["winner"], []).append(col)
     top = sorted(wins.items(), key=lambda kv: -len(kv[1]))
-    s = [f"Over {len(res['models'])} models and {len(a)} metric columns, the method with the best mean rank wins "
-         + "; ".join(f"{m}: {len(c)} ({', '.join(c)})" for m, c in top[:4]) + "."]
+    s = [f"Over {len(res['models'])} models and {len(a)} metric columns, the best mean rank goes to "
+         + "; ".join(f"{m} on {len(c)} column{'s' * (len(c) > 1)} ({', '.join(c)})" for m, c in top[:4]) + "."]
     taus = {c: d["mean_tau"] for c, d in a.items() if d["mean_tau"] is not None}
     if taus:
         hi = sorted(taus, key=taus.get, reverse=True)[:3]
@@ -734,7 +734,10 @@ def write_report(res: dict, out: Path) -> None:
     lines += ["", "Fashion-MNIST has no ground-truth object masks, so the localisation metrics have nothing to "
               "score against. Input invariance explains f2(x) = f(x - c) (the shift folded into the prepended "
               f"preprocessing, `Engine(input_shift=c)`) at x + c with c = {SHIFT}, with the method's own "
-              "settings (a zero baseline stays 0)."]
+              "settings (a zero baseline stays 0). Grad-CAM explains at each model's default layer, the last "
+              "4-D activation with an image layout before the pooling: for the ViT that is the patch "
+              "embedding (its other 4-D tensors are attention's, with tokens and heads on their axes); the "
+              "`add --models vit --methods gradcam` steps scored it at that layer."]
     more = partial(res)
     if more:
         lines += ["", "## Metrics on some methods only, and their options", "",
@@ -790,6 +793,10 @@ def cmd_add(args) -> None:
         if m not in setup["methods"]:
             raise SystemExit(f"--methods: {m!r} is not a method of results.json ({', '.join(setup['methods'])})")
     options = dict(parse_option(o) for o in args.set or [])
+    for k in add if only else []:  # the kept scores of the other methods must share the options
+        if k in setup["metrics"] and column_options(setup, k) != options:
+            raise SystemExit(f"--methods keeps the other methods' {k} scores, made with options "
+                             f"{column_options(setup, k) or 'none'}; pass the same --set options, or omit --methods")
     x, y, idx = sample(setup["images"], setup["seed"])
     names = _names(args.models) or list(res["models"])
     parts = {}
@@ -822,6 +829,15 @@ def cmd_add(args) -> None:
     result["setup"]["added"] = setup.get("added", []) + [step]
     (out / "results.json").write_text(json.dumps(result, indent=1))
     write_report(result, out)
+
+
+def column_options(setup: dict, metric: str) -> dict:
+    """The ``--set`` options of the last step that scored ``metric`` ({} for the evaluate step)."""
+    opts: dict = {}
+    for step in setup.get("added", []):
+        if metric in _names(step["metrics"]):
+            opts = step.get("options", {})
+    return opts
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -866,7 +882,7 @@ def main(argv=None) -> None:
     a.add_argument("--models", help="comma-separated names (default: all in results.json)")
     a.add_argument("--metrics", required=True, help="comma-separated metric names")
     a.add_argument("--methods", help="comma-separated: score only these methods on the metrics (the others "
-                                     "are recorded as not scored; default: all of results.json)")
+                                     "keep their scores, or are recorded as not scored; default: all)")
     a.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a metric option, e.g. sensitivity_samples=10 (repeatable; recorded)")
     for p in (t, e, sub.choices["report"], a):

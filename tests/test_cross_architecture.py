@@ -150,9 +150,10 @@ def test_add_scores_a_new_column_and_keeps_the_others(run, tmp_path):
 
 
 def test_add_scores_some_methods_with_options(run, tmp_path):
-    """``add --methods`` scores only the given methods (the others listed as not scored, also
-    when a column existed), ``--set`` reaches the metric, and max- and average-sensitivity
-    equal the metrics called directly with the same options."""
+    """``add --methods`` scores only the given methods (the others keep their scores, or are
+    listed as not scored when they have none; other options than the kept scores' are refused),
+    ``--set`` reaches the metric, and max- and average-sensitivity equal the metrics called
+    directly with the same options."""
     import shutil
 
     src, paths, _, _ = run
@@ -188,6 +189,16 @@ def test_add_scores_some_methods_with_options(run, tmp_path):
     part = json.loads((out / "results.json").read_text())["models"]["tiny_mlp"]
     assert set(part["metrics"]["max-sensitivity"]) == set(METHODS)
     assert part["unscored"] == {"avg-sensitivity": ["gradient_x_input"]}
+    # one method again with the same options: the other keeps its score
+    kept = part["metrics"]["max-sensitivity"]["gradient_x_input"]
+    xa.main(["add", "--metrics", "max-sensitivity", "--models", "tiny_mlp", "--methods", "vanilla",
+             "--set", "sensitivity_samples=2", "--out", str(out)])
+    part = json.loads((out / "results.json").read_text())["models"]["tiny_mlp"]
+    assert part["metrics"]["max-sensitivity"]["gradient_x_input"] == kept
+    assert part["unscored"] == {"avg-sensitivity": ["gradient_x_input"]}
+    with pytest.raises(SystemExit, match="sensitivity_samples"):
+        xa.main(["add", "--metrics", "max-sensitivity", "--models", "tiny_mlp", "--methods", "vanilla",
+                 "--set", "sensitivity_samples=4", "--out", str(out)])
 
 
 def test_memo_calls_once_per_distinct_input():
