@@ -9,9 +9,11 @@ alpha_k = spatial mean of dS_c/dA_k; map = ReLU(sum_k alpha_k A_k), upsampled bi
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, ClassVar
 
 import numpy as np
+from onnx import numpy_helper
 from skimage.transform import resize
 
 from ..errors import OptionError
@@ -65,8 +67,6 @@ class Layouts:
         self.memo: dict[str, int | None] = {}
 
     def _axes(self, n) -> list[int] | None:
-        from onnx import numpy_helper
-
         axes = attributes(n).get("axes")
         if axes is None and len(n.input) > 1 and n.input[1] in self.consts:
             axes = numpy_helper.to_array(self.consts[n.input[1]]).ravel().tolist()
@@ -108,8 +108,6 @@ class Layouts:
 
     def evidence(self, layer: str) -> int | None:
         if layer not in self.memo:
-            from collections import deque
-
             found, todo, seen = None, deque([layer]), {layer}
             while todo and found is None:  # breadth first: the nearest evidence wins
                 t = todo.popleft()
