@@ -794,9 +794,10 @@ def cmd_add(args) -> None:
             raise SystemExit(f"--methods: {m!r} is not a method of results.json ({', '.join(setup['methods'])})")
     options = dict(parse_option(o) for o in args.set or [])
     for k in add if only else []:  # the kept scores of the other methods must share the options
-        if k in setup["metrics"] and column_options(setup, k) != options:
+        made = column_options(setup, k)
+        if k in setup["metrics"] and made != options:
             raise SystemExit(f"--methods keeps the other methods' {k} scores, made with options "
-                             f"{column_options(setup, k) or 'none'}; pass the same --set options, or omit --methods")
+                             f"{made or 'none'}; pass the same --set options, or omit --methods")
     x, y, idx = sample(setup["images"], setup["seed"])
     names = _names(args.models) or list(res["models"])
     parts = {}

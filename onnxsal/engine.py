@@ -143,6 +143,8 @@ class Engine:
             self.model, self.input_name, self.input_shape, self.memory_budget)
         self._sessions: dict = {}
         self._file = None  # (session, roles) of the file's own gradient graph, once verified
+        self._layouts = None  # methods.cam.Layouts of self.model, read once
+        self._cam_layer: str | None = None
         self._forward = self._make_forward()
         # the declared class count is only a claim (a file may lie): one run says what it is
         nc = int(self.logits(np.zeros((1,) + self.input_shape, np.float32)).shape[-1])
@@ -450,14 +452,26 @@ class Engine:
             yield cls, r.grads[self.input_name]
 
     # -- graph facts for methods ---------------------------------------------------------
+    @property
+    def layouts(self):
+        """How the model lays out its 4-D tensors (``methods.cam.Layouts``), read once."""
+        if self._layouts is None:
+            from .methods.cam import Layouts
+
+            self._layouts = Layouts(self.model)
+        return self._layouts
+
     def default_cam_layer(self) -> str:
         """The last 4-D activation before global pooling (Grad-CAM's default layer), among the
         4-D tensors whose layout the graph tells (``methods.cam.Layouts``): a ViT's attention
-        tensors are 4-D too, but not images, and mix the batch with the tokens."""
-        from .methods.cam import Layouts
+        tensors are 4-D too, but not images, and mix the batch with the tokens. Found once."""
+        if self._cam_layer is None:
+            self._cam_layer = self._find_cam_layer()
+        return self._cam_layer
 
+    def _find_cam_layer(self) -> str:
         m = self.model
-        layouts = Layouts(m)
+        layouts = self.layouts
         try:
             inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False)
         except Exception:

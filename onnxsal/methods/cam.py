@@ -120,16 +120,10 @@ class Layouts:
         return self.memo[layer]
 
 
-def layout_evidence(model, layer: str) -> int | None:
-    """1 (NCHW) or 3 (NHWC) when the graph says how the 4-D tensor ``layer`` is laid out,
-    None when it does not (see :class:`Layouts`)."""
-    return Layouts(model).evidence(layer)
-
-
 def channel_axis(model, layer: str) -> int:
     """1 (NCHW) or 3 (NHWC): the channel axis of the 4-D tensor ``layer``, as
     :class:`Layouts` reads it; NCHW (ONNX's own layout) when the graph does not say."""
-    return layout_evidence(model, layer) or 1
+    return Layouts(model).evidence(layer) or 1
 
 
 class GradCAM(Method):
@@ -152,7 +146,7 @@ class GradCAM(Method):
         if act.ndim != 4 or len(act) != len(x) or grad.shape != act.shape:
             raise OptionError(f"Grad-CAM needs a 4-D activation [N, K, h, w] with the batch first; layer "
                               f"'{layer}' has shape {list(act.shape)} for a batch of {len(x)}")
-        if channel_axis(engine.model, layer) == 3:  # NHWC activation: channels last
+        if engine.layouts.evidence(layer) == 3:  # NHWC activation: channels last
             act, grad = act.transpose(0, 3, 1, 2), grad.transpose(0, 3, 1, 2)
         alpha = grad.mean(axis=(2, 3), keepdims=True)
         coarse = np.maximum((alpha * act).sum(axis=1), 0).astype(np.float32)
